@@ -1,0 +1,276 @@
+"""The offline testbed: real image-caption data from Debian packages and two real generations of lit models.
+
+Data
+  Tux Paint stamps (English caption = first line of each .txt) and openclipart SVGs (cleaned titles).
+  Tux Paint items are grouped by caption (case-insensitive) and the groups are shuffled with a fixed
+  seed, so no caption is ever on both sides of a split:
+    eval        EVAL_GROUPS groups, one image per unique caption. Nothing ever trains or tunes on it.
+    val         VAL_GROUPS groups, one image each: model selection (e.g. SLERP's weight), early stopping.
+    tux_train   every image of the remaining groups.
+  Derived splits:
+    vlp_old     openclipart pairs                      -> the OLD model's pretraining pairs
+    vlp_new     openclipart + tux_train                -> the NEW model's pretraining pairs
+    xbt_train   tux_train                              -> image-text pairs for compatibility training
+    text_corpus unique captions of vlp_new (never eval or val captions) -> the text-only stage
+
+Models (same recipe, LiT heads on locked towers)
+    old  EfficientNet-Lite0 + all-MiniLM-L6-v2, 256-d, trained on vlp_old
+    new  EfficientNet-Lite2 + all-mpnet-base-v2, 512-d, trained on vlp_new
+    third (optional, chained upgrades) EfficientNet-Lite1 + all-mpnet-base-v2, 384-d, trained on vlp_new
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xbt.assets import minilm_path, openclipart_root, tuxpaint_root
+from xbt.data.captions import cap_copies, clean_title, english_vocabulary
+from xbt.data.features import cached_image_features, cached_text_features
+from xbt.data.images import load_image
+from xbt.data.pairs import Pair, read_pairs, write_pairs
+from xbt.errors import AssetMissingError
+from xbt.paths import cache_dir, xbt_home
+
+SPLIT_SEED = 0
+EVAL_GROUPS = 300
+VAL_GROUPS = 80
+RENDER_SIZE = 320
+SPLITS = ("eval", "val", "tux_train", "vlp_old", "vlp_new", "xbt_train")
+TESTBED_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TestbedModel:
+    name: str
+    image_tower: dict[str, Any]
+    text_tower: dict[str, Any]
+    embed_dim: int
+    split: str
+
+
+TESTBED_MODELS = {
+    "old": TestbedModel("old", {"kind": "efficientnet-lite", "variant": "lite0"},
+                        {"kind": "sentence-transformers", "source": "asset:all-MiniLM-L6-v2"}, 256, "vlp_old"),
+    "new": TestbedModel("new", {"kind": "efficientnet-lite", "variant": "lite2"},
+                        {"kind": "sentence-transformers", "source": "asset:all-mpnet-base-v2"}, 512, "vlp_new"),
+    "third": TestbedModel("third", {"kind": "efficientnet-lite", "variant": "lite1"},
+                          {"kind": "sentence-transformers", "source": "asset:all-mpnet-base-v2"}, 384, "vlp_new"),
+}
+
+
+def testbed_dir() -> Path:
+    return xbt_home() / "testbed"
+
+
+def testbed_model_dir(name: str) -> Path:
+    if name not in TESTBED_MODELS:
+        raise AssetMissingError(f"the testbed has no model {name!r}; it has {sorted(TESTBED_MODELS)}")
+    path = testbed_dir() / "models" / name
+    if not (path / "config.json").exists():
+        raise AssetMissingError(f"the testbed model {name!r} is not built yet; run `./run.sh xbt testbed build`")
+    return path
+
+
+def load_split(name: str) -> list[Pair]:
+    path = testbed_dir() / "splits" / f"{name}.jsonl"
+    if not path.exists():
+        raise AssetMissingError(f"testbed split {name!r} not found at {path}; run `./run.sh xbt testbed build`")
+    return read_pairs(path)
+
+
+def load_text_corpus() -> list[str]:
+    path = testbed_dir() / "splits" / "text_corpus.txt"
+    if not path.exists():
+        raise AssetMissingError(f"testbed text corpus not found at {path}; run `./run.sh xbt testbed build`")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----- data collection ------------------------------------------------------------------------
+def tuxpaint_items(root: Path) -> list[tuple[Path, str]]:
+    """(image, English caption) for every stamp that has a description; letters and mirror copies skipped."""
+    items = []
+    for image in sorted(root.rglob("*")):
+        if image.suffix.lower() not in (".png", ".svg") or "alphabets" in image.parts or image.stem.endswith("_mirror"):
+            continue
+        txt = image.with_suffix(".txt")
+        if not txt.exists():
+            continue
+        first = txt.read_text(encoding="utf-8", errors="replace").splitlines()
+        caption = first[0].strip() if first else ""
+        if caption and "=" not in caption:
+            items.append((image, caption))
+    return items
+
+
+_TITLE = re.compile(r"<dc:title>\s*([^<]*?)\s*</dc:title>", re.S)
+
+
+def openclipart_items(root: Path) -> list[tuple[Path, str]]:
+    vocabulary = english_vocabulary(str(minilm_path() / "vocab.txt"))
+    found = []
+    for svg in sorted(root.rglob("*.svg")):
+        head = svg.read_text(encoding="utf-8", errors="replace")[:20000]
+        match = _TITLE.search(head)
+        caption = clean_title(match.group(1), vocabulary) if match else None
+        if caption:
+            found.append((str(svg), caption))
+    return [(Path(p), c) for p, c in cap_copies(found, max_copies=2)]
+
+
+def _render_one(args: tuple[str, str]) -> str | None:
+    src, dst = args
+    try:
+        load_image(src).save(dst + ".tmp.png")
+        Path(dst + ".tmp.png").replace(dst)
+        return dst
+    except Exception:
+        return None
+
+
+def render_svgs(paths: Sequence[Path], show_progress: bool = True) -> dict[Path, Path]:
+    """Render SVGs to PNG once (cached by content); SVGs that fail to render are left out."""
+    from xbt.progress import progress_bar
+
+    out_dir = cache_dir("testbed", "render")
+    jobs, done = [], {}
+    for p in paths:
+        dst = out_dir / (hashlib.sha256(p.read_bytes()).hexdigest()[:24] + f"-{RENDER_SIZE}.png")
+        if dst.exists():
+            done[p] = dst
+        else:
+            jobs.append((p, dst))
+    with progress_bar(len(paths), "rendering SVGs", show_progress) as advance:
+        advance(len(done))
+        if jobs:
+            with ProcessPoolExecutor(max_workers=2) as pool:
+                for (src, dst), result in zip(jobs, pool.map(_render_one, [(str(s), str(d)) for s, d in jobs], chunksize=16)):
+                    if result:
+                        done[src] = dst
+                    advance()
+    return done
+
+
+def build_splits(seed: int = SPLIT_SEED, show_progress: bool = True) -> dict[str, int]:
+    """Collect, clean, render and split the data; writes XBT_HOME/testbed/splits. Returns split sizes."""
+    tux = tuxpaint_items(tuxpaint_root())
+    clip = openclipart_items(openclipart_root())
+    svgs = [p for p, _ in tux + clip if p.suffix.lower() == ".svg"]
+    rendered = render_svgs(svgs, show_progress)
+
+    def pair(p: Path, caption: str, source: str) -> Pair | None:
+        image = rendered.get(p) if p.suffix.lower() == ".svg" else p
+        return Pair(str(image), caption, image_id=f"{source}:{p}", source=source) if image else None
+
+    groups: dict[str, list[tuple[Path, str]]] = {}
+    for p, caption in tux:
+        groups.setdefault(caption.lower(), []).append((p, caption))
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    if len(keys) < EVAL_GROUPS + VAL_GROUPS + 50:
+        raise AssetMissingError(f"only {len(keys)} distinct Tux Paint captions found; is tuxpaint-stamps-default complete?")
+    eval_keys, val_keys, train_keys = keys[:EVAL_GROUPS], keys[EVAL_GROUPS : EVAL_GROUPS + VAL_GROUPS], keys[EVAL_GROUPS + VAL_GROUPS :]
+
+    def one_per_group(group_keys: list[str]) -> list[Pair]:
+        out = []
+        for k in group_keys:
+            for p, caption in groups[k]:  # the first image of the group that rendered
+                item = pair(p, caption, "tuxpaint")
+                if item:
+                    out.append(item)
+                    break
+        return out
+
+    splits: dict[str, list[Pair]] = {
+        "eval": one_per_group(eval_keys),
+        "val": one_per_group(val_keys),
+        "tux_train": [x for k in train_keys for p, c in groups[k] if (x := pair(p, c, "tuxpaint"))],
+    }
+    clip_pairs = [x for p, c in clip if (x := pair(p, c, "openclipart"))]
+    # An openclipart caption equal to an eval or val caption would leak it into training: drop those pairs.
+    held_out = {p.caption.lower() for p in splits["eval"] + splits["val"]}
+    clip_pairs = [p for p in clip_pairs if p.caption.lower() not in held_out]
+    splits["vlp_old"] = clip_pairs
+    splits["vlp_new"] = clip_pairs + splits["tux_train"]
+    splits["xbt_train"] = list(splits["tux_train"])
+    out = cache_dir("testbed", "splits")
+    for name, pairs in splits.items():
+        write_pairs(out / f"{name}.jsonl", pairs)
+    corpus = sorted({p.caption for p in splits["vlp_new"]})
+    (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n")
+    sizes = {name: len(pairs) for name, pairs in splits.items()} | {"text_corpus": len(corpus)}
+    (out / "manifest.json").write_text(json.dumps({"seed": seed, "version": TESTBED_VERSION, "sizes": sizes}, indent=2))
+    return sizes
+
+
+# ----- tower features and models --------------------------------------------------------------
+def tower_image_features(tower, images: Sequence[str], show_progress: bool = True) -> np.ndarray:
+    def encode(paths: list[str]) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(paths), 32):
+                batch = torch.stack([tower.transform(load_image(p)) for p in paths[start : start + 32]])
+                out.append(tower(batch).float().numpy())
+        return np.concatenate(out)
+
+    return cached_image_features(tower.cache_id, encode, images, label=f"{tower.cache_id} images", show_progress=show_progress)
+
+
+def tower_text_features(tower, texts: Sequence[str], show_progress: bool = True) -> np.ndarray:
+    def encode(batch_texts: list[str]) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(batch_texts), 64):
+                out.append(tower(tower.tokenize(batch_texts[start : start + 64])).float().numpy())
+        return np.concatenate(out)
+
+    return cached_text_features(tower.cache_id, encode, texts, label=f"{tower.cache_id} texts", show_progress=show_progress)
+
+
+def train_lit_model(
+    spec: TestbedModel, pairs: Sequence[Pair], out_dir: Path, config=None, show_progress: bool = True
+):
+    """Build a lit model from its towers, train its heads on `pairs`, save it. Returns (model, history)."""
+    from xbt.models.lit import LitModel
+    from xbt.progress import progress_bar
+    from xbt.train.lit import LitTrainConfig, train_lit_heads
+
+    config = config or LitTrainConfig(embed_dim=spec.embed_dim)
+    model = LitModel(spec.image_tower, spec.text_tower, spec.embed_dim, name=f"testbed-{spec.name}")
+    image_feats = torch.from_numpy(tower_image_features(model.image_tower, [p.image for p in pairs], show_progress))
+    text_feats = torch.from_numpy(tower_text_features(model.text_tower, [p.caption for p in pairs], show_progress))
+    with progress_bar(config.epochs, f"training {spec.name} heads", show_progress) as advance:
+        history = train_lit_heads(model, image_feats, text_feats, config, progress=lambda loss: advance(loss=loss))
+    model.save_pretrained(out_dir)
+    (out_dir / "train_config.json").write_text(json.dumps(config.to_dict() | {"pairs": spec.split, "n_pairs": len(pairs)}, indent=2))
+    return model, history
+
+
+def build_testbed(models: Sequence[str] = ("old", "new"), force: bool = False, show_progress: bool = True) -> dict[str, Any]:
+    """Everything the experiments need, cached: splits, tower features, trained old/new models."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    manifest = testbed_dir() / "splits" / "manifest.json"
+    if force or not manifest.exists() or json.loads(manifest.read_text()).get("version") != TESTBED_VERSION:
+        build_splits(show_progress=show_progress)
+    timings["splits_s"] = time.perf_counter() - t0
+    for name in models:
+        out = testbed_dir() / "models" / name
+        if not force and (out / "config.json").exists():
+            continue
+        t = time.perf_counter()
+        train_lit_model(TESTBED_MODELS[name], load_split(TESTBED_MODELS[name].split), out, show_progress=show_progress)
+        timings[f"model_{name}_s"] = time.perf_counter() - t
+    sizes = json.loads(manifest.read_text())["sizes"]
+    return {"sizes": sizes, "timings": timings, "root": str(testbed_dir())}

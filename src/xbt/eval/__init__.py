@@ -1,0 +1,1 @@
+"""Retrieval evaluation: per-query hits, bootstrap intervals, the compatibility matrix and reports."""

@@ -1,0 +1,28 @@
+"""One progress-bar helper (rich) for every long loop, silent when disabled or not on a terminal-like run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, label: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yields `advance(k=1, **fields)`; fields (e.g. loss=0.3) are shown beside the bar."""
+    if not enabled:
+        yield lambda k=1, **fields: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+    ]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(label, total=total, info="")
+
+        def advance(k: int = 1, **fields) -> None:
+            info = " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in fields.items())
+            bar.update(task, advance=k, **({"info": info} if fields else {}))
+
+        yield advance

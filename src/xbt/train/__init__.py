@@ -1,0 +1,1 @@
+"""Training programs: lit heads, XBT stages."""
