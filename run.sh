@@ -25,6 +25,7 @@ setup_debian_data() {
   local need=()
   [ -d /usr/share/tuxpaint/stamps ] || need+=(tuxpaint-stamps-default)
   [ -d /usr/share/openclipart/svg ] || need+=(openclipart-svg)
+  [ -f /usr/share/dict/american-english ] || need+=(wamerican)  # English word list: cleaning clip-art titles
   # cairosvg needs the cairo C library.
   ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2' || need+=(libcairo2)
   [ ${#need[@]} -eq 0 ] && return 0

@@ -14,11 +14,20 @@ _JUNK = re.compile(
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
-def english_vocabulary(vocab_file: str) -> set[str]:
-    """Whole words (no '##' pieces, no [special]) of an uncased BERT WordPiece vocabulary."""
-    with open(vocab_file, encoding="utf-8") as f:
-        words = {line.strip() for line in f}
-    return {w for w in words if w.isalpha() and w.isascii() and not w.startswith("##") and len(w) > 1 or w in ("a",)}
+DICTIONARY = "/usr/share/dict/american-english"  # Debian package wamerican
+
+
+def english_vocabulary(*word_files: str) -> set[str]:
+    """Lower-case English words of two letters or more (plus "a") from word lists: an uncased BERT
+    WordPiece vocabulary (its '##' pieces and [special] tokens are skipped) and/or a dictionary."""
+    vocabulary = {"a"}
+    for word_file in word_files:
+        with open(word_file, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                w = line.strip()
+                if len(w) > 1 and w.isascii() and w.isalpha() and w.islower():
+                    vocabulary.add(w)
+    return vocabulary
 
 
 def clean_title(title: str, vocabulary: set[str], max_words: int = 6) -> str | None:

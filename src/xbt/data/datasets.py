@@ -1,48 +1,318 @@
-"""Reading pair sets a user already has. Every reader returns a list of Pair."""
+"""Reading pair sets a user already has. Every reader returns a list of Pair; `open_dataset` picks one.
+
+Sources (`open_dataset(source, split=..., image_root=...)`)::
+
+    testbed:eval                  a split of the offline testbed (or source "testbed" with split=...)
+    pairs.csv | pairs.jsonl       rows with image, caption[, image_id]
+    dataset_flickr30k.json        Karpathy-split JSON (Flickr30K / COCO): images[].filename, [filepath],
+                                  split, sentences[].raw; split defaults to "test"; images under image_root
+    FOLDER/                       an image folder with a captions file: metadata.jsonl / metadata.csv
+                                  (Hugging Face imagefolder: file_name + text/caption[s]) or captions.jsonl / .csv
+    shards-{000..009}.tar | *.tar | FOLDER of .tar
+                                  webdataset shards: <key>.jpg|png|... beside <key>.txt (or .json with caption)
+
+Relative image paths resolve against image_root when given, else the file's own folder. Several
+captions of one image share its image_id, which the retrieval protocol uses to group them.
+"""
 
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import json
+import re
+import tarfile
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
+FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "captions.jsonl", "captions.csv")
+KARPATHY_DEFAULT_SPLIT = "test"
+
+
+# ----- CSV / JSONL pairs files ------------------------------------------------------------------
+def _resolve(image: str, base: Path) -> Path:
+    path = Path(image).expanduser()
+    return path if path.is_absolute() else base / path
+
 
 def _pair(row: dict, base: Path, where: str) -> Pair:
-    image = str(row.get("image") or row.get("image_path") or row.get("filepath") or "").strip()
+    image = str(row.get("image") or row.get("image_path") or row.get("filepath") or row.get("file_name") or "").strip()
     caption = str(row.get("caption") or row.get("text") or "").strip()
     if not image or not caption:
         raise InputError(f"{where}: each row needs an image path and a non-empty caption (columns image, caption)")
-    path = Path(image)
-    if not path.is_absolute():
-        path = base / path
+    path = _resolve(image, base)
     return Pair(str(path), caption, str(row.get("image_id") or path), source=str(base))
 
 
-def load_pairs(path: str | Path) -> list[Pair]:
-    """Pairs from a .jsonl or .csv file with columns image, caption[, image_id]; relative paths are
-    resolved against the file's folder."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise InputError(f"pairs file not found: {path}")
-    base = path.parent
+def _read_rows(path: Path) -> list[tuple[dict, str]]:
+    """(row, "file:line") for a JSONL or CSV file; malformed lines are reported with their place."""
+    rows: list[tuple[dict, str]] = []
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open() as f:
+        with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append((json.loads(line), f"{path}:{n}"))
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise InputError(f"{path}:{n} is not valid JSON: {exc}") from exc
+                    if not isinstance(row, dict):
+                        raise InputError(f"{path}:{n} must be a JSON object with image and caption fields")
+                    rows.append((row, f"{path}:{n}"))
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             rows = [(row, f"{path}:{n}") for n, row in enumerate(csv.DictReader(f), 2)]
     else:
         raise InputError(f"unknown pairs format {path.suffix!r}: use .jsonl or .csv (image, caption[, image_id])")
-    pairs = [_pair(row, base, where) for row, where in rows]
+    return rows
+
+
+def load_pairs(path: str | Path, image_root: str | Path | None = None) -> list[Pair]:
+    """Pairs from a .jsonl or .csv file with columns image, caption[, image_id]; relative paths are
+    resolved against `image_root`, by default the file's folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"pairs file not found: {path}")
+    base = Path(image_root).expanduser() if image_root else path.parent
+    pairs = [_pair(row, base, where) for row, where in _read_rows(path)]
     if not pairs:
         raise InputError(f"{path} holds no pairs")
     return pairs
+
+
+# ----- an image folder with a captions file ------------------------------------------------------
+def _captions_of(row: dict) -> list[str]:
+    for key in ("captions", "caption", "text", "sentences"):
+        value = row.get(key)
+        if value is None or value == "":
+            continue
+        if isinstance(value, str) and value.lstrip().startswith("["):  # a list serialised into a CSV cell
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        values = value if isinstance(value, list) else [value]
+        return [str(v.get("raw", "") if isinstance(v, dict) else v).strip() for v in values]
+    return []
+
+
+def load_image_folder(folder: str | Path, image_root: str | Path | None = None) -> list[Pair]:
+    """An image folder described by metadata.jsonl/.csv (Hugging Face imagefolder: file_name plus a
+    text, caption or captions column, where a list gives several captions) or captions.jsonl/.csv."""
+    folder = Path(folder).expanduser()
+    meta = next((folder / name for name in FOLDER_METADATA if (folder / name).exists()), None)
+    if meta is None:
+        raise InputError(
+            f"{folder} has no captions file; add one of {', '.join(FOLDER_METADATA)} with columns"
+            " file_name (or image) and text (or caption / captions)"
+        )
+    base = Path(image_root).expanduser() if image_root else folder
+    pairs = []
+    for row, where in _read_rows(meta):
+        image = str(row.get("file_name") or row.get("image") or row.get("image_path") or "").strip()
+        captions = _captions_of(row)
+        if not image or not captions or not all(captions):
+            raise InputError(f"{where}: each row needs file_name (or image) and a non-empty text, caption or captions")
+        path = _resolve(image, base)
+        image_id = str(row.get("image_id") or image)
+        pairs.extend(Pair(str(path), caption, image_id, source=str(folder)) for caption in captions)
+    if not pairs:
+        raise InputError(f"{meta} holds no pairs")
+    return pairs
+
+
+# ----- Karpathy-split JSON (Flickr30K, COCO) -----------------------------------------------------
+def load_karpathy(
+    path: str | Path, split: str | None = KARPATHY_DEFAULT_SPLIT, image_root: str | Path | None = None
+) -> list[Pair]:
+    """The Karpathy split files (dataset_flickr30k.json, dataset_coco.json): each image has a filename,
+    an optional filepath (COCO's train2014/val2014), a split and its sentences. `split` may name
+    several, e.g. "train,restval" (COCO's usual training set); None takes every image."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path} as Karpathy-split JSON: {exc}") from exc
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise InputError(f"{path} is not Karpathy-split JSON: expected an object with an 'images' list")
+    wanted = None if split is None else {s.strip() for s in re.split(r"[,+]", split) if s.strip()}
+    base = Path(image_root).expanduser() if image_root else path.parent
+    pairs, found = [], {}
+    for n, item in enumerate(images):
+        if not isinstance(item, dict) or "filename" not in item or not isinstance(item.get("sentences"), list):
+            raise InputError(f"{path}: images[{n}] needs 'filename' and a 'sentences' list")
+        item_split = str(item.get("split", ""))
+        found[item_split] = found.get(item_split, 0) + 1
+        if wanted is not None and item_split not in wanted:
+            continue
+        image = base / item.get("filepath", "") / item["filename"]
+        image_id = str(item.get("cocoid", item.get("imgid", Path(item.get("filepath", "")) / item["filename"])))
+        for m, sentence in enumerate(item["sentences"]):
+            caption = str(sentence.get("raw", "") if isinstance(sentence, dict) else sentence).strip()
+            if not caption:
+                raise InputError(f"{path}: images[{n}].sentences[{m}] has no 'raw' text")
+            pairs.append(Pair(str(image), caption, image_id, source=f"{path.name}:{item_split}"))
+    if not pairs:
+        available = ", ".join(f"{s} ({c} images)" for s, c in sorted(found.items())) or "none"
+        raise InputError(f"{path} has no images in split {split!r}; its splits: {available}")
+    return pairs
+
+
+def is_karpathy_json(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"{") and b'"images"' in head or (head.startswith(b"{") and b'"dataset"' in head)
+
+
+# ----- webdataset shards -----------------------------------------------------------------------
+def _expand_braces(pattern: str) -> list[str]:
+    """shard-{000..003}.tar -> shard-000.tar ... shard-003.tar (also {a,b}), as webdataset writes them."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    options = (
+        [str(i).zfill(len(rng.group(1))) for i in range(int(rng.group(1)), int(rng.group(2)) + 1)] if rng else body.split(",")
+    )
+    return [x for option in options for x in _expand_braces(head + option + tail)]
+
+
+def webdataset_shards(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+    else:
+        shards = [Path(p) for pattern in _expand_braces(str(path)) for p in (sorted(glob.glob(pattern)) or [pattern])]
+    missing = [str(s) for s in shards if not s.is_file()]
+    if not shards or missing:
+        raise InputError(f"webdataset shards not found: {', '.join(missing) or source}")
+    return shards
+
+
+def _samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample; the webdataset convention: the key is the member path up to
+    the first dot of its file name, the rest is the (lower-cased) extension. Members of a sample are
+    consecutive in the tar."""
+    key, sample = None, {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, dot, ext = name.partition(".")
+                if not dot or name.startswith("."):
+                    continue
+                member_key = f"{folder}/{stem}" if folder else stem
+                if member_key != key:
+                    if key is not None:
+                        yield key, sample
+                    key, sample = member_key, {}
+                sample[ext.lower()] = tar.extractfile(member).read()
+    except tarfile.TarError as exc:
+        raise InputError(f"{shard} is not a readable tar shard: {exc}") from exc
+    if key is not None:
+        yield key, sample
+
+
+def _caption_from_sample(sample: dict[str, bytes]) -> list[str]:
+    for ext in ("txt", "caption", "text"):
+        if ext in sample:
+            return [sample[ext].decode("utf-8", errors="replace").strip()]
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except json.JSONDecodeError:
+            return []
+        return _captions_of(meta) if isinstance(meta, dict) else []
+    return []
+
+
+def load_webdataset(source: str | Path, cache_root: Path | None = None) -> list[Pair]:
+    """Pairs from webdataset shards. The images are extracted once into XBT_HOME/datasets/webdataset
+    (per shard content), since every encoder reads images from files."""
+    from xbt.paths import cache_dir
+
+    pairs: list[Pair] = []
+    skipped = 0
+    for shard in webdataset_shards(str(source)):
+        stat = shard.stat()
+        digest = hashlib.sha256(f"{shard.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+        out = (cache_root or cache_dir("datasets", "webdataset")) / f"{shard.stem}-{digest}"
+        out.mkdir(parents=True, exist_ok=True)
+        for key, sample in _samples(shard):
+            image_ext = next((e for e in sample if "." + e.rsplit(".", 1)[-1] in IMAGE_SUFFIXES), None)
+            captions = [c for c in _caption_from_sample(sample) if c]
+            if image_ext is None or not captions:
+                skipped += 1
+                continue
+            target = out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + "." + image_ext.rsplit(".", 1)[-1])
+            if not target.exists():
+                tmp = target.with_suffix(target.suffix + ".tmp")
+                tmp.write_bytes(sample[image_ext])
+                tmp.replace(target)
+            pairs.extend(Pair(str(target), c, f"{shard.name}:{key}", source=str(shard)) for c in captions)
+    if skipped:
+        warnings.warn(f"{skipped} webdataset samples had no image or no caption and were left out", stacklevel=2)
+    if not pairs:
+        raise InputError(f"no image-caption samples in {source}: each needs <key>.jpg (or png, ...) and <key>.txt")
+    return pairs
+
+
+# ----- one entry point ---------------------------------------------------------------------------
+def open_dataset(source: str | Path, split: str | None = None, image_root: str | Path | None = None) -> list[Pair]:
+    """Pairs from any supported source (see the module docstring), with every image file checked."""
+    text = str(source)
+    if text == "testbed" or text.startswith("testbed:"):
+        from xbt.data.testbed import SPLITS, load_split
+
+        name = text.partition(":")[2] or split or "eval"
+        if name not in SPLITS:
+            raise InputError(f"the testbed has no split {name!r}; it has {', '.join(SPLITS)}")
+        return load_split(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if split and (path / split).is_dir():
+            path = path / split
+        if any((path / name).exists() for name in FOLDER_METADATA):
+            pairs = load_image_folder(path, image_root)
+        elif any(path.glob("*.tar")):
+            pairs = load_webdataset(path)
+        else:
+            raise InputError(
+                f"{path} is a folder without a captions file ({', '.join(FOLDER_METADATA)}) or .tar shards"
+            )
+    elif ".tar" in path.name or "{" in text or "*" in text:
+        pairs = load_webdataset(text)
+    elif not path.exists():
+        raise InputError(f"dataset not found: {path} (give a .csv/.jsonl pairs file, a Karpathy .json, a folder or shards)")
+    elif path.suffix == ".json" and is_karpathy_json(path):
+        pairs = load_karpathy(path, split or KARPATHY_DEFAULT_SPLIT, image_root)
+    else:
+        pairs = load_pairs(path, image_root)
+    check_images_exist(pairs, hint="pass --image-root (image_root=...) if the images live elsewhere")
+    return pairs
+
+
+def check_images_exist(pairs: Iterable[Pair], hint: str = "") -> None:
+    missing: dict[str, None] = {}
+    for pair in pairs:
+        if pair.image not in missing and not Path(pair.image).is_file():
+            missing[pair.image] = None
+    if missing:
+        first = list(missing)[:3]
+        raise InputError(f"{len(missing)} image files not found, e.g. {', '.join(first)}" + (f"; {hint}" if hint else ""))
+
+
+def describe_pairs(pairs: list[Pair]) -> dict[str, Any]:
+    """Sizes a report states: pairs, distinct images and captions per image."""
+    n_images = len({p.image_id for p in pairs})
+    return {"n_pairs": len(pairs), "n_images": n_images, "captions_per_image": round(len(pairs) / max(1, n_images), 2)}

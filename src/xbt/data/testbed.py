@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from xbt.assets import minilm_path, openclipart_root, tuxpaint_root
-from xbt.data.captions import cap_copies, clean_title, english_vocabulary
+from xbt.data.captions import DICTIONARY, cap_copies, clean_title, english_vocabulary
 from xbt.data.features import cached_image_features, cached_text_features
 from xbt.data.images import load_image
 from xbt.data.pairs import Pair, read_pairs, write_pairs
@@ -48,7 +48,7 @@ EVAL_GROUPS = 300
 VAL_GROUPS = 80
 RENDER_SIZE = 320
 SPLITS = ("eval", "val", "tux_train", "vlp_old", "vlp_new", "xbt_train")
-TESTBED_VERSION = "1"
+TESTBED_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,10 @@ _TITLE = re.compile(r"<dc:title>\s*([^<]*?)\s*</dc:title>", re.S)
 
 
 def openclipart_items(root: Path) -> list[tuple[Path, str]]:
-    vocabulary = english_vocabulary(str(minilm_path() / "vocab.txt"))
+    # The MiniLM WordPiece vocabulary plus an English dictionary (wamerican) when installed: titles in
+    # other languages (many openclipart titles are Italian) fail both.
+    lists = [str(minilm_path() / "vocab.txt")] + ([DICTIONARY] if Path(DICTIONARY).exists() else [])
+    vocabulary = english_vocabulary(*lists)
     found = []
     for svg in sorted(root.rglob("*.svg")):
         head = svg.read_text(encoding="utf-8", errors="replace")[:20000]

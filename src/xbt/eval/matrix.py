@@ -13,12 +13,11 @@ from xbt.eval.embed import PairEmbeddings
 from xbt.eval.retrieval import (
     DEFAULT_KS,
     Estimate,
-    bootstrap_indices,
-    difference_estimate,
-    gain_estimate,
+    estimate,
     hits_at_k,
-    recall_estimate,
+    resampled_means,
     retrieval_ranks,
+    update_gain,
 )
 
 DIRECTIONS = ("t2i", "i2t")
@@ -41,10 +40,12 @@ class Cell:
 
     @property
     def passes(self) -> bool:
+        """The compatibility criterion on the point estimate: M(new->old) > M(old->old)."""
         return self.vs_old.value > 0
 
     @property
     def passes_confidently(self) -> bool:
+        """The whole 95% interval of M(new->old) - M(old->old) lies above zero."""
         return self.vs_old.low > 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,6 +53,15 @@ class Cell:
             "recall": self.recall.to_dict(), "vs_old": self.vs_old.to_dict(), "gain": self.gain.to_dict(),
             "passes": self.passes, "passes_confidently": self.passes_confidently,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cell:
+        return cls(_estimate(data["recall"]), _estimate(data["vs_old"]), _estimate(data["gain"]))
+
+
+def _estimate(data: Mapping[str, Any]) -> Estimate:
+    """JSON null stands for NaN (an undefined gain), since strict JSON has no NaN."""
+    return Estimate(*(float("nan") if data[key] is None else float(data[key]) for key in ("value", "low", "high")))
 
 
 @dataclass
@@ -63,13 +73,22 @@ class UpgradeMatrix:
     new_vs_old: dict[str, dict[int, Estimate]]  # the ceiling's paired difference
     methods: dict[str, dict[str, dict[int, Cell]]] = field(default_factory=dict)
     n_resamples: int = 1000
+    # Per method, what a reader needs besides its numbers: needs_old_model_at_query_time, fits_on, ...
+    method_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def cells(self, method: str) -> list[Cell]:
+        return [c for d in self.methods[method].values() for c in d.values()]
 
     def all_pass(self, method: str, confidently: bool = False) -> bool:
-        cells = [c for d in self.methods[method].values() for c in d.values()]
-        return all(c.passes_confidently if confidently else c.passes for c in cells)
+        return all(c.passes_confidently if confidently else c.passes for c in self.cells(method))
+
+    def n_passing(self, method: str, confidently: bool = False) -> int:
+        return sum(c.passes_confidently if confidently else c.passes for c in self.cells(method))
 
     def mean_gain(self, method: str) -> float:
-        return float(np.mean([c.gain.value for d in self.methods[method].values() for c in d.values()]))
+        """Mean update gain over the cells where it is defined (NaN if it is defined nowhere)."""
+        gains = np.array([c.gain.value for c in self.cells(method)], dtype=np.float64)
+        return float(np.nanmean(gains)) if np.isfinite(gains).any() else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         def est(table):
@@ -82,7 +101,25 @@ class UpgradeMatrix:
                 m: {d: {str(k): c.to_dict() for k, c in row.items()} for d, row in cells.items()}
                 for m, cells in self.methods.items()
             },
+            "method_info": self.method_info,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UpgradeMatrix:
+        """Inverse of `to_dict` (e.g. the "matrix" of a results.json)."""
+
+        def est(table):
+            return {d: {int(k): _estimate(e) for k, e in row.items()} for d, row in table.items()}
+
+        return cls(
+            n_queries={d: int(n) for d, n in data["n_queries"].items()}, ks=tuple(int(k) for k in data["ks"]),
+            old_old=est(data["old_old"]), new_new=est(data["new_new"]), new_vs_old=est(data["new_new_vs_old_old"]),
+            methods={
+                m: {d: {int(k): Cell.from_dict(c) for k, c in row.items()} for d, row in cells.items()}
+                for m, cells in data["methods"].items()
+            },
+            n_resamples=int(data.get("n_resamples", 1000)), method_info=dict(data.get("method_info", {})),
+        )
 
 
 def evaluate_upgrade(
@@ -93,41 +130,64 @@ def evaluate_upgrade(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> UpgradeMatrix:
-    """Every method is compared with old->old on the same query resamples (paired bootstrap)."""
+    """Every method is compared with old->old on the same query resamples (paired bootstrap).
+
+    All per-query hits of a direction are resampled together (one pass, memory bounded), so recalls,
+    differences and gains of every method come from the same resamples."""
     index = old.caption_image_index
-    if new.caption_image_index != index:
+    if list(new.caption_image_index) != list(index):
         raise ValueError("old and new embeddings must come from the same pair set")
+    ks = tuple(int(k) for k in ks)
 
     def hits(image_q, text_q, image_g, text_g) -> dict[str, dict[int, np.ndarray]]:
         ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
         return {d: hits_at_k(ranks[d], ks) for d in DIRECTIONS}
 
-    old_hits = hits(old.images, old.texts, old.images, old.texts)
-    new_hits = hits(new.images, new.texts, new.images, new.texts)
+    for name, q in methods.items():
+        if q.images.shape != (len(old.images), old.images.shape[1]) or q.texts.shape != (len(old.texts), old.texts.shape[1]):
+            raise ValueError(
+                f"method {name!r} returned images {q.images.shape} and texts {q.texts.shape}; the old gallery"
+                f" has images {old.images.shape} and texts {old.texts.shape}"
+            )
+    systems: dict[str, dict[str, dict[int, np.ndarray]]] = {
+        "old": hits(old.images, old.texts, old.images, old.texts),
+        "new": hits(new.images, new.texts, new.images, new.texts),
+    }
+    for name, q in methods.items():
+        systems["method:" + name] = hits(q.images, q.texts, old.images, old.texts)
     n_queries = {"t2i": len(old.texts), "i2t": len(old.images)}
-    resamples = {d: bootstrap_indices(n_queries[d], n_resamples, seed) for d in DIRECTIONS}
 
-    def table(h):
-        return {d: {k: recall_estimate(h[d][k], resamples[d]) for k in ks} for d in DIRECTIONS}
+    # One column per (system, K); resampled together so that every statistic is paired.
+    keys = [(s, k) for s in systems for k in ks]
+    col = {key: j for j, key in enumerate(keys)}
+    points, samples = {}, {}
+    for d in DIRECTIONS:
+        columns = np.stack([systems[s][d][k] for s, k in keys], axis=1)
+        points[d], samples[d] = columns.mean(0), resampled_means(columns, n_resamples, seed)
+
+    def recall(d: str, s: str, k: int) -> Estimate:
+        j = col[(s, k)]
+        return estimate(100 * samples[d][:, j], 100 * points[d][j])
+
+    def difference(d: str, a: str, b: str, k: int) -> Estimate:
+        i, j = col[(a, k)], col[(b, k)]
+        return estimate(100 * (samples[d][:, i] - samples[d][:, j]), 100 * (points[d][i] - points[d][j]))
+
+    def gain(d: str, s: str, k: int) -> Estimate:
+        c, o, n = col[(s, k)], col[("old", k)], col[("new", k)]
+        return estimate(update_gain(*(samples[d][:, j] for j in (c, o, n))), float(update_gain(*(points[d][j] for j in (c, o, n)))))
 
     matrix = UpgradeMatrix(
-        n_queries=n_queries, ks=tuple(ks), old_old=table(old_hits), new_new=table(new_hits),
-        new_vs_old={d: {k: difference_estimate(new_hits[d][k], old_hits[d][k], resamples[d]) for k in ks} for d in DIRECTIONS},
+        n_queries=n_queries, ks=ks,
+        old_old={d: {k: recall(d, "old", k) for k in ks} for d in DIRECTIONS},
+        new_new={d: {k: recall(d, "new", k) for k in ks} for d in DIRECTIONS},
+        new_vs_old={d: {k: difference(d, "new", "old", k) for k in ks} for d in DIRECTIONS},
         n_resamples=n_resamples,
     )
-    for name, q in methods.items():
-        if q.images.shape[1] != old.images.shape[1] or q.texts.shape[1] != old.texts.shape[1]:
-            raise ValueError(f"method {name!r} returned {q.texts.shape[1]}-d queries; the old gallery is {old.texts.shape[1]}-d")
-        h = hits(q.images, q.texts, old.images, old.texts)
+    for name in methods:
+        s = "method:" + name
         matrix.methods[name] = {
-            d: {
-                k: Cell(
-                    recall=recall_estimate(h[d][k], resamples[d]),
-                    vs_old=difference_estimate(h[d][k], old_hits[d][k], resamples[d]),
-                    gain=gain_estimate(h[d][k], old_hits[d][k], new_hits[d][k], resamples[d]),
-                )
-                for k in ks
-            }
+            d: {k: Cell(recall=recall(d, s, k), vs_old=difference(d, s, "old", k), gain=gain(d, s, k)) for k in ks}
             for d in DIRECTIONS
         }
     return matrix

@@ -1,0 +1,91 @@
+"""A Drift-Adapter-style query adapter: Procrustes, then a small residual MLP trained on paired embeddings.
+
+    adapted(x) = R x + MLP(R x)
+
+The MLP's last layer starts at zero, so training starts from the Procrustes solution and can only
+add what the rotation misses. It is trained with a cosine loss on (new, old) embeddings of the same
+items (text corpus and/or training images), with a fixed seed: the same data gives the same adapter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from xbt.compat.base import CompatMethod, FitData, Modality
+from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, orthogonal_procrustes, paired_rows
+from xbt.errors import InputError
+from xbt.models.base import EmbeddingSpace
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class ResidualAdapter(CompatMethod):
+    name = "adapter"
+
+    def __init__(
+        self,
+        new_space: EmbeddingSpace,
+        old_space: EmbeddingSpace,
+        fit_on: FitOn = "both",
+        hidden: int = 512,
+        epochs: int = 60,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        dropout: float = 0.1,
+        seed: int = 0,
+    ):
+        super().__init__(new_space, old_space)
+        if fit_on not in FITS_ON_LABEL:
+            raise InputError(f"adapter: fit_on must be one of {sorted(FITS_ON_LABEL)}, not {fit_on!r}")
+        if hidden < 1 or epochs < 0 or batch_size < 1 or lr <= 0:
+            raise InputError("adapter: hidden and batch_size must be >= 1, epochs >= 0 and lr > 0")
+        self.fit_on, self.fits_on = fit_on, FITS_ON_LABEL[fit_on]
+        self.hidden, self.epochs, self.batch_size = hidden, epochs, batch_size
+        self.lr, self.weight_decay, self.dropout, self.seed = lr, weight_decay, dropout, seed
+        self.rotation: np.ndarray | None = None
+        self.mlp: ResidualMLP | None = None
+        self.history: list[float] = []
+
+    def fit(self, data: FitData) -> ResidualAdapter:
+        x, y = paired_rows(data, self.fit_on, self.name)
+        self.rotation = orthogonal_procrustes(x, y)[: self.new_space.dim, : self.old_space.dim].astype(np.float32)
+        base = torch.from_numpy(x.astype(np.float32) @ self.rotation)
+        target = torch.from_numpy(y.astype(np.float32))
+        with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's global RNG
+            torch.manual_seed(self.seed)
+            mlp = ResidualMLP(self.old_space.dim, self.hidden, self.dropout)
+            generator = torch.Generator().manual_seed(self.seed)
+            optimiser = torch.optim.AdamW(mlp.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            mlp.train()
+            self.history = []
+            for _ in range(self.epochs):
+                order = torch.randperm(len(base), generator=generator)
+                total = 0.0
+                for start in range(0, len(base), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    loss = 1 - nn.functional.cosine_similarity(mlp(base[idx]), target[idx], dim=-1).mean()
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                    total += float(loss.detach()) * len(idx)
+                self.history.append(total / len(base))
+        self.mlp = mlp.eval()
+        return self
+
+    @torch.inference_mode()
+    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
+        if self.mlp is None or self.rotation is None:
+            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")
+        return self.mlp(torch.from_numpy(new_vectors @ self.rotation)).numpy()

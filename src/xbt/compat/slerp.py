@@ -1,0 +1,96 @@
+"""SLERP: Procrustes, then spherical interpolation between the old model's query and the aligned new one.
+
+    q = slerp(old(x), R new(x), w)      w = 0: the old model alone; w = 1: Procrustes alone
+
+The one weight w is chosen on a support split (never the evaluation split) as the one with the best
+mean recall against the support's old gallery. Because w = 0 is on the grid, SLERP cannot do worse
+than old->old on the support set; the price is that every query needs the OLD model too (an ensemble).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from xbt.compat.base import CompatMethod, FitData, Modality, l2_normalise
+from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, Procrustes
+from xbt.errors import InputError
+from xbt.eval.embed import PairEmbeddings
+from xbt.eval.retrieval import DEFAULT_KS, retrieval_ranks
+from xbt.models.base import EmbeddingSpace
+
+DEFAULT_WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0, 1, 21), 2))
+
+
+def slerp(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
+    """Row-wise spherical interpolation between unit vectors a (weight 0) and b (weight 1)."""
+    a, b = l2_normalise(np.asarray(a, dtype=np.float64)), l2_normalise(np.asarray(b, dtype=np.float64))
+    cos = np.clip((a * b).sum(-1, keepdims=True), -1.0, 1.0)
+    theta = np.arccos(cos)
+    sin = np.sin(theta)
+    near = sin < 1e-6  # (anti)parallel: the arc is undefined, fall back to the straight line
+    safe = np.where(near, 1.0, sin)
+    wa = np.where(near, 1 - weight, np.sin((1 - weight) * theta) / safe)
+    wb = np.where(near, weight, np.sin(weight * theta) / safe)
+    return wa * a + wb * b
+
+
+class Slerp(CompatMethod):
+    name = "slerp"
+    needs_old_model_at_query_time = True
+
+    def __init__(
+        self,
+        new_space: EmbeddingSpace,
+        old_space: EmbeddingSpace,
+        fit_on: FitOn = "both",
+        weight: float | None = None,
+        weights: Sequence[float] = DEFAULT_WEIGHTS,
+        ks: Sequence[int] = DEFAULT_KS,
+    ):
+        super().__init__(new_space, old_space)
+        if weight is not None and not 0 <= weight <= 1:
+            raise InputError(f"slerp: the weight must lie in [0, 1], not {weight}")
+        self.procrustes = Procrustes(new_space, old_space, fit_on)
+        self.fit_on = fit_on
+        self.fits_on = FITS_ON_LABEL[fit_on] + ("" if weight is not None else "; weight on the support split")
+        self.weight, self.fixed_weight = weight, weight is not None
+        self.weights, self.ks = tuple(weights), tuple(ks)
+        self.support_scores: dict[float, float] = {}
+
+    def fit(self, data: FitData) -> Slerp:
+        self.procrustes.fit(data)
+        if self.fixed_weight:
+            return self
+        if data.support is None:
+            raise InputError("slerp chooses its weight on a support split: pass one (--support), or give a fixed weight")
+        new, old = self._order_support(data.support)
+        aligned = {"images": self.procrustes.map(new.images, "image"), "texts": self.procrustes.map(new.texts, "text")}
+        self.support_scores = {}
+        for w in self.weights:
+            q = {m: l2_normalise(slerp(getattr(old, m), aligned[m], w)) for m in ("images", "texts")}
+            ranks = retrieval_ranks(q["images"], q["texts"], old.images, old.texts, old.caption_image_index)
+            self.support_scores[w] = float(np.mean([(r < k).mean() for r in ranks.values() for k in self.ks]))
+        best = max(self.support_scores.values())
+        # Ties go to the larger weight: as good on the support set, and more of the new model.
+        self.weight = max(w for w, s in self.support_scores.items() if s >= best - 1e-12)
+        return self
+
+    def _order_support(self, support: tuple[PairEmbeddings, PairEmbeddings]) -> tuple[PairEmbeddings, PairEmbeddings]:
+        """(new, old) support embeddings, recognised by their spaces whatever order they were given in."""
+        a, b = support
+        if a.space.fingerprint == self.old_space.fingerprint and b.space.fingerprint == self.new_space.fingerprint:
+            a, b = b, a
+        self.new_space.check(a.space, "the support split's new-model embeddings")
+        self.old_space.check(b.space, "the support split's old-model embeddings")
+        if list(a.caption_image_index) != list(b.caption_image_index):
+            raise InputError("the support embeddings of the two models come from different pair sets")
+        return a, b
+
+    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
+        if self.weight is None:
+            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")
+        if old_vectors is None or len(old_vectors) != len(new_vectors) or old_vectors.shape[1] != self.old_space.dim:
+            raise InputError(f"{self.name} needs the old model's {self.old_space.dim}-d vectors of the same queries")
+        return slerp(old_vectors, self.procrustes.map(new_vectors, modality), self.weight).astype(np.float32)

@@ -1,0 +1,500 @@
+"""XBT training: stage 1 (text-only projection pretraining with noise), stage 2 (LoRA + projection on pairs).
+
+The old model is used only to embed the training data once, into the feature cache, before any
+training step (`cache_old_embeddings`); the training loop never calls it. Every step seeds its own
+randomness from (seed, stage, step), so a run resumed from a checkpoint follows exactly the same
+trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+
+from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.data.pairs import Pair
+from xbt.errors import InputError
+from xbt.eval.embed import embed_pairs
+from xbt.data.features import cached_text_features
+from xbt.eval.embed import encoder_cache_id
+from xbt.models.base import VLPModel
+from xbt.progress import progress_bar
+
+
+# ----- configuration -----------------------------------------------------------------------------
+@dataclass
+class ProjectionConfig:
+    kind: str = "mlp"  # linear | mlp
+    hidden: int = 1024
+    dropout: float = 0.1
+    init: str = "lstsq"  # lstsq (closed-form ridge fit on the text corpus) | random
+
+
+@dataclass
+class Stage1Config:
+    """Text only: projection(new_text(t) + noise) should match old_text(t)."""
+
+    enabled: bool = True
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    noise_std: float | str = "auto"  # norm of the Gaussian noise added to unit new-text vectors; "auto" = measured gap
+    infonce_weight: float = 1.0
+    cosine_weight: float = 1.0
+    temperature: float = 0.05
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    layers: list[int] | None = None  # None = every layer
+    image: bool = False  # also adapt the image tower (slower: images are then encoded at every step)
+
+
+@dataclass
+class Stage2Config:
+    """Image-text pairs: LoRA on the frozen new model plus the projection."""
+
+    enabled: bool = True
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 5e-4
+    lora_lr: float = 5e-4
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    t2i_weight: float = 1.0  # projected new text vs old image
+    i2t_weight: float = 1.0  # projected new image vs old text
+    text_weight: float = 0.5  # projected new text vs old text (keeps stage 1's alignment)
+    preserve_weight: float = 1.0  # adapted new text stays close to the original new text (new->new retrieval)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class XBTConfig:
+    old: str = "testbed:old"
+    new: str = "testbed:new"
+    train_pairs: str = "testbed:xbt_train"
+    text_corpus: str = "testbed:text_corpus"
+    max_pairs: int | None = None  # data-efficiency experiments: use only the first N pairs (after a seeded shuffle)
+    seed: int = 0
+    checkpoint_every: int = 50
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> XBTConfig:
+        data = dict(data)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown XBT config keys {sorted(unknown)}; known: {sorted(known)}")
+        s2 = dict(data.pop("stage2", {}) or {})
+        lora = LoraSettings(**(s2.pop("lora", {}) or {}))
+        return cls(
+            projection=ProjectionConfig(**(data.pop("projection", {}) or {})),
+            stage1=Stage1Config(**(data.pop("stage1", {}) or {})),
+            stage2=Stage2Config(**s2, lora=lora),
+            **data,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> XBTConfig:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"config file not found: {path}")
+        try:
+            return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        except TypeError as exc:
+            raise InputError(f"invalid config {path}: {exc}") from exc
+
+
+# ----- data ---------------------------------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """Everything the loop needs, with the old model's embeddings already computed (cached)."""
+
+    corpus: list[str]
+    corpus_new: torch.Tensor  # original new model's text embeddings of the corpus
+    corpus_old: torch.Tensor  # old model's text embeddings of the corpus
+    pairs: list[Pair]
+    pair_image_index: list[int]  # pair -> row of the image arrays
+    new_images: torch.Tensor  # new model's image embeddings (fixed when the image tower has no LoRA)
+    old_images: torch.Tensor
+    old_texts: torch.Tensor  # old model's embeddings of the pair captions
+    new_texts: torch.Tensor  # original new model's embeddings of the pair captions
+
+
+def resolve_pairs(source: str) -> list[Pair]:
+    if source.startswith("testbed:"):
+        from xbt.data.testbed import load_split
+
+        return load_split(source.removeprefix("testbed:"))
+    from xbt.data import datasets
+
+    opener = getattr(datasets, "open_dataset", None)
+    return opener(source) if opener else datasets.load_pairs(source)
+
+
+def resolve_corpus(source: str) -> list[str]:
+    if source == "testbed:text_corpus":
+        from xbt.data.testbed import load_text_corpus
+
+        return load_text_corpus()
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(f"text corpus not found: {path} (a text file, one caption per line)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def subsample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
+    if n is None or n >= len(pairs):
+        return pairs
+    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    return [pairs[i] for i in sorted(order)]
+
+
+def text_embeddings(model: VLPModel, texts: Sequence[str], show_progress: bool) -> torch.Tensor:
+    vecs = cached_text_features(
+        encoder_cache_id(model.space, "text"), lambda t: model.encode_text(t).numpy(), list(texts),
+        label=f"{model.space.name} texts", show_progress=show_progress,
+    )
+    return torch.from_numpy(vecs)
+
+
+def cache_old_embeddings(old: VLPModel, corpus: Sequence[str], pairs: Sequence[Pair], show_progress: bool = True) -> None:
+    """Embed the training data with the old model once; afterwards only the cache is read."""
+    text_embeddings(old, corpus, show_progress)
+    if pairs:
+        embed_pairs(old, pairs, show_progress)
+
+
+def prepare_data(old: VLPModel, new: VLPModel, corpus: list[str], pairs: list[Pair], show_progress: bool = True) -> TrainingData:
+    cache_old_embeddings(old, corpus, pairs, show_progress)
+    empty = torch.zeros(0, 1)
+    if pairs:
+        old_emb, new_emb = embed_pairs(old, pairs, show_progress), embed_pairs(new, pairs, show_progress)
+        images = (torch.from_numpy(new_emb.images), torch.from_numpy(old_emb.images))
+        texts = (torch.from_numpy(old_emb.texts), torch.from_numpy(new_emb.texts))
+        index = old_emb.caption_image_index
+    else:
+        images, texts, index = (empty, empty), (empty, empty), []
+    return TrainingData(
+        corpus=corpus, corpus_new=text_embeddings(new, corpus, show_progress), corpus_old=text_embeddings(old, corpus, show_progress),
+        pairs=pairs, pair_image_index=index, new_images=images[0], old_images=images[1], old_texts=texts[0], new_texts=texts[1],
+    )
+
+
+# ----- losses -------------------------------------------------------------------------------------
+def multi_positive_infonce(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE where `positives[i, j]` marks every key that matches query i (duplicate captions or images
+    in a batch are not treated as negatives). Symmetric over queries and keys."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+    target = positives.float() / positives.float().sum(1, keepdim=True)
+    target_t = positives.T.float() / positives.T.float().sum(1, keepdim=True)
+    return 0.5 * (
+        torch.sum(-target * F.log_softmax(logits, 1), 1).mean() + torch.sum(-target_t * F.log_softmax(logits.T, 1), 1).mean()
+    )
+
+
+def estimate_modality_gap(new_images: torch.Tensor, new_texts: torch.Tensor, index: Sequence[int]) -> float:
+    """RMS distance between paired unit image and text vectors of the new model (training pairs only)."""
+    if len(index) == 0:
+        return 0.1
+    diff = new_images[torch.as_tensor(index)] - new_texts
+    return float(diff.norm(dim=1).pow(2).mean().sqrt())
+
+
+def add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise whose expected norm is `noise_std`, then back to the unit sphere."""
+    if noise_std <= 0:
+        return x
+    noise = torch.randn(x.shape, generator=generator) * (noise_std / math.sqrt(x.shape[1]))
+    return F.normalize(x + noise, dim=-1)
+
+
+# ----- checkpoints (safetensors + JSON, no pickle) -------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, state in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = value.contiguous()
+                meta["state"][str(pid)][name] = "tensor"
+            else:
+                meta["state"][str(pid)][name] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state = {}
+    for pid, fields in meta["state"].items():
+        state[int(pid)] = {n: (tensors[f"opt.{pid}.{n}"] if v == "tensor" else v) for n, v in fields.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+@dataclass
+class Checkpoint:
+    stage: int
+    step: int
+    history: list[dict[str, float]]
+
+
+def save_checkpoint(folder: Path, model: CompatibleModel, opt, sched, ckpt: Checkpoint) -> None:
+    """Atomic: written to a temporary folder, then renamed over the previous checkpoint."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {f"projection.{k}": v.contiguous() for k, v in model.projection.state_dict().items()}
+    for tower in model.lora_configs:
+        tensors.update({f"lora_{tower}.{k}": v for k, v in model.lora_state(tower).items()})
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    tensors.update(opt_tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {"stage": ckpt.stage, "step": ckpt.step, "history": ckpt.history, "optimizer": opt_meta,
+            "scheduler": sched.state_dict() if sched else None}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def load_checkpoint(folder: Path, model: CompatibleModel, opt, sched) -> Checkpoint:
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in tensors.items() if k.startswith("projection.")})
+    for tower in model.lora_configs:
+        prefix = f"lora_{tower}."
+        model.load_lora_state(tower, {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    _unflatten_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
+    if sched and meta["scheduler"]:
+        sched.load_state_dict(meta["scheduler"])
+    return Checkpoint(meta["stage"], meta["step"], meta["history"])
+
+
+def _find_checkpoint(out: Path, stage: int) -> Path | None:
+    folder = out / "checkpoints" / f"stage{stage}"
+    if (folder / "state.json").exists():
+        return folder
+    old = folder.with_name(folder.name + ".old")  # killed between the two renames
+    return old if (old / "state.json").exists() else None
+
+
+# ----- the training program -----------------------------------------------------------------------
+class StopTraining(Exception):
+    """Raised by `stop_after_step` in tests to simulate an interruption."""
+
+
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    torch.manual_seed(seed * 1_000_003 + stage * 10_007 + step)  # dropout etc. inside the model
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + stage * 104_729 + epoch))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size) if len(order[i : i + batch_size]) >= 2]
+
+
+def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
+               stop_after_step: int | None = None, show_progress: bool = True) -> tuple[list[dict[str, float]], float]:
+    s1 = cfg.stage1
+    n = data.corpus_new.shape[0]
+    if n < 2:
+        raise InputError("stage 1 needs a text corpus of at least 2 captions")
+    noise = (estimate_modality_gap(data.new_images, data.new_texts, data.pair_image_index) if s1.noise_std == "auto"
+             else float(s1.noise_std))
+    params = list(model.projection.parameters())
+    opt = torch.optim.AdamW(params, lr=s1.lr, weight_decay=s1.weight_decay)
+    steps_per_epoch = len(_epoch_batches(n, s1.batch_size, cfg.seed, 1, 0))
+    total = s1.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
+    start, history = 0, []
+    found = _find_checkpoint(out, 1)
+    if found:
+        ckpt = load_checkpoint(found, model, opt, sched)
+        start, history = ckpt.step, ckpt.history
+    # Duplicate captions in the corpus are one text, so positives are identities.
+    model.train()
+    with progress_bar(total, "stage 1 (text only)", show_progress) as advance:
+        advance(start)
+        for step in range(start, total):
+            epoch, within = divmod(step, steps_per_epoch)
+            idx = _epoch_batches(n, s1.batch_size, cfg.seed, 1, epoch)[within]
+            gen = _step_generator(cfg.seed, 1, step)
+            x = add_noise(data.corpus_new[idx], noise, gen)
+            y = data.corpus_old[idx]
+            pred = model.projection(x)
+            eye = torch.eye(len(idx), dtype=torch.bool)
+            loss_nce = multi_positive_infonce(pred, y, eye, s1.temperature)
+            loss_cos = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
+            loss = s1.infonce_weight * loss_nce + s1.cosine_weight * loss_cos
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append({"step": step + 1, "loss": loss.item(), "infonce": loss_nce.item(), "cosine": loss_cos.item()})
+            advance(1, loss=loss.item())
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                save_checkpoint(out / "checkpoints" / "stage1", model, opt, sched, Checkpoint(1, step + 1, history))
+            if stop_after_step is not None and step + 1 >= stop_after_step:
+                raise StopTraining(f"stopped after stage 1 step {step + 1}")
+    model.eval()
+    return history, noise
+
+
+def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
+               stop_after_step: int | None = None, show_progress: bool = True) -> list[dict[str, float]]:
+    s2 = cfg.stage2
+    n = len(data.pairs)
+    if n < 2:
+        raise InputError("stage 2 needs at least 2 image-text pairs")
+    groups = [{"params": list(model.projection.parameters()), "lr": s2.lr}]
+    lora_params = []
+    if s2.lora.enabled:
+        lora = {k: v for k, v in asdict(s2.lora).items() if k not in ("enabled", "image")}
+        lora_params = model.enable_lora("text", lora)
+        if s2.lora.image:
+            lora_params += model.enable_lora("image", lora)
+        groups.append({"params": lora_params, "lr": s2.lora_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=s2.weight_decay)
+    steps_per_epoch = len(_epoch_batches(n, s2.batch_size, cfg.seed, 2, 0))
+    total = s2.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
+    start, history = 0, []
+    found = _find_checkpoint(out, 2)
+    if found:
+        ckpt = load_checkpoint(found, model, opt, sched)
+        start, history = ckpt.step, ckpt.history
+    captions = [p.caption.lower() for p in data.pairs]
+    image_of = torch.as_tensor(data.pair_image_index)
+    images_needed = s2.lora.enabled and s2.lora.image
+    model.train()
+    with progress_bar(total, "stage 2 (LoRA + projection)", show_progress) as advance:
+        advance(start)
+        for step in range(start, total):
+            epoch, within = divmod(step, steps_per_epoch)
+            idx = _epoch_batches(n, s2.batch_size, cfg.seed, 2, epoch)[within]
+            _step_generator(cfg.seed, 2, step)
+            batch_captions = [data.pairs[i].caption for i in idx]
+            img_rows = image_of[idx]
+            same_image = img_rows[:, None] == img_rows[None, :]
+            same_caption = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx])
+            positives = same_image | same_caption
+            if s2.lora.enabled:
+                new_text = model.new_text(model.tokenize(batch_captions))
+            else:
+                new_text = data.new_texts[idx]
+            if images_needed:
+                new_image = model.new_image(model.preprocess([data.pairs[i].image for i in idx]))
+            else:
+                new_image = data.new_images[img_rows]
+            proj_text, proj_image = model.projection(new_text), model.projection(new_image)
+            losses = {
+                "t2i": multi_positive_infonce(proj_text, data.old_images[img_rows], positives, s2.temperature),
+                "i2t": multi_positive_infonce(proj_image, data.old_texts[idx], positives, s2.temperature),
+                "text": multi_positive_infonce(proj_text, data.old_texts[idx], positives, s2.temperature),
+                "preserve": (1 - F.cosine_similarity(new_text, data.new_texts[idx], dim=-1)).mean(),
+            }
+            weights = {"t2i": s2.t2i_weight, "i2t": s2.i2t_weight, "text": s2.text_weight, "preserve": s2.preserve_weight}
+            loss = sum(weights[k] * v for k, v in losses.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
+            advance(1, loss=loss.item())
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+                save_checkpoint(out / "checkpoints" / "stage2", model, opt, sched, Checkpoint(2, step + 1, history))
+            if stop_after_step is not None and step + 1 >= stop_after_step:
+                raise StopTraining(f"stopped after stage 2 step {step + 1}")
+    model.eval()
+    return history
+
+
+def train_xbt(
+    cfg: XBTConfig,
+    out: str | Path,
+    old: VLPModel | None = None,
+    new: VLPModel | None = None,
+    stop_after: tuple[int, int] | None = None,
+    show_progress: bool = True,
+) -> CompatibleModel:
+    """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`."""
+    from xbt.models import load_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "xbt_config.yaml"
+    if saved.exists() and (out / "checkpoints").exists() and yaml.safe_load(saved.read_text()) != cfg.to_dict():
+        raise InputError(
+            f"{out} holds checkpoints of a run with another config; resume needs the same config."
+            " Pick a new output folder, or delete that one to start over."
+        )
+    saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    old = old or load_model(cfg.old)
+    new = new or load_model(cfg.new)
+    corpus = resolve_corpus(cfg.text_corpus) if cfg.stage1.enabled else []
+    pairs = subsample_pairs(resolve_pairs(cfg.train_pairs), cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
+    data = prepare_data(old, new, corpus, pairs, show_progress)
+    old_space = old.space
+    del old  # from here on, only cached old-model embeddings are used
+    timings["prepare_s"] = time.perf_counter() - t0
+
+    p = cfg.projection
+    torch.manual_seed(cfg.seed)
+    projection = Projection(new.embed_dim, old_space.dim, p.kind, p.hidden, p.dropout)
+    if p.init == "lstsq" and len(data.corpus) > 0:
+        projection.init_least_squares(data.corpus_new, data.corpus_old)
+    elif p.init == "lstsq" and data.pairs:
+        projection.init_least_squares(data.new_texts, data.old_texts)
+    model = CompatibleModel(new, projection, old_space, new.spec)
+    report: dict[str, Any] = {"config": cfg.to_dict(), "n_pairs": len(pairs), "n_corpus": len(corpus)}
+    stop1, stop2 = stop_after or (None, None)
+    if cfg.stage1.enabled and corpus:
+        t = time.perf_counter()
+        report["stage1"], report["noise_std"] = run_stage1(model, data, cfg, out, stop1, show_progress)
+        timings["stage1_s"] = time.perf_counter() - t
+    if cfg.stage2.enabled and len(pairs) >= 2:
+        t = time.perf_counter()
+        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress)
+        timings["stage2_s"] = time.perf_counter() - t
+    report["timings"] = timings
+    report["peak_rss_mb"] = _peak_rss_mb()
+    model.save_pretrained(out, extra={"training": {"pairs": cfg.train_pairs, "n_pairs": len(pairs), "corpus": cfg.text_corpus}})
+    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    return model
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
