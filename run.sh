@@ -43,6 +43,10 @@ setup_venv() {
   local hash
   hash=$(cat "$repo/requirements.lock" "$repo/requirements-nodeps.txt" "$repo/pyproject.toml" | sha256sum | cut -c1-16)
   venv="$XBT_HOME/venvs/$hash"
+  mkdir -p "$XBT_HOME/venvs"
+  # One set-up at a time: a second run waits for the first instead of racing it.
+  exec 9>"$XBT_HOME/venvs/.$hash.lock"
+  flock 9
   if [ ! -f "$venv/.complete" ]; then
     log "creating the Python environment in $venv (first run only: a few minutes)"
     rm -rf "$venv"
@@ -55,6 +59,7 @@ setup_venv() {
       || { log "the environment failed to install; see the messages above"; exit 1; }
     touch "$venv/.complete"
   fi
+  flock -u 9
   # The package itself is used from this checkout (the venv may be shared by several checkouts).
   export PATH="$venv/bin:$PATH"
   export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"

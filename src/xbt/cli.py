@@ -12,6 +12,8 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -138,11 +140,323 @@ def lit_train(
     console.print(f"saved {out} (space {model.space.id}); final loss {history[-1]:.4f}")
 
 
+@app.command("train")
+def train(
+    config: Path = typer.Option(..., "--config", help="XBT config file (YAML); see configs/xbt-testbed.yaml."),
+    out: Path = typer.Option(..., "--out", help="Output folder: the compatible model, checkpoints, training report."),
+    max_pairs: Optional[int] = typer.Option(None, help="Override: use only N image-text pairs (0 = stage 1 only)."),
+    seed: Optional[int] = typer.Option(None, help="Override the config's seed."),
+) -> None:
+    """Train a compatible model (XBT: text-only projection pretraining, then LoRA + projection on pairs).
+
+    A run killed mid-way resumes from its last checkpoint when started again with the same config and --out."""
+    from xbt.train.xbt import XBTConfig, train_xbt
+
+    try:
+        cfg = XBTConfig.from_file(config)
+        if max_pairs is not None:
+            cfg.max_pairs = max_pairs
+            if max_pairs == 0:
+                cfg.stage2.enabled = False
+        if seed is not None:
+            cfg.seed = seed
+        t0 = time.perf_counter()
+        model = train_xbt(cfg, out)
+    except XbtError as exc:
+        _fail(exc)
+    console.print(f"compatible model saved to {out} in {time.perf_counter() - t0:.0f} s; it emits vectors in {model.space.id}")
+
+
+@app.command("evaluate")
+def evaluate(
+    old: Optional[str] = typer.Option(None, help="Old model spec (the gallery's model), e.g. openclip:ViT-B-32@openai."),
+    new: Optional[str] = typer.Option(None, help="New model spec, e.g. openclip:ViT-L-14@openai."),
+    data: Optional[str] = typer.Option(None, help="Evaluation pairs: CSV/JSONL, Karpathy JSON, image folder, .tar shards, testbed:eval."),
+    split: Optional[str] = typer.Option(None, help="Split of --data (Karpathy JSON: test, val, ...; default test)."),
+    image_root: Optional[str] = typer.Option(None, help="Folder that relative image paths resolve against."),
+    fit_text: Optional[list[str]] = typer.Option(None, help="Text corpus to fit on (.txt, a dataset, testbed:text_corpus); repeatable."),
+    fit_pairs: Optional[list[str]] = typer.Option(None, help="Training image-text pairs to fit on (any dataset source); repeatable."),
+    fit_split: Optional[str] = typer.Option(None, help="Split of --fit-pairs / --fit-text (Karpathy: train, or train,restval)."),
+    support: Optional[str] = typer.Option(None, help="Support pairs on which SLERP chooses its weight (never the evaluation split)."),
+    support_split: Optional[str] = typer.Option(None, help="Split of --support (Karpathy: val)."),
+    methods: str = typer.Option("peers", help="Comma-separated: peer names, compat:PATH (XBT models), or 'peers' for all peers."),
+    out: Path = typer.Option(..., help="Folder for results.json, report.md, report.html and figures/."),
+    ks: str = typer.Option("1,5,10", help="Recall@K values."),
+    resamples: int = typer.Option(1000, help="Bootstrap resamples of the queries."),
+    seed: int = typer.Option(0),
+    data_efficiency: Optional[str] = typer.Option(None, help="Training-pair counts for the data-efficiency curve, e.g. 50,100,200."),
+    testbed: bool = typer.Option(False, "--testbed", help="Defaults for the offline testbed (eval split, text corpus + xbt_train, val support)."),
+    show_recommendation: bool = typer.Option(True, "--recommend/--no-recommend", help="Print the recommended method."),
+) -> None:
+    """Every method side by side: old->old, new->new and each method's new->old, with intervals and a report."""
+    from xbt.compat.registry import PEER_METHODS
+    from xbt.eval.report import format_summary, write_report
+    from xbt.eval.runner import TESTBED_DEFAULTS, evaluate_from_specs
+
+    defaults = TESTBED_DEFAULTS if testbed else {}
+    old, new, data = old or defaults.get("old"), new or defaults.get("new"), data or defaults.get("data")
+    if not (old and new and data):
+        _fail(ValueError("give --old, --new and --data (or --testbed for the offline testbed)"))
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    method_list = [x for m in method_list for x in (PEER_METHODS if m == "peers" else [m])]
+    try:
+        sizes = [int(x) for x in data_efficiency.split(",") if x.strip()] if data_efficiency else defaults.get("data_efficiency", [])
+        run = evaluate_from_specs(
+            old, new, data, split, image_root, fit_text or defaults.get("fit_text", []), fit_pairs or defaults.get("fit_pairs", []),
+            fit_split, support or defaults.get("support"), support_split, method_list,
+            ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes, show_progress=True,
+        )
+        results = run.to_results()
+        paths = write_report(results, out)
+    except (XbtError, ValueError) as exc:
+        _fail(exc)
+    print(format_summary(results))
+    for warning in results["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if show_recommendation:
+        rec = results["recommendation"]
+        console.print(f"[bold]recommended:[/] {rec['method'] or 'none'}. {rec['reason']}")
+    console.print(f"wrote {paths['results']}, {paths['markdown']}, {paths['html']}")
+
+
+@app.command("recommend")
+def recommend_command(
+    results_json: Path = typer.Argument(..., help="A results.json written by xbt evaluate."),
+    allow_old_model: bool = typer.Option(True, "--allow-old-model/--no-old-model", help="Consider ensembles (SLERP) that keep the old encoder."),
+) -> None:
+    """Name the method that passes the compatibility criterion in every cell with the highest mean update gain."""
+    from xbt.eval.recommend import matrix_from_results, recommend
+
+    try:
+        matrix = matrix_from_results(json.loads(results_json.read_text()))
+    except (OSError, KeyError, ValueError) as exc:
+        _fail(ValueError(f"{results_json} is not a results.json written by xbt evaluate ({exc})"))
+    method, reason = recommend(matrix, allow_old_model_at_query_time=allow_old_model)
+    print(method or "none")
+    console.print(reason)
+    if method is None:
+        raise typer.Exit(2)
+
+
 @app.command("demo")
 def demo() -> None:
     """The offline end-to-end upgrade demo: testbed, old and new models, and how they compare."""
     testbed_build(models="old,new", force=False)
     testbed_evaluate(split="eval", out=None)
+
+
+# ----- galleries and the service (a thin layer over xbt.gallery and xbt.serve) -----------------------------
+gallery_app = typer.Typer(help="Stamped galleries: build, add, search, info, backfill and cut-over.", no_args_is_help=True)
+app.add_typer(gallery_app, name="gallery")
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@gallery_app.command("build")
+def gallery_build(
+    model: str = typer.Option(..., help="Model spec whose space the gallery is stamped with (e.g. testbed:old)."),
+    data: str = typer.Option(..., help="A folder of images, a .txt of captions, or a pair source (.jsonl/.csv, testbed:eval, ...)."),
+    out: Path = typer.Option(..., help="New folder for the gallery."),
+    modality: str = typer.Option("image", help="image: a gallery of images (text queries find images); text: of captions."),
+    split: Optional[str] = typer.Option(None, help="Split of --data, where the source has splits."),
+    index: str = typer.Option("auto", help="Index kind: auto (by size), flat (exact), hnsw or ivf."),
+    batch_size: int = typer.Option(64, help="Items embedded per batch (each batch is durable once added)."),
+) -> None:
+    """Embed a data source with a model into a new gallery; its index kind is chosen by size."""
+    from xbt.gallery.ingest import ingest, load_items
+    from xbt.gallery.store import Gallery, IndexConfig
+    from xbt.models import load_model
+
+    try:
+        items = load_items(data, modality, split)
+        vlp = load_model(model)
+        with Gallery.create(out, vlp.space, IndexConfig(kind=index), modality) as gallery:  # type: ignore[arg-type]
+            report = ingest(gallery, vlp, items, batch_size=batch_size, show_progress=True)
+            gallery.compact()
+            info = gallery.info()
+    except XbtError as exc:
+        _fail(exc)
+    _report_ingest(report)
+    console.print(f"gallery {out}: {info.size} items in space {info.space_id}, index {info.index_kind}")
+
+
+def _report_ingest(report) -> None:
+    console.print(f"added {len(report.added)}, skipped {len(report.skipped)} existing, failed {len(report.failed)}")
+    for item_id, why in report.failed[:10]:
+        console.print(f"[yellow]failed[/] {item_id}: {why}")
+
+
+@gallery_app.command("add")
+def gallery_add(
+    gallery: Path = typer.Option(..., help="The gallery folder."),
+    model: str = typer.Option(..., help="A model emitting the gallery's space: the old model, or a compatible model (compat:PATH)."),
+    data: str = typer.Option(..., help="Items to add (same kinds of source as `build`)."),
+    split: Optional[str] = typer.Option(None, help="Split of --data."),
+    on_conflict: str = typer.Option("error", help="An id already stored: error, skip or replace."),
+    batch_size: int = typer.Option(64),
+) -> None:
+    """Ingest new items; with a compatible new model they land in the old space, no backfill needed."""
+    from xbt.gallery.ingest import ingest, load_items
+    from xbt.gallery.store import Gallery
+    from xbt.models import load_model
+
+    try:
+        with Gallery.open(gallery) as g:
+            items = load_items(data, g.modality or "image", split)
+            report = ingest(g, load_model(model), items, batch_size=batch_size, on_conflict=on_conflict,  # type: ignore[arg-type]
+                            show_progress=True)
+    except XbtError as exc:
+        _fail(exc)
+    _report_ingest(report)
+
+
+@gallery_app.command("search")
+def gallery_search(
+    gallery: Path = typer.Option(..., help="The gallery folder."),
+    model: str = typer.Option(..., help="A model emitting the gallery's space (old model or compatible model)."),
+    text: Optional[str] = typer.Option(None, help="Search by this caption."),
+    image: Optional[Path] = typer.Option(None, help="Search by this image file."),
+    k: int = typer.Option(10, "-k", "--k", help="How many results."),
+) -> None:
+    """Search a gallery by text or image; prints the hits as JSON."""
+    from xbt.gallery.ingest import GalleryRetriever
+    from xbt.gallery.store import Gallery
+    from xbt.models import load_model
+
+    if (text is None) == (image is None):
+        _fail(ValueError("give exactly one of --text or --image"))
+    try:
+        with Gallery.open(gallery) as g:
+            retriever = GalleryRetriever(g, load_model(model))
+            hits = retriever.search_texts([text], k) if text is not None else retriever.search_images([image], k)
+    except XbtError as exc:
+        _fail(exc)
+    _print_json([h.to_dict() for h in hits[0]])
+
+
+@gallery_app.command("info")
+def gallery_info(
+    gallery: Path = typer.Option(..., help="The gallery folder."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every stamp, checksum and the index (slow)."),
+) -> None:
+    """A gallery's space, size and index kind (JSON)."""
+    from xbt.gallery.store import Gallery
+
+    try:
+        with Gallery.open(gallery) as g:
+            info = g.info().to_dict()
+            problems = g.verify() if verify else None
+    except XbtError as exc:
+        _fail(exc)
+    if problems is not None:
+        info["problems"] = problems
+    _print_json(info)
+    if problems:
+        raise typer.Exit(1)
+
+
+@gallery_app.command("delete")
+def gallery_delete(
+    gallery: Path = typer.Option(..., help="The gallery folder."),
+    ids: list[str] = typer.Argument(..., help="Ids to remove."),
+) -> None:
+    """Remove items by id."""
+    from xbt.gallery.store import Gallery
+
+    try:
+        with Gallery.open(gallery) as g:
+            n = g.delete(ids)
+    except XbtError as exc:
+        _fail(exc)
+    console.print(f"deleted {n}")
+
+
+@gallery_app.command("backfill")
+def gallery_backfill(
+    state: Path = typer.Option(..., help="Migration folder (created on the first run; resumed afterwards)."),
+    model: str = typer.Option(..., help="The new model (its own space: the gallery being built)."),
+    gallery: Optional[Path] = typer.Option(None, help="The old gallery (needed on the first run only)."),
+    order: str = typer.Option("oldest", help="Priority: oldest, newest, id, field:NAME, -field:NAME, or @FILE of ids (one a line)."),
+    batch_size: int = typer.Option(64),
+    max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
+    cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
+) -> None:
+    """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
+    from xbt.gallery.backfill import STATE_NAME, Migration
+    from xbt.gallery.store import Gallery
+    from xbt.models import load_model
+
+    try:
+        new_model = load_model(model)
+        if not (state / STATE_NAME).exists():
+            if gallery is None:
+                _fail(ValueError(f"{state} holds no migration yet; give --gallery (the old gallery) to start one"))
+            priority: object = order
+            if order.startswith("@"):
+                priority = [line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
+            with Gallery.open(gallery) as old:
+                Migration.start(state, old, new_model.space, priority)  # type: ignore[arg-type]
+        migration = Migration(state)
+        progress = migration.run(new_model, batch_size=batch_size, max_items=max_items, show_progress=True)
+        if cut_over and progress["status"] == "complete":
+            progress = migration.cut_over()
+    except (XbtError, OSError) as exc:
+        _fail(exc)
+    _print_json(progress)
+
+
+@gallery_app.command("cutover")
+def gallery_cutover(
+    state: Path = typer.Option(..., help="The migration folder."),
+    force: bool = typer.Option(False, "--force", help="Cut over even with items that could not be re-embedded."),
+) -> None:
+    """Switch serving to the new-space gallery, atomically (refused until the backfill is complete)."""
+    from xbt.gallery.backfill import Migration
+
+    try:
+        progress = Migration(state).cut_over(force=force)
+    except XbtError as exc:
+        _fail(exc)
+    _print_json(progress)
+
+
+@app.command("serve")
+def serve_command(
+    gallery: Optional[Path] = typer.Option(None, help="The gallery folder (not needed with --migration)."),
+    model: str = typer.Option(..., help="A model emitting the gallery's space: the old model or a compatible model."),
+    migration: Optional[Path] = typer.Option(None, help="Serve during a backfill: this migration folder (with --new-model)."),
+    new_model: Optional[str] = typer.Option(None, help="The new model, for --migration."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, envvar="XBT_SERVE_TOKEN", help="Bearer token for writing (and closed reading); without it the service is read-only."),
+    open_read: bool = typer.Option(True, "--open-read/--closed-read", help="Whether searching needs the token."),
+    max_k: int = typer.Option(100, help="Largest k a client may ask for."),
+    max_upload_mb: float = typer.Option(8.0, help="Largest image upload, in MiB."),
+) -> None:
+    """The HTTP service (FastAPI on uvicorn): search by text or image, add and delete items, health, info."""
+    from xbt.gallery.backfill import MigratingRetriever, Migration
+    from xbt.gallery.ingest import GalleryRetriever
+    from xbt.gallery.store import Gallery
+    from xbt.models import load_model
+    from xbt.serve.app import ServeConfig, serve
+
+    try:
+        config = ServeConfig(token=token, open_read=open_read, max_k=max_k, default_k=min(10, max_k),
+                             max_upload_bytes=int(max_upload_mb * (1 << 20)))
+        if migration is not None:
+            if new_model is None:
+                _fail(ValueError("--migration needs --new-model"))
+            retriever = MigratingRetriever(Migration(migration), load_model(model), load_model(new_model))
+        else:
+            if gallery is None:
+                _fail(ValueError("give --gallery (or --migration with --new-model)"))
+            retriever = GalleryRetriever(Gallery.open(gallery), load_model(model))
+    except XbtError as exc:
+        _fail(exc)
+    console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} (docs at /docs)")
+    serve(retriever, config, host=host, port=port)
 
 
 def main() -> None:

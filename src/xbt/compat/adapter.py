@@ -9,6 +9,9 @@ items (text corpus and/or training images), with a fixed seed: the same data giv
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -17,6 +20,17 @@ from xbt.compat.base import CompatMethod, FitData, Modality
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, orthogonal_procrustes, paired_rows
 from xbt.errors import InputError
 from xbt.models.base import EmbeddingSpace
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread; on a busy machine, more threads can be 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ResidualMLP(nn.Module):
@@ -63,7 +77,7 @@ class ResidualAdapter(CompatMethod):
         self.rotation = orthogonal_procrustes(x, y)[: self.new_space.dim, : self.old_space.dim].astype(np.float32)
         base = torch.from_numpy(x.astype(np.float32) @ self.rotation)
         target = torch.from_numpy(y.astype(np.float32))
-        with torch.random.fork_rng(devices=[]):  # a fixed seed without touching the caller's global RNG
+        with torch.random.fork_rng(devices=[]), single_thread():  # fixed seed; the caller's global RNG untouched
             torch.manual_seed(self.seed)
             mlp = ResidualMLP(self.old_space.dim, self.hidden, self.dropout)
             generator = torch.Generator().manual_seed(self.seed)

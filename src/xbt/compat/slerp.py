@@ -60,11 +60,11 @@ class Slerp(CompatMethod):
         self.support_scores: dict[float, float] = {}
 
     def fit(self, data: FitData) -> Slerp:
+        if not self.fixed_weight and data.support is None:
+            raise InputError("slerp chooses its weight on a support split: pass one (--support), or give a fixed weight")
         self.procrustes.fit(data)
         if self.fixed_weight:
             return self
-        if data.support is None:
-            raise InputError("slerp chooses its weight on a support split: pass one (--support), or give a fixed weight")
         new, old = self._order_support(data.support)
         aligned = {"images": self.procrustes.map(new.images, "image"), "texts": self.procrustes.map(new.texts, "text")}
         self.support_scores = {}

@@ -139,6 +139,23 @@ class CompatibleModel(VLPModel):
         return self.old_space.dim
 
     @property
+    def encoder_id(self) -> str:
+        """Its own weights (projection, adapters) and the new model's: never the old model's cache entries."""
+        from xbt.models.base import weights_fingerprint
+
+        return f"compat-{weights_fingerprint(self.projection)[:12]}-{weights_fingerprint(self.new_model)[:12]}-{self.embed_dim}"
+
+    @torch.no_grad()
+    def project(self, new_vectors: torch.Tensor) -> torch.Tensor:
+        """Map unit vectors the (unadapted) new model already computed into the old space, without re-encoding.
+        Valid for a tower that has no LoRA adapters (by default: the image tower)."""
+        was_training = self.projection.training
+        self.projection.eval()
+        out = F.normalize(self.projection(F.normalize(torch.as_tensor(new_vectors, dtype=torch.float32), dim=-1)), dim=-1)
+        self.projection.train(was_training)
+        return out
+
+    @property
     def image_transform(self):
         return self.new_model.image_transform
 

@@ -129,16 +129,18 @@ def load_image_folder(folder: str | Path, image_root: str | Path | None = None) 
 
 # ----- Karpathy-split JSON (Flickr30K, COCO) -----------------------------------------------------
 def load_karpathy(
-    path: str | Path, split: str | None = KARPATHY_DEFAULT_SPLIT, image_root: str | Path | None = None
+    path: str | Path,
+    split: str | None = KARPATHY_DEFAULT_SPLIT,
+    image_root: str | Path | None = None,
+    data: Any = None,
 ) -> list[Pair]:
     """The Karpathy split files (dataset_flickr30k.json, dataset_coco.json): each image has a filename,
     an optional filepath (COCO's train2014/val2014), a split and its sentences. `split` may name
-    several, e.g. "train,restval" (COCO's usual training set); None takes every image."""
+    several, e.g. "train,restval" (COCO's usual training set); None takes every image. `data` is the
+    already parsed file, if the caller has it."""
     path = Path(path).expanduser()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path} as Karpathy-split JSON: {exc}") from exc
+    if data is None:
+        data = _parse_json(path)
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise InputError(f"{path} is not Karpathy-split JSON: expected an object with an 'images' list")
@@ -152,23 +154,27 @@ def load_karpathy(
         found[item_split] = found.get(item_split, 0) + 1
         if wanted is not None and item_split not in wanted:
             continue
-        image = base / item.get("filepath", "") / item["filename"]
-        image_id = str(item.get("cocoid", item.get("imgid", Path(item.get("filepath", "")) / item["filename"])))
+        relative = Path(item.get("filepath", "")) / item["filename"]
+        image_id = str(item.get("cocoid", item.get("imgid", relative)))
         for m, sentence in enumerate(item["sentences"]):
             caption = str(sentence.get("raw", "") if isinstance(sentence, dict) else sentence).strip()
             if not caption:
                 raise InputError(f"{path}: images[{n}].sentences[{m}] has no 'raw' text")
-            pairs.append(Pair(str(image), caption, image_id, source=f"{path.name}:{item_split}"))
+            pairs.append(Pair(str(base / relative), caption, image_id, source=f"{path.name}:{item_split}"))
     if not pairs:
         available = ", ".join(f"{s} ({c} images)" for s, c in sorted(found.items())) or "none"
         raise InputError(f"{path} has no images in split {split!r}; its splits: {available}")
     return pairs
 
 
-def is_karpathy_json(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith(b"{") and b'"images"' in head or (head.startswith(b"{") and b'"dataset"' in head)
+def _parse_json(path: Path) -> Any:
+    """The whole file as one JSON document, or None if it is not one (e.g. JSON Lines named .json)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
 
 
 # ----- webdataset shards -----------------------------------------------------------------------
@@ -294,8 +300,8 @@ def open_dataset(source: str | Path, split: str | None = None, image_root: str |
         pairs = load_webdataset(text)
     elif not path.exists():
         raise InputError(f"dataset not found: {path} (give a .csv/.jsonl pairs file, a Karpathy .json, a folder or shards)")
-    elif path.suffix == ".json" and is_karpathy_json(path):
-        pairs = load_karpathy(path, split or KARPATHY_DEFAULT_SPLIT, image_root)
+    elif path.suffix == ".json" and isinstance(data := _parse_json(path), dict) and "images" in data:
+        pairs = load_karpathy(path, split or KARPATHY_DEFAULT_SPLIT, image_root, data=data)
     else:
         pairs = load_pairs(path, image_root)
     check_images_exist(pairs, hint="pass --image-root (image_root=...) if the images live elsewhere")
@@ -303,10 +309,13 @@ def open_dataset(source: str | Path, split: str | None = None, image_root: str |
 
 
 def check_images_exist(pairs: Iterable[Pair], hint: str = "") -> None:
-    missing: dict[str, None] = {}
+    seen: set[str] = set()
+    missing: dict[str, None] = {}  # ordered, for a stable message
     for pair in pairs:
-        if pair.image not in missing and not Path(pair.image).is_file():
-            missing[pair.image] = None
+        if pair.image not in seen:
+            seen.add(pair.image)
+            if not Path(pair.image).is_file():
+                missing[pair.image] = None
     if missing:
         first = list(missing)[:3]
         raise InputError(f"{len(missing)} image files not found, e.g. {', '.join(first)}" + (f"; {hint}" if hint else ""))

@@ -23,8 +23,8 @@ class PairEmbeddings:
     space: EmbeddingSpace
 
 
-def encoder_cache_id(space: EmbeddingSpace, modality: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{space.name}-{space.fingerprint[:16]}-{space.dim}-{modality}")
+def encoder_cache_id(model: VLPModel, modality: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model.encoder_id}-{modality}")
 
 
 def caption_image_index(pairs: Sequence[Pair]) -> list[int]:
@@ -33,14 +33,21 @@ def caption_image_index(pairs: Sequence[Pair]) -> list[int]:
 
 
 def embed_pairs(model: VLPModel, pairs: Sequence[Pair], show_progress: bool = False) -> PairEmbeddings:
-    space = model.space
+    """Images (deduplicated by image_id) and captions, cached under `model.encoder_id` and item content."""
     images = [p.image for p in unique_images(pairs)]
     image_vecs = cached_image_features(
-        encoder_cache_id(space, "image"), lambda paths: model.encode_image(paths).numpy(), images,
-        label=f"{space.name} images", show_progress=show_progress,
+        encoder_cache_id(model, "image"), lambda paths: model.encode_image(paths).numpy(), images,
+        label=f"{model.space.name} images", show_progress=show_progress,
     )
-    text_vecs = cached_text_features(
-        encoder_cache_id(space, "text"), lambda texts: model.encode_text(texts).numpy(), [p.caption for p in pairs],
-        label=f"{space.name} texts", show_progress=show_progress,
+    return PairEmbeddings(image_vecs, embed_texts(model, [p.caption for p in pairs], show_progress),
+                          caption_image_index(pairs), model.space)
+
+
+def embed_texts(model: VLPModel, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+    """Text-only embeddings (a text corpus has no images), through the same cache as `embed_pairs`."""
+    if not texts:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    return cached_text_features(
+        encoder_cache_id(model, "text"), lambda batch: model.encode_text(batch).numpy(), list(texts),
+        label=f"{model.space.name} texts", show_progress=show_progress,
     )
-    return PairEmbeddings(image_vecs, text_vecs, caption_image_index(pairs), space)

@@ -107,6 +107,12 @@ class VLPModel(nn.Module, ABC):
             object.__setattr__(self, "_space_cache", cached)
         return cached
 
+    @property
+    def encoder_id(self) -> str:
+        """Identifies what this encoder computes, for caching its outputs. Usually its space; models that
+        declare another model's space (compatible models) override it, so their vectors are cached apart."""
+        return f"{self.space.name}-{self.space.fingerprint[:16]}-{self.space.dim}"
+
     def invalidate_space(self) -> None:
         """Call after changing weights (training) so the space is recomputed."""
         object.__setattr__(self, "_space_cache", None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,8 @@ class EfficientNetLiteTower(nn.Module):
             raise AssetMissingError(f"unknown EfficientNet-Lite variant {variant!r}; use {sorted(EFFICIENTNET_LITE_SIZES)}")
         self.variant = variant
         path = Path(weights) if weights else efficientnet_lite_weights(variant)
-        self.net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
+            self.net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
         self.net._fc = nn.Identity()
         self.net._dropout = nn.Identity()
         self.out_dim = int(self.net._conv_head.out_channels)

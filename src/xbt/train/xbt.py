@@ -26,9 +26,7 @@ from safetensors.torch import load_file, save_file
 from xbt.compat.xbt import CompatibleModel, Projection
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
-from xbt.eval.embed import embed_pairs
-from xbt.data.features import cached_text_features
-from xbt.eval.embed import encoder_cache_id
+from xbt.eval.embed import embed_pairs, embed_texts
 from xbt.models.base import VLPModel
 from xbt.progress import progress_bar
 
@@ -174,17 +172,9 @@ def subsample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
     return [pairs[i] for i in sorted(order)]
 
 
-def text_embeddings(model: VLPModel, texts: Sequence[str], show_progress: bool) -> torch.Tensor:
-    vecs = cached_text_features(
-        encoder_cache_id(model.space, "text"), lambda t: model.encode_text(t).numpy(), list(texts),
-        label=f"{model.space.name} texts", show_progress=show_progress,
-    )
-    return torch.from_numpy(vecs)
-
-
 def cache_old_embeddings(old: VLPModel, corpus: Sequence[str], pairs: Sequence[Pair], show_progress: bool = True) -> None:
     """Embed the training data with the old model once; afterwards only the cache is read."""
-    text_embeddings(old, corpus, show_progress)
+    embed_texts(old, corpus, show_progress)
     if pairs:
         embed_pairs(old, pairs, show_progress)
 
@@ -200,7 +190,8 @@ def prepare_data(old: VLPModel, new: VLPModel, corpus: list[str], pairs: list[Pa
     else:
         images, texts, index = (empty, empty), (empty, empty), []
     return TrainingData(
-        corpus=corpus, corpus_new=text_embeddings(new, corpus, show_progress), corpus_old=text_embeddings(old, corpus, show_progress),
+        corpus=corpus, corpus_new=torch.from_numpy(embed_texts(new, corpus, show_progress)),
+        corpus_old=torch.from_numpy(embed_texts(old, corpus, show_progress)),
         pairs=pairs, pair_image_index=index, new_images=images[0], old_images=images[1], old_texts=texts[0], new_texts=texts[1],
     )
 

@@ -1,0 +1,135 @@
+"""XBT on the offline testbed: the main result, ablations and data efficiency (issue 3).
+
+    ./run.sh xbt experiment ...   (or: python experiments/xbt_testbed.py --out docs/results)
+
+Every variant is trained with the same seed on training data only; hyperparameters were chosen on
+the val split (`--split val`), and the figures reported are on the eval split. Writes
+<out>/xbt-testbed.json and <out>/xbt-testbed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xbt.data.testbed import load_split
+from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
+from xbt.eval.matrix import DIRECTIONS, QueryVectors, evaluate_upgrade, format_matrix
+from xbt.eval.retrieval import bootstrap_indices, hits_at_k, recall_estimate, retrieval_ranks
+from xbt.models import load_model
+from xbt.paths import cache_dir
+from xbt.train.xbt import XBTConfig, train_xbt
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_update(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+ABLATIONS = {
+    "XBT (stage 1 + stage 2, noise, LoRA)": {},
+    "stage 1 only (text only)": {"stage2": {"enabled": False}},
+    "stage 2 only (no text-only stage)": {"stage1": {"enabled": False}},
+    "no noise in stage 1": {"stage1": {"noise_std": 0.0}},
+    "projection only (no LoRA)": {"stage2": {"lora": {"enabled": False}}},
+}
+DATA_SIZES = [0, 50, 100, 200, None]
+
+
+def compat_queries(compat, pairs, new_emb: PairEmbeddings) -> QueryVectors:
+    """Text queries through the adapted text tower; image queries by projecting the cached new-model
+    image vectors (the image tower has no adapters by default)."""
+    if "image" in compat.lora_configs:
+        emb = embed_pairs(compat, pairs)
+        return QueryVectors(emb.images, emb.texts)
+    texts = embed_texts(compat, [p.caption for p in pairs])
+    return QueryVectors(compat.project(torch.from_numpy(new_emb.images)).numpy(), texts)
+
+
+def adapted_new_new(compat, pairs, new_emb: PairEmbeddings, resamples) -> dict:
+    """new->new after LoRA: the adapted text tower against the new model's own image gallery."""
+    with torch.inference_mode():
+        compat.eval()
+        texts = torch.cat([compat.new_text(compat.tokenize([p.caption for p in pairs[i : i + 64]])) for i in range(0, len(pairs), 64)])
+    ranks = retrieval_ranks(new_emb.images, texts.numpy(), new_emb.images, new_emb.texts, new_emb.caption_image_index)
+    return {k: recall_estimate(h, resamples).to_dict() for k, h in hits_at_k(ranks["t2i"]).items()}
+
+
+def run(split: str, out: Path, base_config: Path, quick: bool) -> dict:
+    base = XBTConfig.from_file(base_config).to_dict()
+    pairs = load_split(split)
+    old, new = load_model("testbed:old"), load_model("testbed:new")
+    old_emb, new_emb = embed_pairs(old, pairs, True), embed_pairs(new, pairs, True)
+    runs_dir = cache_dir("experiments", "xbt")
+    results: dict = {"split": split, "n_queries": {"t2i": len(pairs), "i2t": len(old_emb.images)}, "variants": {}, "data_efficiency": []}
+    resamples_t2i = bootstrap_indices(len(pairs), 1000, 0)
+
+    def train_and_eval(name: str, override: dict) -> dict:
+        cfg = XBTConfig.from_dict(deep_update(base, override))
+        tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        t0 = time.perf_counter()
+        compat = train_xbt(cfg, runs_dir / tag, new=load_model(cfg.new), show_progress=True)
+        train_s = time.perf_counter() - t0
+        queries = compat_queries(compat, pairs, new_emb)
+        matrix = evaluate_upgrade(old_emb, new_emb, {name: queries})
+        print(format_matrix(matrix), flush=True)
+        report = json.loads((runs_dir / tag / "training_report.json").read_text())
+        entry = {
+            "config": cfg.to_dict(), "matrix": matrix.to_dict(), "train_s": train_s, "timings": report.get("timings"),
+            "peak_rss_mb": report.get("peak_rss_mb"), "noise_std": report.get("noise_std"), "n_pairs": report.get("n_pairs"),
+        }
+        if compat.lora_configs:
+            entry["new_new_t2i_after_lora"] = adapted_new_new(compat, pairs, new_emb, resamples_t2i)
+        return entry
+
+    variants = {"XBT (stage 1 + stage 2, noise, LoRA)": {}} if quick else ABLATIONS
+    for name, override in variants.items():
+        results["variants"][name] = train_and_eval(name, override)
+        _write(results, out)
+    if not quick:
+        for with_stage1 in (True, False):
+            for n in DATA_SIZES:
+                if n == 0 and not with_stage1:
+                    continue  # nothing to train
+                override = {"max_pairs": n, "stage1": {"enabled": with_stage1}}
+                if n == 0:
+                    override["stage2"] = {"enabled": False}
+                entry = train_and_eval(f"n={n}", override)
+                method = "XBT" if with_stage1 else "XBT without stage 1"
+                n_pairs = entry["n_pairs"]
+                for d in DIRECTIONS:
+                    for k in (1, 5, 10):
+                        cell = entry["matrix"]["methods"][f"n={n}"][d][str(k)]["recall"]
+                        results["data_efficiency"].append({"method": method, "n_pairs": n_pairs, "direction": d, "k": k,
+                                                           "recall": cell["value"], "low": cell["low"], "high": cell["high"]})
+                _write(results, out)
+    results["peak_rss_mb_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _write(results, out)
+    return results
+
+
+def _write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "xbt-testbed.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--split", default="eval", choices=["eval", "val"])
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--config", type=Path, default=Path("configs/xbt-testbed.yaml"))
+    parser.add_argument("--quick", action="store_true", help="main variant only")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    np.set_printoptions(precision=3)
+    run(args.split, args.out, args.config, args.quick)

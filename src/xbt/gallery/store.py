@@ -1,0 +1,799 @@
+"""The gallery store: vectors, ids and payloads on disk, every vector stamped with its embedding space.
+
+Design (why SQLite): the durable record is one SQLite database in WAL mode with `synchronous=FULL`,
+so `add` and `delete` return only after their transaction's log frames are fsynced. SQLite's atomic
+commit is what a hand-written write-ahead log would re-implement (length/checksum framing, torn-tail
+recovery, compaction), and it is in the standard library. A process killed at any instant (SIGKILL)
+leaves the last committed state: every acknowledged write is there, no half-written one is.
+
+The faiss index is derived state. It is rebuilt from the database, or loaded from a snapshot
+(`index.snapshot`, written to a temporary file, fsynced, then renamed) and brought up to date: faiss
+labels are SQLite's AUTOINCREMENT row ids, never reused and bound to immutable rows, so the set
+difference between the snapshot's labels and the table's labels is exactly what happened since.
+A stale or unreadable snapshot costs time, never correctness.
+
+Space stamping: the gallery has one EmbeddingSpace; every row carries its space key, and a trigger
+refuses any row stamped otherwise, so no code path (not even raw SQL) can mix two spaces.
+
+Index choice (`IndexConfig`, kind="auto"): exact inner product (IndexFlatIP) up to `flat_max` vectors
+(100k: a 512-d brute-force query is ~5 ms on one core there); HNSW up to `hnsw_max` (5M: sub-ms queries
+at recall ~0.99, but HNSW's build time and ~M*8 bytes/vector of links grow past that); IVF beyond
+(trains in minutes and adds fast). The kind is decided when the index is built: at open without a
+usable snapshot and at `compact()`. HNSW cannot remove vectors, so its deletes are tombstones filtered
+at search (faiss IDSelector) until the next rebuild.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from xbt.errors import InputError, XbtError
+from xbt.models.base import EmbeddingSpace
+
+FORMAT = "xbt.gallery/1"
+DB_NAME = "gallery.db"
+SNAPSHOT_NAME = "index.snapshot"
+MEDIA_DIR = "media"
+MAX_ID_CHARS = 512
+IVF_MIN_POINTS_PER_LIST = 39  # faiss k-means wants at least this many training points per centroid
+_SQL_CHUNK = 900  # bound on SQL parameters per statement
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+Modality = Literal["image", "text"]
+OnConflict = Literal["error", "skip", "replace"]
+
+
+class GalleryCorruptError(XbtError):
+    """The gallery's files are not a consistent xbt gallery (or not one at all)."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How vectors are searched. `kind="auto"` picks by size: flat <= flat_max < hnsw <= hnsw_max < ivf."""
+
+    kind: IndexKind = "auto"
+    flat_max: int = 100_000
+    hnsw_max: int = 5_000_000
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    ivf_nlist: int | None = None  # None: 4 * sqrt(n), bounded by the training data
+    ivf_nprobe: int = 32
+    tombstone_rebuild_fraction: float = 0.3  # HNSW: rebuild when this share of the index is deleted
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "flat", "hnsw", "ivf"):
+            raise InputError(f"index kind must be auto, flat, hnsw or ivf, not {self.kind!r}")
+        if self.flat_max < 0 or self.hnsw_max < self.flat_max:
+            raise InputError("index thresholds need 0 <= flat_max <= hnsw_max")
+        if self.hnsw_m < 2 or self.hnsw_ef_search < 1 or self.ivf_nprobe < 1:
+            raise InputError("hnsw_m must be >= 2, hnsw_ef_search and ivf_nprobe >= 1")
+
+    def choose(self, n: int) -> str:
+        """The index kind for a gallery of n vectors. IVF needs training data: below
+        IVF_MIN_POINTS_PER_LIST vectors it falls back to exact search until the next rebuild."""
+        kind = self.kind
+        if kind == "auto":
+            kind = "flat" if n <= self.flat_max else "hnsw" if n <= self.hnsw_max else "ivf"
+        if kind == "ivf" and n < IVF_MIN_POINTS_PER_LIST:
+            kind = "flat"
+        return kind
+
+    def nlist(self, n: int) -> int:
+        wanted = self.ivf_nlist or max(1, int(4 * math.sqrt(max(n, 1))))
+        return max(1, min(wanted, n // IVF_MIN_POINTS_PER_LIST))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IndexConfig:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. `space` is the id of the space the score was computed in (scores of two
+    spaces are not comparable)."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+    space: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GalleryInfo:
+    path: str
+    format: str
+    space: dict[str, Any]
+    space_id: str
+    modality: str | None
+    size: int
+    index_kind: str
+    index_config: dict[str, Any]
+    recommended_kind: str
+    tombstones: int
+    created_at: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def _chunks(seq: Sequence[Any], size: int = _SQL_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename with fsyncs: a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def as_vectors(vectors: Any, dim: int, what: str) -> np.ndarray:
+    """(n, dim) float32 unit rows from a numpy array or torch tensor; refuses what cannot be searched."""
+    if hasattr(vectors, "detach"):
+        vectors = vectors.detach().cpu().numpy()
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise InputError(f"{what} must have shape (n, {dim}); got {x.shape}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{what} contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise InputError(f"{what} contain a zero vector, which has no direction to search by")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def _check_ids(ids: Sequence[str], what: str = "ids", unique: bool = True) -> list[str]:
+    if isinstance(ids, str):
+        raise InputError(f"{what} must be a list of strings, not one string")
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, str) or not i or len(i) > MAX_ID_CHARS:
+            raise InputError(f"{what}: each id must be a non-empty string of at most {MAX_ID_CHARS} characters; got {i!r}")
+    if not unique:
+        return list(dict.fromkeys(ids))
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{what} contain duplicates; give each item one id")
+    return ids
+
+
+def _payload_json(payload: Any, item_id: str) -> str:
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, Mapping):
+        raise InputError(f"the payload of {item_id!r} must be a JSON object (a dict), not {type(payload).__name__}")
+    try:
+        return json.dumps(dict(payload), ensure_ascii=False, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the payload of {item_id!r} is not JSON-serialisable: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# the faiss side: one small wrapper that knows kinds, labels and tombstones
+# --------------------------------------------------------------------------------------------------
+class _VectorIndex:
+    """A faiss index over int64 labels, plus the labels it holds (sorted) and its tombstones."""
+
+    def __init__(self, index: faiss.Index, kind: str, labels: np.ndarray, tombstones: np.ndarray | None = None):
+        self.index, self.kind = index, kind
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.tombstones = np.asarray(tombstones if tombstones is not None else [], dtype=np.int64)
+
+    @classmethod
+    def build(cls, dim: int, config: IndexConfig, labels: np.ndarray, vectors: np.ndarray) -> _VectorIndex:
+        n = len(labels)
+        kind = config.choose(n)
+        if kind == "flat":
+            index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        elif kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = config.hnsw_ef_construction
+            index = faiss.IndexIDMap(inner)
+        else:
+            nlist = config.nlist(n)
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            sample = vectors
+            if n > 256 * nlist:
+                pick = np.random.default_rng(0).choice(n, 256 * nlist, replace=False)
+                sample = vectors[np.sort(pick)]
+            index.train(sample)
+        built = cls(index, kind, np.empty(0, dtype=np.int64))
+        built.add(labels, vectors)
+        return built
+
+    @property
+    def live_count(self) -> int:
+        return len(self.labels) - len(self.tombstones)
+
+    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
+        if len(labels) == 0:
+            return
+        labels = np.asarray(labels, dtype=np.int64)
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), labels)
+        if len(self.labels) == 0 or (labels[0] > self.labels[-1] and np.all(np.diff(labels) > 0)):
+            self.labels = np.concatenate([self.labels, labels])  # the common case: labels only grow
+        else:
+            self.labels = np.union1d(self.labels, labels)
+
+    def remove(self, labels: np.ndarray) -> None:
+        labels = np.intersect1d(np.asarray(labels, dtype=np.int64), self.labels)
+        labels = np.setdiff1d(labels, self.tombstones)
+        if len(labels) == 0:
+            return
+        if self.kind == "hnsw":  # HNSW graphs cannot drop nodes: filter them at search until a rebuild
+            self.tombstones = np.union1d(self.tombstones, labels)
+            return
+        self.index.remove_ids(faiss.IDSelectorBatch(labels))
+        self.labels = np.setdiff1d(self.labels, labels)
+
+    def search(self, queries: np.ndarray, k: int, config: IndexConfig) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, self.live_count)
+        if k <= 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        keep: list[Any] = []  # the selector objects must outlive the search call
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            # Filtering by tombstones makes the graph walk skip nodes; widen it in proportion.
+            live_share = max(self.live_count / max(len(self.labels), 1), 1e-3)
+            params.efSearch = int(min(max(config.hnsw_ef_search, 2 * k) / live_share, 16384))
+        elif self.kind == "ivf":
+            params = faiss.SearchParametersIVF()
+            params.nprobe = min(config.ivf_nprobe, self.index.nlist)
+        else:
+            params = faiss.SearchParameters()
+        if len(self.tombstones):
+            batch = faiss.IDSelectorBatch(self.tombstones)
+            sel = faiss.IDSelectorNot(batch)
+            keep += [batch, sel]
+            params.sel = sel
+        scores, labels = self.index.search(queries, k, params=params)
+        return scores, labels
+
+    # ---- snapshot ---------------------------------------------------------------------------------
+    def to_bytes(self, meta: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        meta_bytes = np.frombuffer(json.dumps({**meta, "kind": self.kind}).encode(), dtype=np.uint8)
+        np.savez(buf, faiss=faiss.serialize_index(self.index), labels=self.labels, tombstones=self.tombstones,
+                 meta=meta_bytes)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> tuple[_VectorIndex, dict[str, Any]]:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            index = faiss.deserialize_index(np.ascontiguousarray(z["faiss"]))
+            built = cls(index, meta["kind"], z["labels"], z["tombstones"])
+        if built.index.ntotal != len(built.labels):
+            raise ValueError("snapshot labels and index size disagree")
+        return built, meta
+
+
+# --------------------------------------------------------------------------------------------------
+# the gallery
+# --------------------------------------------------------------------------------------------------
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE spaces(key INTEGER PRIMARY KEY, name TEXT NOT NULL, dim INTEGER NOT NULL, fingerprint TEXT NOT NULL,
+                    UNIQUE(fingerprint, dim));
+CREATE TABLE items(
+    label INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    space INTEGER NOT NULL REFERENCES spaces(key),
+    vector BLOB NOT NULL,
+    crc INTEGER NOT NULL,
+    payload TEXT NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE TRIGGER items_one_space BEFORE INSERT ON items
+WHEN NEW.space IS NOT (SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'space_key')
+BEGIN SELECT RAISE(ABORT, 'xbt: a vector stamped with another embedding space'); END;
+CREATE TRIGGER items_vector_size BEFORE INSERT ON items
+WHEN length(NEW.vector) IS NOT 4 * (SELECT dim FROM spaces WHERE key = NEW.space)
+BEGIN SELECT RAISE(ABORT, 'xbt: a vector of the wrong dimension'); END;
+CREATE TRIGGER items_immutable BEFORE UPDATE OF label, space, vector, crc ON items
+BEGIN SELECT RAISE(ABORT, 'xbt: stored vectors are immutable; delete and add instead'); END;
+"""
+
+
+def is_gallery(path: str | Path) -> bool:
+    return (Path(path) / DB_NAME).is_file()
+
+
+def count_items(path: str | Path) -> int:
+    """How many items a gallery holds, without loading its index (for progress reports)."""
+    conn = sqlite3.connect(f"file:{Path(path) / DB_NAME}?mode=ro", uri=True, timeout=30.0)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+    finally:
+        conn.close()
+
+
+class Gallery:
+    """A stamped, crash-safe vector store with faiss search. Use `Gallery.create` / `Gallery.open`.
+
+    Every public method is safe to call from several threads (one lock); several processes may open
+    the same gallery (SQLite serialises writers, and readers pick up other processes' commits)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, index_config: IndexConfig | None = None):
+        self.path = path
+        self._conn = conn
+        self._lock = threading.RLock()
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        if meta.get("format") != FORMAT:
+            raise GalleryCorruptError(
+                f"{path} has gallery format {meta.get('format')!r}; this xbt reads {FORMAT}. If creation was"
+                " interrupted, delete the folder and build the gallery again."
+            )
+        self._meta = meta
+        self._space_key = int(meta["space_key"])
+        name, dim, fp = conn.execute("SELECT name, dim, fingerprint FROM spaces WHERE key = ?", (self._space_key,)).fetchone()
+        self.space = EmbeddingSpace(name, int(dim), fp)
+        self.modality: str | None = meta.get("modality") or None
+        self.created_at = float(meta.get("created_at", 0))
+        stored = IndexConfig.from_dict(json.loads(meta.get("index", "{}")))
+        if index_config is not None and index_config != stored:
+            self._set_meta("index", json.dumps(index_config.to_dict()))
+            stored = index_config
+        self.index_config = stored
+        self._index: _VectorIndex | None = None
+        self._dirty = False
+        self._data_version = self._read_data_version()
+        self._load_index()
+
+    # ---- construction ---------------------------------------------------------------------------
+    @staticmethod
+    def _connect(db: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # fsync the log on every commit: acknowledged = durable
+        conn.execute("PRAGMA foreign_keys=ON")
+        return conn
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        space: EmbeddingSpace,
+        index: IndexConfig | None = None,
+        modality: Modality | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Gallery:
+        """A new, empty gallery in `path` (created; must not hold a gallery already)."""
+        path = Path(path).expanduser()
+        if modality not in (None, "image", "text"):
+            raise InputError(f"modality must be 'image' or 'text', not {modality!r}")
+        if is_gallery(path):
+            raise InputError(f"{path} already holds a gallery; open it, or choose another folder")
+        if path.exists() and any(path.iterdir()):
+            raise InputError(f"{path} exists and is not empty; choose a new folder for the gallery")
+        path.mkdir(parents=True, exist_ok=True)
+        index = index or IndexConfig()
+        conn = cls._connect(path / DB_NAME)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";\n"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO spaces(key, name, dim, fingerprint) VALUES (1, ?, ?, ?)",
+                         (space.name, space.dim, space.fingerprint))
+            meta = {
+                "format": FORMAT, "space_key": "1", "modality": modality or "", "created_at": repr(time.time()),
+                "index": json.dumps(index.to_dict()), "extra": json.dumps(dict(extra or {})),
+            }
+            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        _fsync_dir(path)
+        return cls(path, conn)
+
+    @classmethod
+    def open(cls, path: str | Path, index: IndexConfig | None = None) -> Gallery:
+        """Open an existing gallery; `index` replaces its stored index configuration (and rebuilds)."""
+        path = Path(path).expanduser()
+        if not is_gallery(path):
+            raise InputError(f"no gallery at {path}; build one with `xbt gallery build` or Gallery.create")
+        try:
+            conn = cls._connect(path / DB_NAME)
+        except sqlite3.DatabaseError as exc:
+            raise GalleryCorruptError(f"{path / DB_NAME} is not a readable gallery database: {exc}") from exc
+        try:
+            return cls(path, conn, index)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise GalleryCorruptError(f"{path / DB_NAME} is not a readable gallery database: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Save an up-to-date index snapshot (so the next open is fast) and close the database."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                if self._dirty:
+                    self.save_index()
+            finally:
+                self._conn.close()
+                self._conn = None  # type: ignore[assignment]
+
+    # ---- meta ------------------------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise InputError(f"the gallery at {self.path} is closed; open it again")
+        return self._conn
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db().execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return json.loads(self._meta.get("extra", "{}"))
+
+    @property
+    def media_dir(self) -> Path:
+        """Where the gallery keeps files it was handed as bytes (uploads), named by content hash."""
+        return self.path / MEDIA_DIR
+
+    def _read_data_version(self) -> int:
+        return int(self._db().execute("PRAGMA data_version").fetchone()[0])
+
+    # ---- the index -------------------------------------------------------------------------------
+    def _table_labels(self) -> np.ndarray:
+        rows = self._db().execute("SELECT label FROM items ORDER BY label").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def _vectors_of_labels(self, labels: np.ndarray) -> np.ndarray:
+        out = np.empty((len(labels), self.space.dim), dtype=np.float32)
+        pos = {int(label): i for i, label in enumerate(labels)}
+        for chunk in _chunks([int(x) for x in labels]):
+            q = f"SELECT label, vector FROM items WHERE label IN ({','.join('?' * len(chunk))})"
+            for label, blob in self._db().execute(q, chunk):
+                out[pos[label]] = np.frombuffer(blob, dtype="<f4")
+        return out
+
+    def _snapshot_meta(self) -> dict[str, Any]:
+        return {"format": FORMAT, "space": self.space.to_dict(), "index_config": self.index_config.to_dict()}
+
+    def _load_index(self) -> None:
+        """Snapshot if usable, else a rebuild; then catch up with the table."""
+        snapshot = self.path / SNAPSHOT_NAME
+        self._index = None
+        if snapshot.is_file():
+            try:
+                index, meta = _VectorIndex.from_bytes(snapshot.read_bytes())
+                expected = self._snapshot_meta()
+                if all(meta.get(k) == v for k, v in expected.items()) and index.index.d == self.space.dim:
+                    self._index = index
+            except Exception:  # noqa: BLE001 - a damaged snapshot is only a cache: rebuild it
+                self._index = None
+        if self._index is None:
+            self.rebuild_index()
+        else:
+            self._sync_index()
+
+    def _sync_index(self) -> None:
+        """Apply to the index whatever the table gained or lost since the index was made."""
+        assert self._index is not None
+        table = self._table_labels()
+        gone = np.setdiff1d(self._index.labels, table)
+        new = np.setdiff1d(table, self._index.labels)
+        if len(gone):
+            self._index.remove(gone)
+            self._dirty = True
+        if len(new):
+            self._index.add(new, self._vectors_of_labels(new))
+            self._dirty = True
+        self._data_version = self._read_data_version()
+
+    def rebuild_index(self) -> None:
+        """Build the index afresh from the table, choosing its kind by the current size."""
+        with self._lock:
+            labels = self._table_labels()
+            vectors = self._vectors_of_labels(labels)
+            self._index = _VectorIndex.build(self.space.dim, self.index_config, labels, vectors)
+            self._dirty = True
+            self._data_version = self._read_data_version()
+
+    def save_index(self) -> None:
+        """Write the index snapshot atomically (a crash leaves the previous snapshot, or none)."""
+        with self._lock:
+            assert self._index is not None
+            atomic_write_bytes(self.path / SNAPSHOT_NAME, self._index.to_bytes(self._snapshot_meta()))
+            self._dirty = False
+
+    def compact(self) -> None:
+        """Rebuild the index (drops tombstones, re-picks the kind by size, retrains IVF), snapshot it,
+        and fold SQLite's log into the database file."""
+        with self._lock:
+            self.rebuild_index()
+            self.save_index()
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def refresh(self) -> None:
+        """Pick up commits made by other processes (cheap when there are none)."""
+        with self._lock:
+            if self._read_data_version() != self._data_version:
+                self._sync_index()
+
+    # ---- writes ----------------------------------------------------------------------------------
+    def add(
+        self,
+        vectors: Any,
+        ids: Sequence[str],
+        payloads: Sequence[Mapping[str, Any] | None] | None = None,
+        *,
+        space: EmbeddingSpace,
+        on_conflict: OnConflict = "error",
+    ) -> list[str]:
+        """Store vectors (made in `space`) under ids, with JSON payloads. Returns the ids written.
+
+        Durable on return. `on_conflict`: an id already stored is an error, skipped, or replaced
+        (delete + add, in one transaction). Refuses vectors of any other space (SpaceMismatchError),
+        even of the same dimension."""
+        self.space.check(space, "the vectors to add")
+        ids = _check_ids(ids)
+        x = as_vectors(vectors, self.space.dim, "the vectors to add")
+        if len(x) != len(ids):
+            raise InputError(f"{len(x)} vectors for {len(ids)} ids")
+        if payloads is None:
+            payloads = [None] * len(ids)
+        payloads = list(payloads)
+        if len(payloads) != len(ids):
+            raise InputError(f"{len(payloads)} payloads for {len(ids)} ids")
+        if on_conflict not in ("error", "skip", "replace"):
+            raise InputError(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
+        rows_json = [_payload_json(p, i) for p, i in zip(payloads, ids)]
+        with self._lock:
+            self.refresh()
+            db = self._db()
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                existing = self._existing(ids)
+                if existing and on_conflict == "error":
+                    shown = ", ".join(sorted(existing)[:5])
+                    raise InputError(
+                        f"{len(existing)} id(s) already in the gallery ({shown}); delete them first or use"
+                        " on_conflict='replace' (CLI: --replace) or 'skip'"
+                    )
+                removed: list[int] = []
+                if existing and on_conflict == "replace":
+                    removed = self._delete_rows(list(existing))
+                keep = [j for j, i in enumerate(ids) if not (on_conflict == "skip" and i in existing)]
+                rows = []
+                for j in keep:
+                    blob = x[j].astype("<f4").tobytes()
+                    rows.append((ids[j], self._space_key, blob, zlib.crc32(blob), rows_json[j], now))
+                labels: list[int] = []
+                for row in rows:
+                    cur = db.execute(
+                        "INSERT INTO items(id, space, vector, crc, payload, added_at) VALUES (?, ?, ?, ?, ?, ?)", row
+                    )
+                    labels.append(int(cur.lastrowid))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            assert self._index is not None
+            if removed:
+                self._index.remove(np.asarray(removed, dtype=np.int64))
+            if labels:
+                self._index.add(np.asarray(labels, dtype=np.int64), x[keep])
+            self._dirty = True
+            self._data_version = self._read_data_version()
+            return [ids[j] for j in keep]
+
+    def _existing(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(list(ids)):
+            q = f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update(r[0] for r in self._db().execute(q, list(chunk)))
+        return found
+
+    def _delete_rows(self, ids: Sequence[str]) -> list[int]:
+        labels: list[int] = []
+        for chunk in _chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            labels += [r[0] for r in self._db().execute(f"SELECT label FROM items WHERE id IN ({marks})", list(chunk))]
+            self._db().execute(f"DELETE FROM items WHERE id IN ({marks})", list(chunk))
+        return labels
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove items by id (unknown ids are ignored). Durable on return; returns how many went."""
+        ids = _check_ids(ids, unique=False)
+        with self._lock:
+            self.refresh()
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                labels = self._delete_rows(ids)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            assert self._index is not None
+            self._index.remove(np.asarray(labels, dtype=np.int64))
+            self._dirty = True
+            self._data_version = self._read_data_version()
+            idx = self._index
+            if idx.kind == "hnsw" and len(idx.tombstones) > self.index_config.tombstone_rebuild_fraction * max(len(idx.labels), 1):
+                self.rebuild_index()
+            return len(labels)
+
+    # ---- reads -----------------------------------------------------------------------------------
+    def search(self, queries: Any, k: int, *, space: EmbeddingSpace) -> list[list[Hit]]:
+        """Top-k items by inner product (cosine) for each query row. Queries must come from this
+        gallery's space: SpaceMismatchError otherwise, whatever their dimension."""
+        self.space.check(space, "the query vectors")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise InputError(f"k must be a positive integer; got {k!r}")
+        q = as_vectors(queries, self.space.dim, "the query vectors")
+        with self._lock:
+            self.refresh()
+            assert self._index is not None
+            scores, labels = self._index.search(q, int(k), self.index_config)
+            wanted = sorted({int(x) for x in labels.ravel() if x >= 0})
+            rows = self._rows_by_label(wanted)
+        out: list[list[Hit]] = []
+        for srow, lrow in zip(scores, labels):
+            hits = []
+            for s, label in zip(srow, lrow):
+                row = rows.get(int(label))
+                if label >= 0 and row is not None:
+                    hits.append(Hit(row[0], float(s), row[1], self.space.id))
+            out.append(hits)
+        return out
+
+    def _rows_by_label(self, labels: Sequence[int]) -> dict[int, tuple[str, dict[str, Any]]]:
+        rows: dict[int, tuple[str, dict[str, Any]]] = {}
+        for chunk in _chunks(list(labels)):
+            q = f"SELECT label, id, payload FROM items WHERE label IN ({','.join('?' * len(chunk))})"
+            for label, item_id, payload in self._db().execute(q, list(chunk)):
+                rows[label] = (item_id, json.loads(payload))
+        return rows
+
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> dict[str, dict[str, Any]]:
+        """{id: {"payload": ..., "added_at": ..., ["vector": ...]}} for the ids that are stored."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for chunk in _chunks(list(ids)):
+                q = f"SELECT id, payload, added_at, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+                for item_id, payload, added_at, blob in self._db().execute(q, list(chunk)):
+                    entry: dict[str, Any] = {"payload": json.loads(payload), "added_at": added_at}
+                    if with_vectors:
+                        entry["vector"] = np.frombuffer(blob, dtype="<f4").copy()
+                    out[item_id] = entry
+        return out
+
+    def present(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ids that are stored."""
+        with self._lock:
+            return self._existing(ids)
+
+    def iter_items(self, batch: int = 1024) -> Iterator[tuple[str, dict[str, Any], float]]:
+        """(id, payload, added_at) of every item, oldest first, read in batches."""
+        last = 0
+        while True:
+            with self._lock:
+                rows = self._db().execute(
+                    "SELECT label, id, payload, added_at FROM items WHERE label > ? ORDER BY label LIMIT ?", (last, batch)
+                ).fetchall()
+            if not rows:
+                return
+            for _label, item_id, payload, added_at in rows:
+                yield item_id, json.loads(payload), added_at
+            last = rows[-1][0]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db().execute("SELECT id FROM items ORDER BY label")]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db().execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def info(self) -> GalleryInfo:
+        with self._lock:
+            self.refresh()
+            n = len(self)
+            assert self._index is not None
+            return GalleryInfo(
+                path=str(self.path), format=FORMAT, space=self.space.to_dict(), space_id=self.space.id,
+                modality=self.modality, size=n, index_kind=self._index.kind, index_config=self.index_config.to_dict(),
+                recommended_kind=self.index_config.choose(n), tombstones=len(self._index.tombstones),
+                created_at=self.created_at, extra=self.extra,
+            )
+
+    def verify(self) -> list[str]:
+        """Problems found by a full check (empty when consistent): stamps, checksums, index coverage."""
+        problems: list[str] = []
+        with self._lock:
+            self.refresh()
+            db = self._db()
+            (quick,) = db.execute("PRAGMA quick_check").fetchone()
+            if quick != "ok":
+                problems.append(f"sqlite quick_check: {quick}")
+            bad_space = db.execute("SELECT COUNT(*) FROM items WHERE space != ?", (self._space_key,)).fetchone()[0]
+            if bad_space:
+                problems.append(f"{bad_space} rows stamped with another space")
+            for item_id, blob, crc, payload in db.execute("SELECT id, vector, crc, payload FROM items"):
+                if zlib.crc32(blob) != crc:
+                    problems.append(f"checksum mismatch for {item_id!r}")
+                elif len(blob) != 4 * self.space.dim:
+                    problems.append(f"vector of {item_id!r} has {len(blob)} bytes")
+                try:
+                    json.loads(payload)
+                except ValueError:
+                    problems.append(f"payload of {item_id!r} is not JSON")
+            assert self._index is not None
+            table = self._table_labels()
+            live = np.setdiff1d(self._index.labels, self._index.tombstones)
+            if not np.array_equal(np.sort(live), table):
+                problems.append(f"index holds {len(live)} live vectors, table {len(table)}")
+            if self._index.index.ntotal != len(self._index.labels):
+                problems.append("faiss size and label list disagree")
+        return problems
+
+    def store_media(self, data: bytes, suffix: str) -> Path:
+        """Keep bytes handed to the gallery (an uploaded image) under media/, named by content; durable
+        before the item that points at it is added, so backfill can re-embed it later."""
+        import hashlib
+
+        if not suffix.isalnum() or len(suffix) > 8:
+            raise InputError(f"bad media suffix {suffix!r}")
+        self.media_dir.mkdir(exist_ok=True)
+        target = self.media_dir / f"{hashlib.sha256(data).hexdigest()}.{suffix.lower()}"
+        if not target.exists():
+            atomic_write_bytes(target, data)
+        return target

@@ -1,0 +1,329 @@
+"""The HTTP service: search a stamped gallery by text or by an uploaded image, add and delete items.
+
+Safety rules it keeps: every input is validated by a pydantic model with `extra="forbid"` and bounds
+(k, text length, upload size, pixels) published in the OpenAPI schema; bad input gets a 4xx JSON error,
+never a 5xx; writing needs the bearer token given at start (no token: writing is disabled); reading is
+open or needs the same token, by configuration; uploads are decoded from memory as raster images
+only (no SVG: a vector file can reference local files), and no client-supplied path is ever opened;
+item payloads may not set the reserved keys ("image", "caption") that backfill reads from disk.
+The server listens on 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from xbt.errors import InputError, SpaceMismatchError, XbtError
+from xbt.gallery.ingest import RESERVED_PAYLOAD_KEYS
+from xbt.gallery.store import MAX_ID_CHARS, Hit
+
+log = logging.getLogger("xbt.serve")
+
+RASTER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"}
+JSON_BODY_LIMIT = 1 << 20  # bytes of a JSON request
+FORM_OVERHEAD = 64 << 10  # multipart boundaries and the small form fields beside the file
+
+
+class Retriever(Protocol):
+    """What the service serves: `GalleryRetriever` (one gallery) or `MigratingRetriever` (a backfill)."""
+
+    def search_texts(self, texts: list[str], k: int) -> list[list[Hit]]: ...
+    def search_images(self, images: list[Any], k: int) -> list[list[Hit]]: ...
+    def add(self, modality: str, ids: list[str], inputs: list[Any], payloads: list[dict[str, Any]],
+            on_conflict: Any = "error") -> list[str]: ...
+    def delete(self, ids: list[str]) -> int: ...
+    def info(self) -> dict[str, Any]: ...
+    def store_media(self, data: bytes, suffix: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and access. `token=None` disables every writing endpoint."""
+
+    token: str | None = None
+    open_read: bool = True
+    max_k: int = 100
+    default_k: int = 10
+    max_upload_bytes: int = 8 << 20
+    max_image_pixels: int = 40_000_000
+    max_text_chars: int = 1000
+    max_batch: int = 64
+    max_payload_bytes: int = 16 << 10
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1 or not 1 <= self.default_k <= self.max_k:
+            raise InputError("need 1 <= default_k <= max_k")
+        if self.token is not None and len(self.token) < 8:
+            raise InputError("the bearer token must have at least 8 characters")
+
+
+class UnsupportedImage(InputError):
+    """An upload that is not a raster image xbt decodes."""
+
+
+def decode_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """A PIL image and its format from uploaded bytes; raster formats only, size-checked before decoding."""
+    if not data:
+        raise UnsupportedImage("the uploaded file is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = (img.format or "").upper()
+        if fmt not in RASTER_FORMATS:
+            raise UnsupportedImage(f"uploads must be {', '.join(sorted(RASTER_FORMATS))} images, not {fmt or 'unknown'}")
+        if img.width * img.height > max_pixels:
+            raise UnsupportedImage(f"the image is {img.width}x{img.height}; at most {max_pixels} pixels are accepted")
+        img.load()
+    except UnsupportedImage:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnsupportedImage(f"the uploaded file is not a readable image: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise assorted errors on hostile input
+        raise UnsupportedImage(f"the uploaded file is not a readable image ({type(exc).__name__})") from exc
+    return img, fmt.lower()
+
+
+def _check_payload(payload: dict[str, Any], limit: int) -> dict[str, Any]:
+    reserved = [k for k in RESERVED_PAYLOAD_KEYS if k in payload]
+    if reserved:
+        raise ValueError(f"payload keys {reserved} are reserved (xbt sets them from the item itself)")
+    try:
+        size = len(json.dumps(payload, allow_nan=False))
+    except ValueError as exc:
+        raise ValueError(f"payload is not plain JSON: {exc}") from exc
+    if size > limit:
+        raise ValueError(f"payload is {size} bytes of JSON; at most {limit} are accepted")
+    return payload
+
+
+def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI application over a retriever (the space guard already ran when it was made)."""
+    config = config or ServeConfig()
+    Text = Annotated[str, Field(min_length=1, max_length=config.max_text_chars, pattern=r"\S")]
+    ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"\S")]
+    K = Annotated[int, Field(ge=1, le=config.max_k)]
+    Payload = Annotated[dict[str, JsonValue], Field(default_factory=dict)]
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class TextSearch(Strict):
+        """A caption to search by; k results (1..max_k)."""
+
+        text: Text
+        k: K = config.default_k
+
+    class ImageSearch(Strict):
+        file: UploadFile
+        k: K = config.default_k
+
+    class TextItem(Strict):
+        id: ItemId
+        caption: Text
+        payload: Payload
+
+        @field_validator("payload")
+        @classmethod
+        def _payload(cls, v: dict[str, Any]) -> dict[str, Any]:
+            return _check_payload(v, config.max_payload_bytes)
+
+    class AddTexts(Strict):
+        items: Annotated[list[TextItem], Field(min_length=1, max_length=config.max_batch)]
+        on_conflict: Literal["error", "skip", "replace"] = "error"
+
+    class AddImage(Strict):
+        file: UploadFile
+        id: ItemId
+        payload: Annotated[str, Field(max_length=config.max_payload_bytes, description="a JSON object")] = "{}"
+        on_conflict: Literal["error", "skip", "replace"] = "error"
+
+    class DeleteItems(Strict):
+        ids: Annotated[list[ItemId], Field(min_length=1, max_length=1000)]
+
+    class HitOut(BaseModel):
+        id: str
+        score: float
+        payload: dict[str, Any]
+        space: str
+
+    class SearchOut(BaseModel):
+        results: list[HitOut]
+
+    class AddOut(BaseModel):
+        added: list[str]
+        skipped: list[str]
+
+    class DeleteOut(BaseModel):
+        deleted: int
+
+    class Health(BaseModel):
+        status: str
+
+    app = FastAPI(
+        title="xbt gallery service",
+        version="1",
+        description="Search a stamped image/caption gallery by text or image; add and delete items.",
+    )
+    bearer = HTTPBearer(auto_error=False, description="the token given to `xbt serve --token`")
+    errors = {400: {"description": "bad input"}, 401: {"description": "missing or wrong token"},
+              403: {"description": "writing disabled"}, 409: {"description": "embedding space mismatch"},
+              411: {"description": "length required"}, 413: {"description": "too large"},
+              415: {"description": "not a supported image"}}
+
+    def _token_ok(credentials: HTTPAuthorizationCredentials | None) -> bool:
+        return (
+            config.token is not None and credentials is not None and credentials.scheme.lower() == "bearer"
+            and hmac.compare_digest(credentials.credentials.encode(), config.token.encode())
+        )
+
+    def require_write(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if config.token is None:
+            raise HTTPException(403, "this service was started without a token, so writing is disabled")
+        if not _token_ok(credentials):
+            raise HTTPException(401, "writing needs the service's bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def require_read(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if not config.open_read and not _token_ok(credentials):
+            raise HTTPException(401, "reading needs the service's bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- errors: always JSON, never a traceback -----------------------------------------------------
+    @app.exception_handler(UnsupportedImage)
+    async def _unsupported(request: Request, exc: UnsupportedImage) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=415)
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(SpaceMismatchError)
+    async def _space(request: Request, exc: SpaceMismatchError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(XbtError)
+    async def _xbt(request: Request, exc: XbtError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - a bug
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next: Any) -> Any:
+        """Refuse oversized bodies from their declared length, before reading them."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            multipart = request.headers.get("content-type", "").startswith("multipart/")
+            limit = config.max_upload_bytes + FORM_OVERHEAD if multipart else JSON_BODY_LIMIT
+            if length is None:
+                if "chunked" in request.headers.get("transfer-encoding", "").lower():
+                    return JSONResponse({"detail": "send a Content-Length header"}, status_code=411)
+            else:
+                try:
+                    n = int(length)
+                except ValueError:
+                    return JSONResponse({"detail": "bad Content-Length"}, status_code=400)
+                if n > limit:
+                    return JSONResponse({"detail": f"request body of {n} bytes; at most {limit} accepted"}, status_code=413)
+        return await call_next(request)
+
+    def _read_upload(file: UploadFile) -> bytes:
+        data = file.file.read(config.max_upload_bytes + 1)
+        if len(data) > config.max_upload_bytes:
+            raise HTTPException(413, f"the upload exceeds {config.max_upload_bytes} bytes")
+        return data
+
+    def _hits(results: list[list[Hit]]) -> dict[str, Any]:
+        return {"results": [h.to_dict() for h in results[0]]}
+
+    # ---- endpoints ---------------------------------------------------------------------------------
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/info", dependencies=[Depends(require_read)], responses=errors, tags=["service"])
+    def info() -> dict[str, Any]:
+        """The gallery (space, size, index), the model, and this service's limits."""
+        return {**retriever.info(), "limits": {"max_k": config.max_k, "max_upload_bytes": config.max_upload_bytes,
+                                                "max_text_chars": config.max_text_chars, "open_read": config.open_read,
+                                                "writable": config.token is not None}}
+
+    @app.post("/search/text", response_model=SearchOut, dependencies=[Depends(require_read)], responses=errors,
+              tags=["search"])
+    def search_text(query: TextSearch) -> dict[str, Any]:
+        """The k gallery items nearest to a caption."""
+        return _hits(retriever.search_texts([query.text], query.k))
+
+    @app.post("/search/image", response_model=SearchOut, dependencies=[Depends(require_read)], responses=errors,
+              tags=["search"])
+    def search_image(form: Annotated[ImageSearch, Form()]) -> dict[str, Any]:
+        """The k gallery items nearest to an uploaded image (PNG, JPEG, GIF, WebP, BMP, TIFF)."""
+        img, _ = decode_upload(_read_upload(form.file), config.max_image_pixels)
+        return _hits(retriever.search_images([img], form.k))
+
+    @app.post("/items/text", response_model=AddOut, dependencies=[Depends(require_write)], responses=errors,
+              tags=["items"])
+    def add_texts(body: AddTexts) -> dict[str, Any]:
+        """Embed captions and store them (a caption gallery)."""
+        ids = [it.id for it in body.items]
+        if len(set(ids)) != len(ids):
+            raise InputError("the items repeat an id; give each item one id")
+        payloads = [{**it.payload, "caption": it.caption} for it in body.items]
+        added = retriever.add("text", ids, [it.caption for it in body.items], payloads, body.on_conflict)
+        return {"added": added, "skipped": [i for i in ids if i not in set(added)]}
+
+    @app.post("/items/image", response_model=AddOut, dependencies=[Depends(require_write)], responses=errors,
+              tags=["items"])
+    def add_image(form: Annotated[AddImage, Form()]) -> dict[str, Any]:
+        """Embed an uploaded image and store it (an image gallery); the bytes are kept under the gallery's
+        media/ folder so a later backfill can re-embed them."""
+        try:
+            payload = json.loads(form.payload)
+        except ValueError as exc:
+            raise InputError(f"payload must be a JSON object: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise InputError("payload must be a JSON object")
+        try:
+            payload = _check_payload(payload, config.max_payload_bytes)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        data = _read_upload(form.file)
+        img, fmt = decode_upload(data, config.max_image_pixels)
+        path = retriever.store_media(data, fmt)
+        added = retriever.add("image", [form.id], [img], [{**payload, "image": str(path)}], form.on_conflict)
+        return {"added": added, "skipped": [i for i in [form.id] if i not in added]}
+
+    @app.post("/items/delete", response_model=DeleteOut, dependencies=[Depends(require_write)], responses=errors,
+              tags=["items"])
+    def delete_items(body: DeleteItems) -> dict[str, int]:
+        """Remove items by id (unknown ids are ignored)."""
+        return {"deleted": retriever.delete(list(dict.fromkeys(body.ids)))}
+
+    return app
+
+
+def serve(retriever: Retriever, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: the service is reachable from other machines", host)
+    uvicorn.run(create_app(retriever, config), host=host, port=port, log_level=log_level)

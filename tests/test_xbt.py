@@ -1,0 +1,133 @@
+"""XBT: projection, compatible model artifact, both stages, no old model in the loop, resume after interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.errors import InputError, SpaceMismatchError
+from xbt.models import load_model
+from xbt.train.xbt import StopTraining, XBTConfig, train_xbt
+
+from conftest import CORPUS
+
+
+def test_least_squares_init_recovers_a_linear_map():
+    torch.manual_seed(0)
+    x = torch.randn(200, 12)
+    w = torch.randn(6, 12)
+    proj = Projection(12, 6, kind="linear")
+    proj.init_least_squares(x, x @ w.T + 0.5, ridge=1e-6)
+    torch.testing.assert_close(proj(x), x @ w.T + 0.5, atol=1e-3, rtol=1e-3)
+
+
+def test_mlp_projection_starts_as_its_linear_part():
+    proj = Projection(8, 4, kind="mlp", hidden=16)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(proj(x), proj.linear(x))
+
+
+@pytest.fixture()
+def tiny_setup(tiny_openclip_names, image_files, tmp_path, xbt_home):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": str(p), "caption": c}) + "\n" for p, c in zip(image_files, CORPUS)))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS + ["a small bird", "a big red bus", "the sea at night", "a cup of tea"]))
+    cfg = XBTConfig.from_dict({
+        "old": f"openclip:{tiny_openclip_names[0]}", "new": f"openclip:{tiny_openclip_names[1]}",
+        "train_pairs": str(pairs), "text_corpus": str(corpus), "checkpoint_every": 2,
+        "projection": {"kind": "mlp", "hidden": 16, "dropout": 0.1, "init": "lstsq"},
+        "stage1": {"epochs": 3, "batch_size": 4, "noise_std": 0.2},
+        "stage2": {"epochs": 3, "batch_size": 4, "lora": {"r": 2, "alpha": 4, "dropout": 0.1}},
+    })
+    torch.manual_seed(0)
+    old = load_model(cfg.old)
+    torch.manual_seed(1)
+    new = load_model(cfg.new)
+    return cfg, old, new
+
+
+def _fresh_new(cfg, new):
+    """A copy of the new model with the same weights (LoRA is injected in place)."""
+    torch.manual_seed(1)
+    copy = load_model(cfg.new)
+    copy.load_state_dict(new.state_dict())
+    copy.invalidate_space()
+    return copy
+
+
+def test_train_save_load_roundtrip(tiny_setup, tmp_path, image_files):
+    cfg, old, new = tiny_setup
+    model = train_xbt(cfg, tmp_path / "run", old=old, new=_fresh_new(cfg, new), show_progress=False)
+    assert model.space == old.space  # declares the OLD space
+    texts = ["a red apple", "a blue car"]
+    out = model.encode_text(texts)
+    assert out.shape == (2, old.embed_dim)
+    report = json.loads((tmp_path / "run" / "training_report.json").read_text())
+    assert report["n_pairs"] == 8 and len(report["stage2"]) == 3 * 2
+    # Loading needs the new model and the folder only.
+    loaded = CompatibleModel.from_pretrained(tmp_path / "run", new_model=_fresh_new(cfg, new))
+    torch.testing.assert_close(loaded.encode_text(texts), out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loaded.encode_image(image_files[:2]), model.encode_image(image_files[:2]), atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "run" / "lora_text" / "adapter_config.json").exists()
+    # The wrong new model is refused.
+    torch.manual_seed(5)
+    other = load_model(cfg.new)
+    with pytest.raises(SpaceMismatchError):
+        CompatibleModel.from_pretrained(tmp_path / "run", new_model=other)
+
+
+def test_training_loop_never_calls_the_old_model(tiny_setup, tmp_path, monkeypatch):
+    import xbt.train.xbt as trainer
+
+    cfg, old, new = tiny_setup
+    real_prepare = trainer.prepare_data
+
+    def prepare_then_forbid(old_model, *args, **kwargs):
+        data = real_prepare(old_model, *args, **kwargs)
+
+        def forbidden(*a, **k):
+            raise AssertionError("the old model was called during training")
+
+        for name in ("forward_text", "forward_image", "encode_text", "encode_image"):
+            monkeypatch.setattr(old_model, name, forbidden)
+        return data
+
+    monkeypatch.setattr(trainer, "prepare_data", prepare_then_forbid)
+    train_xbt(cfg, tmp_path / "run", old=old, new=_fresh_new(cfg, new), show_progress=False)
+    # And a second run reads the old embeddings from the cache only.
+    monkeypatch.setattr(trainer, "prepare_data", real_prepare)
+    for name in ("forward_text", "forward_image"):
+        monkeypatch.setattr(old, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("old model called")))
+    train_xbt(cfg, tmp_path / "run2", old=old, new=_fresh_new(cfg, new), show_progress=False)
+
+
+@pytest.mark.parametrize("stop", [(3, None), (None, 3)])
+def test_resume_after_interruption_matches_uninterrupted(tiny_setup, tmp_path, stop):
+    cfg, old, new = tiny_setup
+    full = train_xbt(cfg, tmp_path / "full", old=old, new=_fresh_new(cfg, new), show_progress=False)
+    with pytest.raises(StopTraining):
+        train_xbt(cfg, tmp_path / "cut", old=old, new=_fresh_new(cfg, new), stop_after=stop, show_progress=False)
+    resumed = train_xbt(cfg, tmp_path / "cut", old=old, new=_fresh_new(cfg, new), show_progress=False)
+    for a, b in zip(full.projection.state_dict().values(), resumed.projection.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for (ka, a), (kb, b) in zip(sorted(full.lora_state("text").items()), sorted(resumed.lora_state("text").items())):
+        assert ka == kb
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_refuses_another_config(tiny_setup, tmp_path):
+    cfg, old, new = tiny_setup
+    with pytest.raises(StopTraining):
+        train_xbt(cfg, tmp_path / "run", old=old, new=_fresh_new(cfg, new), stop_after=(2, None), show_progress=False)
+    cfg.stage1.lr = 0.5
+    with pytest.raises(InputError, match="another config"):
+        train_xbt(cfg, tmp_path / "run", old=old, new=_fresh_new(cfg, new), show_progress=False)
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(InputError, match="unknown"):
+        XBTConfig.from_dict({"stage3": {}})
