@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
 from conftest import tiny_openclip_config
 
 

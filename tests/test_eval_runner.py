@@ -67,6 +67,12 @@ class ToyCompat(ToyModel):
     def space(self) -> EmbeddingSpace:
         return self._old_space
 
+    @property
+    def encoder_id(self) -> str:  # as CompatibleModel: cached under its own weights, not the declared space
+        from xbt.models.base import weights_fingerprint
+
+        return f"toy-compat-{weights_fingerprint(self)[:16]}"
+
 
 @pytest.fixture()
 def world(tmp_path, monkeypatch):
@@ -124,7 +130,7 @@ def test_runner_fits_on_training_data_and_builds_the_matrix(world, tmp_path):
     assert "| slerp | yes |" in paths["markdown"].read_text()
 
 
-def test_compatmodel_queries_bypass_the_old_models_cache(world):
+def test_compat_model_queries_are_not_the_old_models_cached_vectors(world):
     old, new, eval_pairs, train, support, latents = world
     from xbt.eval.embed import embed_pairs
     from xbt.eval.runner import model_queries
@@ -164,3 +170,14 @@ def test_leakage_is_reported(world):
     run = run_evaluation(old, new, eval_pairs, [build_method("procrustes-text", new.space, old.space)],
                          fit_texts=[eval_pairs[0].caption, train[0].caption], n_resamples=10, ks=(1,))
     assert len(run.warnings) == 1 and "1 evaluation captions" in run.warnings[0]
+
+
+def test_peers_without_their_training_data_are_skipped_only_when_asked(world):
+    old, new, eval_pairs, train, support, latents = world
+    corpus = [p.caption for p in train]
+    with pytest.raises(InputError, match="image pairs"):
+        run_evaluation(old, new, eval_pairs, ["procrustes-text", "procrustes-image"], fit_texts=corpus, n_resamples=10)
+    run = run_evaluation(old, new, eval_pairs, ["procrustes-text", "procrustes-image", "slerp"], fit_texts=corpus,
+                         n_resamples=10, ks=(1,), skip_unfittable=True)
+    assert list(run.matrix.methods) == ["procrustes-text"]
+    assert [w.split(" was left out")[0] for w in run.warnings] == ["procrustes-image", "slerp"]

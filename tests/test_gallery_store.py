@@ -203,3 +203,16 @@ def test_media_is_stored_by_content(tmp_path):
         assert g.store_media(b"\x89PNG fake", "png") == a
         with pytest.raises(InputError):
             g.store_media(b"x", "../etc")
+
+
+def test_a_create_killed_before_its_commit_can_be_redone(tmp_path):
+    (tmp_path / "g").mkdir()
+    conn = sqlite3.connect(tmp_path / "g" / DB_NAME)  # what a create killed mid-transaction leaves
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    with pytest.raises(GalleryCorruptError, match="interrupted"):
+        Gallery.open(tmp_path / "g")
+    with Gallery.create(tmp_path / "g", SPACE) as g:
+        _fill(g, 3)
+    with Gallery.open(tmp_path / "g") as g:
+        assert len(g) == 3

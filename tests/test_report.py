@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 from typer.testing import CliRunner
 
 from xbt.eval.matrix import Cell, UpgradeMatrix

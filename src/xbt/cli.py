@@ -146,12 +146,22 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output folder: the compatible model, checkpoints, training report."),
     max_pairs: Optional[int] = typer.Option(None, help="Override: use only N image-text pairs (0 = stage 1 only)."),
     seed: Optional[int] = typer.Option(None, help="Override the config's seed."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (launches torchrun; one per GPU)."),
+    device: str = typer.Option("cpu", help="cpu (gloo between processes) or cuda (one GPU per process, NCCL); auto picks."),
 ) -> None:
     """Train a compatible model (XBT: text-only projection pretraining, then LoRA + projection on pairs).
 
-    A run killed mid-way resumes from its last checkpoint when started again with the same config and --out."""
+    A run killed mid-way resumes from its last checkpoint when started again with the same config and --out.
+    With --nproc N (or when started by torchrun) the global batch is split across processes and the
+    result matches a single-process run."""
+    from xbt.scale.ddp import launch, process_group, under_torchrun
     from xbt.train.xbt import XBTConfig, train_xbt
 
+    if nproc > 1 and not under_torchrun():
+        args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device]
+        args += ["--max-pairs", str(max_pairs)] if max_pairs is not None else []
+        args += ["--seed", str(seed)] if seed is not None else []
+        raise typer.Exit(launch(nproc, args))
     try:
         cfg = XBTConfig.from_file(config)
         if max_pairs is not None:
@@ -161,10 +171,56 @@ def train(
         if seed is not None:
             cfg.seed = seed
         t0 = time.perf_counter()
-        model = train_xbt(cfg, out)
+        with process_group(device) as ctx:
+            model = train_xbt(cfg, out, show_progress=ctx.is_main, distributed=ctx)
     except XbtError as exc:
         _fail(exc)
-    console.print(f"compatible model saved to {out} in {time.perf_counter() - t0:.0f} s; it emits vectors in {model.space.id}")
+    if ctx.is_main:
+        how = f" on {ctx.world_size} processes ({ctx.device.type})" if ctx.distributed else ""
+        console.print(f"compatible model saved to {out} in {time.perf_counter() - t0:.0f} s{how}; it emits vectors in {model.space.id}")
+
+
+@app.command("embed")
+def embed_command(
+    model: str = typer.Option(..., help="Model spec, e.g. openclip:ViT-B-32@openai, testbed:old, compat:PATH."),
+    data: str = typer.Option(..., help="A folder of images, a .txt of captions, or a pair source (.jsonl/.csv, testbed:eval, ...)."),
+    out: Path = typer.Option(..., help="Folder for the vector shards (parquet) and vectors.json; rerun to resume."),
+    modality: str = typer.Option("image", help="image: embed the images; text: the captions."),
+    split: Optional[str] = typer.Option(None, help="Split of --data, where the source has splits."),
+    engine: str = typer.Option("local", help="local (this process) or ray (actors on a Ray cluster)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (ray://HOST:10001 or auto); default: a local Ray."),
+    shard_size: int = typer.Option(1024, help="Items per shard: the unit of work, of atomic writing and of resumption."),
+    batch_size: int = typer.Option(64, help="Items per model forward pass."),
+    actors: Optional[int] = typer.Option(None, help="Ray: size of the actor pool (default: by the cluster's CPUs)."),
+    cpus_per_actor: float = typer.Option(1.0, help="Ray: CPUs each actor reserves (fractions allowed)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads (local: this process; Ray: per actor, default its CPUs rounded up)."),
+    gallery: Optional[Path] = typer.Option(None, help="Also add the vectors to this gallery (created if missing; resumable)."),
+) -> None:
+    """Embed a data source into parquet vector shards, on this machine or on Ray; optionally load a gallery."""
+    from xbt.gallery.ingest import load_items
+    from xbt.gallery.store import Gallery, is_gallery
+    from xbt.scale.ray_embed import ENGINES, RayOptions, embed_items
+    from xbt.scale.vectors import Manifest, load_into_gallery
+
+    try:
+        if engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        items = load_items(data, modality, split)
+        options = RayOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor, threads=threads)
+        report = embed_items(model, items, out, modality, engine=engine, shard_size=shard_size, batch_size=batch_size,
+                             ray_options=options, threads=threads, show_progress=True)
+        if gallery is not None:
+            manifest = Manifest.read(out)
+            target = (Gallery.open(gallery) if is_gallery(gallery)
+                      else Gallery.create(gallery, manifest.embedding_space, modality=modality))  # type: ignore[arg-type]
+            with target:
+                added, present = load_into_gallery(out, target)
+            console.print(f"gallery {gallery}: added {added}, already present {present}")
+    except (XbtError, ValueError) as exc:
+        _fail(exc)
+    for item_id, why in list(report.failed.items())[:10]:
+        console.print(f"[yellow]failed[/] {item_id}: {why}")
+    _print_json(report.to_dict())
 
 
 @app.command("evaluate")
@@ -198,13 +254,15 @@ def evaluate(
     if not (old and new and data):
         _fail(ValueError("give --old, --new and --data (or --testbed for the offline testbed)"))
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    method_list = [x for m in method_list for x in (PEER_METHODS if m == "peers" else [m])]
+    all_peers = "peers" in method_list  # then peers lacking their training data are skipped, not an error
+    method_list = list(dict.fromkeys(x for m in method_list for x in (PEER_METHODS if m == "peers" else [m])))
     try:
         sizes = [int(x) for x in data_efficiency.split(",") if x.strip()] if data_efficiency else defaults.get("data_efficiency", [])
         run = evaluate_from_specs(
             old, new, data, split, image_root, fit_text or defaults.get("fit_text", []), fit_pairs or defaults.get("fit_pairs", []),
             fit_split, support or defaults.get("support"), support_split, method_list,
-            ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes, show_progress=True,
+            ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes,
+            skip_unfittable=all_peers, show_progress=True,
         )
         results = run.to_results()
         paths = write_report(results, out)
@@ -382,6 +440,10 @@ def gallery_backfill(
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
     cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
+    engine: str = typer.Option("local", help="local, or ray: embed the plan in shards on Ray actors (see `xbt embed`)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (ray://HOST:10001 or auto); default: a local Ray."),
+    shard_size: int = typer.Option(1024, help="Ray: items per shard (the unit of work and of resumption)."),
+    actors: Optional[int] = typer.Option(None, help="Ray: size of the actor pool."),
 ) -> None:
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
     from xbt.gallery.backfill import STATE_NAME, Migration
@@ -399,7 +461,18 @@ def gallery_backfill(
             with Gallery.open(gallery) as old:
                 Migration.start(state, old, new_model.space, priority)  # type: ignore[arg-type]
         migration = Migration(state)
-        progress = migration.run(new_model, batch_size=batch_size, max_items=max_items, show_progress=True)
+        if engine == "ray":
+            from xbt.scale.ray_embed import RayOptions, backfill
+
+            if max_items is not None:
+                _fail(ValueError("--max-items spreads a local backfill over several runs; with --engine ray, omit it"))
+            progress = backfill(migration, model, engine="ray", shard_size=shard_size, batch_size=batch_size,
+                                ray_options=RayOptions(address=address, actors=actors),
+                                new_model=new_model, show_progress=True)
+        elif engine == "local":
+            progress = migration.run(new_model, batch_size=batch_size, max_items=max_items, show_progress=True)
+        else:
+            _fail(ValueError(f"--engine must be local or ray, not {engine!r}"))
         if cut_over and progress["status"] == "complete":
             progress = migration.cut_over()
     except (XbtError, OSError) as exc:
@@ -420,6 +493,37 @@ def gallery_cutover(
     except XbtError as exc:
         _fail(exc)
     _print_json(progress)
+
+
+@gallery_app.command("backfill-curve")
+def gallery_backfill_curve(
+    old: str = typer.Option(..., help="The old model (the gallery's), e.g. testbed:old."),
+    new: str = typer.Option(..., help="The new model, e.g. testbed:new."),
+    compat: str = typer.Option(..., help="The compatible model (new -> old space), e.g. compat:PATH."),
+    data: str = typer.Option("testbed:eval", help="Evaluation pairs (any source `xbt evaluate` reads)."),
+    split: Optional[str] = typer.Option(None, help="Split of --data."),
+    seed: int = typer.Option(0, help="Seed of the (random) backfill order and the bootstrap."),
+    out: Optional[Path] = typer.Option(None, help="Write the curves as JSON here."),
+) -> None:
+    """Retrieval quality during a migration: R@K of the merged search against the fraction backfilled."""
+    from xbt.data.datasets import open_dataset
+    from xbt.eval.embed import embed_pairs
+    from xbt.eval.runner import model_queries
+    from xbt.gallery.backfill import backfill_curves, format_curves
+    from xbt.models import load_model
+
+    try:
+        pairs = open_dataset(data, split)
+        old_model, new_model, compat_model = load_model(old), load_model(new), load_model(compat)
+        old_model.space.check(compat_model.space, f"the compatible model {compat!r}")
+        curves = backfill_curves(embed_pairs(old_model, pairs, True), model_queries(compat_model, pairs, True),
+                                 embed_pairs(new_model, pairs, True), seed=seed)
+    except XbtError as exc:
+        _fail(exc)
+    for k in (1, 5, 10):
+        print(format_curves(curves, k) + "\n")
+    if out:
+        out.write_text(json.dumps({d: c.to_dict() for d, c in curves.items()}, indent=2))
 
 
 @app.command("serve")

@@ -18,7 +18,10 @@ def progress_bar(total: int | None, label: str, enabled: bool = True) -> Iterato
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
     ]
-    with Progress(*columns, transient=False) as bar:
+    from rich.console import Console
+
+    # stderr, like tqdm: stdout stays clean for results a command prints (JSON piped to another tool).
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total, info="")
 
         def advance(k: int = 1, **fields) -> None:

@@ -5,6 +5,8 @@
 The MLP's last layer starts at zero, so training starts from the Procrustes solution and can only
 add what the rotation misses. It is trained with a cosine loss on (new, old) embeddings of the same
 items (text corpus and/or training images), with a fixed seed: the same data gives the same adapter.
+With a support split, the epoch whose adapter retrieves best on it is kept (epoch 0 = Procrustes), so
+a small training set cannot make the adapter worse than the rotation it starts from, on that split.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from xbt.compat.base import CompatMethod, FitData, Modality
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, orthogonal_procrustes, paired_rows
+from xbt.compat.support import order_support, support_score
 from xbt.errors import InputError
 from xbt.models.base import EmbeddingSpace
 
@@ -71,20 +74,35 @@ class ResidualAdapter(CompatMethod):
         self.rotation: np.ndarray | None = None
         self.mlp: ResidualMLP | None = None
         self.history: list[float] = []
+        self.support_scores: dict[int, float] = {}
+        self.best_epoch: int | None = None
 
     def fit(self, data: FitData) -> ResidualAdapter:
         x, y = paired_rows(data, self.fit_on, self.name)
         self.rotation = orthogonal_procrustes(x, y)[: self.new_space.dim, : self.old_space.dim].astype(np.float32)
         base = torch.from_numpy(x.astype(np.float32) @ self.rotation)
         target = torch.from_numpy(y.astype(np.float32))
+        support = order_support(data.support, self.new_space, self.old_space) if data.support is not None else None
         with torch.random.fork_rng(devices=[]), single_thread():  # fixed seed; the caller's global RNG untouched
             torch.manual_seed(self.seed)
             mlp = ResidualMLP(self.old_space.dim, self.hidden, self.dropout)
             generator = torch.Generator().manual_seed(self.seed)
             optimiser = torch.optim.AdamW(mlp.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            mlp.train()
-            self.history = []
-            for _ in range(self.epochs):
+            self.history, self.support_scores = [], {}
+            best_state, self.best_epoch = None, self.epochs
+
+            def score_on_support(epoch: int) -> None:
+                """Keep the first epoch with the best support recall (a tie: closer to the rotation)."""
+                nonlocal best_state
+                self.mlp = mlp.eval()
+                self.support_scores[epoch] = support_score(self.map, *support)
+                if best_state is None or self.support_scores[epoch] > self.support_scores[self.best_epoch] + 1e-12:
+                    best_state, self.best_epoch = {k: v.clone() for k, v in mlp.state_dict().items()}, epoch
+
+            if support is not None:
+                score_on_support(0)
+            for epoch in range(1, self.epochs + 1):
+                mlp.train()
                 order = torch.randperm(len(base), generator=generator)
                 total = 0.0
                 for start in range(0, len(base), self.batch_size):
@@ -95,6 +113,11 @@ class ResidualAdapter(CompatMethod):
                     optimiser.step()
                     total += float(loss.detach()) * len(idx)
                 self.history.append(total / len(base))
+                if support is not None:
+                    score_on_support(epoch)
+            if best_state is not None:
+                mlp.load_state_dict(best_state)
+                self.fits_on = FITS_ON_LABEL[self.fit_on] + "; epochs on the support split"
         self.mlp = mlp.eval()
         return self
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from xbt.compat.base import CompatMethod, FitData, Modality, l2_normalise
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, Procrustes
+from xbt.compat.support import best_setting, order_support, support_score
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings
-from xbt.eval.retrieval import DEFAULT_KS, retrieval_ranks
+from xbt.eval.retrieval import DEFAULT_KS
 from xbt.models.base import EmbeddingSpace
 
 DEFAULT_WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0, 1, 21), 2))
@@ -65,28 +65,15 @@ class Slerp(CompatMethod):
         self.procrustes.fit(data)
         if self.fixed_weight:
             return self
-        new, old = self._order_support(data.support)
-        aligned = {"images": self.procrustes.map(new.images, "image"), "texts": self.procrustes.map(new.texts, "text")}
-        self.support_scores = {}
-        for w in self.weights:
-            q = {m: l2_normalise(slerp(getattr(old, m), aligned[m], w)) for m in ("images", "texts")}
-            ranks = retrieval_ranks(q["images"], q["texts"], old.images, old.texts, old.caption_image_index)
-            self.support_scores[w] = float(np.mean([(r < k).mean() for r in ranks.values() for k in self.ks]))
-        best = max(self.support_scores.values())
+        new, old = order_support(data.support, self.new_space, self.old_space)
+        aligned = {"image": self.procrustes.map(new.images, "image"), "text": self.procrustes.map(new.texts, "text")}
+        self.support_scores = {
+            w: support_score(lambda x, modality, o, w=w: slerp(o, aligned[modality], w), new, old, self.ks)
+            for w in self.weights
+        }
         # Ties go to the larger weight: as good on the support set, and more of the new model.
-        self.weight = max(w for w, s in self.support_scores.items() if s >= best - 1e-12)
+        self.weight = best_setting(self.support_scores, prefer="larger")
         return self
-
-    def _order_support(self, support: tuple[PairEmbeddings, PairEmbeddings]) -> tuple[PairEmbeddings, PairEmbeddings]:
-        """(new, old) support embeddings, recognised by their spaces whatever order they were given in."""
-        a, b = support
-        if a.space.fingerprint == self.old_space.fingerprint and b.space.fingerprint == self.new_space.fingerprint:
-            a, b = b, a
-        self.new_space.check(a.space, "the support split's new-model embeddings")
-        self.old_space.check(b.space, "the support split's old-model embeddings")
-        if list(a.caption_image_index) != list(b.caption_image_index):
-            raise InputError("the support embeddings of the two models come from different pair sets")
-        return a, b
 
     def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
         if self.weight is None:

@@ -251,5 +251,6 @@ class CompatibleModel(VLPModel):
             inject_adapter_in_model(lora_config, module)
             model.lora_configs[tower] = lora_config
             model.load_lora_state(tower, load_file(str(folder / "adapter_model.safetensors")))
+        model.spec = f"compat:{path}"  # resolvable: a chained upgrade can name this model as its new model
         model.eval()
         return model

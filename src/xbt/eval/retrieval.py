@@ -18,7 +18,7 @@ DEFAULT_KS = (1, 5, 10)
 
 
 #: Upper bound on the elements of one (query block x gallery) score matrix: 2**24 float32 = 64 MiB, so a
-#: search over a gallery of any size holds at most this much (plus two boolean masks of the same shape).
+#: search over a gallery of any size holds at most this much (plus a boolean mask of the same shape).
 MAX_SCORE_ELEMENTS = 1 << 24
 
 
@@ -82,10 +82,11 @@ def best_positive_rank(
         cols = torch.from_numpy(indices[offsets[start] : offsets[stop]])
         pos_scores = scores[rows, cols]
         best = torch.full((stop - start,), -torch.inf).scatter_reduce(0, rows, pos_scores, "amax")
-        above = (scores > best[:, None]).sum(1)
-        tied = (scores == best[:, None]).sum(1)
-        tied_positives = torch.zeros(stop - start, dtype=torch.long).scatter_add(0, rows, (pos_scores == best[rows]).long())
-        ranks[start:stop] = (above + tied - tied_positives).numpy()
+        # above + tied negatives = (at or above the best positive) - (positives tied with it, itself included);
+        # one comparison pass, summed in int32 (summing bools in int64 is twice as slow).
+        at_or_above = (scores >= best[:, None]).sum(1, dtype=torch.int32)
+        tied_positives = torch.zeros(stop - start, dtype=torch.int32).scatter_add(0, rows, (pos_scores == best[rows]).int())
+        ranks[start:stop] = (at_or_above - tied_positives).numpy()
     return ranks
 
 

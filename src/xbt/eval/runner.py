@@ -25,13 +25,12 @@ import torch
 
 from xbt.compat.base import CompatMethod, FitData, l2_normalise
 from xbt.compat.registry import PEER_METHODS, build_method
-from xbt.data.features import cached_text_features
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
 from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
 from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
-from xbt.models.base import EmbeddingSpace, VLPModel, weights_fingerprint
+from xbt.models.base import EmbeddingSpace, VLPModel
 
 RESULTS_SCHEMA = "xbt.results/1"
 COST_BATCH_SIZES = (1, 256)
@@ -239,12 +238,15 @@ def run_evaluation(
     cost_batch_sizes: Sequence[int] = COST_BATCH_SIZES,
     data_efficiency: Sequence[int] = (),
     describe: Mapping[str, Any] | None = None,
+    skip_unfittable: bool = False,
     show_progress: bool = False,
 ) -> EvaluationRun:
     """Embed everything once, fit each method on the training data only, and build the matrix.
 
     `data_efficiency`: numbers of training pairs at which the peers are refitted (on a seeded random
     subset) to trace recall against training data. `describe`: sources and specs to record verbatim.
+    `skip_unfittable`: leave out (with a warning) peers whose training data was not given, e.g. the
+    image-fitted ones when there is only a text corpus; otherwise that is an error.
     """
     if not eval_pairs:
         raise InputError("the evaluation set is empty")
@@ -263,10 +265,18 @@ def run_evaluation(
 
     queries: dict[str, QueryVectors] = {}
     records: dict[str, MethodRecord] = {}
+    skipped: list[str] = []
     for name, method in resolved.items():
         t = time.perf_counter()
         if isinstance(method, CompatMethod):
-            method.fit(data)
+            try:
+                method.fit(data)
+            except InputError as exc:
+                if not skip_unfittable:
+                    raise
+                skipped.append(f"{name} was left out: {exc}")
+                peers.pop(name, None)
+                continue
             fit_seconds = time.perf_counter() - t
             queries[name] = method.transform_embeddings(new_eval, old_eval)
             records[name] = MethodRecord(
@@ -325,14 +335,15 @@ def run_evaluation(
             "gain": "(M(new->old) - M(old->old)) / (M(new->new) - M(old->old)), percent",
             "cost_batch_sizes": list(cost_batch_sizes),
         },
-        warnings=leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or []),
+        warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or []),
         timings_s=timings,
         data_efficiency=curve,
     )
 
 
 def model_queries(model: VLPModel, pairs: Sequence[Pair], show_progress: bool = False) -> QueryVectors:
-    """A model's own query vectors, cached under its own weights (not the space it declares)."""
+    """A model's own query vectors, cached under its `encoder_id` (a compatible model's differs from the
+    old model's, although both declare the old space)."""
     embeddings = embed_pairs(model, pairs, show_progress)
     return QueryVectors(images=embeddings.images, texts=embeddings.texts)
 
@@ -473,6 +484,7 @@ def evaluate_from_specs(
     n_resamples: int = 1000,
     seed: int = 0,
     data_efficiency: Sequence[int] = (),
+    skip_unfittable: bool = False,
     show_progress: bool = False,
 ) -> EvaluationRun:
     """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes)."""
@@ -487,7 +499,8 @@ def evaluate_from_specs(
         data_efficiency = [*data_efficiency, len(train_pairs)]
     return run_evaluation(
         load_model(old), load_model(new), eval_pairs, list(methods), texts, train_pairs, support_pairs,
-        ks=ks, n_resamples=n_resamples, seed=seed, data_efficiency=data_efficiency, show_progress=show_progress,
+        ks=ks, n_resamples=n_resamples, seed=seed, data_efficiency=data_efficiency,
+        skip_unfittable=skip_unfittable, show_progress=show_progress,
         describe={
             "old": old, "new": new, "eval": _source(data, split), "fit_texts": ", ".join(fit_text) or None,
             "fit_pairs": ", ".join(_source(s, fit_split) for s in fit_pairs) or None,

@@ -522,8 +522,9 @@ class _Mask:
 def backfill_curves(old: Any, compat: Any, new: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                     seed: int = 0, n_resamples: int = 1000) -> dict[str, BackfillCurve]:
     """Both directions from pair embeddings: `old` and `new` are PairEmbeddings of the old and new models on
-    the same pairs, `compat` the compatible model's QueryVectors (old space). T2I backfills the image
-    gallery, I2T the caption gallery."""
+    the same pairs, `compat` the compatible model's QueryVectors (old space; e.g. a CompatMethod's
+    `transform_embeddings(new)`, or `xbt.eval.runner.model_queries(compatible_model, pairs)`).
+    T2I backfills the image gallery, I2T the caption gallery."""
     if list(old.caption_image_index) != list(new.caption_image_index):
         raise InputError("old and new embeddings must come from the same pairs in the same order")
     index = list(old.caption_image_index)

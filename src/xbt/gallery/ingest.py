@@ -223,5 +223,8 @@ class GalleryRetriever:
     def store_media(self, data: bytes, suffix: str) -> Path:
         return self.gallery.store_media(data, suffix)
 
+    def close(self) -> None:
+        self.gallery.close()
+
     def info(self) -> dict[str, Any]:
         return {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model), "mode": "single"}

@@ -337,6 +337,27 @@ BEGIN SELECT RAISE(ABORT, 'xbt: stored vectors are immutable; delete and add ins
 """
 
 
+def _statements(script: str) -> Iterator[str]:
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+
+
+def _creation_interrupted(db: Path) -> bool:
+    """A database whose creating transaction never committed (no meta table): safe to start over."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+        try:
+            return conn.execute("SELECT name FROM sqlite_master WHERE name = 'meta'").fetchone() is None
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+
+
 def is_gallery(path: str | Path) -> bool:
     return (Path(path) / DB_NAME).is_file()
 
@@ -404,8 +425,10 @@ class Gallery:
         path = Path(path).expanduser()
         if modality not in (None, "image", "text"):
             raise InputError(f"modality must be 'image' or 'text', not {modality!r}")
-        if is_gallery(path):
+        if is_gallery(path) and not _creation_interrupted(path / DB_NAME):
             raise InputError(f"{path} already holds a gallery; open it, or choose another folder")
+        for leftover in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):  # a create killed before its commit
+            (path / leftover).unlink(missing_ok=True)
         if path.exists() and any(path.iterdir()):
             raise InputError(f"{path} exists and is not empty; choose a new folder for the gallery")
         path.mkdir(parents=True, exist_ok=True)
@@ -413,9 +436,8 @@ class Gallery:
         conn = cls._connect(path / DB_NAME)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";\n"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(_SCHEMA):
+                conn.execute(statement)
             conn.execute("INSERT INTO spaces(key, name, dim, fingerprint) VALUES (1, ?, ?, ?)",
                          (space.name, space.dim, space.fingerprint))
             meta = {
@@ -436,6 +458,8 @@ class Gallery:
         path = Path(path).expanduser()
         if not is_gallery(path):
             raise InputError(f"no gallery at {path}; build one with `xbt gallery build` or Gallery.create")
+        if _creation_interrupted(path / DB_NAME):
+            raise GalleryCorruptError(f"the creation of the gallery at {path} was interrupted; build it again")
         try:
             conn = cls._connect(path / DB_NAME)
         except sqlite3.DatabaseError as exc:

@@ -9,8 +9,8 @@ item payloads may not set the reserved keys ("image", "caption") that backfill r
 The server listens on 127.0.0.1 unless told otherwise.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime, and
+# they name models defined inside create_app.
 import hmac
 import io
 import json
@@ -46,6 +46,7 @@ class Retriever(Protocol):
     def delete(self, ids: list[str]) -> int: ...
     def info(self) -> dict[str, Any]: ...
     def store_media(self, data: bytes, suffix: str) -> Any: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class ServeConfig:
             raise InputError("need 1 <= default_k <= max_k")
         if self.token is not None and len(self.token) < 8:
             raise InputError("the bearer token must have at least 8 characters")
+        if not self.open_read and self.token is None:
+            raise InputError("closed reading needs a token (--token or XBT_SERVE_TOKEN); without one nobody could search")
 
 
 class UnsupportedImage(InputError):
@@ -198,21 +201,15 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
             raise HTTPException(401, "reading needs the service's bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     # ---- errors: always JSON, never a traceback -----------------------------------------------------
-    @app.exception_handler(UnsupportedImage)
-    async def _unsupported(request: Request, exc: UnsupportedImage) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=415)
+    def _status_handler(status: int) -> Any:
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status)
 
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return handler
 
-    @app.exception_handler(SpaceMismatchError)
-    async def _space(request: Request, exc: SpaceMismatchError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(XbtError)
-    async def _xbt(request: Request, exc: XbtError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    # The most specific class wins (Starlette walks the exception's MRO).
+    for error, status in ((UnsupportedImage, 415), (InputError, 400), (SpaceMismatchError, 409), (XbtError, 400)):
+        app.add_exception_handler(error, _status_handler(status))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -326,4 +323,9 @@ def serve(retriever: Retriever, config: ServeConfig, host: str = "127.0.0.1", po
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
-    uvicorn.run(create_app(retriever, config), host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(create_app(retriever, config), host=host, port=port, log_level=log_level)
+    finally:
+        close = getattr(retriever, "close", None)
+        if callable(close):
+            close()  # saves the index snapshot, so the next start is fast

@@ -3,7 +3,9 @@
 The old model is used only to embed the training data once, into the feature cache, before any
 training step (`cache_old_embeddings`); the training loop never calls it. Every step seeds its own
 randomness from (seed, stage, step), so a run resumed from a checkpoint follows exactly the same
-trajectory as an uninterrupted one.
+trajectory as an uninterrupted one. The same seeding makes every process of a data-parallel run
+(torchrun, `xbt.scale.ddp`) draw the same global batch; each computes its slice and the loss is taken on
+the gathered global batch, so several processes train the same model as one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from xbt.errors import InputError
 from xbt.eval.embed import embed_pairs, embed_texts
 from xbt.models.base import VLPModel
 from xbt.progress import progress_bar
+from xbt.scale.ddp import DistContext
 
 
 # ----- configuration -----------------------------------------------------------------------------
@@ -221,7 +224,7 @@ def add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> 
     if noise_std <= 0:
         return x
     noise = torch.randn(x.shape, generator=generator) * (noise_std / math.sqrt(x.shape[1]))
-    return F.normalize(x + noise, dim=-1)
+    return F.normalize(x + noise.to(x.device), dim=-1)
 
 
 # ----- checkpoints (safetensors + JSON, no pickle) -------------------------------------------------
@@ -313,7 +316,9 @@ def _epoch_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int) -
 
 
 def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
-               stop_after_step: int | None = None, show_progress: bool = True) -> tuple[list[dict[str, float]], float]:
+               stop_after_step: int | None = None, show_progress: bool = True,
+               ctx: DistContext | None = None) -> tuple[list[dict[str, float]], float]:
+    ctx = ctx or DistContext.local()
     s1 = cfg.stage1
     n = data.corpus_new.shape[0]
     if n < 2:
@@ -331,17 +336,18 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
         ckpt = load_checkpoint(found, model, opt, sched)
         start, history = ckpt.step, ckpt.history
     # Duplicate captions in the corpus are one text, so positives are identities.
+    projection = ctx.wrap(model.projection)
     model.train()
-    with progress_bar(total, "stage 1 (text only)", show_progress) as advance:
+    with progress_bar(total, "stage 1 (text only)", show_progress and ctx.is_main) as advance:
         advance(start)
         for step in range(start, total):
             epoch, within = divmod(step, steps_per_epoch)
             idx = _epoch_batches(n, s1.batch_size, cfg.seed, 1, epoch)[within]
             gen = _step_generator(cfg.seed, 1, step)
-            x = add_noise(data.corpus_new[idx], noise, gen)
+            x = add_noise(data.corpus_new[idx], noise, gen)  # the whole global batch: same noise on every rank
             y = data.corpus_old[idx]
-            pred = model.projection(x)
-            eye = torch.eye(len(idx), dtype=torch.bool)
+            pred = ctx.gather(projection(x[ctx.local_slice(len(idx))]), len(idx))
+            eye = torch.eye(len(idx), dtype=torch.bool, device=y.device)
             loss_nce = multi_positive_infonce(pred, y, eye, s1.temperature)
             loss_cos = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
             loss = s1.infonce_weight * loss_nce + s1.cosine_weight * loss_cos
@@ -351,7 +357,7 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
             sched.step()
             history.append({"step": step + 1, "loss": loss.item(), "infonce": loss_nce.item(), "cosine": loss_cos.item()})
             advance(1, loss=loss.item())
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            if ctx.is_main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
                 save_checkpoint(out / "checkpoints" / "stage1", model, opt, sched, Checkpoint(1, step + 1, history))
             if stop_after_step is not None and step + 1 >= stop_after_step:
                 raise StopTraining(f"stopped after stage 1 step {step + 1}")
@@ -359,8 +365,31 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
     return history, noise
 
 
+class _Stage2Forward(torch.nn.Module):
+    """Stage 2's trainable forward as one module call, so DistributedDataParallel sees each parameter
+    used once per step: (adapted) new text, then its projection and the image's projection."""
+
+    def __init__(self, model: CompatibleModel, encode_text: bool, encode_image: bool):
+        super().__init__()
+        self.model, self.encode_text, self.encode_image = model, encode_text, encode_image
+
+    def forward(self, text: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        new_text = self.model.new_text(text) if self.encode_text else text
+        new_image = self.model.new_image(image) if self.encode_image else image
+        return new_text, self.model.projection(new_text), self.model.projection(new_image)
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """Tokenizer output (a tensor, a dict or a BatchEncoding) on the training device."""
+    if isinstance(x, dict) and not hasattr(x, "to"):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    return x.to(device) if hasattr(x, "to") else x
+
+
 def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
-               stop_after_step: int | None = None, show_progress: bool = True) -> list[dict[str, float]]:
+               stop_after_step: int | None = None, show_progress: bool = True,
+               ctx: DistContext | None = None) -> list[dict[str, float]]:
+    ctx = ctx or DistContext.local()
     s2 = cfg.stage2
     n = len(data.pairs)
     if n < 2:
@@ -385,27 +414,28 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
     captions = [p.caption.lower() for p in data.pairs]
     image_of = torch.as_tensor(data.pair_image_index)
     images_needed = s2.lora.enabled and s2.lora.image
+    forward = ctx.wrap(_Stage2Forward(model, s2.lora.enabled, images_needed))
     model.train()
-    with progress_bar(total, "stage 2 (LoRA + projection)", show_progress) as advance:
+    with progress_bar(total, "stage 2 (LoRA + projection)", show_progress and ctx.is_main) as advance:
         advance(start)
         for step in range(start, total):
             epoch, within = divmod(step, steps_per_epoch)
             idx = _epoch_batches(n, s2.batch_size, cfg.seed, 2, epoch)[within]
             _step_generator(cfg.seed, 2, step)
-            batch_captions = [data.pairs[i].caption for i in idx]
             img_rows = image_of[idx]
             same_image = img_rows[:, None] == img_rows[None, :]
             same_caption = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx])
-            positives = same_image | same_caption
+            positives = (same_image | same_caption).to(ctx.device)
+            mine = idx[ctx.local_slice(len(idx))]  # this process's rows of the global batch (all of it on one)
             if s2.lora.enabled:
-                new_text = model.new_text(model.tokenize(batch_captions))
+                text_in = _to_device(model.tokenize([data.pairs[i].caption for i in mine]), ctx.device)
             else:
-                new_text = data.new_texts[idx]
+                text_in = data.new_texts[mine]
             if images_needed:
-                new_image = model.new_image(model.preprocess([data.pairs[i].image for i in idx]))
+                image_in = model.preprocess([data.pairs[i].image for i in mine]).to(ctx.device)
             else:
-                new_image = data.new_images[img_rows]
-            proj_text, proj_image = model.projection(new_text), model.projection(new_image)
+                image_in = data.new_images[image_of[mine]]
+            new_text, proj_text, proj_image = (ctx.gather(t, len(idx)) for t in forward(text_in, image_in))
             losses = {
                 "t2i": multi_positive_infonce(proj_text, data.old_images[img_rows], positives, s2.temperature),
                 "i2t": multi_positive_infonce(proj_image, data.old_texts[idx], positives, s2.temperature),
@@ -420,7 +450,7 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
             sched.step()
             history.append({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
             advance(1, loss=loss.item())
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            if ctx.is_main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
                 save_checkpoint(out / "checkpoints" / "stage2", model, opt, sched, Checkpoint(2, step + 1, history))
             if stop_after_step is not None and step + 1 >= stop_after_step:
                 raise StopTraining(f"stopped after stage 2 step {step + 1}")
@@ -435,10 +465,15 @@ def train_xbt(
     new: VLPModel | None = None,
     stop_after: tuple[int, int] | None = None,
     show_progress: bool = True,
+    distributed: DistContext | None = None,
 ) -> CompatibleModel:
-    """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`."""
+    """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`.
+
+    `distributed`: this process's place in a data-parallel run (`xbt.scale.ddp.process_group`); rank 0
+    writes every file, all ranks return the same trained model."""
     from xbt.models import load_model
 
+    ctx = distributed or DistContext.local()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "xbt_config.yaml"
@@ -447,7 +482,10 @@ def train_xbt(
             f"{out} holds checkpoints of a run with another config; resume needs the same config."
             " Pick a new output folder, or delete that one to start over."
         )
-    saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    ctx.check_same(cfg.to_dict(), "the XBT config")
+    ctx.barrier()  # every rank has read the saved config before rank 0 rewrites it
+    if ctx.is_main:
+        saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -455,10 +493,18 @@ def train_xbt(
     new = new or load_model(cfg.new)
     corpus = resolve_corpus(cfg.text_corpus) if cfg.stage1.enabled else []
     pairs = subsample_pairs(resolve_pairs(cfg.train_pairs), cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
-    data = prepare_data(old, new, corpus, pairs, show_progress)
+    ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 embeds into the feature cache first; the others then read it
+    data = prepare_data(old, new, corpus, pairs, show_progress and ctx.is_main)
+    if ctx.is_main:
+        ctx.barrier()
     old_space = old.space
     del old  # from here on, only cached old-model embeddings are used
     timings["prepare_s"] = time.perf_counter() - t0
+    if ctx.device.type != "cpu":
+        for name in ("corpus_new", "corpus_old", "new_images", "old_images", "old_texts", "new_texts"):
+            setattr(data, name, getattr(data, name).to(ctx.device))
 
     p = cfg.projection
     torch.manual_seed(cfg.seed)
@@ -467,21 +513,27 @@ def train_xbt(
         projection.init_least_squares(data.corpus_new, data.corpus_old)
     elif p.init == "lstsq" and data.pairs:
         projection.init_least_squares(data.new_texts, data.old_texts)
-    model = CompatibleModel(new, projection, old_space, new.spec)
+    model = CompatibleModel(new, projection, old_space, new.spec).to(ctx.device)
     report: dict[str, Any] = {"config": cfg.to_dict(), "n_pairs": len(pairs), "n_corpus": len(corpus)}
+    if ctx.distributed:
+        report["processes"] = ctx.world_size
     stop1, stop2 = stop_after or (None, None)
     if cfg.stage1.enabled and corpus:
         t = time.perf_counter()
-        report["stage1"], report["noise_std"] = run_stage1(model, data, cfg, out, stop1, show_progress)
+        report["stage1"], report["noise_std"] = run_stage1(model, data, cfg, out, stop1, show_progress, ctx)
         timings["stage1_s"] = time.perf_counter() - t
     if cfg.stage2.enabled and len(pairs) >= 2:
         t = time.perf_counter()
-        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress)
+        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress, ctx)
         timings["stage2_s"] = time.perf_counter() - t
     report["timings"] = timings
     report["peak_rss_mb"] = _peak_rss_mb()
-    model.save_pretrained(out, extra={"training": {"pairs": cfg.train_pairs, "n_pairs": len(pairs), "corpus": cfg.text_corpus}})
-    (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    if ctx.device.type != "cpu":
+        model.to("cpu")  # the artifact and the returned model live on the CPU, as the loaded one does
+    if ctx.is_main:
+        model.save_pretrained(out, extra={"training": {"pairs": cfg.train_pairs, "n_pairs": len(pairs), "corpus": cfg.text_corpus}})
+        (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    ctx.barrier()  # the artifact is complete when any rank returns
     return model
 
 

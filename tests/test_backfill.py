@@ -1,0 +1,288 @@
+"""Progressive backfill: the merge rule, the quality-during-migration curve, priority order, resume after an
+interruption, serving while it runs (with writes to both galleries), the sweep, and the cut-over."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gallery_support import make_images, save_tiny_openclip, unit_rows
+
+from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.errors import InputError, SpaceMismatchError
+from xbt.eval.retrieval import best_positive_rank
+from xbt.gallery.backfill import MigratingRetriever, Migration, backfill_curve, order_ids, slot_merge
+from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
+from xbt.gallery.store import Gallery
+from xbt.models import load_model
+from xbt.models.base import EmbeddingSpace
+
+
+# ----- the merge rule ------------------------------------------------------------------------------------
+def test_slot_merge_keeps_old_slots_and_refills_backfilled_ones_in_new_order():
+    old = ["a", "b", "c", "d", "e"]
+    assert slot_merge(old, set(), ["x"]) == [(i, "old") for i in old]  # nothing backfilled: the old ranking
+    assert [i for i, _ in slot_merge(old, set(old), ["e", "c", "a", "b", "d"])] == ["e", "c", "a", "b", "d"]
+    merged = slot_merge(old, {"b", "d"}, ["d", "z", "b"])
+    assert merged == [("a", "old"), ("d", "new"), ("c", "old"), ("z", "new"), ("e", "old")]
+    # Fewer new results than backfilled slots: the slots close up. Duplicates never appear.
+    assert slot_merge(old, {"a", "b"}, ["c"]) == [("c", "new"), ("d", "old"), ("e", "old")]
+
+
+def _synthetic(n: int = 300, seed: int = 0):
+    """Items with a true direction; the old model sees them noisily, the new model clearly (other dims)."""
+    rng = np.random.default_rng(seed)
+    truth = unit_rows(n, 16, seed)
+    a, b = rng.standard_normal((16, 16)), rng.standard_normal((16, 24))
+
+    def view(x, m, noise):
+        y = x @ m + noise * rng.standard_normal((len(x), m.shape[1]))
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    queries = truth + 0.25 * rng.standard_normal(truth.shape)
+    return view(truth, a, 0.9), view(truth, b, 0.2), view(queries, a, 0.9), view(queries, b, 0.2)
+
+
+def test_backfill_curve_runs_from_compat_to_new_quality():
+    old_g, new_g, compat_q, new_q = _synthetic()
+    positives = [[i] for i in range(len(old_g))]
+    curve = backfill_curve(old_g, new_g, compat_q, new_q, positives, n_resamples=200)
+    r1 = [e.value for e in curve.recall[1]]
+    compat_old = 100 * float((best_positive_rank(compat_q, old_g, positives) < 1).mean())
+    new_new = 100 * float((best_positive_rank(new_q, new_g, positives) < 1).mean())
+    assert r1[0] == pytest.approx(compat_old) and r1[-1] == pytest.approx(new_new)
+    assert new_new > compat_old + 20  # the synthetic upgrade is worth having
+    assert all(later >= earlier - 3 for earlier, later in zip(r1, r1[1:]))  # no collapse on the way
+    assert r1[5] > compat_old  # half backfilled already helps
+    assert curve.fractions[5] == 0.5 and curve.recall[10][0].value >= r1[0]
+    assert curve.recall[1][0].low <= r1[0] <= curve.recall[1][0].high
+
+
+def test_backfill_curve_follows_the_given_order():
+    old_g, new_g, compat_q, new_q = _synthetic(n=100, seed=1)
+    positives = [[i] for i in range(100)]
+    queries = slice(0, 50)  # only items 0..49 are ever asked for
+    order_first = np.arange(100)  # those go first
+    order_last = np.arange(100)[::-1]
+    args = (old_g, new_g, compat_q[queries], new_q[queries], positives[queries])
+    first = backfill_curve(*args, fractions=(0.5,), order=order_first, n_resamples=50).recall[1][0].value
+    last = backfill_curve(*args, fractions=(0.5,), order=order_last, n_resamples=50).recall[1][0].value
+    assert first > last
+    with pytest.raises(InputError, match="permutation"):
+        backfill_curve(*args, order=np.zeros(100, dtype=int))
+
+
+# ----- migrations with real (tiny) models -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backfill_models")
+    old = load_model(save_tiny_openclip(root / "old", seed=0))
+    new = load_model(save_tiny_openclip(root / "new", seed=1))  # same dimension: only the stamp tells them apart
+    torch.manual_seed(0)
+    compat = CompatibleModel(new, Projection(32, 32, "linear"), old.space)
+    return {"old": old, "new": new, "compat": compat}
+
+
+def _old_gallery(tmp_path, model, n: int = 12) -> Gallery:
+    make_images(tmp_path / "photos", n)
+    gallery = Gallery.create(tmp_path / "old", model.space, modality="image")
+    items = items_from_folder(tmp_path / "photos")
+    for rank, item in enumerate(items):
+        item.payload["priority"] = rank % 5
+    ingest(gallery, model, items)
+    return gallery
+
+
+def test_order_ids(tmp_path, models):
+    with _old_gallery(tmp_path, models["old"], n=6) as g:
+        ids = g.ids()
+        assert order_ids(g, "oldest") == ids and order_ids(g, "newest") == ids[::-1]
+        assert order_ids(g, "id") == sorted(ids)
+        by_priority = order_ids(g, "-field:priority")
+        assert [g.get([i])[i]["payload"]["priority"] for i in by_priority] == [4, 3, 2, 1, 0, 0]
+        assert order_ids(g, [ids[3], ids[1]])[:2] == [ids[3], ids[1]] and sorted(order_ids(g, [ids[3]])) == sorted(ids)
+        with pytest.raises(InputError):
+            order_ids(g, ["not-there"])
+        with pytest.raises(InputError):
+            order_ids(g, "sideways")
+
+
+def test_backfill_in_priority_order_resumes_and_cuts_over(tmp_path, models):
+    old_model, new_model = models["old"], models["new"]
+    old = _old_gallery(tmp_path, old_model)
+    with pytest.raises(InputError, match="nothing to backfill"):
+        Migration.start(tmp_path / "same", old, old_model.space)
+    migration = Migration.start(tmp_path / "mig", old, new_model.space, order="-field:priority")
+    with pytest.raises(InputError, match="already holds a migration"):
+        Migration.start(tmp_path / "mig", old, new_model.space)
+    with pytest.raises(SpaceMismatchError):
+        migration.run(old_model)  # the wrong model for the new gallery
+    progress = migration.run(new_model, batch_size=2, max_items=5)
+    assert progress["new_size"] == 5 and progress["fraction"] == pytest.approx(5 / 12) and progress["status"] == "backfilling"
+    with Gallery.open(migration.new_gallery_path) as new:
+        assert set(new.ids()) == set(migration.plan()[:5])
+        assert sorted(new.get([i])[i]["payload"]["priority"] for i in new.ids()) == [2, 3, 3, 4, 4]  # highest first
+        assert new.space == new_model.space
+    with pytest.raises(InputError, match="not complete"):
+        migration.cut_over()
+
+    # An interruption in the middle of a batch (the model fails): the next run resumes without duplicates.
+    class Failing(torch.nn.Module):
+        calls = 0
+
+    original = new_model.forward_image
+
+    def flaky(pixels):
+        Failing.calls += 1
+        if Failing.calls == 2:
+            raise RuntimeError("killed mid-batch")
+        return original(pixels)
+
+    new_model.forward_image = flaky
+    try:
+        with pytest.raises(RuntimeError):
+            Migration(tmp_path / "mig").run(new_model, batch_size=2)
+    finally:
+        del new_model.forward_image
+    progress = Migration(tmp_path / "mig").run(new_model, batch_size=3)
+    assert progress["status"] == "complete" and progress["new_size"] == 12 and progress["fraction"] == 1.0
+    with Gallery.open(migration.new_gallery_path) as new:
+        assert new.verify() == [] and sorted(new.ids()) == sorted(old.ids())
+        some = new.ids()[:3]
+        stored = new.get(some, with_vectors=True)
+        direct = new_model.encode_image([stored[i]["payload"]["image"] for i in some]).numpy()
+        np.testing.assert_allclose(np.stack([stored[i]["vector"] for i in some]), direct, atol=1e-5)
+    state = json.loads((tmp_path / "mig" / "migration.json").read_text())
+    assert state["status"] == "complete" and state["position"] == 12
+    migration.cut_over()
+    assert Migration(tmp_path / "mig").cut_over_done
+    old.close()
+
+
+def test_search_during_migration_merges_and_switches_at_cut_over(tmp_path, models):
+    old_model, new_model, compat = models["old"], models["new"], models["compat"]
+    old = _old_gallery(tmp_path, old_model)
+    migration = Migration.start(tmp_path / "mig", old, new_model.space)
+    new = Gallery.open(migration.new_gallery_path)
+    retriever = MigratingRetriever(migration, compat, new_model, old=old, new=new)
+    with pytest.raises(SpaceMismatchError):
+        MigratingRetriever(migration, new_model, new_model, old=old, new=new)  # old-gallery queries: old space only
+    with pytest.raises(SpaceMismatchError):
+        MigratingRetriever(migration, compat, compat, old=old, new=new)  # new-gallery queries: new space only
+    queries = ["a red picture", "blue and green"]
+    k = 6
+
+    def ids(hits):
+        return [[h.id for h in row] for row in hits]
+
+    # Nothing backfilled: exactly the compatible model on the old gallery.
+    assert ids(retriever.search_texts(queries, k)) == ids(GalleryRetriever(old, compat).search_texts(queries, k))
+    migration.run(new_model, batch_size=4, max_items=6, old=old, new=new)
+    merged = retriever.search_texts(queries, k)
+    for row in merged:
+        assert len(row) == k and len({h.id for h in row}) == k
+        for hit in row:  # backfilled items carry new-space scores, the rest old-space scores
+            assert hit.space == (new_model.space.id if new.present([hit.id]) else old_model.space.id)
+        assert any(h.space == new_model.space.id for h in row) or not new.present([h.id for h in row])
+
+    # Writes during the migration land in both galleries; direct changes to the old one are swept up.
+    upload = make_images(tmp_path / "late", 1, seed=5)[0]
+    retriever.add("image", ["late-1"], [upload], [{"image": str(upload)}])
+    assert old.present(["late-1"]) and new.present(["late-1"])
+    extra = make_images(tmp_path / "direct", 1, seed=6)[0]
+    old.add(old_model.encode_image([extra]), ["direct-1"], [{"image": str(extra)}], space=old_model.space)
+    old.delete([old.ids()[0]])
+    progress = migration.run(new_model, batch_size=4, old=old, new=new)
+    assert progress["status"] == "complete"
+    assert sorted(new.ids()) == sorted(old.ids())
+
+    # Everything backfilled but not cut over: the new model's ranking, exactly (slots all refilled).
+    expected = ids(GalleryRetriever(new, new_model).search_texts(queries, k))
+    assert ids(retriever.search_texts(queries, k)) == expected
+    migration.cut_over()
+    after = retriever.search_texts(queries, k)
+    assert ids(after) == expected and all(h.space == new_model.space.id for row in after for h in row)
+    retriever.add("image", ["after-cut"], [upload], [{"image": str(upload)}])
+    assert new.present(["after-cut"]) and not old.present(["after-cut"])
+    assert retriever.info()["mode"] == "cut-over"
+    retriever.close()
+
+
+def test_items_that_cannot_be_reembedded_block_the_cut_over(tmp_path, models):
+    old = _old_gallery(tmp_path, models["old"], n=4)
+    victim = old.get([old.ids()[1]])[old.ids()[1]]["payload"]["image"]
+    (tmp_path / "photos" / victim.rsplit("/", 1)[-1]).unlink()
+    migration = Migration.start(tmp_path / "mig", old, models["new"].space)
+    progress = migration.run(models["new"], old=old)
+    assert progress["failed"] == 1 and progress["new_size"] == 3 and progress["status"] == "complete"
+    with pytest.raises(InputError, match="could not be re-embedded"):
+        migration.cut_over()
+    assert migration.cut_over(force=True)["status"] == "cut-over"
+    old.close()
+
+
+def test_backfill_refuses_a_gallery_space_mismatch(tmp_path):
+    space = EmbeddingSpace("a", 8, "a" * 64)
+    with Gallery.create(tmp_path / "old", space, modality="text") as g:
+        g.add(unit_rows(1, 8, 0), ["x"], [{"caption": "hello"}], space=space)
+        migration = Migration.start(tmp_path / "mig", g, EmbeddingSpace("b", 8, "b" * 64))
+    with open(tmp_path / "mig" / "migration.json") as f:
+        state = json.load(f)
+    state["new_space"]["fingerprint"] = "c" * 64  # someone edited the state by hand
+    (tmp_path / "mig" / "migration.json").write_text(json.dumps(state))
+    with pytest.raises(SpaceMismatchError):
+        Migration(tmp_path / "mig")._galleries(None, None)  # noqa: SLF001
+    del migration
+
+
+def test_cli_backfill_resumes_and_cuts_over(tmp_path, models):
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+
+    runner = CliRunner()
+    root = tmp_path / "specs"
+    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
+    make_images(tmp_path / "photos", 7)
+    build = runner.invoke(app, ["gallery", "build", "--model", old_spec, "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "g")])
+    assert build.exit_code == 0, build.output
+    (tmp_path / "first.txt").write_text("img005.png\nimg002.png\n")
+    args = ["gallery", "backfill", "--state", str(tmp_path / "mig"), "--model", new_spec, "--batch-size", "2"]
+    missing = runner.invoke(app, args)
+    assert missing.exit_code == 1 and "give --gallery" in missing.output
+    first = runner.invoke(app, args + ["--gallery", str(tmp_path / "g"), "--order", f"@{tmp_path / 'first.txt'}", "--max-items", "3"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["new_size"] == 3 and Migration(tmp_path / "mig").plan()[:2] == ["img005.png", "img002.png"]
+    early = runner.invoke(app, ["gallery", "cutover", "--state", str(tmp_path / "mig")])
+    assert early.exit_code == 1 and "not complete" in early.output
+    rest = runner.invoke(app, args + ["--cut-over"])
+    assert rest.exit_code == 0, rest.output
+    assert json.loads(rest.stdout)["status"] == "cut-over" and json.loads(rest.stdout)["new_size"] == 7
+
+
+def test_cli_backfill_curve(tmp_path, models, xbt_home):
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+
+    root = tmp_path / "specs"
+    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
+    new = load_model(new_spec)
+    torch.manual_seed(0)
+    CompatibleModel(new, Projection(32, 32, "linear"), load_model(old_spec).space).save_pretrained(tmp_path / "compat")
+    images = make_images(tmp_path / "img", 6)
+    words = ["red", "blue", "green", "dark", "light", "grey"]
+    rows = [{"image": str(p), "caption": f"a {w} picture", "image_id": p.stem} for p, w in zip(images, words)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat",
+                                      f"compat:{tmp_path / 'compat'}", "--data", str(tmp_path / "pairs.jsonl"),
+                                      "--out", str(tmp_path / "curve.json")])
+    assert result.exit_code == 0, result.output
+    assert "backfilled" in result.stdout and "t2i R@1" in result.stdout
+    curves = json.loads((tmp_path / "curve.json").read_text())
+    assert set(curves) == {"t2i", "i2t"} and len(curves["t2i"]["recall"]["1"]) == 11
+    wrong = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat", new_spec,
+                                     "--data", str(tmp_path / "pairs.jsonl")])
+    assert wrong.exit_code == 1 and "same dimension" in wrong.output
