@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -91,10 +92,18 @@ def main() -> None:
           f"embeddings {embeddings_mib:.0f} MiB; RSS {rss_before:.0f} MiB (peak so far {rss_mib():.0f} MiB)", flush=True)
 
     t1 = time.perf_counter()
+    stop = threading.Event()
+
+    def report_memory() -> None:  # a heartbeat, so a long run shows it is alive and how much it holds
+        while not stop.wait(60):
+            print(f"  {time.perf_counter() - t1:.0f} s: RSS {current_rss_mib():.0f} MiB, peak {rss_mib():.0f} MiB", flush=True)
+
+    threading.Thread(target=report_memory, daemon=True).start()
     matrix = evaluate_upgrade(old, new, queries, n_resamples=args.resamples)
+    stop.set()
     evaluate_s = time.perf_counter() - t1
     peak = rss_mib()
-    print(format_matrix(matrix))
+    print(format_matrix(matrix), flush=True)
     print(f"evaluation: {evaluate_s:.0f} s; peak RSS {peak:.0f} MiB "
           f"(+{peak - rss_before:.0f} MiB over the {rss_before:.0f} MiB held before evaluating)")
     record = {

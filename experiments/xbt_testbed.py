@@ -65,7 +65,7 @@ def adapted_new_new(compat, pairs, new_emb: PairEmbeddings, resamples) -> dict:
     return {k: recall_estimate(h, resamples).to_dict() for k, h in hits_at_k(ranks["t2i"]).items()}
 
 
-def run(split: str, out: Path, base_config: Path, quick: bool) -> dict:
+def run(split: str, out: Path, base_config: Path, quick: bool, only: list[str] | None = None) -> dict:
     base = XBTConfig.from_file(base_config).to_dict()
     pairs = load_split(split)
     old, new = load_model("testbed:old"), load_model("testbed:new")
@@ -93,10 +93,12 @@ def run(split: str, out: Path, base_config: Path, quick: bool) -> dict:
         return entry
 
     variants = {"XBT (stage 1 + stage 2, noise, LoRA)": {}} if quick else ABLATIONS
+    if only:
+        variants = {k: v for k, v in ABLATIONS.items() if any(o in k for o in only)}
     for name, override in variants.items():
         results["variants"][name] = train_and_eval(name, override)
         _write(results, out)
-    if not quick:
+    if not quick and not only:
         for with_stage1 in (True, False):
             for n in DATA_SIZES:
                 if n == 0 and not with_stage1:
@@ -129,7 +131,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--config", type=Path, default=Path("configs/xbt-testbed.yaml"))
     parser.add_argument("--quick", action="store_true", help="main variant only")
+    parser.add_argument("--variants", default="", help="comma-separated ablation names to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     np.set_printoptions(precision=3)
-    run(args.split, args.out, args.config, args.quick)
+    run(args.split, args.out, args.config, args.quick, [v for v in args.variants.split(",") if v])

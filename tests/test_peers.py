@@ -157,3 +157,25 @@ def test_registry_builds_every_peer_and_refuses_unknown_names():
         build_method("svd", NEW, OLD)
     with pytest.raises(InputError, match="options"):
         build_method("affine", NEW, OLD, depth=3)
+
+
+def test_affine_and_adapter_choose_their_setting_on_the_support_split():
+    rng, _, pair = rotated_world(4)
+    x, y = pair(300)
+    xs, ys = pair(60)
+    support = _support(xs, ys, ys)
+    # Training targets: the true map plus heavy noise on a third of the rows. Support: clean.
+    y_noisy = y.copy()
+    y_noisy[:100] = unit(rng, 100, OLD.dim)
+    data = FitData(x, y_noisy, x, y_noisy, support)
+    affine = build_method("affine", NEW, OLD).fit(data)
+    assert affine.ridge in affine.ridge_grid and set(affine.support_scores) == set(affine.ridge_grid)
+    assert affine.support_scores[affine.ridge] == max(affine.support_scores.values())
+    assert "support" in affine.fits_on
+    assert build_method("affine", NEW, OLD).fit(FitData(x, y, x, y)).ridge == 1.0  # no support: the default
+    # The adapter keeps its best epoch on the support split; when the rotation is already exact there,
+    # extra epochs on noisy targets cannot beat it, so the adapter stays at (or ties with) epoch 0.
+    adapter = build_method("adapter", NEW, OLD, epochs=8).fit(data)
+    assert set(adapter.support_scores) == set(range(9))
+    assert adapter.support_scores[adapter.best_epoch] == max(adapter.support_scores.values())
+    assert adapter.best_epoch == min(e for e, s in adapter.support_scores.items() if s == max(adapter.support_scores.values()))

@@ -119,7 +119,9 @@ def test_report_files_from_a_synthetic_matrix(tmp_path):
 
 
 def test_report_without_a_curve_has_no_curve(tmp_path):
-    paths = write_report(results_of(matrix({"affine": [POINT] * 4})), tmp_path)
+    paths = write_report(results_of(matrix({"affine": [POINT] * 4})), tmp_path / "run", tmp_path / "docs" / "run.md")
+    copy = paths["markdown_copy"].read_text()
+    assert "](../run/figures/compatibility.png)" in copy  # links work from the copy's folder
     assert not (tmp_path / "figures" / "data_efficiency.png").exists()
     assert "Data efficiency" not in paths["markdown"].read_text()
     text = format_summary(json.loads(paths["results"].read_text()))

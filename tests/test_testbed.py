@@ -65,3 +65,19 @@ def test_lit_model_roundtrip_and_batch_invariance(testbed, tmp_path):
     torch.testing.assert_close(again.encode_text([p.caption for p in pairs], batch_size=5),
                                old.encode_text([p.caption for p in pairs], batch_size=2), atol=1e-5, rtol=1e-4)
     assert not any(f.suffix in (".pt", ".pth", ".pkl", ".bin") for f in (tmp_path / "copy").iterdir())
+
+
+def test_cached_tower_features_equal_the_encoding_pipeline(testbed):
+    """Locked towers stay in inference mode: cached features (used to train heads) are what encode_* computes."""
+    import torch
+
+    from xbt.data.testbed import load_split, tower_image_features
+    from xbt.models import load_model
+
+    model = load_model("testbed:old")
+    pairs = load_split("val")[:5]
+    model.train()  # a training loop switching modes must not change a locked tower
+    assert not model.image_tower.training and not model.text_tower.training
+    cached = torch.from_numpy(tower_image_features(model.image_tower, [p.image for p in pairs], False))
+    expected = model.encode_image([p.image for p in pairs])
+    torch.testing.assert_close(torch.nn.functional.normalize(model.image_head(cached), dim=-1), expected, atol=1e-4, rtol=1e-3)

@@ -237,6 +237,7 @@ def evaluate(
     support_split: Optional[str] = typer.Option(None, help="Split of --support (Karpathy: val)."),
     methods: str = typer.Option("peers", help="Comma-separated: peer names, compat:PATH (XBT models), or 'peers' for all peers."),
     out: Path = typer.Option(..., help="Folder for results.json, report.md, report.html and figures/."),
+    markdown: Optional[Path] = typer.Option(None, help="Also write the Markdown report here (e.g. docs/results/testbed.md)."),
     ks: str = typer.Option("1,5,10", help="Recall@K values."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples of the queries."),
     seed: int = typer.Option(0),
@@ -264,8 +265,8 @@ def evaluate(
             ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes,
             skip_unfittable=all_peers, show_progress=True,
         )
-        results = run.to_results()
-        paths = write_report(results, out)
+        results = run.to_results() | {"command": "xbt " + " ".join(sys.argv[1:])}
+        paths = write_report(results, out, markdown)
     except (XbtError, ValueError) as exc:
         _fail(exc)
     print(format_summary(results))
@@ -274,7 +275,7 @@ def evaluate(
     if show_recommendation:
         rec = results["recommendation"]
         console.print(f"[bold]recommended:[/] {rec['method'] or 'none'}. {rec['reason']}")
-    console.print(f"wrote {paths['results']}, {paths['markdown']}, {paths['html']}")
+    console.print("wrote " + ", ".join(str(p) for k, p in paths.items() if not k.startswith("figure:")))
 
 
 @app.command("recommend")
@@ -296,11 +297,72 @@ def recommend_command(
         raise typer.Exit(2)
 
 
+@app.command("upgrade")
+def upgrade(
+    old: str = typer.Option(..., help="The old model's spec (its vectors fill the gallery)."),
+    new: str = typer.Option(..., help="The new model's spec."),
+    data: str = typer.Option(..., help="Evaluation data: the gallery items and queries (never trained on)."),
+    fit_pairs: str = typer.Option(..., help="Image-text pairs for training (XBT stage 2, image-fitted peers)."),
+    fit_texts: str = typer.Option(..., help="Text corpus for the text-only stage and text-fitted peers (.txt or a dataset)."),
+    support: Optional[str] = typer.Option(None, help="Support pairs for SLERP's weight (not the evaluation data)."),
+    config: Path = typer.Option(Path("configs/xbt-testbed.yaml"), help="XBT config (its old/new/data fields are overridden)."),
+    out: Path = typer.Option(Path("outputs/upgrade"), help="Where the report, pictures and summary go."),
+    examples: int = typer.Option(4, help="Example queries to draw."),
+) -> None:
+    """The whole upgrade on your own models and data: old galleries, XBT, peers, report, pictures."""
+    from xbt.pipeline import UpgradeJob
+
+    _run_upgrade(UpgradeJob(old=old, new=new, eval_data=data, fit_pairs=fit_pairs, fit_texts=fit_texts,
+                            support=support, xbt_config=str(config), n_example_queries=examples), out)
+
+
 @app.command("demo")
-def demo() -> None:
-    """The offline end-to-end upgrade demo: testbed, old and new models, and how they compare."""
-    testbed_build(models="old,new", force=False)
-    testbed_evaluate(split="eval", out=None)
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), help="Where the report, pictures and summary go."),
+    config: Path = typer.Option(Path("configs/xbt-testbed.yaml"), help="XBT config."),
+) -> None:
+    """The offline end-to-end upgrade on the testbed: build it, upgrade, evaluate, show what changed."""
+    from xbt.pipeline import UpgradeJob
+
+    _run_upgrade(UpgradeJob.testbed(xbt_config=str(config)), out)
+
+
+def _run_upgrade(job, out: Path) -> None:
+    from xbt.pipeline import run_upgrade
+
+    t0 = time.perf_counter()
+    try:
+        summary = run_upgrade(job, out, log=lambda line: console.print(f"[bold cyan]{line}[/]"))
+    except XbtError as exc:
+        _fail(exc)
+    _print_summary(summary)
+    console.print(f"total {time.perf_counter() - t0:.0f} s")
+    console.print(f"report: {summary['report']['markdown']}  |  {summary['report']['html']}")
+    console.print(f"example pictures: {Path(summary['examples'][0]).parent}/ ({len(summary['examples'])} PNG)")
+    console.print(f"compatible model: {summary['xbt_model']}")
+
+
+def _print_summary(summary: dict) -> None:
+    """Old, upgraded (XBT), ceiling, per cell, with the criterion and the update gain."""
+    m = summary["matrix"]
+    table = Table(title="Upgrade without backfill: recall (%) with 95% bootstrap intervals")
+    for col in ("direction", "K", "old->old", "XBT new->old", "ceiling new->new", "criterion", "update gain"):
+        table.add_column(col)
+    names = {"t2i": "text->image", "i2t": "image->text"}
+
+    def fmt(e):
+        return f"{e['value']:.1f} [{e['low']:.1f}, {e['high']:.1f}]"
+
+    for d in ("t2i", "i2t"):
+        for k in m["ks"]:
+            cell = m["methods"]["XBT"][d][str(k)]
+            verdict = "PASS (confident)" if cell["passes_confidently"] else ("pass" if cell["passes"] else "FAIL")
+            table.add_row(names[d], f"R@{k}", fmt(m["old_old"][d][str(k)]), fmt(cell["recall"]),
+                          fmt(m["new_new"][d][str(k)]), verdict, fmt(cell["gain"]) + " %")
+    console.print(table)
+    rec = summary.get("recommendation") or {}
+    if rec:
+        console.print(f"recommended: [bold]{rec.get('method')}[/] — {rec.get('reason')}")
 
 
 # ----- galleries and the service (a thin layer over xbt.gallery and xbt.serve) -----------------------------

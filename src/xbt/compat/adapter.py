@@ -27,11 +27,17 @@ from xbt.models.base import EmbeddingSpace
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread; on a busy machine, more threads can be 20x slower."""
+    """One torch (and, where threadpoolctl is installed, BLAS) thread for the duration. Tiny models train
+    fastest so, and per-query costs are measured so: on a busy machine more threads can be 20x slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        threadpool_limits = None
+    try:
+        with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext():
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -79,6 +85,7 @@ class ResidualAdapter(CompatMethod):
 
     def fit(self, data: FitData) -> ResidualAdapter:
         x, y = paired_rows(data, self.fit_on, self.name)
+        self.fits_on = FITS_ON_LABEL[self.fit_on]
         self.rotation = orthogonal_procrustes(x, y)[: self.new_space.dim, : self.old_space.dim].astype(np.float32)
         base = torch.from_numpy(x.astype(np.float32) @ self.rotation)
         target = torch.from_numpy(y.astype(np.float32))

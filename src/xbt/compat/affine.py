@@ -56,6 +56,7 @@ class AffineMap(CompatMethod):
 
     def fit(self, data: FitData) -> AffineMap:
         x, y = paired_rows(data, self.fit_on, self.name)
+        self.fits_on = FITS_ON_LABEL[self.fit_on]
         if self.ridge_option == "auto" and data.support is not None:
             new, old = order_support(data.support, self.new_space, self.old_space)
             fits = {r: ridge_affine(x, y, r) for r in self.ridge_grid}

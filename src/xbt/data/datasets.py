@@ -244,7 +244,7 @@ def _caption_from_sample(sample: dict[str, bytes]) -> list[str]:
 
 def load_webdataset(source: str | Path, cache_root: Path | None = None) -> list[Pair]:
     """Pairs from webdataset shards. The images are extracted once into XBT_HOME/datasets/webdataset
-    (per shard content), since every encoder reads images from files."""
+    (one folder per shard file: path, size and mtime), since every encoder reads images from files."""
     from xbt.paths import cache_dir
 
     pairs: list[Pair] = []

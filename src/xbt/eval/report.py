@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,14 +329,14 @@ def data_efficiency_figure(results: dict[str, Any], path: Path) -> bool:
 
 
 # ----- the report ------------------------------------------------------------------------------------------
-def report_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Block]:
+def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path: str = "results.json") -> list[Block]:
     models, data, protocol = results.get("models", {}), results.get("data", {}), results.get("protocol", {})
     old, new = models.get("old", {}), models.get("new", {})
     n_queries = results["matrix"]["n_queries"]
     blocks = [
         Block("heading", f"Upgrade report: {new.get('spec', 'new')} queries against a {old.get('spec', 'old')} gallery", 1),
-        Block("text", f"Written by `xbt evaluate` on {results.get('created', '?')}; results in `results.json` "
-                      f"(schema {results.get('schema', '?')})."),
+        Block("text", f"Written by `{results.get('command') or 'xbt evaluate'}` on {results.get('created', '?')}; "
+                      f"results in `{results_path}` (schema {results.get('schema', '?')})."),
         Block("heading", "Setup"),
         Block("list", [
             f"old model: `{old.get('spec')}` (space `{old.get('space_id')}`); the gallery stays embedded by it",
@@ -344,7 +345,7 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Bloc
             _data_line("training pairs (fitting)", data.get("fit_pairs", {})),
             f"training texts (fitting): {data.get('fit_texts', {}).get('n_texts', 0)}"
             + _from(data.get("fit_texts", {}).get("source")) + " (plus the training pairs' captions)",
-            _data_line("support split (SLERP's weight)", data.get("support", {})),
+            _data_line("support split (model selection: SLERP's weight, affine's ridge, adapter's epochs)", data.get("support", {})),
             f"protocol: exact search; Recall@{', '.join(map(str, protocol.get('ks', [])))}; a text query is correct if its"
             " image is in the top K, an image query if any of its captions is; ties count against the query; 95% "
             f"percentile bootstrap over queries ({protocol.get('n_resamples', '?')} resamples, paired across methods)",
@@ -356,9 +357,9 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str]) -> list[Bloc
     blocks += [Block("heading", "Recommendation"),
                Block("text", (f"**{rec['method']}**. " if rec.get("method") else "**No method qualifies.** ") + str(rec.get("reason", "")))]
     blocks += [Block("heading", "Methods"), Block("table", methods_table(results)),
-               Block("text", "Query-time cost: microseconds per query added on top of the encoder (median of repeated "
-                             "runs on this machine). A method that needs the old model at query time also runs the old "
-                             "encoder for every query.")]
+               Block("text", "Query-time cost: microseconds per query added on top of the encoder (best of repeated "
+                             "runs on one thread of the machine that ran the evaluation). A method that needs the old "
+                             "model at query time also runs the old encoder for every query.")]
     blocks += [Block("heading", "Summary"), Block("table", summary_table(results)), Block("text", LEGEND)]
     blocks += [Block("heading", "Compatibility: new->old minus old->old (points, 95% interval)"),
                Block("table", difference_table(results, "vs_old")), Block("figure", (figures["heatmap"], "Compatibility matrix"))]
@@ -387,8 +388,10 @@ def _data_line(what: str, info: dict[str, Any]) -> str:
     return f"{what}: {info['n_pairs']} pairs, {info['n_images']} images" + _from(info.get("source"))
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """results.json, report.md (figures beside it, in figures/) and a self-contained report.html."""
+def write_report(results: dict[str, Any], out_dir: str | Path, markdown_copy: str | Path | None = None) -> dict[str, Path]:
+    """results.json, report.md (figures beside it, in figures/) and a self-contained report.html.
+    `markdown_copy`: also write the Markdown report there (e.g. docs/results/testbed.md), its figure
+    links made relative to that file's folder."""
     out = Path(out_dir)
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}
@@ -402,6 +405,12 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     paths["markdown"].write_text(to_markdown(blocks))
     title = f"xbt upgrade report: {results.get('models', {}).get('new', {}).get('spec', 'new')}"
     paths["html"].write_text(to_html(blocks, title, out / FIGURES))
+    if markdown_copy:
+        copy = Path(markdown_copy)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        relative = {k: os.path.relpath(out / v, copy.parent) for k, v in figures.items()}
+        copy.write_text(to_markdown(report_blocks(results, relative, os.path.relpath(paths["results"], copy.parent))))
+        paths["markdown_copy"] = copy
     for name, rel in figures.items():
         paths[f"figure:{name}"] = out / rel
     return paths

@@ -46,7 +46,15 @@ def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class EfficientNetLiteTower(nn.Module):
+class LockedTower(nn.Module):
+    """A pretrained tower that stays in inference mode: `train()` does not switch its BatchNorm to batch
+    statistics or turn on its dropout / drop-connect, so a feature never depends on the batch it was in."""
+
+    def train(self, mode: bool = True) -> LockedTower:
+        return super().train(False)
+
+
+class EfficientNetLiteTower(LockedTower):
     """EfficientNet-Lite (ImageNet weights) -> globally average-pooled last conv stage (1280-d)."""
 
     def __init__(self, variant: str = "lite0", weights: str | Path | None = None):
@@ -62,8 +70,9 @@ class EfficientNetLiteTower(nn.Module):
         self.net._fc = nn.Identity()
         self.net._dropout = nn.Identity()
         self.out_dim = int(self.net._conv_head.out_channels)
+        self.eval()
         self.image_size = EFFICIENTNET_LITE_SIZES[variant]
-        self.cache_id = f"efficientnet-{variant}-{_file_digest(path)[:12]}"
+        self.cache_id = f"efficientnet-{variant}-{_file_digest(path)[:12]}-eval"
         self.transform = transforms.Compose(
             [
                 PadToSquare(),
@@ -81,7 +90,7 @@ class EfficientNetLiteTower(nn.Module):
         return self.net.extract_features(pixels).mean(dim=(2, 3))
 
 
-class SentenceTransformerTower(nn.Module):
+class SentenceTransformerTower(LockedTower):
     """Any sentence-transformers folder (local path or `asset:NAME`) -> its sentence embedding."""
 
     def __init__(self, source: str):
@@ -96,6 +105,7 @@ class SentenceTransformerTower(nn.Module):
         weights = next(iter(sorted(path.glob("*.safetensors"))), None) or next(iter(sorted(path.glob("*.bin"))), None)
         ident = _file_digest(weights) if weights else hashlib.sha256(str(path).encode()).hexdigest()
         self.cache_id = f"st-{path.name}-{ident[:12]}"
+        self.eval()
 
     def config(self) -> dict[str, Any]:
         return {"kind": "sentence-transformers", "source": self.source}

@@ -1,7 +1,7 @@
 """XBT training: stage 1 (text-only projection pretraining with noise), stage 2 (LoRA + projection on pairs).
 
 The old model is used only to embed the training data once, into the feature cache, before any
-training step (`cache_old_embeddings`); the training loop never calls it. Every step seeds its own
+training step (`prepare_data`); the training loop never calls it. Every step seeds its own
 randomness from (seed, stage, step), so a run resumed from a checkpoint follows exactly the same
 trajectory as an uninterrupted one. The same seeding makes every process of a data-parallel run
 (torchrun, `xbt.scale.ddp`) draw the same global batch; each computes its slice and the loss is taken on
@@ -175,15 +175,9 @@ def subsample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
     return [pairs[i] for i in sorted(order)]
 
 
-def cache_old_embeddings(old: VLPModel, corpus: Sequence[str], pairs: Sequence[Pair], show_progress: bool = True) -> None:
-    """Embed the training data with the old model once; afterwards only the cache is read."""
-    embed_texts(old, corpus, show_progress)
-    if pairs:
-        embed_pairs(old, pairs, show_progress)
-
-
 def prepare_data(old: VLPModel, new: VLPModel, corpus: list[str], pairs: list[Pair], show_progress: bool = True) -> TrainingData:
-    cache_old_embeddings(old, corpus, pairs, show_progress)
+    """Embed the training data with both models once (through the feature cache): afterwards the old
+    model is never needed again."""
     empty = torch.zeros(0, 1)
     if pairs:
         old_emb, new_emb = embed_pairs(old, pairs, show_progress), embed_pairs(new, pairs, show_progress)

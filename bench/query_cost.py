@@ -1,0 +1,185 @@
+"""Query-time cost of each compatibility method on top of the encoder: microseconds per query at batch 1
+and batch 256, on one thread and on every core.
+
+    python bench/query_cost.py                # 512-d new -> 256-d old, as on the testbed
+    python bench/query_cost.py --quick        # a smoke run
+
+What is timed is what a method adds to a query once the encoder has produced its unit vector: XBT's
+projection (normalise -> projection -> normalise, in torch, as `CompatibleModel` runs it) in its two
+kinds, and each peer's `transform` (map + normalise, in numpy, as the evaluation runs it). SLERP also
+needs the OLD model's vector of every query: that second encoder pass is not in its figure here (it is
+the old model's encode cost, figure 1). Weights are fitted on random unit vectors; the cost of a dense
+map does not depend on their values.
+
+Each cost is compared with a floor: the method's multiply-adds at the float32 matrix-multiply rate this
+machine achieves (measured here), so a figure above the goal comes with the reason it cannot be lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import _harness as h
+
+METHODS = ("xbt-mlp", "xbt-linear", "procrustes-text", "affine", "adapter", "slerp")
+GOAL_US = 10.0
+GOAL = f"the XBT projection adds at most {GOAL_US:g} µs per query at batch 256 on this CPU"
+
+
+def dense_flops(*shapes: tuple[int, int]) -> int:
+    """Floating-point operations per query of a chain of dense layers (2 per multiply-add)."""
+    return sum(2 * a * b for a, b in shapes)
+
+
+def xbt_projection(kind: str, new_dim: int, old_dim: int, hidden: int) -> tuple[Callable[[np.ndarray], Any], int]:
+    """What a compatible model adds per query: normalise, project, normalise (torch, inference mode)."""
+    import torch.nn.functional as F
+
+    from xbt.compat.xbt import Projection
+
+    torch.manual_seed(0)
+    projection = Projection(new_dim, old_dim, kind, hidden).eval()
+    for p in projection.parameters():  # trained weights are not zero; keep the timed arithmetic honest
+        torch.nn.init.normal_(p, std=0.02)
+
+    @torch.inference_mode()
+    def run(x: np.ndarray) -> torch.Tensor:
+        return F.normalize(projection(F.normalize(torch.from_numpy(x), dim=-1)), dim=-1)
+
+    shapes = [(new_dim, old_dim)] + ([(new_dim, hidden), (hidden, old_dim)] if kind == "mlp" else [])
+    return run, dense_flops(*shapes)
+
+
+def peers(new_dim: int, old_dim: int, quick: bool, names: list[str]) -> dict[str, tuple[Any, int]]:
+    """Each peer fitted on random paired unit vectors, with the flops of its map."""
+    from xbt.compat.base import FitData, l2_normalise
+    from xbt.compat.registry import build_method
+    from xbt.models.base import EmbeddingSpace
+
+    rng = np.random.default_rng(0)
+    n = 600 if quick else 2000
+    unit = lambda d: l2_normalise(rng.standard_normal((n, d))).astype(np.float32)  # noqa: E731
+    data = FitData(new_text=unit(new_dim), old_text=unit(old_dim), new_image=unit(new_dim), old_image=unit(old_dim))
+    new_space = EmbeddingSpace("bench-new", new_dim, "a" * 64)
+    old_space = EmbeddingSpace("bench-old", old_dim, "b" * 64)
+    adapter_hidden = 512
+    specs: dict[str, tuple[dict[str, Any], int]] = {
+        "procrustes-text": ({}, dense_flops((new_dim, old_dim))),
+        "affine": ({}, dense_flops((new_dim, old_dim))),
+        "adapter": ({"hidden": adapter_hidden, "epochs": 1},
+                    dense_flops((new_dim, old_dim), (old_dim, adapter_hidden), (adapter_hidden, old_dim))),
+        "slerp": ({"weight": 0.5}, dense_flops((new_dim, old_dim))),  # a fixed weight: no support split needed
+    }
+    return {name: (build_method(name, new_space, old_space, **kw).fit(data), flops)
+            for name, (kw, flops) in specs.items() if name in names}
+
+
+def measure(fn: Callable[[], Any], batch: int, repeats: int, target_s: float) -> dict[str, float]:
+    t = h.repeat_fast(fn, repeats, target_s)
+    return {"us_per_query": t.median / batch * 1e6, "min_us_per_query": t.min / batch * 1e6, "n": t.n}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    new_dim, old_dim, hidden = args.new_dim, args.old_dim, args.hidden
+    batches = (1, 256)
+    target_s = 0.02 if args.quick else 0.1
+    rng = np.random.default_rng(1)
+    new = rng.standard_normal((max(batches), new_dim)).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    old = rng.standard_normal((max(batches), old_dim)).astype(np.float32)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+
+    cores = os.cpu_count() or 1
+    # (key in the rows, label, threads); on a one-core machine the two settings are the same
+    settings = [("1t", "1 thread", 1)] + ([("all", f"{cores} threads", cores)] if cores > 1 else [])
+    h.log("measuring the float32 matmul rate")
+    gflops = {label: h.sgemm_gflops(n, size=256 if args.quick else 1024, repeats=3 if args.quick else 5)
+              for _, label, n in settings}
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown or not any(m.startswith("xbt-") for m in methods):
+        raise SystemExit(f"--methods: choose from {', '.join(METHODS)}, at least one xbt-*; unknown: {sorted(unknown)}")
+    candidates: dict[str, tuple[str, Callable[[int], Any], int]] = {}
+    for kind in [m.removeprefix("xbt-") for m in methods if m.startswith("xbt-")]:
+        fn, flops = xbt_projection(kind, new_dim, old_dim, hidden)
+        label = f"xbt projection ({kind}{', hidden ' + str(hidden) if kind == 'mlp' else ''})"
+        candidates[label] = ("xbt", lambda b, fn=fn: fn(new[:b]), flops)
+    for name, (method, flops) in peers(new_dim, old_dim, args.quick, methods).items():
+        ensemble = method.needs_old_model_at_query_time
+        note = "peer" + (" (+ an old-model encode per query)" if ensemble else "")
+        candidates[name] = (note, lambda b, m=method, e=ensemble: m.transform(new[:b], "text", old[:b] if e else None), flops)
+
+    rows = []
+    for label, (kind, fn, flops) in candidates.items():
+        for batch in batches:
+            row: dict[str, Any] = {"method": label, "kind": kind, "batch": batch, "mflop_per_query": flops / 1e6}
+            for key, setting, n_threads in settings:
+                h.log(f"{label}, batch {batch}, {setting}")
+                with h.threads(n_threads):
+                    m = measure(lambda: fn(batch), batch, args.repeats, target_s)
+                row[f"us_{key}"] = m["us_per_query"]
+                row[f"min_us_{key}"] = m["min_us_per_query"]
+                row[f"floor_us_{key}"] = flops / (gflops[setting] * 1e9) * 1e6
+            rows.append(row)
+
+    verdicts = []
+    for row in rows:
+        if row["kind"] == "xbt" and row["batch"] == 256:
+            best = min(row.get("us_1t", float("inf")), row.get("us_all", float("inf")))
+            verdicts.append((row["method"], best, best <= GOAL_US, row))
+    # judged on the testbed's configuration (configs/xbt-testbed.yaml: mlp) when it was measured
+    default = next((v for v in verdicts if "mlp" in v[0]), verdicts[0])
+    details = []
+    for label, best, ok, row in verdicts:
+        text = f"{label}: {best:.1f} µs/query at batch 256 (median; the better of 1 thread and all cores) — {'met' if ok else 'not met'}"
+        if not ok:
+            floor = min(row.get("floor_us_1t", float("inf")), row.get("floor_us_all", float("inf")))
+            text += (f"; it costs {row['mflop_per_query']:.2f} MFLOP per query, and even at this machine's measured "
+                     f"matmul rate ({max(gflops.values()):.0f} GFLOP/s) that is at least {floor:.1f} µs: the gap is "
+                     f"arithmetic, not overhead (a linear projection, or a smaller hidden layer, fits the budget)")
+        details.append(text)
+    notes = []
+    slower = [r for r in rows if "us_all" in r and r["us_all"] > r["us_1t"]]
+    if slower:
+        notes.append(f"{len(slower)} of {len(rows)} costs were higher on {cores} threads than on one: these maps are "
+                     "too small to split, and on cores shared with other jobs a multithreaded call waits for its "
+                     "slowest thread. Serve queries with one thread per worker process.")
+    return {
+        "figure": "query_cost",
+        "title": "Query-time cost of each compatibility method",
+        "description": (f"Microseconds per query added on top of the encoder, {new_dim}-d new -> {old_dim}-d old, "
+                        f"median of n timed runs (each run many back-to-back calls). 'floor' = the method's "
+                        f"flops at the measured float32 matmul rate ({', '.join(f'{k}: {v:.0f} GFLOP/s' for k, v in gflops.items())})."),
+        "params": {"new_dim": new_dim, "old_dim": old_dim, "hidden": hidden, "batches": list(batches),
+                   "matmul_gflops": gflops},
+        "columns": [h.column("method", "method"), h.column("batch", "batch"),
+                    h.column("mflop_per_query", "MFLOP/query", "{:.2f}"),
+                    h.column("us_1t", "µs/query, 1 thread: median (min)", "{us_1t:.2f} ({min_us_1t:.2f})"),
+                    h.column("floor_us_1t", "floor, 1 thread", "{:.2f}"),
+                    h.column("us_all", f"µs/query, {cores} threads: median (min)", "{us_all:.2f} ({min_us_all:.2f})"),
+                    h.column("floor_us_all", f"floor, {cores} threads", "{:.2f}")],
+        "rows": rows,
+        "goal": h.goal(GOAL, default[2], "; ".join(details)),
+        "notes": notes + ["SLERP's figure is its map only: each query also needs the old model's encoder (see the encoding "
+                  "figure), which costs orders of magnitude more than any map here.",
+                  "The goal is judged on the testbed configuration (mlp projection, hidden "
+                  f"{hidden}); the linear projection is listed for comparison."],
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--new-dim", type=int, default=512)
+    parser.add_argument("--old-dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden width of the mlp projection")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+
+
+if __name__ == "__main__":
+    h.cli(run, __doc__, add_arguments)

@@ -1,0 +1,116 @@
+"""Training cost: time and peak memory of each XBT stage on the testbed (configs/xbt-testbed.yaml).
+
+    python bench/training.py                 # the full testbed run (minutes; one run: n=1)
+    python bench/training.py --quick         # 32 pairs, one epoch per stage
+
+`train_xbt` runs in a fresh process with a fresh output folder. Its own clock gives the stage times
+(training_report.json: prepare_s, stage1_s, stage2_s); the peak memory of each phase is measured around
+the library's stage functions by resetting the kernel's peak-RSS mark when a phase starts and reading it
+when it ends (Linux /proc/self/clear_refs), so each peak is that phase's own. (The same reset moves the
+process-wide peak the training report records, so the overall peak is taken as the largest phase peak.)
+The feature cache under XBT_HOME is used as it is: on a machine that has embedded the testbed before,
+`prepare` loads cached features instead of encoding the corpus and the images again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import _harness as h
+
+CONFIG = h.REPO / "configs" / "xbt-testbed.yaml"
+
+
+def instrumented_training(config: Path, out: Path, quick: bool) -> dict[str, Any]:
+    """Run train_xbt in this process with a peak-memory bracket around each phase."""
+    import xbt.train.xbt as train
+    from xbt.train.xbt import XBTConfig, train_xbt
+
+    cfg = XBTConfig.from_file(config)
+    if quick:
+        cfg.max_pairs, cfg.stage1.epochs, cfg.stage2.epochs = 32, 1, 1
+    peaks: dict[str, float] = {}
+    marks = {"reset": h.reset_peak_rss(), "phase": "prepare"}
+
+    def bracketed(name: str, stage_fn):
+        def run_stage(*args: Any, **kwargs: Any) -> Any:
+            peaks[marks["phase"]] = h.peak_rss_mib()  # the phase before this one ends here
+            h.reset_peak_rss()
+            marks["phase"] = name
+            return stage_fn(*args, **kwargs)
+        return run_stage
+
+    original = train.run_stage1, train.run_stage2
+    train.run_stage1, train.run_stage2 = bracketed("stage1", original[0]), bracketed("stage2", original[1])
+    try:
+        with h.PeakMemory() as whole:
+            train_xbt(cfg, out, show_progress=False)
+    finally:
+        train.run_stage1, train.run_stage2 = original
+    peaks[marks["phase"] + "+save"] = h.peak_rss_mib()
+    report = json.loads((out / "training_report.json").read_text())
+    return {"config": cfg.to_dict(), "report_timings_s": report.get("timings", {}), "phase_peak_rss_mib": peaks,
+            "peak_reset_supported": marks["reset"], "wall_s": whole.elapsed_s,
+            "n_pairs": report.get("n_pairs"), "n_corpus": report.get("n_corpus")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from xbt.errors import AssetMissingError
+
+    base = {"figure": "training", "title": "Training: time and peak memory of each XBT stage",
+            "columns": [h.column("phase", "phase"), h.column("seconds", "seconds (n=1)", "{:.1f}"),
+                        h.column("peak_rss_mib", "peak RSS MiB", "{:,.0f}"), h.column("what", "what it does")],
+            "goal": None}
+    if args.worker:
+        return instrumented_training(args.config, args.worker, args.quick)
+    with tempfile.TemporaryDirectory(prefix="xbt-bench-train-") as tmp:
+        result_path, out = Path(tmp) / "result.json", Path(tmp) / "run"
+        try:
+            from xbt.data.testbed import testbed_model_dir
+
+            testbed_model_dir("old"), testbed_model_dir("new")
+        except AssetMissingError as exc:
+            return {**base, "description": "not run", "params": {}, "rows": [], "notes": [f"skipped: {exc}"]}
+        h.run_script(__file__, ["--worker", out, "--config", args.config, "--threads", args.threads,
+                                "--out", result_path] + (["--quick"] if args.quick else []))
+        result = json.loads(result_path.read_text())
+    cfg, timings, peaks = result["config"], result["report_timings_s"], result["phase_peak_rss_mib"]
+    lora = cfg["stage2"]["lora"]
+    what = {
+        "prepare": "load both models, embed (or read cached) corpus and pair features",
+        "stage1": f"text-only projection training: {result['n_corpus']} captions, {cfg['stage1']['epochs']} epochs, "
+                  f"batch {cfg['stage1']['batch_size']}",
+        "stage2": f"LoRA (r={lora['r']}, text tower) + projection on {result['n_pairs']} image-text pairs, "
+                  f"{cfg['stage2']['epochs']} epochs, batch {cfg['stage2']['batch_size']}",
+    }
+    rows = []
+    for phase in ("prepare", "stage1", "stage2"):
+        seconds = timings.get(f"{phase}_s")
+        peak = peaks.get(phase, peaks.get(phase + "+save"))
+        if seconds is not None:
+            rows.append({"phase": phase, "seconds": seconds, "peak_rss_mib": peak, "what": what[phase]})
+    rows.append({"phase": "total", "seconds": result["wall_s"], "peak_rss_mib": max(peaks.values()),
+                 "what": "train_xbt end to end, saving included"})
+    notes = [f"One run (n=1): a full training run takes minutes; stage times come from the library's "
+             f"training_report.json, on {args.threads} thread(s).",
+             "The feature cache was used as found (a warm cache makes `prepare` mostly model loading)."]
+    if not result["peak_reset_supported"]:
+        notes.append("This kernel cannot reset the peak-RSS mark: every phase's peak counts from process start.")
+    return {**base,
+            "description": f"`train_xbt` with {Path(args.config).name}" + (" (quick: 32 pairs, 1 epoch per stage)" if args.quick else ""),
+            "params": {"config": str(Path(args.config).relative_to(h.REPO)) if Path(args.config).is_relative_to(h.REPO) else str(args.config),
+                       "overrides": {"max_pairs": 32, "epochs": 1} if args.quick else {}},
+            "rows": rows, "raw": result, "notes": notes}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+if __name__ == "__main__":
+    h.cli(run, __doc__, add_arguments)

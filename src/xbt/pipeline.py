@@ -1,0 +1,245 @@
+"""The main job: from "a new model is out" to upgraded search over the untouched old gallery.
+
+    job = UpgradeJob.testbed()            # or UpgradeJob(old=..., new=..., eval_data=..., ...)
+    summary = run_upgrade(job, out_dir)
+
+Steps, each cached by content (a re-run reuses what did not change; a changed config re-runs what
+depends on it): the old galleries (images and captions of the evaluation data, embedded by the old
+model, in the crash-safe gallery store), XBT training, the peers, the evaluation report, and pictures
+of what changed for a handful of queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xbt.compat.registry import PEER_METHODS
+from xbt.data.pairs import Pair
+from xbt.errors import InputError
+from xbt.models.base import VLPModel
+from xbt.paths import cache_dir
+
+
+@dataclass
+class UpgradeJob:
+    old: str
+    new: str
+    eval_data: str  # what the galleries and the evaluation are built from (never trained on)
+    fit_pairs: str  # image-text pairs for XBT stage 2 and the image-fitted peers
+    fit_texts: str  # text corpus for XBT stage 1 and the text-fitted peers
+    support: str | None = None  # SLERP's weight is chosen here
+    xbt_config: str = "configs/xbt-testbed.yaml"
+    peers: list[str] = field(default_factory=lambda: list(PEER_METHODS))
+    n_example_queries: int = 4
+    seed: int = 0
+    build_testbed: bool = False
+
+    @classmethod
+    def testbed(cls, **overrides: Any) -> UpgradeJob:
+        base = dict(old="testbed:old", new="testbed:new", eval_data="testbed:eval", fit_pairs="testbed:xbt_train",
+                    fit_texts="testbed:text_corpus", support="testbed:val", build_testbed=True)
+        return cls(**(base | overrides))
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_pairs_source(source: str) -> list[Pair]:
+    from xbt.data.datasets import open_dataset
+
+    return open_dataset(source)
+
+
+def load_texts_source(source: str) -> list[str]:
+    from xbt.eval.runner import load_texts
+
+    return load_texts(source)
+
+
+# ----- step 2: the old galleries --------------------------------------------------------------------
+def build_gallery(model: VLPModel, pairs: Sequence[Pair], modality: str, root: Path, show_progress: bool = True):
+    """The evaluation items embedded by `model` into a stamped gallery, cached by (space, items);
+    an interrupted build resumes (items already stored are skipped)."""
+    from xbt.gallery import Gallery, ingest
+    from xbt.gallery.ingest import items_from_pairs
+    from xbt.gallery.store import is_gallery
+
+    items = items_from_pairs(pairs, modality)
+    path = root / f"{modality}-{_digest(model.space.id, [(i.id, i.payload) for i in items])}"
+    gallery = Gallery.open(path) if is_gallery(path) else Gallery.create(path, model.space, modality=modality)
+    if len(gallery.present([i.id for i in items])) < len(items):
+        report = ingest(gallery, model, items, on_conflict="skip", show_progress=show_progress)
+        if report.failed:
+            raise InputError(f"{len(report.failed)} item(s) could not be embedded, e.g. {report.failed[0]}")
+    return gallery
+
+
+# ----- step 3: XBT ----------------------------------------------------------------------------------
+def train_or_reuse_xbt(job: UpgradeJob, show_progress: bool = True):
+    """Train the compatible model, or load it if this exact config and data were trained before."""
+    import yaml
+
+    from xbt.compat.xbt import CONFIG_NAME, CompatibleModel
+    from xbt.models import load_model
+    from xbt.train.xbt import XBTConfig, train_xbt
+
+    path = Path(job.xbt_config)
+    if not path.exists():
+        raise InputError(f"XBT config not found: {path}")
+    cfg = XBTConfig.from_dict(yaml.safe_load(path.read_text()) | {
+        "old": job.old, "new": job.new, "train_pairs": job.fit_pairs, "text_corpus": job.fit_texts, "seed": job.seed,
+    })
+    new = load_model(cfg.new)
+    old = load_model(cfg.old)
+    data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in load_pairs_source(job.fit_pairs)],
+                      load_texts_source(job.fit_texts))
+    out = cache_dir("runs") / f"xbt-{_digest(cfg.to_dict(), data_id)}"
+    if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
+        return CompatibleModel.from_pretrained(out, new_model=new), out, True
+    return train_xbt(cfg, out, old=old, new=new, show_progress=show_progress), out, False
+
+
+# ----- step 5: pictures ------------------------------------------------------------------------------
+def example_grids(
+    rows: Sequence[tuple[str, Any]], queries: Sequence[Any], modality: str, truth: Sequence[set[str]], out: Path,
+    k: int = 5,
+) -> list[Path]:
+    """One PNG per query: a row per system (old, upgraded, ceiling), its top-k results left to right,
+    correct results framed in green. `rows` = (label, retriever), the retriever answering `modality` queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from xbt.data.images import load_image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for qi, query in enumerate(queries):
+        fig, axes = plt.subplots(len(rows), k + 1, figsize=(2.1 * (k + 1), 2.3 * len(rows)))
+        for ri, (label, retriever) in enumerate(rows):
+            hits = (retriever.search_texts([query], k) if modality == "text" else retriever.search_images([query], k))[0]
+            ax = axes[ri][0]
+            ax.axis("off")
+            if modality == "text":
+                ax.text(0.5, 0.5, f"{label}\n\n\u201c{query}\u201d", ha="center", va="center", wrap=True, fontsize=8)
+            else:
+                ax.imshow(load_image(query).resize((160, 160), Image.BICUBIC))
+                ax.set_title(label, fontsize=8)
+            for hi in range(k):
+                ax = axes[ri][hi + 1]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if hi >= len(hits):
+                    ax.axis("off")
+                    continue
+                hit = hits[hi]
+                correct = hit.id in truth[qi]
+                if modality == "text":
+                    ax.imshow(load_image(hit.payload["image"]).resize((160, 160), Image.BICUBIC))
+                else:
+                    ax.text(0.5, 0.5, hit.payload.get("caption", hit.id), ha="center", va="center", wrap=True, fontsize=7)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#1a9850" if correct else "#bbbbbb")
+                    spine.set_linewidth(4 if correct else 1)
+                ax.set_title(f"#{hi + 1}  {hit.score:.2f}", fontsize=7)
+        fig.tight_layout()
+        path = out / f"{modality}-query-{qi + 1}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ----- the job -----------------------------------------------------------------------------------------
+def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, log=print) -> dict[str, Any]:
+    """Run every step; returns the summary (also written to out/summary.json)."""
+    import random
+
+    from xbt.eval.report import write_report
+    from xbt.eval.runner import run_evaluation
+    from xbt.gallery import GalleryRetriever
+    from xbt.models import load_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log(f"[{name}] {timings[name]:.1f} s")
+
+    t = time.perf_counter()
+    if job.build_testbed:
+        from xbt.data.testbed import build_testbed
+
+        build_testbed(("old", "new"), show_progress=show_progress)
+    old, new = load_model(job.old), load_model(job.new)
+    eval_pairs = load_pairs_source(job.eval_data)
+    stage("1 models and data", t)
+
+    t = time.perf_counter()
+    galleries = cache_dir("galleries")
+    old_images = build_gallery(old, eval_pairs, "image", galleries, show_progress)
+    old_captions = build_gallery(old, eval_pairs, "text", galleries, show_progress)
+    # The ceiling: what a full backfill would give (the new model on a re-embedded gallery).
+    new_images = build_gallery(new, eval_pairs, "image", galleries, show_progress)
+    new_captions = build_gallery(new, eval_pairs, "text", galleries, show_progress)
+    stage("2 galleries", t)
+
+    t = time.perf_counter()
+    compat, xbt_dir, reused = train_or_reuse_xbt(job, show_progress)
+    stage("3 XBT training" + (" (reused)" if reused else ""), t)
+
+    t = time.perf_counter()
+    fit_pairs, fit_texts = load_pairs_source(job.fit_pairs), load_texts_source(job.fit_texts)
+    support = load_pairs_source(job.support) if job.support else None
+    methods: dict[str, Any] = {name: name for name in job.peers}
+    methods["XBT"] = compat
+    run = run_evaluation(
+        old, new, eval_pairs, methods, fit_texts=fit_texts, fit_pairs=fit_pairs, support_pairs=support,
+        seed=job.seed, skip_unfittable=True, show_progress=show_progress,
+        describe={"old": job.old, "new": job.new, "eval": job.eval_data, "fit_pairs": job.fit_pairs,
+                  "fit_texts": job.fit_texts, "support": job.support, "xbt": str(xbt_dir)},
+    )
+    results = run.to_results()
+    report_files = write_report(results, out / "report")
+    stage("4 evaluation and report", t)
+
+    t = time.perf_counter()
+    rng = random.Random(job.seed)
+    picks = sorted(rng.sample(range(len(eval_pairs)), min(job.n_example_queries, len(eval_pairs))))
+    text_queries = [eval_pairs[i].caption for i in picks]
+    text_truth = [{eval_pairs[i].image_id} for i in picks]
+    image_queries = [eval_pairs[i].image for i in picks]
+    image_truth = [{f"{eval_pairs[i].image_id}#0"} for i in picks]
+    text_rows = [("old model, old gallery", GalleryRetriever(old_images, old)),
+                 ("XBT upgrade, old gallery", GalleryRetriever(old_images, compat)),
+                 ("new model, full backfill", GalleryRetriever(new_images, new))]
+    image_rows = [("old model, old captions", GalleryRetriever(old_captions, old)),
+                  ("XBT upgrade, old captions", GalleryRetriever(old_captions, compat)),
+                  ("new model, full backfill", GalleryRetriever(new_captions, new))]
+    pictures = example_grids(text_rows, text_queries, "text", text_truth, out / "examples")
+    pictures += example_grids(image_rows, image_queries, "image", image_truth, out / "examples")
+    stage("5 example pictures", t)
+
+    summary = {
+        "results": str(report_files["results"]),
+        "report": {k: str(v) for k, v in report_files.items()},
+        "examples": [str(p) for p in pictures],
+        "xbt_model": str(xbt_dir),
+        "galleries": {"old_images": str(old_images.path), "old_captions": str(old_captions.path)},
+        "timings_s": timings,
+        "recommendation": results.get("recommendation"),
+        "matrix": results["matrix"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,87 @@
+"""The benchmark code under bench/ runs: its harness, one real figure on a tiny case, and the report.
+
+Benchmarks are not tests; this only keeps them from rotting between `make bench` runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _harness
+
+    return _harness
+
+
+def test_timing_and_memory_readings(bench):
+    t = bench.repeat(lambda: time.sleep(0.002), 3, warmup=0)
+    assert t.n == 3 and len(t.runs) == 3
+    assert 0.002 <= t.min <= t.median <= t.max
+    per_call = bench.repeat_fast(lambda: sum(range(100)), 2, target_s=0.01)
+    assert 0 < per_call.median < 0.01
+
+    with bench.PeakMemory() as mem:
+        block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
+        del block
+    assert mem.elapsed_s > 0
+    if mem.reset:  # Linux: the peak is this block's own
+        assert mem.peak_over_before_mib > 30
+
+
+def test_query_cost_figure_and_report(bench, tmp_path):
+    import torch
+
+    import query_cost
+    import report
+
+    out = tmp_path / "query_cost.json"
+    with torch.random.fork_rng():
+        bench.cli(query_cost.run, "smoke", query_cost.add_arguments,
+                  argv=["--quick", "--repeats", "1", "--new-dim", "16", "--old-dim", "8", "--hidden", "16", "--out", str(out),
+                        # the adapter is left out: its fit imports torch's optimisers (seconds), nothing of bench's
+                        "--methods", "xbt-mlp,xbt-linear,procrustes-text,affine,slerp"])
+    figure = json.loads(out.read_text())
+    methods = {r["method"] for r in figure["rows"]}
+    assert {"procrustes-text", "affine", "slerp"} <= methods
+    assert any(m.startswith("xbt projection (mlp") for m in methods)
+    assert {r["batch"] for r in figure["rows"]} == {1, 256}
+    assert all(r["us_1t"] > 0 and r["mflop_per_query"] > 0 for r in figure["rows"])
+    assert figure["goal"]["met"] in (True, False)
+    assert len(figure["load_average"]["start"]) == 3
+
+    page = report.render({"created": "now", "machine": bench.machine_info(), "threads": 1, "wall_s": 1.0,
+                          "figures": {"query_cost": figure}})
+    assert "## 1. Query-time cost" in page and "| method | batch |" in page
+    assert "Verdict:" in page and "procrustes-text" in page
+
+
+def test_gallery_helpers(bench):
+    import faiss
+
+    import gallery_search as g
+    from xbt.gallery.store import IndexConfig
+
+    vectors = g.synthetic_vectors(300, seed=0, dim=32, latent=8)
+    assert vectors.shape == (300, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(32))
+    flat.add_with_ids(vectors, np.arange(300))
+    assert g.index_bytes(flat) == 300 * 32 * 4 + 300 * 8
+    assert g.recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 2, 9]])) == pytest.approx(2 / 3)
+
+    # a default HNSW build projected past the budget at the next size is replaced by stated, smaller parameters
+    previous = {"n": 100_000, "rows": [{"kind": "hnsw", "build_s": 100.0, "default_params": True},
+                                       {"kind": "ivf", "build_s": 1.0, "default_params": True}]}
+    config, notes = g.budgeted_config(1_000_000, previous, budget_s=600)
+    assert (config.hnsw_m, config.hnsw_ef_construction) == (16, 64) and config.ivf_nlist is None
+    assert len(notes) == 1 and "HNSW" in notes[0]
+    config, notes = g.budgeted_config(1_000_000, previous, budget_s=10_000)
+    assert config == IndexConfig() and notes == []
