@@ -6,9 +6,11 @@ and calls `cli(run, description, add_arguments)`. The figure is written as JSON;
 every script in its own process (so one figure's memory never inflates another's), merges the figures into
 bench/results.json and renders docs/benchmarks.md from that file alone (bench/report.py).
 
-Timings are wall-clock medians of n repeats; the minimum is kept beside it. The machine is shared, so the
-load average at the start and end of every figure is recorded with it: a median measured at load 5 on two
-cores is slower than the same code on an idle machine, and the report says so.
+Timings are medians of n repeats; the minimum is kept beside it. The machine is shared, so the load average
+at the start and end of every figure is recorded with it: a median measured at load 5 on two cores is
+slower than the same code on an idle machine, and the report says so. Where a figure is about what code
+costs rather than how long a user waits, single-threaded CPU time is measured beside wall time: it leaves
+out the time the scheduler gave other jobs.
 """
 
 from __future__ import annotations
@@ -56,33 +58,39 @@ def summarise(runs: Sequence[float]) -> Timing:
     return Timing(statistics.median(runs), min(runs), max(runs), len(runs), runs)
 
 
-def repeat(fn: Callable[[], Any], n: int, warmup: int = 1) -> Timing:
-    """Time `fn()` n times after `warmup` untimed calls (which pay for lazy initialisation and caches)."""
+def repeat(fn: Callable[[], Any], n: int, warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Time `fn()` n times after `warmup` untimed calls (which pay for lazy initialisation and caches).
+
+    `clock`: wall time by default; `time.thread_time` gives the CPU time of a single-threaded call, which
+    leaves out the time the scheduler gave to other jobs (on a busy machine, most of the wall time)."""
     if n < 1:
         raise ValueError("n must be >= 1")
     for _ in range(warmup):
         fn()
     runs = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        runs.append(time.perf_counter() - t0)
+        runs.append(clock() - t0)
     return summarise(runs)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], n: int, warmup: int = 1) -> dict[str, Timing]:
+def interleaved(fns: dict[str, Callable[[], Any]], n: int, warmup: int = 1) -> tuple[dict[str, Timing], dict[str, Timing]]:
     """Time several variants round-robin (A B C A B C ...), so that a burst of load from another job hits
-    every variant alike instead of biasing whichever happened to run during it."""
+    every variant alike instead of biasing whichever happened to run during it. Returns the wall times
+    and the process CPU times (with one thread: the cost itself, without the time other jobs held the core)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    runs: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(n):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            runs[name].append(time.perf_counter() - t0)
-    return {name: summarise(r) for name, r in runs.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {k: summarise(v) for k, v in wall.items()}, {k: summarise(v) for k, v in cpu.items()}
 
 
 def calls_per_run(fn: Callable[[], Any], target_s: float = 0.05, max_calls: int = 10_000) -> int:
@@ -94,7 +102,8 @@ def calls_per_run(fn: Callable[[], Any], target_s: float = 0.05, max_calls: int 
     return int(max(1, min(max_calls, target_s / once)))
 
 
-def repeat_fast(fn: Callable[[], Any], n: int, target_s: float = 0.05) -> Timing:
+def repeat_fast(fn: Callable[[], Any], n: int, target_s: float = 0.05,
+                clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Like `repeat`, for calls of microseconds: each run is k back-to-back calls; reports seconds per call."""
     k = calls_per_run(fn, target_s)
 
@@ -102,7 +111,7 @@ def repeat_fast(fn: Callable[[], Any], n: int, target_s: float = 0.05) -> Timing
         for _ in range(k):
             fn()
 
-    t = repeat(block, n, warmup=1)
+    t = repeat(block, n, warmup=1, clock=clock)
     return summarise([r / k for r in t.runs])
 
 
@@ -161,17 +170,19 @@ def release_memory() -> None:
 
 
 class PeakMemory:
-    """Time, peak and growth of resident memory over a block of code run once (a build, a training):
-    `with PeakMemory() as m: ...` then m.elapsed_s, m.peak_mib, m.delta_mib, m.peak_over_before_mib."""
+    """Time, CPU time, peak and growth of resident memory over a block of code run once (a build, a
+    training): `with PeakMemory() as m: ...` then m.elapsed_s, m.cpu_s (all threads of the process),
+    m.peak_mib, m.delta_mib, m.peak_over_before_mib."""
 
     def __enter__(self) -> PeakMemory:
         self.reset = reset_peak_rss()
         self.before_mib = rss_mib()
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.elapsed_s = time.perf_counter() - self.t0
+        self.cpu_s = time.process_time() - self.c0
         self.after_mib = rss_mib()
         self.peak_mib = peak_rss_mib()
         self.delta_mib = self.after_mib - self.before_mib
@@ -242,6 +253,19 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def theoretical_peak_gflops() -> float | None:
+    """float32 peak of all cores: clock x 32 FLOP per cycle (two 256-bit FMA units, as AVX2 cores of the
+    last decade have) x cores. None where the clock or AVX2+FMA is unknown."""
+    if not {"avx2", "fma"} <= set(cpu_flags()):
+        return None
+    try:
+        mhz = next(float(line.split(":", 1)[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return mhz / 1000 * 32 * (os.cpu_count() or 1)
+
+
 def library_versions() -> dict[str, str]:
     """Installed versions, read from package metadata (importing transformers & co. would take seconds)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -276,8 +300,9 @@ def sgemm_gflops(n_threads: int, size: int = 1024, repeats: int = 5) -> float:
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
+    clock = time.thread_time if n_threads == 1 else time.perf_counter  # one thread: its CPU time, not others' share
     with threads(n_threads):
-        t = repeat(lambda: a @ b, repeats, warmup=2)
+        t = repeat(lambda: a @ b, repeats, warmup=2, clock=clock)
     return 2 * size**3 / t.min / 1e9
 
 

@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "figure": "gallery",
         "title": "Gallery search: exact, HNSW and IVF",
-        "description": (f"{DIM}-d synthetic unit vectors (64-d latent + noise), {args.n_queries} held-out queries, "
+        "description": (f"{DIM}-d synthetic unit vectors ('clustered': 1,000 centres in a 64-d latent, spread, noise; "
+                        f"'unclustered': a plain 64-d latent, a harder case), {args.n_queries} held-out queries, "
                         f"k={K}. Builds on {args.build_threads} thread(s), timed once (n=1); searches on "
                         f"{args.threads} thread(s), median of n runs: a batch of {args.n_queries} queries "
                         f"(queries/s) and {args.n_single} queries one at a time (latency)."),

@@ -74,7 +74,7 @@ def figure_section(number: int, fig: dict[str, Any]) -> list[str]:
         lines += ["No rows: nothing was measured (see the notes).", ""]
     goal = fig.get("goal")
     if goal:
-        lines += [f"**Goal:** {goal['statement']}. **Verdict: {verdict(goal)}.** {goal['detail']}", ""]
+        lines += [f"**Goal:** {goal['statement']}. Verdict: {verdict(goal)}. {goal['detail']}", ""]
     for note in fig.get("notes") or []:
         lines.append(f"- {note}")
     if fig.get("notes"):

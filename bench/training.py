@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,18 @@ def instrumented_training(config: Path, out: Path, quick: bool) -> dict[str, Any
     if quick:
         cfg.max_pairs, cfg.stage1.epochs, cfg.stage2.epochs = 32, 1, 1
     peaks: dict[str, float] = {}
-    marks = {"reset": h.reset_peak_rss(), "phase": "prepare"}
+    cpu: dict[str, float] = {}
+    marks: dict[str, Any] = {"reset": h.reset_peak_rss(), "phase": "prepare", "cpu0": time.process_time()}
+
+    def end_phase() -> None:
+        peaks[marks["phase"]] = h.peak_rss_mib()
+        cpu[marks["phase"]] = time.process_time() - marks["cpu0"]
 
     def bracketed(name: str, stage_fn):
         def run_stage(*args: Any, **kwargs: Any) -> Any:
-            peaks[marks["phase"]] = h.peak_rss_mib()  # the phase before this one ends here
+            end_phase()  # the phase before this one ends here
             h.reset_peak_rss()
-            marks["phase"] = name
+            marks["phase"], marks["cpu0"] = name, time.process_time()
             return stage_fn(*args, **kwargs)
         return run_stage
 
@@ -51,11 +57,16 @@ def instrumented_training(config: Path, out: Path, quick: bool) -> dict[str, Any
             train_xbt(cfg, out, show_progress=False)
     finally:
         train.run_stage1, train.run_stage2 = original
-    peaks[marks["phase"] + "+save"] = h.peak_rss_mib()
+    end_phase()  # the last stage, with saving the artifact
     report = json.loads((out / "training_report.json").read_text())
     return {"config": cfg.to_dict(), "report_timings_s": report.get("timings", {}), "phase_peak_rss_mib": peaks,
+            "phase_cpu_s": cpu, "last_phase_includes_save": marks["phase"], "cpu_s": whole.cpu_s,
             "peak_reset_supported": marks["reset"], "wall_s": whole.elapsed_s,
             "n_pairs": report.get("n_pairs"), "n_corpus": report.get("n_corpus")}
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,6 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base = {"figure": "training", "title": "Training: time and peak memory of each XBT stage",
             "columns": [h.column("phase", "phase"), h.column("seconds", "seconds (n=1)", "{:.1f}"),
+                        h.column("cpu_s", "CPU seconds", "{:.1f}"),
                         h.column("peak_rss_mib", "peak RSS MiB", "{:,.0f}"), h.column("what", "what it does")],
             "goal": None}
     if args.worker:
@@ -78,22 +90,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h.run_script(__file__, ["--worker", out, "--config", args.config, "--threads", args.threads,
                                 "--out", result_path] + (["--quick"] if args.quick else []))
         result = json.loads(result_path.read_text())
-    cfg, timings, peaks = result["config"], result["report_timings_s"], result["phase_peak_rss_mib"]
+    cfg, timings, peaks, cpu = result["config"], result["report_timings_s"], result["phase_peak_rss_mib"], result["phase_cpu_s"]
     lora = cfg["stage2"]["lora"]
     what = {
         "prepare": "load both models, embed (or read cached) corpus and pair features",
-        "stage1": f"text-only projection training: {result['n_corpus']} captions, {cfg['stage1']['epochs']} epochs, "
+        "stage1": f"text-only projection training: {result['n_corpus']} captions, {plural(cfg['stage1']['epochs'], 'epoch')}, "
                   f"batch {cfg['stage1']['batch_size']}",
         "stage2": f"LoRA (r={lora['r']}, text tower) + projection on {result['n_pairs']} image-text pairs, "
-                  f"{cfg['stage2']['epochs']} epochs, batch {cfg['stage2']['batch_size']}",
+                  f"{plural(cfg['stage2']['epochs'], 'epoch')}, batch {cfg['stage2']['batch_size']}",
     }
     rows = []
     for phase in ("prepare", "stage1", "stage2"):
         seconds = timings.get(f"{phase}_s")
-        peak = peaks.get(phase, peaks.get(phase + "+save"))
         if seconds is not None:
-            rows.append({"phase": phase, "seconds": seconds, "peak_rss_mib": peak, "what": what[phase]})
-    rows.append({"phase": "total", "seconds": result["wall_s"], "peak_rss_mib": max(peaks.values()),
+            saved = " (peak and CPU include saving the artifact)" if phase == result["last_phase_includes_save"] else ""
+            rows.append({"phase": phase, "seconds": seconds, "cpu_s": cpu.get(phase), "peak_rss_mib": peaks.get(phase),
+                         "what": what[phase] + saved})
+    rows.append({"phase": "total", "seconds": result["wall_s"], "cpu_s": result["cpu_s"], "peak_rss_mib": max(peaks.values()),
                  "what": "train_xbt end to end, saving included"})
     notes = [f"One run (n=1): a full training run takes minutes; stage times come from the library's "
              f"training_report.json, on {args.threads} thread(s).",

@@ -131,3 +131,26 @@ def test_resume_refuses_another_config(tiny_setup, tmp_path):
 def test_config_rejects_unknown_keys():
     with pytest.raises(InputError, match="unknown"):
         XBTConfig.from_dict({"stage3": {}})
+
+
+def test_chained_upgrade_serves_the_first_space(tiny_setup, tmp_path):
+    from xbt.compat.xbt import chain
+
+    cfg, v1, v2 = tiny_setup
+    torch.manual_seed(7)
+    v3 = load_model(cfg.old)  # same architecture and dimension as v1, other weights: a different space
+    assert v3.space != v1.space
+    c21 = train_xbt(cfg, tmp_path / "c21", old=v1, new=_fresh_new(cfg, v2), show_progress=False)
+    cfg32 = XBTConfig.from_dict(cfg.to_dict() | {"old": cfg.new, "new": cfg.old})
+    c32 = train_xbt(cfg32, tmp_path / "c32", old=v2, new=v3, show_progress=False)
+    chained = chain(CompatibleModel.from_pretrained(tmp_path / "c32", new_model=v3), c21)
+    assert chained.space == v1.space
+    texts = ["a red apple", "two birds in the sky"]
+    expected = torch.nn.functional.normalize(
+        c21.projection(torch.nn.functional.normalize(c32.encode_text(texts), dim=-1)), dim=-1)
+    torch.testing.assert_close(chained.encode_text(texts), expected, atol=1e-5, rtol=1e-4)
+    chained.save_pretrained(tmp_path / "c31")
+    reloaded = CompatibleModel.from_pretrained(tmp_path / "c31", new_model=CompatibleModel.from_pretrained(tmp_path / "c32", new_model=v3))
+    torch.testing.assert_close(reloaded.encode_text(texts), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(SpaceMismatchError):
+        chain(c21, c21)  # c21 emits v1 vectors, but c21 expects v2 input

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from xbt.errors import AssetMissingError, SpaceMismatchError
+from xbt.errors import AssetMissingError, InputError, SpaceMismatchError
 from xbt.models.base import EmbeddingSpace, VLPModel, write_json
 
 CONFIG_NAME = "compat_config.json"
@@ -254,3 +254,15 @@ class CompatibleModel(VLPModel):
         model.spec = f"compat:{path}"  # resolvable: a chained upgrade can name this model as its new model
         model.eval()
         return model
+
+
+def chain(newer: CompatibleModel, older: CompatibleModel) -> CompatibleModel:
+    """Chained upgrade without retraining: `newer` maps v3 into v2's space, `older` maps v2 into v1's.
+    The result runs v3 (with newer's adapters), then newer's projection, then older's projection, and
+    declares v1's space, so it serves a v1 gallery. (older's LoRA adapters adapt v2, which the chain
+    no longer runs; only its projection is used.)"""
+    older.new_space_at_training.check(newer.space, "the newer compatible model's vectors")
+    if not (Path(newer.spec.removeprefix("compat:")) / CONFIG_NAME).exists():
+        raise InputError("chain() needs the newer compatible model loaded from disk (load_model('compat:PATH'))"
+                         " so that the chained model can be saved and loaded again")
+    return CompatibleModel(newer, older.projection, older.old_space, newer.spec)

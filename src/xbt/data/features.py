@@ -82,34 +82,30 @@ class FeatureCache:
         return np.stack([self._index[k] for k in keys])
 
 
-def cached_image_features(
+def cached_features(
     encoder_id: str,
     encode: Callable[[list[str]], np.ndarray],
-    images: Sequence[str],
-    batch_size: int = 32,
-    label: str = "image features",
+    items: Sequence[str],
+    modality: str,
+    chunk_size: int = 256,
+    label: str = "features",
     show_progress: bool = True,
 ) -> np.ndarray:
-    """`encode(paths) -> (n, d)` applied once per distinct image content, cached under `encoder_id`."""
+    """`encode(items) -> (n, d)` applied once per distinct content (an image file's bytes, a text's
+    characters), cached under `encoder_id`; a chunk is durable as soon as it is computed."""
     from xbt.progress import progress_bar
 
-    keys = [file_key(p) for p in images]
-    cache = FeatureCache(encoder_id)
-    with progress_bar(len(images), label, show_progress) as advance:
-        return cache.get_or_compute(keys, lambda idx: encode([images[i] for i in idx]), batch_size * 8, advance)
+    key = file_key if modality == "image" else text_key
+    keys = [key(item) for item in items]
+    with progress_bar(len(items), label, show_progress) as advance:
+        return FeatureCache(encoder_id).get_or_compute(keys, lambda idx: encode([items[i] for i in idx]), chunk_size, advance)
 
 
-def cached_text_features(
-    encoder_id: str,
-    encode: Callable[[list[str]], np.ndarray],
-    texts: Sequence[str],
-    batch_size: int = 64,
-    label: str = "text features",
-    show_progress: bool = True,
-) -> np.ndarray:
-    from xbt.progress import progress_bar
+def cached_image_features(encoder_id: str, encode: Callable[[list[str]], np.ndarray], images: Sequence[str],
+                          label: str = "image features", show_progress: bool = True) -> np.ndarray:
+    return cached_features(encoder_id, encode, images, "image", label=label, show_progress=show_progress)
 
-    keys = [text_key(t) for t in texts]
-    cache = FeatureCache(encoder_id)
-    with progress_bar(len(texts), label, show_progress) as advance:
-        return cache.get_or_compute(keys, lambda idx: encode([texts[i] for i in idx]), batch_size * 8, advance)
+
+def cached_text_features(encoder_id: str, encode: Callable[[list[str]], np.ndarray], texts: Sequence[str],
+                         label: str = "text features", show_progress: bool = True) -> np.ndarray:
+    return cached_features(encoder_id, encode, texts, "text", chunk_size=512, label=label, show_progress=show_progress)

@@ -527,6 +527,7 @@ def train_xbt(
     if ctx.is_main:
         model.save_pretrained(out, extra={"training": {"pairs": cfg.train_pairs, "n_pairs": len(pairs), "corpus": cfg.text_corpus}})
         (out / "training_report.json").write_text(json.dumps(report, indent=1))
+    model.spec = f"compat:{out}"  # loadable by this name from now on (e.g. as the newer half of a chain)
     ctx.barrier()  # the artifact is complete when any rank returns
     return model
 
