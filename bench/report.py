@@ -138,7 +138,9 @@ def render(results: dict[str, Any]) -> str:
         "python bench/report.py                    # re-render this page from bench/results.json",
         "```",
         "",
-        "Each script under bench/ also runs on its own (`--help`, `--quick`).",
+        "Each script under bench/ also runs on its own (`--help`, `--quick`). Not part of this page: "
+        "bench/ray_embed.py (the Ray embedding engine against the local one) and bench/eval_scaling.py (one "
+        "large evaluation run) write their own files under bench/results/.",
         "",
     ]
     return "\n".join(lines)

@@ -113,10 +113,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "The feature cache was used as found (a warm cache makes `prepare` mostly model loading)."]
     if not result["peak_reset_supported"]:
         notes.append("This kernel cannot reset the peak-RSS mark: every phase's peak counts from process start.")
+    config = Path(args.config).resolve()
+    shown = str(config.relative_to(h.REPO)) if config.is_relative_to(h.REPO) else str(config)
     return {**base,
-            "description": f"`train_xbt` with {Path(args.config).name}" + (" (quick: 32 pairs, 1 epoch per stage)" if args.quick else ""),
-            "params": {"config": str(Path(args.config).relative_to(h.REPO)) if Path(args.config).is_relative_to(h.REPO) else str(args.config),
-                       "overrides": {"max_pairs": 32, "epochs": 1} if args.quick else {}},
+            "description": f"`train_xbt` with {shown}" + (" (quick: 32 pairs, 1 epoch per stage)" if args.quick else ""),
+            "params": {"config": shown, "overrides": {"max_pairs": 32, "epochs": 1} if args.quick else {}},
             "rows": rows, "raw": result, "notes": notes}
 
 

@@ -184,6 +184,6 @@ if __name__ == "__main__":
     parser.add_argument("--variants", default="", help="comma-separated ablation names to run (default: all)")
     parser.add_argument("--no-curve", action="store_true", help="skip the data-efficiency curve")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(__import__('os').environ.get('XBT_THREADS', '2')))
     np.set_printoptions(precision=3)
     run(args.split, args.out, args.config, args.quick, [v for v in args.variants.split(",") if v], not args.no_curve)

@@ -77,11 +77,17 @@ def test_gallery_helpers(bench):
     assert g.index_bytes(flat) == 300 * 32 * 4 + 300 * 8
     assert g.recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 2, 9]])) == pytest.approx(2 / 3)
 
-    # a default HNSW build projected past the budget at the next size is replaced by stated, smaller parameters
-    previous = {"n": 100_000, "rows": [{"kind": "hnsw", "build_s": 100.0, "default_params": True},
-                                       {"kind": "ivf", "build_s": 1.0, "default_params": True}]}
+    # a default HNSW build projected past the budget at the next size (100 s x 12 = 1200 s) is replaced by the
+    # first calibrated setting projected to fit, and the page says so
+    calibration = [{"m": m, "ef_construction": efc, "build_s": t}
+                   for (m, efc), t in zip(g.HNSW_LADDER, [10.0, 4.0, 2.0, 1.0, 0.5])]
+    previous = {"n": 100_000, "hnsw_calibration": calibration,
+                "rows": [{"kind": "hnsw", "build_s": 100.0, "default_params": True},
+                         {"kind": "ivf", "build_s": 1.0, "default_params": True}]}
     config, notes = g.budgeted_config(1_000_000, previous, budget_s=600)
-    assert (config.hnsw_m, config.hnsw_ef_construction) == (16, 64) and config.ivf_nlist is None
-    assert len(notes) == 1 and "HNSW" in notes[0]
+    assert (config.hnsw_m, config.hnsw_ef_construction) == g.HNSW_LADDER[1] and config.ivf_nlist is None
+    assert len(notes) == 1 and "HNSW" in notes[0] and "M=16" in notes[0]
+    config, _ = g.budgeted_config(1_000_000, previous, budget_s=300)
+    assert (config.hnsw_m, config.hnsw_ef_construction) == g.HNSW_LADDER[2]
     config, notes = g.budgeted_config(1_000_000, previous, budget_s=10_000)
     assert config == IndexConfig() and notes == []

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+# Each test starts Ray (about 10 s here) and the first runs a whole job on it: minutes on 2 shared cores.
+pytestmark = pytest.mark.slow
 from gallery_support import make_images, save_tiny_openclip
 
 from xbt.gallery.ingest import GalleryItem, ingest, items_from_folder

@@ -96,6 +96,9 @@ class SentenceTransformerTower(LockedTower):
     def __init__(self, source: str):
         super().__init__()
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in every command
 
         self.source = source
         path = resolve_text_tower(source)
