@@ -50,6 +50,7 @@ def instrumented_training(config: Path, out: Path, quick: bool) -> dict[str, Any
             return stage_fn(*args, **kwargs)
         return run_stage
 
+    cache_before = features_bytes()
     original = train.run_stage1, train.run_stage2
     train.run_stage1, train.run_stage2 = bracketed("stage1", original[0]), bracketed("stage2", original[1])
     try:
@@ -62,7 +63,16 @@ def instrumented_training(config: Path, out: Path, quick: bool) -> dict[str, Any
     return {"config": cfg.to_dict(), "report_timings_s": report.get("timings", {}), "phase_peak_rss_mib": peaks,
             "phase_cpu_s": cpu, "last_phase_includes_save": marks["phase"], "cpu_s": whole.cpu_s,
             "peak_reset_supported": marks["reset"], "wall_s": whole.elapsed_s,
-            "n_pairs": report.get("n_pairs"), "n_corpus": report.get("n_corpus")}
+            "n_pairs": report.get("n_pairs"), "n_corpus": report.get("n_corpus"),
+            "feature_cache_growth_mib": (features_bytes() - cache_before) / 2**20}
+
+
+def features_bytes() -> int:
+    """Size of the feature cache under XBT_HOME: growth during training means `prepare` embedded data anew."""
+    from xbt.paths import xbt_home
+
+    root = xbt_home() / "features"
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
 
 def plural(n: int, word: str) -> str:
@@ -110,7 +120,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "what": "train_xbt end to end, saving included"})
     notes = [f"One run (n=1): a full training run takes minutes; stage times come from the library's "
              f"training_report.json, on {args.threads} thread(s).",
-             "The feature cache was used as found (a warm cache makes `prepare` mostly model loading)."]
+             "The feature cache under XBT_HOME was used as found: "
+             + (f"it lacked some features, and `prepare` embedded them ({result['feature_cache_growth_mib']:.1f} MiB "
+                "written), so its time includes encoding with both models."
+                if result["feature_cache_growth_mib"] > 0.01 else
+                "it held every feature, so `prepare` is loading the two models and reading cached features; on a "
+                "fresh machine it also encodes the corpus and the pair images with both models (see the encoding "
+                "figure for those rates).")]
     if not result["peak_reset_supported"]:
         notes.append("This kernel cannot reset the peak-RSS mark: every phase's peak counts from process start.")
     config = Path(args.config).resolve()

@@ -79,11 +79,11 @@ def test_gallery_helpers(bench):
 
     # a default HNSW build projected past the budget at the next size (100 s x 12 = 1200 s) is replaced by the
     # first calibrated setting projected to fit, and the page says so
-    calibration = [{"m": m, "ef_construction": efc, "build_s": t}
+    calibration = [{"m": m, "ef_construction": efc, "build_cpu_s": t}
                    for (m, efc), t in zip(g.HNSW_LADDER, [10.0, 4.0, 2.0, 1.0, 0.5])]
     previous = {"n": 100_000, "hnsw_calibration": calibration,
-                "rows": [{"kind": "hnsw", "build_s": 100.0, "default_params": True},
-                         {"kind": "ivf", "build_s": 1.0, "default_params": True}]}
+                "rows": [{"kind": "hnsw", "build_idle_s": 100.0, "default_params": True},
+                         {"kind": "ivf", "build_idle_s": 1.0, "default_params": True}]}
     config, notes = g.budgeted_config(1_000_000, previous, budget_s=600)
     assert (config.hnsw_m, config.hnsw_ef_construction) == g.HNSW_LADDER[1] and config.ivf_nlist is None
     assert len(notes) == 1 and "HNSW" in notes[0] and "M=16" in notes[0]
