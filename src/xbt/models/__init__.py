@@ -46,5 +46,7 @@ def load_model(spec: str) -> VLPModel:
         from xbt.data.testbed import testbed_model_dir
         from xbt.models.lit import LitModel
 
-        return LitModel.from_pretrained(testbed_model_dir(rest))
+        model = LitModel.from_pretrained(testbed_model_dir(rest))
+        model.spec = spec
+        return model
     raise InputError(f"unknown model backend {kind!r} in {spec!r}; use openclip, hf, lit, compat or testbed")

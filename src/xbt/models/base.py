@@ -75,7 +75,8 @@ class VLPModel(nn.Module, ABC):
     in `self.space`, batch by batch, with results independent of the batch size.
     """
 
-    spec: str = ""
+    spec: str = ""  # how to load this model again (a spec string load_model resolves)
+    space_name: str = ""  # the name in its EmbeddingSpace, when it should not change with the load path
 
     @property
     @abstractmethod
@@ -103,7 +104,8 @@ class VLPModel(nn.Module, ABC):
     def space(self) -> EmbeddingSpace:
         cached = getattr(self, "_space_cache", None)
         if cached is None:
-            cached = EmbeddingSpace(self.spec or type(self).__name__, self.embed_dim, weights_fingerprint(self))
+            name = getattr(self, "space_name", None) or self.spec or type(self).__name__
+            cached = EmbeddingSpace(name, self.embed_dim, weights_fingerprint(self))
             object.__setattr__(self, "_space_cache", cached)
         return cached
 

@@ -52,7 +52,8 @@ class LitModel(VLPModel):
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
         self._embed_dim = embed_dim
         self.name = name
-        self.spec = f"lit:{name}"
+        self.space_name = f"lit:{name}"  # stable wherever the folder lives
+        self.spec = self.space_name
 
     # ----- VLPModel ---------------------------------------------------------------------------
     @property
@@ -106,6 +107,7 @@ class LitModel(VLPModel):
         config = json.loads((path / CONFIG_NAME).read_text())
         model = cls(config["image_tower"], config["text_tower"], int(config["embed_dim"]), config.get("name", path.name))
         model.load_heads(load_file(str(path / WEIGHTS_NAME)))
+        model.spec = f"lit:{path}"
         model.eval()
         return model
 
