@@ -180,7 +180,8 @@ def markdown(results: dict) -> str:
             if r["k"] == 1:
                 rows.setdefault((r["method"], r["n_pairs"]), {})[r["direction"]] = r
         for (method, n_pairs), cells in sorted(rows.items()):
-            lines.append(f"| {method} | {n_pairs} | {_e(cells['t2i'])} | {_e(cells['i2t'])} |")
+            t2i, i2t = ({"value": c["recall"], "low": c["low"], "high": c["high"]} for c in (cells["t2i"], cells["i2t"]))
+            lines.append(f"| {method} | {n_pairs} | {_e(t2i)} | {_e(i2t)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -24,6 +24,7 @@ from xbt.data.pairs import Pair
 from xbt.errors import InputError
 from xbt.models.base import VLPModel
 from xbt.paths import cache_dir
+from xbt.train.xbt import resolve_corpus, resolve_pairs
 
 
 @dataclass
@@ -49,18 +50,6 @@ class UpgradeJob:
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def load_pairs_source(source: str) -> list[Pair]:
-    from xbt.data.datasets import open_dataset
-
-    return open_dataset(source)
-
-
-def load_texts_source(source: str) -> list[str]:
-    from xbt.eval.runner import load_texts
-
-    return load_texts(source)
 
 
 # ----- step 2: the old galleries --------------------------------------------------------------------
@@ -98,8 +87,8 @@ def train_or_reuse_xbt(job: UpgradeJob, show_progress: bool = True):
     })
     new = load_model(cfg.new)
     old = load_model(cfg.old)
-    data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in load_pairs_source(job.fit_pairs)],
-                      load_texts_source(job.fit_texts))
+    data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in resolve_pairs(job.fit_pairs)],
+                      resolve_corpus(job.fit_texts))
     out = cache_dir("runs") / f"xbt-{_digest(cfg.to_dict(), data_id)}"
     if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
         return CompatibleModel.from_pretrained(out, new_model=new), out, True
@@ -183,7 +172,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
         build_testbed(("old", "new"), show_progress=show_progress)
     old, new = load_model(job.old), load_model(job.new)
-    eval_pairs = load_pairs_source(job.eval_data)
+    eval_pairs = resolve_pairs(job.eval_data)
     stage("1 models and data", t)
 
     t = time.perf_counter()
@@ -200,8 +189,8 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     stage("3 XBT training" + (" (reused)" if reused else ""), t)
 
     t = time.perf_counter()
-    fit_pairs, fit_texts = load_pairs_source(job.fit_pairs), load_texts_source(job.fit_texts)
-    support = load_pairs_source(job.support) if job.support else None
+    fit_pairs, fit_texts = resolve_pairs(job.fit_pairs), resolve_corpus(job.fit_texts)
+    support = resolve_pairs(job.support) if job.support else None
     methods: dict[str, Any] = {name: name for name in job.peers}
     methods["XBT"] = compat
     run = run_evaluation(

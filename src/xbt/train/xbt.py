@@ -147,25 +147,15 @@ class TrainingData:
 
 
 def resolve_pairs(source: str) -> list[Pair]:
-    if source.startswith("testbed:"):
-        from xbt.data.testbed import load_split
+    from xbt.data.datasets import open_dataset
 
-        return load_split(source.removeprefix("testbed:"))
-    from xbt.data import datasets
-
-    opener = getattr(datasets, "open_dataset", None)
-    return opener(source) if opener else datasets.load_pairs(source)
+    return open_dataset(source)
 
 
 def resolve_corpus(source: str) -> list[str]:
-    if source == "testbed:text_corpus":
-        from xbt.data.testbed import load_text_corpus
+    from xbt.eval.runner import load_texts
 
-        return load_text_corpus()
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise InputError(f"text corpus not found: {path} (a text file, one caption per line)")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return load_texts(source)
 
 
 def subsample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
