@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# Each test starts Ray (about 10 s here) and the first runs a whole job on it: minutes on 2 shared cores.
-pytestmark = pytest.mark.slow
 from gallery_support import make_images, save_tiny_openclip
 
 from xbt.gallery.ingest import GalleryItem, ingest, items_from_folder
@@ -16,6 +14,9 @@ from xbt.gallery.store import Gallery
 from xbt.models import load_model
 from xbt.scale.ray_embed import RayOptions, embed_items
 from xbt.scale.vectors import Manifest, read_vectors
+
+# Each test starts Ray (about 10 s here) and the first runs a whole job on it: minutes on 2 shared cores.
+pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
