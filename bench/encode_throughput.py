@@ -12,10 +12,13 @@ For images, four timings of the same N images at the same batch size (the pipeli
 For texts: pipeline = `model.encode_text(texts)`, tokenise = the tokenizer alone, bare = `forward_text`
 on pre-tokenised batches.
 
-Two overheads are reported. *Wrapper overhead* is what xbt's code adds to the work any caller must do:
-images wrapper/bare - 1, texts pipeline/(tokenise + bare) - 1, on CPU time (on one thread, the cost
-itself, without the share of a busy machine other jobs took; the wall-time figure is kept in the JSON).
-The goal (at most 10%) is about that.
+The goal (at most 10%) is about the *wrapper overhead*: what xbt's code adds to the work any caller of the
+model must do anyway (decode and preprocess, or tokenise, then forward). It is measured two ways:
+  directly   the wrapper's own CPU time with the model's forward (and tokenizer) stubbed out on the
+             instance, as a share of the bare work: precise, and what the verdict uses;
+  paired     images wrapper/bare - 1, texts pipeline/(tokenise + bare) - 1, on CPU time (one thread: the
+             cost itself, without the share of a busy machine other jobs took); a cross-check whose
+             run-to-run noise on a shared machine (several %) is larger than the overhead itself.
 *Overhead incl. preprocessing* is pipeline/bare - 1: it adds decoding, resizing and tokenising, which a
 caller of the bare model pays too, and is listed so nobody mistakes the forward rate for the end-to-end
 one. The variants are timed round-robin and each overhead is the median of the per-round ratios, so that
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,40 @@ def paired_overhead(num: list[float], den: list[float]) -> float:
     return 100 * (statistics.median(a / b for a, b in zip(num, den)) - 1)
 
 
+def ratio_range(num: list[float], den: list[float]) -> tuple[float, float]:
+    """Smallest and largest per-round num/den - 1, in percent: the noise band of a paired overhead."""
+    ratios = [100 * (a / b - 1) for a, b in zip(num, den)]
+    return min(ratios), max(ratios)
+
+
+def wrapper_own_cost_s(model: Any, images: list[str] | torch.Tensor, texts: list[str] | None, batch: int,
+                       repeats: int) -> float:
+    """CPU seconds xbt's encode wrapper spends per call when the model's own work costs nothing: the
+    forward (and for texts the tokenizer, which a caller of the bare model runs too) replaced, on this
+    instance only, by returning outputs computed beforehand. This is the wrapper's overhead measured
+    directly, below the run-to-run noise of timing whole forwards on a shared machine."""
+    n = len(texts) if texts is not None else len(images)
+    outputs = torch.randn(n, model.embed_dim)
+    position = {"start": 0}
+
+    def precomputed(_: Any) -> torch.Tensor:
+        start = position["start"]
+        position["start"] = (start + batch) % n if start + batch < n else 0
+        return outputs[start : start + batch]
+
+    name = "forward_text" if texts is not None else "forward_image"
+    stubs = {name: precomputed} | ({"tokenize": lambda batch_texts: None} if texts is not None else {})
+    for attr, fn in stubs.items():
+        object.__setattr__(model, attr, fn)
+    try:
+        call = ((lambda: model.encode_text(texts, batch_size=batch)) if texts is not None
+                else (lambda: model.encode_image(images, batch_size=batch)))
+        return h.repeat_fast(call, repeats, target_s=0.05, clock=time.thread_time).median
+    finally:
+        for attr in stubs:
+            object.__delattr__(model, attr)
+
+
 def bench_model(spec: str, images: list[str], texts: list[str], repeats: int,
                 image_batch: int, text_batch: int) -> list[dict[str, Any]]:
     """Two rows (images, texts) for one model."""
@@ -111,13 +149,18 @@ def bench_model(spec: str, images: list[str], texts: list[str], repeats: int,
     }, repeats)
     # what a caller of the bare model does for texts: tokenise, then forward
     text_work = {k: [a + b for a, b in zip(t["tokenise"].runs, t["bare"].runs)] for k, t in (("wall", tw), ("cpu", tc))}
+    h.log(f"{spec}: the wrapper's own work")
+    own_image_s = wrapper_own_cost_s(model, pixels, None, image_batch, repeats)
+    own_text_s = wrapper_own_cost_s(model, None, texts, text_batch, repeats)
     ni, nt = len(images), len(texts)
     image_row = {
         "model": spec, "input": f"{ni} images",
         "pipeline_per_s": ni / iw["pipeline"].median, "wrapper_per_s": ni / iw["wrapper"].median,
         "bare_per_s": ni / iw["bare"].median, "bare_per_cpu_s": ni / ic["bare"].median,
         "prepare_per_s": ni / iw["preprocess"].median,
+        "wrapper_own_ms": own_image_s * 1e3, "wrapper_own_pct": 100 * own_image_s / ic["bare"].median,
         "wrapper_overhead_pct": paired_overhead(ic["wrapper"].runs, ic["bare"].runs),
+        "wrapper_overhead_range_pct": ratio_range(ic["wrapper"].runs, ic["bare"].runs),
         "wrapper_overhead_wall_pct": paired_overhead(iw["wrapper"].runs, iw["bare"].runs),
         "overhead_incl_prep_pct": paired_overhead(ic["pipeline"].runs, ic["bare"].runs),
         "timings_s": {"wall": {k: v.to_dict() for k, v in iw.items()}, "cpu": {k: v.to_dict() for k, v in ic.items()}},
@@ -127,7 +170,9 @@ def bench_model(spec: str, images: list[str], texts: list[str], repeats: int,
         "pipeline_per_s": nt / tw["pipeline"].median, "wrapper_per_s": None,
         "bare_per_s": nt / tw["bare"].median, "bare_per_cpu_s": nt / tc["bare"].median,
         "prepare_per_s": nt / tw["tokenise"].median,
+        "wrapper_own_ms": own_text_s * 1e3, "wrapper_own_pct": 100 * own_text_s / statistics.median(text_work["cpu"]),
         "wrapper_overhead_pct": paired_overhead(tc["pipeline"].runs, text_work["cpu"]),
+        "wrapper_overhead_range_pct": ratio_range(tc["pipeline"].runs, text_work["cpu"]),
         "wrapper_overhead_wall_pct": paired_overhead(tw["pipeline"].runs, text_work["wall"]),
         "overhead_incl_prep_pct": paired_overhead(tc["pipeline"].runs, tc["bare"].runs),
         "timings_s": {"wall": {k: v.to_dict() for k, v in tw.items()}, "cpu": {k: v.to_dict() for k, v in tc.items()}},
@@ -151,9 +196,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except AssetMissingError as exc:
                 notes.append(f"{spec} skipped: {exc}")
                 h.log(notes[-1])
-    worst = max((r["wrapper_overhead_pct"] for r in rows), default=None)
-    detail = "; ".join(f"{r['model']} {r['input'].split()[-1]}: {r['wrapper_overhead_pct']:+.1f}% "
-                       f"(wall time: {r['wrapper_overhead_wall_pct']:+.1f}%)" for r in rows)
+    worst = max((r["wrapper_own_pct"] for r in rows), default=None)
+    worst_paired = max((r["wrapper_overhead_pct"] for r in rows), default=None)
+    detail = "; ".join(f"{r['model']} {r['input'].split()[-1]}: {r['wrapper_own_pct']:.2f}% "
+                       f"({r['wrapper_own_ms']:.2f} ms per call)" for r in rows)
+    if rows:
+        lo = min(r["wrapper_overhead_range_pct"][0] for r in rows)
+        hi = max(r["wrapper_overhead_range_pct"][1] for r in rows)
+        detail = (f"Measured directly (the wrapper's own CPU time with the model's work stubbed out), as a share of "
+                  f"the bare work: {detail}. Cross-check, timing whole runs: median paired overheads of at most "
+                  f"{worst_paired:+.1f}% ('wrapper overhead' column), within a run-to-run noise band of "
+                  f"{lo:+.0f}% to {hi:+.0f}% on this shared machine.")
     image_rows = [r for r in rows if r["input"].endswith("images")]
     if image_rows:
         slowest = max(image_rows, key=lambda r: r["overhead_incl_prep_pct"])
@@ -178,7 +231,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "wrapper = `encode_image(pixel tensor)`; bare = `forward_image` / `forward_text` on "
                         "preprocessed pixels / tokens in a plain loop; prepare = decoding + transform / tokenising "
                         "alone. Wrapper overhead = wrapper / bare - 1 (images), pipeline / (tokenise + bare) - 1 "
-                        "(texts), on CPU time; overhead incl. preparation = pipeline / bare - 1. open_clip ViT-B-32 "
+                        "(texts), on CPU time, median of per-round ratios; the wrapper's own work is its CPU time "
+                        "with the model's forward (and tokenizer) stubbed out, as a share of the bare work. "
+                        "Overhead incl. preparation = pipeline / bare - 1. open_clip ViT-B-32 "
                         "has random weights (nothing downloaded): its speed is that of the trained model."),
         "params": {"n_images": len(images), "n_texts": len(texts), "image_batch": args.image_batch,
                    "text_batch": args.text_batch, "inputs": source, "models": models},
@@ -188,11 +243,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     h.column("bare_per_s", "bare forward /s", "{:.1f}"),
                     h.column("bare_per_cpu_s", "bare forward /s per core (CPU time)", "{:.1f}"),
                     h.column("prepare_per_s", "prepare alone /s", "{:.0f}"),
-                    h.column("wrapper_overhead_pct", "wrapper overhead", "{:+.1f}%"),
+                    h.column("wrapper_own_pct", "wrapper's own work (direct)", "{wrapper_own_pct:.2f}% ({wrapper_own_ms:.2f} ms)"),
+                    h.column("wrapper_overhead_pct", "wrapper overhead (paired runs)", "{:+.1f}%"),
                     h.column("overhead_incl_prep_pct", "overhead incl. preparation", "{:+.0f}%")],
         "rows": rows,
-        "goal": h.goal(GOAL, None if worst is None else worst <= GOAL_PCT,
-                       ("Wrapper overhead on CPU time, per model and input: " + detail) if rows else "no model could be loaded"),
+        "goal": h.goal(GOAL, None if worst is None else worst <= GOAL_PCT, detail or "no model could be loaded"),
         "notes": notes,
     }
 

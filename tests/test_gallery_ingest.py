@@ -135,3 +135,34 @@ def test_chained_compatible_models_serve_the_first_gallery(tmp_path, specs):
     step = torch.nn.functional.normalize(c32.encode_text(texts), dim=-1)
     expected = torch.nn.functional.normalize(c21.projection(step), dim=-1)
     torch.testing.assert_close(chain.encode_text(texts), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_chain_saves_a_model_that_serves_the_first_gallery(tmp_path, specs, monkeypatch):
+    """`xbt chain` composes v3->v2 and v2->v1 into one folder; loaded as compat:, from another working
+    directory, it searches the v1 gallery. The wrong order and a plain model are refused, nothing written."""
+    v1, v2, v3 = load_model(specs["old"]), load_model(specs["new"]), load_model(specs["third"])
+    torch.manual_seed(0)
+    c21 = CompatibleModel(v2, Projection(32, 32, "mlp", hidden=8), v1.space)
+    c32 = CompatibleModel(v3, Projection(48, 32, "linear"), v2.space)
+    torch.nn.init.normal_(c21.projection.mlp[-1].weight, std=0.1)  # a residual that is not zero
+    c21.save_pretrained(tmp_path / "c21")
+    c32.save_pretrained(tmp_path / "c32")
+    monkeypatch.chdir(tmp_path)
+    _cli("chain", "--newer", "compat:c32", "--older", "c21", "--out", "c31")
+    make_images(tmp_path / "photos", 4)
+    _cli("gallery", "build", "--model", specs["old"], "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "g"))
+    monkeypatch.chdir(tmp_path / "photos")  # the chain names its newer half by an absolute path
+    chained = load_model(f"compat:{tmp_path / 'c31'}")
+    assert chained.space == v1.space and json.loads((tmp_path / "c31" / "compat_config.json").read_text())["lora"] == []
+    texts = ["a red car", "two birds"]
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(c21.projection(c32.encode_text(texts)), dim=-1)
+    torch.testing.assert_close(chained.encode_text(texts), expected, atol=1e-5, rtol=1e-5)
+    hits = json.loads(_cli("gallery", "search", "--gallery", str(tmp_path / "g"), "--model", f"compat:{tmp_path / 'c31'}",
+                           "--text", "a red car", "-k", "2"))
+    assert len(hits) == 2
+    c21_path, c32_path = str(tmp_path / "c21"), str(tmp_path / "c32")
+    for newer, older, message in ((c21_path, c32_path, "space"), (specs["third"], c21_path, "compat")):
+        refused = runner.invoke(app, ["chain", "--newer", newer, "--older", older, "--out", str(tmp_path / "bad")])
+        assert refused.exit_code == 1 and message in refused.output.lower()
+        assert not (tmp_path / "bad").exists()

@@ -180,6 +180,36 @@ def train(
         console.print(f"compatible model saved to {out} in {time.perf_counter() - t0:.0f} s{how}; it emits vectors in {model.space.id}")
 
 
+@app.command("chain")
+def chain_command(
+    newer: str = typer.Option(..., help="The compatible model of the newest generation into the middle one (v3 -> v2): compat:PATH."),
+    older: str = typer.Option(..., help="The compatible model of the middle generation into the oldest (v2 -> v1): compat:PATH."),
+    out: Path = typer.Option(..., "--out", help="Output folder of the chained model (load it as compat:OUT)."),
+) -> None:
+    """Chain two upgrades without retraining: v3 -> v2 space -> v1 space, serving a v1 gallery.
+
+    The chained model runs the newest model (with its adapters) and both projections, and declares the
+    oldest space. Only the newer model's folder is referenced; the older one's projection is copied."""
+    from xbt.compat.xbt import CompatibleModel, chain
+    from xbt.errors import InputError
+    from xbt.models import load_model
+
+    try:
+        halves = []
+        for name, spec in (("--newer", newer), ("--older", older)):
+            spec = spec if spec.startswith("compat:") else f"compat:{spec}"
+            model = load_model(spec)
+            if not isinstance(model, CompatibleModel):
+                raise InputError(f"{name} must be a compatible model (compat:PATH), not {spec!r}")
+            halves.append(model)
+        chained = chain(*halves)
+        chained.save_pretrained(out, extra={"chain": [halves[0].spec, halves[1].spec]})
+    except XbtError as exc:
+        _fail(exc)
+    console.print(f"chained model saved to {out}: {chained.new_spec.removeprefix('compat:')} -> "
+                  f"{halves[1].new_space_at_training.id} -> {chained.space.id}; load it as compat:{out}")
+
+
 @app.command("embed")
 def embed_command(
     model: str = typer.Option(..., help="Model spec, e.g. openclip:ViT-B-32@openai, testbed:old, compat:PATH."),

@@ -251,7 +251,7 @@ class CompatibleModel(VLPModel):
             inject_adapter_in_model(lora_config, module)
             model.lora_configs[tower] = lora_config
             model.load_lora_state(tower, load_file(str(folder / "adapter_model.safetensors")))
-        model.spec = f"compat:{path}"  # resolvable: a chained upgrade can name this model as its new model
+        model.spec = f"compat:{path.resolve()}"  # resolvable from anywhere: a chain can name it as its new model
         model.eval()
         return model
 
@@ -262,7 +262,9 @@ def chain(newer: CompatibleModel, older: CompatibleModel) -> CompatibleModel:
     declares v1's space, so it serves a v1 gallery. (older's LoRA adapters adapt v2, which the chain
     no longer runs; only its projection is used.)"""
     older.new_space_at_training.check(newer.space, "the newer compatible model's vectors")
-    if not (Path(newer.spec.removeprefix("compat:")) / CONFIG_NAME).exists():
+    folder = Path(newer.spec.removeprefix("compat:"))
+    if not newer.spec.startswith("compat:") or not (folder / CONFIG_NAME).exists():
         raise InputError("chain() needs the newer compatible model loaded from disk (load_model('compat:PATH'))"
                          " so that the chained model can be saved and loaded again")
-    return CompatibleModel(newer, older.projection, older.old_space, newer.spec)
+    # the absolute path: a saved chain names its newer half, and must load from any working directory
+    return CompatibleModel(newer, older.projection, older.old_space, f"compat:{folder.resolve()}")
