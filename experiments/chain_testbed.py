@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from xbt_testbed import compat_queries, deep_update
+from xbt_testbed import _e, compat_queries, deep_update
 
 from xbt.compat.xbt import CONFIG_NAME, CompatibleModel, chain
 from xbt.data.testbed import load_split
@@ -112,13 +112,6 @@ def _write(results: dict, out: Path) -> None:
     (out / "chain-testbed.md").write_text(markdown(results))
 
 
-def _e(e: dict, signed: bool = False) -> str:
-    if e["value"] is None:
-        return "n/a"
-    sign = "+" if signed and e["value"] > 0 else ""
-    return f"{sign}{e['value']:.1f} [{e['low']:.1f}, {e['high']:.1f}]"
-
-
 OLD_NEW = {"hop 1: XBT v2->v1": ("v1", "v2"), "hop 2: XBT v3->v2": ("v2", "v3"), "chain v3->v2->v1 against v1": ("v1", "v3")}
 
 
@@ -148,6 +141,13 @@ def markdown(results: dict) -> str:
                     verdict = "pass (CI > 0)" if c["passes_confidently"] else ("pass" if c["passes"] else "FAIL")
                     row += [_e(c["recall"]), _e(c["vs_old"], True), verdict, _e(c["gain"])]
                 lines.append("| " + " | ".join(row) + " |")
+        up = m["new_new_vs_old_old"]
+        lines += ["", f"The upgrade itself, {new}->{new} minus {old}->{old}: "
+                  + ", ".join(f"{d} R@{k} {_e(up[d][k], True)}" for d in ("t2i", "i2t") for k in ("1", "10")) + "."]
+        if any(up[d][k]["low"] <= 0 for d in ("t2i", "i2t") for k in ("1", "5", "10")):
+            lines.append(f"Where that interval reaches zero, {new} is not measurably better than {old}: the update gain "
+                         f"divides by about zero there and means nothing, and beating {old}->{old} is beating a model "
+                         f"as good as {new}.")
         lines.append("")
     if "served_t2i_r1" in results:
         lines += [f"Served for real: a v1 image gallery in xbt's store, searched with the chained model loaded as "
@@ -165,6 +165,10 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--config", type=Path, default=Path("configs/xbt-testbed.yaml"))
     parser.add_argument("--no-direct", action="store_true", help="skip training the direct v3 -> v1 baseline")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json already in --out")
     args = parser.parse_args()
+    if args.render:
+        _write(json.loads((args.out / "chain-testbed.json").read_text()), args.out)
+        raise SystemExit(0)
     torch.set_num_threads(int(__import__("os").environ.get("XBT_THREADS", "2")))
     run(args.split, args.out, args.config, not args.no_direct)

@@ -43,6 +43,8 @@ ABLATIONS = {
     "stage 1 only (text only, noise)": {"stage2": {"enabled": False}},
     "stage 2 only (no LoRA)": deep_update(NO_LORA, {"stage1": {"enabled": False}}),
     "no noise in stage 1 (no LoRA)": deep_update(NO_LORA, {"stage1": {"noise_std": 0.0}}),
+    # the projection that fits the 10 µs query budget (bench/query_cost.py), against "projection only"
+    "linear projection (stage 1 + stage 2, noise, no LoRA)": deep_update(NO_LORA, {"projection": {"kind": "linear"}}),
 }
 # Stage 2 with LoRA runs the 110M-parameter text tower at every step (minutes per run on 2 cores);
 # the other ablations train the projection only in stage 2 and compare with "projection only".
@@ -140,6 +142,9 @@ def _write(results: dict, out: Path) -> None:
 
 
 def _e(e: dict, signed: bool = False) -> str:
+    """An estimate as 'value [low, high]' (an undefined one, JSON null, as n/a)."""
+    if e["value"] is None:
+        return "n/a"
     sign = "+" if signed and e["value"] > 0 else ""
     return f"{sign}{e['value']:.1f} [{e['low']:.1f}, {e['high']:.1f}]"
 
