@@ -16,7 +16,8 @@ Space stamping: the gallery has one EmbeddingSpace; every row carries its space 
 refuses any row stamped otherwise, so no code path (not even raw SQL) can mix two spaces.
 
 Index choice (`IndexConfig`, kind="auto"): exact inner product (IndexFlatIP) up to `flat_max` vectors
-(100k: a 512-d brute-force query is ~5 ms on one core there); HNSW up to `hnsw_max` (5M: sub-ms queries
+(100k: a lone 512-d brute-force query takes ~5-10 ms on one core there, 9 ms in docs/benchmarks.md;
+batched queries share each pass over the vectors); HNSW up to `hnsw_max` (5M: sub-ms queries
 at recall ~0.99, but HNSW's build time and ~M*8 bytes/vector of links grow past that); IVF beyond
 (trains in minutes and adds fast). The kind is decided when the index is built: at open without a
 usable snapshot and at `compact()`. HNSW cannot remove vectors, so its deletes are tombstones filtered
