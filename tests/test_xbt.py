@@ -140,17 +140,26 @@ def test_chained_upgrade_serves_the_first_space(tiny_setup, tmp_path):
     torch.manual_seed(7)
     v3 = load_model(cfg.old)  # same architecture and dimension as v1, other weights: a different space
     assert v3.space != v1.space
+
+    def fresh_v3():  # adapters are injected in place: every compatible model gets its own copy
+        copy = load_model(cfg.old)
+        copy.load_state_dict(v3.state_dict())
+        copy.invalidate_space()
+        return copy
+
     c21 = train_xbt(cfg, tmp_path / "c21", old=v1, new=_fresh_new(cfg, v2), show_progress=False)
     cfg32 = XBTConfig.from_dict(cfg.to_dict() | {"old": cfg.new, "new": cfg.old})
-    c32 = train_xbt(cfg32, tmp_path / "c32", old=v2, new=v3, show_progress=False)
-    chained = chain(CompatibleModel.from_pretrained(tmp_path / "c32", new_model=v3), c21)
+    c32 = train_xbt(cfg32, tmp_path / "c32", old=v2, new=fresh_v3(), show_progress=False)
+    with pytest.raises(InputError, match="already carries LoRA adapters"):
+        CompatibleModel.from_pretrained(tmp_path / "c32", new_model=c32.new_model)  # would stack a second set
+    chained = chain(CompatibleModel.from_pretrained(tmp_path / "c32", new_model=fresh_v3()), c21)
     assert chained.space == v1.space
     texts = ["a red apple", "two birds in the sky"]
     expected = torch.nn.functional.normalize(
         c21.projection(torch.nn.functional.normalize(c32.encode_text(texts), dim=-1)), dim=-1)
     torch.testing.assert_close(chained.encode_text(texts), expected, atol=1e-5, rtol=1e-4)
     chained.save_pretrained(tmp_path / "c31")
-    reloaded = CompatibleModel.from_pretrained(tmp_path / "c31", new_model=CompatibleModel.from_pretrained(tmp_path / "c32", new_model=v3))
+    reloaded = CompatibleModel.from_pretrained(tmp_path / "c31", new_model=CompatibleModel.from_pretrained(tmp_path / "c32", new_model=fresh_v3()))
     torch.testing.assert_close(reloaded.encode_text(texts), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(SpaceMismatchError):
         chain(c21, c21)  # c21 emits v1 vectors, but c21 expects v2 input

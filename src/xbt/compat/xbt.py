@@ -246,6 +246,10 @@ class CompatibleModel(VLPModel):
             folder = path / f"lora_{tower}"
             lora_config = LoraConfig.from_pretrained(str(folder))
             module = text_lora_target(new_model) if tower == "text" else image_lora_target(new_model)
+            if lora_parameters(module):  # adapters go in place: a second set would stack on the first
+                raise InputError(
+                    f"the new model passed for {path} already carries LoRA adapters on its {tower} tower (from another"
+                    " compatible model, or a training run); load a fresh new model for each compatible model")
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(lora_config, module)
