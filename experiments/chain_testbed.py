@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from xbt_testbed import _e, compat_queries, deep_update
 
-from xbt.compat.xbt import CONFIG_NAME, CompatibleModel, chain
+from xbt.compat.xbt import CompatibleModel, chain
 from xbt.data.testbed import load_split
 from xbt.eval.embed import embed_pairs
 from xbt.eval.matrix import QueryVectors, UpgradeMatrix, evaluate_upgrade, format_matrix

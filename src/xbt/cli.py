@@ -191,17 +191,9 @@ def chain_command(
     The chained model runs the newest model (with its adapters) and both projections, and declares the
     oldest space. Only the newer model's folder is referenced; the older one's projection is copied."""
     from xbt.compat.xbt import CompatibleModel, chain
-    from xbt.errors import InputError
-    from xbt.models import load_model
 
     try:
-        halves = []
-        for name, spec in (("--newer", newer), ("--older", older)):
-            spec = spec if spec.startswith("compat:") else f"compat:{spec}"
-            model = load_model(spec)
-            if not isinstance(model, CompatibleModel):
-                raise InputError(f"{name} must be a compatible model (compat:PATH), not {spec!r}")
-            halves.append(model)
+        halves = [CompatibleModel.from_pretrained(spec.removeprefix("compat:")) for spec in (newer, older)]
         chained = chain(*halves)
         chained.save_pretrained(out, extra={"chain": [halves[0].spec, halves[1].spec]})
     except XbtError as exc:
