@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,9 +23,7 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(config))
     job = UpgradeJob.testbed(xbt_config=str(tmp_path / "quick.yaml"), peers=["procrustes-text", "slerp"], n_example_queries=2)
     logs: list[str] = []
-    t0 = time.perf_counter()
     summary = run_upgrade(job, tmp_path / "out", show_progress=False, log=logs.append)
-    first = time.perf_counter() - t0
     results = json.loads(open(summary["results"]).read())
     assert set(results["matrix"]["methods"]) == {"procrustes-text", "slerp", "XBT"}
     assert results["methods"]["slerp"]["needs_old_model_at_query_time"] is True
@@ -36,9 +34,11 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
         assert Image.open(png).size[0] > 300
     assert (tmp_path / "out" / "report" / "report.html").exists()
     # Second run: everything cached (galleries, XBT model, embeddings) — only evaluation and pictures rerun.
+    # (Judged on what was reused, not on wall time: with a warm XBT_HOME the first run is cached as well.)
+    artifact = Path(summary["xbt_model"]) / "projection.safetensors"
+    written = artifact.stat().st_mtime_ns
     logs.clear()
-    t0 = time.perf_counter()
     again = run_upgrade(job, tmp_path / "out", show_progress=False, log=logs.append)
-    assert any("(reused)" in line for line in logs)
-    assert time.perf_counter() - t0 < first
+    assert any(line.startswith("[3 XBT training (reused)]") for line in logs)
+    assert artifact.stat().st_mtime_ns == written  # not trained again
     assert again["matrix"]["methods"]["XBT"] == summary["matrix"]["methods"]["XBT"]
