@@ -8,7 +8,8 @@ v3 = testbed:third (Lite1 + mpnet, 384-d; `xbt testbed build --models third`). E
 trained with the one recipe in configs/xbt-testbed.yaml (chosen on val, never on eval), only its old/new
 models swapped, on the same training data:
 
-    hop 1    XBT v2 -> v1        (the main XBT result; the same run as experiments/xbt_testbed.py)
+    hop 1    XBT v2 -> v1        (the main XBT result; the same run as experiments/xbt_testbed.py), and its
+                                 projection on the unadapted v2 text tower, as the chain runs it
     hop 2    XBT v3 -> v2        (v2 plays the old model; v1 is never seen)
     chain    v3 -> v2 -> v1      hop 2, then hop 1's projection (`xbt chain`), saved and reloaded by its
                                  compat: spec, as production would; no training of its own
@@ -82,7 +83,10 @@ def run(split: str, out: Path, base_config: Path, direct: bool) -> dict:
 
     t0 = time.perf_counter()
     c21, results["training"]["v2->v1"] = trained(base, "v1", "v2")
-    record("hop 1: XBT v2->v1", evaluate_upgrade(emb["v1"], emb["v2"], {"XBT v2->v1": compat_queries(c21, pairs, emb["v2"])}))
+    # the chain runs hop 1's projection without hop 1's text adapters: what that alone costs
+    unadapted = QueryVectors(c21.project(torch.from_numpy(emb["v2"].images)).numpy(), c21.project(torch.from_numpy(emb["v2"].texts)).numpy())
+    record("hop 1: XBT v2->v1", evaluate_upgrade(emb["v1"], emb["v2"], {
+        "XBT v2->v1": compat_queries(c21, pairs, emb["v2"]), "its projection alone (no text adapters)": unadapted}))
     c32, results["training"]["v3->v2"] = trained(base, "v2", "v3")
     record("hop 2: XBT v3->v2", evaluate_upgrade(emb["v2"], emb["v3"], {"XBT v3->v2": compat_queries(c32, pairs, emb["v3"])}))
 
