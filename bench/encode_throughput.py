@@ -91,17 +91,14 @@ def wrapper_own_cost_s(model: Any, images: list[str] | torch.Tensor, texts: list
     forward (and for texts the tokenizer, which a caller of the bare model runs too) replaced, on this
     instance only, by returning outputs computed beforehand. This is the wrapper's overhead measured
     directly, below the run-to-run noise of timing whole forwards on a shared machine."""
-    n = len(texts) if texts is not None else len(images)
-    outputs = torch.randn(n, model.embed_dim)
-    position = {"start": 0}
+    outputs = torch.randn(batch, model.embed_dim)
 
-    def precomputed(_: Any) -> torch.Tensor:
-        start = position["start"]
-        position["start"] = (start + batch) % n if start + batch < n else 0
-        return outputs[start : start + batch]
+    def precomputed(inputs: Any) -> torch.Tensor:  # one row per input of the batch, as the forward returns
+        return outputs[: len(inputs)]
 
     name = "forward_text" if texts is not None else "forward_image"
-    stubs = {name: precomputed} | ({"tokenize": lambda batch_texts: None} if texts is not None else {})
+    # for texts, the stubbed tokenizer hands the batch of strings on, so the forward stub can count them
+    stubs = {name: precomputed} | ({"tokenize": lambda batch_texts: list(batch_texts)} if texts is not None else {})
     for attr, fn in stubs.items():
         object.__setattr__(model, attr, fn)
     try:

@@ -146,12 +146,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # judged on the testbed's configuration (configs/xbt-testbed.yaml: mlp) when it was measured
     default = next((v for v in verdicts if "mlp" in v[0]), verdicts[0])
     details = []
-    for label, best, ok, row in verdicts:
-        text = (f"{label}: {best:.1f} µs/query at batch 256 (CPU time on one thread, median; wall time "
+    for label, cost, ok, row in verdicts:
+        text = (f"{label}: {cost:.1f} µs/query at batch 256 (CPU time on one thread, median; wall time "
                 f"{row['us_1t']:.1f} µs on one thread{', %.1f µs on %d' % (row['us_all'], cores) if 'us_all' in row else ''}"
                 f") — {'met' if ok else 'not met'}")
         if not ok:
-            achieved = row["mflop_per_query"] * 1e3 / best  # GFLOP/s on one thread
+            achieved = row["mflop_per_query"] * 1e3 / cost  # GFLOP/s on one thread
             one_core = gflops.get("1 thread", best_gflops)
             # the widest hidden layer whose flops fit the goal at the rate this projection achieved
             fits = int((achieved * 1e9 * GOAL_US * 1e-6 / 2 - new_dim * old_dim) / (new_dim + old_dim))
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"runs at {achieved:.0f} GFLOP/s on one thread ({100 * achieved / one_core:.0f}% of this core's "
                      f"{one_core:.0f} GFLOP/s matrix-multiply rate); even at the fastest float32 rate seen on this "
                      f"machine, on any number of cores ({best_gflops:.0f} GFLOP/s), it would take {row['floor_us']:.1f} µs. At the rate achieved, an mlp "
-                     f"projection fits 10 µs with a hidden layer of at most ~{max(fits, 0)} units; the linear "
+                     f"projection fits {GOAL_US:g} µs with a hidden layer of at most ~{max(fits, 0)} units; the linear "
                      f"projection fits with room to spare")
         details.append(text)
     notes = []

@@ -24,7 +24,6 @@ the evaluation's.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from xbt_testbed import _e, compat_queries, deep_update
+from xbt_testbed import _e, compat_queries, deep_update, run_dir
 
 from xbt.compat.xbt import CompatibleModel, chain
 from xbt.data.testbed import load_split
@@ -51,8 +50,7 @@ def trained(base: dict, old: str, new: str) -> tuple[CompatibleModel, dict]:
     """XBT from `new` into `old` with the base recipe; reused when already trained (keyed by the config).
     Returns the model loaded from disk (so it can be chained) and its training report."""
     cfg = XBTConfig.from_dict(deep_update(base, {"old": GENERATIONS[old], "new": GENERATIONS[new]}))
-    tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_dir("experiments", "xbt") / tag  # the same key as experiments/xbt_testbed.py
+    out = run_dir(cfg)  # hop 1 is the very run of experiments/xbt_testbed.py's main variant
     if not (out / "training_report.json").exists():
         print(f"training XBT {new} -> {old} into {out}", flush=True)
         train_xbt(cfg, out, show_progress=True)
@@ -76,22 +74,22 @@ def run(split: str, out: Path, base_config: Path, direct: bool) -> dict:
                      "spaces": {g: m.space.to_dict() for g, m in models.items()},
                      "n_queries": {"t2i": len(pairs), "i2t": len(emb["v1"].images)}, "matrices": {}, "training": {}}
 
-    def record(key: str, matrix: UpgradeMatrix) -> None:
+    def record(key: str, older: str, newer: str, matrix: UpgradeMatrix) -> None:
         print(format_matrix(matrix), flush=True)
-        results["matrices"][key] = matrix.to_dict()
+        results["matrices"][key] = {"older": older, "newer": newer, **matrix.to_dict()}
         _write(results, out)
 
     t0 = time.perf_counter()
     c21, results["training"]["v2->v1"] = trained(base, "v1", "v2")
     # the chain runs hop 1's projection without hop 1's text adapters: what that alone costs
     unadapted = QueryVectors(c21.project(torch.from_numpy(emb["v2"].images)).numpy(), c21.project(torch.from_numpy(emb["v2"].texts)).numpy())
-    record("hop 1: XBT v2->v1", evaluate_upgrade(emb["v1"], emb["v2"], {
+    record("hop 1: XBT v2->v1", "v1", "v2", evaluate_upgrade(emb["v1"], emb["v2"], {
         "XBT v2->v1": compat_queries(c21, pairs, emb["v2"]), "its projection alone (no text adapters)": unadapted}))
     c32, results["training"]["v3->v2"] = trained(base, "v2", "v3")
-    record("hop 2: XBT v3->v2", evaluate_upgrade(emb["v2"], emb["v3"], {"XBT v3->v2": compat_queries(c32, pairs, emb["v3"])}))
+    record("hop 2: XBT v3->v2", "v2", "v3", evaluate_upgrade(emb["v2"], emb["v3"], {"XBT v3->v2": compat_queries(c32, pairs, emb["v3"])}))
 
     chain_dir = cache_dir("experiments", "chain") / f"{Path(c32.spec).name}-{Path(c21.spec).name}"
-    chain(c32, c21).save_pretrained(chain_dir, extra={"chain": [c32.spec, c21.spec]})
+    chain(c32, c21).save_pretrained(chain_dir)
     chained = load_model(f"compat:{chain_dir}")  # what `xbt chain` writes and a service loads
     assert chained.space == models["v1"].space
     chain_emb = embed_pairs(chained, pairs, True)
@@ -103,7 +101,7 @@ def run(split: str, out: Path, base_config: Path, direct: bool) -> dict:
     results["served_t2i_r1"] = served_t2i_r1(models["v1"], chained, pairs)
     results["chain_folder"] = str(chain_dir)
     results["wall_s"] = time.perf_counter() - t0
-    record("chain v3->v2->v1 against v1", matrix)
+    record("chain v3->v2->v1 against v1", "v1", "v3", matrix)
     evaluated = matrix.methods["chain v3->v2->v1"]["t2i"][1].recall.value
     if abs(results["served_t2i_r1"] - evaluated) > 1e-6:
         raise AssertionError(f"the served chain's R@1 {results['served_t2i_r1']:.2f} differs from the evaluation's {evaluated:.2f}")
@@ -114,9 +112,6 @@ def _write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "chain-testbed.json").write_text(json.dumps(results, indent=1))
     (out / "chain-testbed.md").write_text(markdown(results))
-
-
-OLD_NEW = {"hop 1: XBT v2->v1": ("v1", "v2"), "hop 2: XBT v3->v2": ("v2", "v3"), "chain v3->v2->v1 against v1": ("v1", "v3")}
 
 
 def markdown(results: dict) -> str:
@@ -132,7 +127,7 @@ def markdown(results: dict) -> str:
         "embeddings; gain = (M(method) - M(older->older)) / (M(newer->newer) - M(older->older)).", "",
     ]
     for key, m in results["matrices"].items():
-        old, new = OLD_NEW[key]
+        old, new = m["older"], m["newer"]
         names = list(m["methods"])
         lines += [f"## {key}", "", f"| dir | K | {old}->{old} | {new}->{new} | "
                   + " | ".join(f"{name} | vs {old}->{old} | criterion | gain %" for name in names) + " |",

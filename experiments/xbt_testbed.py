@@ -54,6 +54,12 @@ DATA_SIZES = [0, 50, 100, 200, None]
 CURVE_OVERRIDE = NO_LORA
 
 
+def run_dir(cfg: XBTConfig) -> Path:
+    """Where the experiments keep the run of one config (keyed by its content, so a rerun reuses it)."""
+    tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir("experiments", "xbt") / tag
+
+
 def compat_queries(compat, pairs, new_emb: PairEmbeddings) -> QueryVectors:
     """Text queries through the adapted text tower; image queries by projecting the cached new-model
     image vectors (the image tower has no adapters by default)."""
@@ -78,7 +84,6 @@ def run(split: str, out: Path, base_config: Path, quick: bool, only: list[str] |
     pairs = load_split(split)
     old, new = load_model("testbed:old"), load_model("testbed:new")
     old_emb, new_emb = embed_pairs(old, pairs, True), embed_pairs(new, pairs, True)
-    runs_dir = cache_dir("experiments", "xbt")
     results: dict = {"split": split, "n_queries": {"t2i": len(pairs), "i2t": len(old_emb.images)}, "variants": {}, "data_efficiency": []}
     previous = out / "xbt-testbed.json"
     if previous.exists():  # a later invocation adds variants to the earlier ones (same split)
@@ -89,14 +94,13 @@ def run(split: str, out: Path, base_config: Path, quick: bool, only: list[str] |
 
     def train_and_eval(name: str, override: dict) -> dict:
         cfg = XBTConfig.from_dict(deep_update(base, override))
-        tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         t0 = time.perf_counter()
-        compat = train_xbt(cfg, runs_dir / tag, new=load_model(cfg.new), show_progress=True)
+        compat = train_xbt(cfg, run_dir(cfg), new=load_model(cfg.new), show_progress=True)
         train_s = time.perf_counter() - t0
         queries = compat_queries(compat, pairs, new_emb)
         matrix = evaluate_upgrade(old_emb, new_emb, {name: queries})
         print(format_matrix(matrix), flush=True)
-        report = json.loads((runs_dir / tag / "training_report.json").read_text())
+        report = json.loads((run_dir(cfg) / "training_report.json").read_text())
         entry = {
             "name": name, "config": cfg.to_dict(), "matrix": matrix.to_dict(), "train_s": train_s, "timings": report.get("timings"),
             "peak_rss_mb": report.get("peak_rss_mb"), "noise_std": report.get("noise_std"), "n_pairs": report.get("n_pairs"),

@@ -195,7 +195,7 @@ def chain_command(
     try:
         halves = [CompatibleModel.from_pretrained(spec.removeprefix("compat:")) for spec in (newer, older)]
         chained = chain(*halves)
-        chained.save_pretrained(out, extra={"chain": [halves[0].spec, halves[1].spec]})
+        chained.save_pretrained(out)
     except XbtError as exc:
         _fail(exc)
     console.print(f"chained model saved to {out}: {chained.new_spec.removeprefix('compat:')} -> "

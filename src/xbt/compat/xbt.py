@@ -90,12 +90,12 @@ def default_lora_targets(module: nn.Module) -> list[str]:
     raise ValueError(f"cannot guess LoRA target modules among {sorted(names)[:20]}; set lora.target_modules")
 
 
-def add_lora(module: nn.Module, lora: dict[str, Any]) -> Any:
-    """Inject peft LoRA adapters into `module` in place; returns the LoraConfig."""
-    from peft import LoraConfig, inject_adapter_in_model
+def lora_config(module: nn.Module, lora: dict[str, Any]) -> Any:
+    """The peft LoraConfig of a config file's `lora` section, for adapters on `module`."""
+    from peft import LoraConfig
 
     targets = lora.get("target_modules") or default_lora_targets(module)
-    config = LoraConfig(
+    return LoraConfig(
         r=int(lora.get("r", 8)),
         lora_alpha=int(lora.get("alpha", 16)),
         lora_dropout=float(lora.get("dropout", 0.0)),
@@ -103,8 +103,18 @@ def add_lora(module: nn.Module, lora: dict[str, Any]) -> Any:
         layers_to_transform=lora.get("layers"),
         init_lora_weights=True,
     )
+
+
+def inject_lora(module: nn.Module, config: Any, tower: str) -> None:
+    """Inject peft LoRA adapters into `module` in place. A module that already carries adapters is refused:
+    a second set would stack on the first (a new model object reused for a second compatible model)."""
+    from peft import inject_adapter_in_model
+
+    if lora_parameters(module):
+        raise InputError(
+            f"the new model's {tower} tower already carries LoRA adapters (from another compatible model, or a"
+            " training run); load a fresh new model for each compatible model")
     inject_adapter_in_model(config, module)
-    return config
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -125,6 +135,7 @@ class CompatibleModel(VLPModel):
         self.new_spec = new_spec or new_model.spec
         self.new_space_at_training = new_model.space
         self.lora_configs: dict[str, Any] = {}
+        self.provenance: dict[str, Any] = {}  # written into compat_config.json (e.g. what a chain was made of)
         self.spec = f"compat:{self.new_spec}->{old_space.id}"
         for p in new_model.parameters():
             p.requires_grad_(False)
@@ -180,7 +191,8 @@ class CompatibleModel(VLPModel):
     def enable_lora(self, tower: str, lora: dict[str, Any]) -> list[nn.Parameter]:
         """Add LoRA adapters to the new model's text (or image) tower; returns the trainable parameters."""
         module = text_lora_target(self.new_model) if tower == "text" else image_lora_target(self.new_model)
-        self.lora_configs[tower] = add_lora(module, lora)
+        self.lora_configs[tower] = lora_config(module, lora)
+        inject_lora(module, self.lora_configs[tower], tower)
         params = lora_parameters(module)
         for p in params:
             p.requires_grad_(True)
@@ -218,6 +230,7 @@ class CompatibleModel(VLPModel):
             "old_space": self.old_space.to_dict(),
             "projection": self.projection.config(),
             "lora": sorted(self.lora_configs),
+            **self.provenance,
             **(extra or {}),
         })
         return path
@@ -244,16 +257,10 @@ class CompatibleModel(VLPModel):
         model.new_space_at_training = expected
         for tower in config.get("lora", []):
             folder = path / f"lora_{tower}"
-            lora_config = LoraConfig.from_pretrained(str(folder))
+            saved = LoraConfig.from_pretrained(str(folder))
             module = text_lora_target(new_model) if tower == "text" else image_lora_target(new_model)
-            if lora_parameters(module):  # adapters go in place: a second set would stack on the first
-                raise InputError(
-                    f"the new model passed for {path} already carries LoRA adapters on its {tower} tower (from another"
-                    " compatible model, or a training run); load a fresh new model for each compatible model")
-            from peft import inject_adapter_in_model
-
-            inject_adapter_in_model(lora_config, module)
-            model.lora_configs[tower] = lora_config
+            inject_lora(module, saved, tower)
+            model.lora_configs[tower] = saved
             model.load_lora_state(tower, load_file(str(folder / "adapter_model.safetensors")))
         model.spec = f"compat:{path.resolve()}"  # resolvable from anywhere: a chain can name it as its new model
         model.eval()
@@ -271,4 +278,6 @@ def chain(newer: CompatibleModel, older: CompatibleModel) -> CompatibleModel:
         raise InputError("chain() needs the newer compatible model loaded from disk (load_model('compat:PATH'))"
                          " so that the chained model can be saved and loaded again")
     # the absolute path: a saved chain names its newer half, and must load from any working directory
-    return CompatibleModel(newer, older.projection, older.old_space, f"compat:{folder.resolve()}")
+    chained = CompatibleModel(newer, older.projection, older.old_space, f"compat:{folder.resolve()}")
+    chained.provenance["chain"] = [chained.new_spec, older.spec]
+    return chained
