@@ -41,7 +41,9 @@ setup_debian_data() {
 
 setup_venv() {
   local hash
-  hash=$(cat "$repo/requirements.lock" "$repo/requirements-nodeps.txt" "$repo/pyproject.toml" | sha256sum | cut -c1-16)
+  # Keyed on the pinned dependency files only: the package itself runs from the checkout (PYTHONPATH), so
+  # editing pyproject.toml (contracts, metadata) does not rebuild the environment.
+  hash=$(cat "$repo/requirements.lock" "$repo/requirements-nodeps.txt" | sha256sum | cut -c1-16)
   venv="$XBT_HOME/venvs/$hash"
   mkdir -p "$XBT_HOME/venvs"
   # One set-up at a time: a second run waits for the first instead of racing it.
