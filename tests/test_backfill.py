@@ -13,7 +13,9 @@ from gallery_support import make_images, save_tiny_openclip, unit_rows
 from xbt.compat.xbt import CompatibleModel, Projection
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.retrieval import best_positive_rank
-from xbt.gallery.backfill import MigratingRetriever, Migration, backfill_curve, order_ids, slot_merge
+from xbt.eval.backfill_curve import backfill_curve, slot_merge
+from xbt.gallery.migrating import MigratingRetriever
+from xbt.gallery.migration import Migration, order_ids
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
 from xbt.gallery.store import Gallery
 from xbt.models import load_model

@@ -70,7 +70,7 @@ def test_cli_backfill_on_ray_fills_the_new_gallery_in_priority_order(ray_session
     from typer.testing import CliRunner
 
     from xbt.cli import app
-    from xbt.gallery.backfill import Migration
+    from xbt.gallery.migration import Migration
 
     old_model, new_model = load_model(tiny["a"]), load_model(tiny["b"])
     with Gallery.create(tmp_path / "old", old_model.space, modality="image") as old:

@@ -119,7 +119,7 @@ def test_load_into_gallery_checks_the_space_and_resumes(tiny, tmp_path, xbt_home
 
 
 def test_backfill_through_shards_fills_the_new_gallery_like_the_model(tiny, tmp_path, xbt_home):
-    from xbt.gallery.backfill import Migration
+    from xbt.gallery.migration import Migration
     from xbt.gallery.ingest import ingest
 
     old_model, new_model = tiny["model_a"], tiny["model_b"]

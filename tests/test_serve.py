@@ -208,7 +208,8 @@ def test_service_during_a_migration_and_after_the_cut_over(service, tmp_path):
     import torch
 
     from xbt.compat.xbt import CompatibleModel, Projection
-    from xbt.gallery.backfill import MigratingRetriever, Migration
+    from xbt.gallery.migrating import MigratingRetriever
+    from xbt.gallery.migration import Migration
 
     old_model = load_model(service["spec"])
     new_model = load_model(save_tiny_openclip(tmp_path / "new", seed=1))

@@ -530,7 +530,7 @@ def gallery_backfill(
     actors: Optional[int] = typer.Option(None, help="Ray: size of the actor pool."),
 ) -> None:
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
-    from xbt.gallery.backfill import STATE_NAME, Migration
+    from xbt.gallery.migration import STATE_NAME, Migration
     from xbt.gallery.store import Gallery
     from xbt.models import load_model
 
@@ -570,7 +570,7 @@ def gallery_cutover(
     force: bool = typer.Option(False, "--force", help="Cut over even with items that could not be re-embedded."),
 ) -> None:
     """Switch serving to the new-space gallery, atomically (refused until the backfill is complete)."""
-    from xbt.gallery.backfill import Migration
+    from xbt.gallery.migration import Migration
 
     try:
         progress = Migration(state).cut_over(force=force)
@@ -593,7 +593,7 @@ def gallery_backfill_curve(
     from xbt.data.datasets import open_dataset
     from xbt.eval.embed import embed_pairs
     from xbt.eval.runner import model_queries
-    from xbt.gallery.backfill import backfill_curves, format_curves
+    from xbt.eval.backfill_curve import backfill_curves, format_curves
     from xbt.models import load_model
 
     try:
@@ -624,8 +624,9 @@ def serve_command(
     max_upload_mb: float = typer.Option(8.0, help="Largest image upload, in MiB."),
 ) -> None:
     """The HTTP service (FastAPI on uvicorn): search by text or image, add and delete items, health, info."""
-    from xbt.gallery.backfill import MigratingRetriever, Migration
     from xbt.gallery.ingest import GalleryRetriever
+    from xbt.gallery.migrating import MigratingRetriever
+    from xbt.gallery.migration import Migration
     from xbt.gallery.store import Gallery
     from xbt.models import load_model
     from xbt.serve.app import ServeConfig, serve

@@ -1,7 +1,10 @@
-"""Stamped galleries: the crash-safe vector store, ingestion with a model, and progressive backfill."""
+"""Stamped galleries: the crash-safe vector store, ingestion with a model, and progressive backfill
+(the migration state machine in `migration`, serving during it in `migrating`)."""
 
-from xbt.gallery.backfill import MigratingRetriever, Migration, backfill_curve, backfill_curves, slot_merge
+from xbt.eval.backfill_curve import backfill_curve, backfill_curves, slot_merge
 from xbt.gallery.ingest import GalleryItem, GalleryRetriever, ingest, load_items
+from xbt.gallery.migrating import MigratingRetriever
+from xbt.gallery.migration import Migration
 from xbt.gallery.store import Gallery, Hit, IndexConfig
 
 __all__ = [

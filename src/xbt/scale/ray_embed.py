@@ -303,7 +303,7 @@ def backfill(
     new_model: VLPModel | None = None,
     show_progress: bool = False,
 ) -> dict[str, Any]:
-    """Run a `xbt.gallery.backfill.Migration` with the embedding done by an engine (Ray: many actors).
+    """Run a `xbt.gallery.migration.Migration` with the embedding done by an engine (Ray: many actors).
 
     The plan is embedded in priority order into `<migration>/vectors`, shard by shard; each shard lands in
     the new gallery as soon as it is done. Resumable like the migration itself. Returns its progress()."""

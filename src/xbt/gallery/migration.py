@@ -1,0 +1,293 @@
+"""Progressive backfill, the state machine: re-embed an old-space gallery with the new model, in priority
+order, resumably, then an atomic cut-over to the new space. Serving while it runs is
+`xbt.gallery.migrating.MigratingRetriever`; the offline quality curve is `xbt.eval.backfill_curve`.
+
+A migration lives in one folder::
+
+    migration.json   the state (old gallery, spaces, position in the plan, status), replaced atomically
+    plan.jsonl       the ids in backfill order, fixed when the migration starts
+    gallery/         the new-space gallery being filled
+
+Resuming after a kill: the new gallery itself is the ground truth of what is done (each batch is
+durable when added); `position` is written after each batch and only lets a restart skip ahead. A batch
+re-done after a kill is detected (its ids are present) and skipped, so nothing is embedded twice into
+the gallery. Items added to (or deleted from) the old gallery during the backfill are caught by a final
+sweep; `MigratingRetriever.add` writes to both galleries so the sweep has little left to do.
+
+Cut-over: once every old item is in the new gallery (plan done, sweep clean), `cut_over` flips the state
+file's status in one atomic rename; retrievers watching the migration switch to the new gallery alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xbt.errors import InputError
+from xbt.eval.backfill_curve import slot_merge
+from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
+from xbt.gallery.store import Gallery, IndexConfig, atomic_write_bytes, count_items, is_gallery
+from xbt.models.base import EmbeddingSpace, VLPModel
+from xbt.progress import progress_bar
+
+__all__ = ["MIGRATION_FORMAT", "NEW_GALLERY", "PLAN_NAME", "STATE_NAME", "Migration", "order_ids", "slot_merge"]
+
+MIGRATION_FORMAT = "xbt.migration/1"
+STATE_NAME = "migration.json"
+PLAN_NAME = "plan.jsonl"
+NEW_GALLERY = "gallery"
+
+
+# --------------------------------------------------------------------------------------------------
+# priority order
+# --------------------------------------------------------------------------------------------------
+def order_ids(gallery: Gallery, order: str | Sequence[str] = "oldest") -> list[str]:
+    """Every id of the gallery in a backfill priority order:
+
+    "oldest" / "newest" (time added), "id" (sorted), "field:NAME" / "-field:NAME" (a payload field,
+    ascending / descending; items without it come last), or a list of ids that go first (then the rest,
+    oldest first)."""
+    items = list(gallery.iter_items())
+    if not isinstance(order, str):
+        first = list(dict.fromkeys(order))
+        stored = {i for i, _, _ in items}
+        unknown = [i for i in first if i not in stored]
+        if unknown:
+            raise InputError(f"{len(unknown)} priority id(s) are not in the gallery (e.g. {unknown[0]!r})")
+        chosen = set(first)
+        return first + [i for i, _, _ in items if i not in chosen]
+    if order == "oldest":
+        return [i for i, _, _ in items]
+    if order == "newest":
+        return [i for i, _, _ in reversed(items)]
+    if order == "id":
+        return sorted(i for i, _, _ in items)
+    if order.lstrip("-").startswith("field:"):
+        descending = order.startswith("-")
+        name = order.lstrip("-")[len("field:"):]
+        have = [(p[name], i) for i, p, _ in items if name in p]
+        missing = [i for i, p, _ in items if name not in p]
+        try:
+            have.sort(key=lambda t: t[0], reverse=descending)
+        except TypeError as exc:
+            raise InputError(f"payload field {name!r} mixes types that cannot be ordered: {exc}") from exc
+        return [i for _, i in have] + missing
+    raise InputError(f"unknown order {order!r}: use oldest, newest, id, field:NAME, -field:NAME or a list of ids")
+
+
+# --------------------------------------------------------------------------------------------------
+# the migration
+# --------------------------------------------------------------------------------------------------
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+class Migration:
+    """A resumable backfill of an old-space gallery into a new-space gallery. `start` once, then `run`
+    (again after any interruption), then `cut_over`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not (self.path / STATE_NAME).is_file():
+            raise InputError(f"no migration at {self.path}; start one with `xbt gallery backfill` or Migration.start")
+        self._stat: tuple[int, int] | None = None
+        self._state: dict[str, Any] = {}
+        self._plan: list[str] | None = None
+        self.state  # noqa: B018 - validate now
+
+    # ---- state -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> dict[str, Any]:
+        """The state on disk (re-read when the file changed: another process may be running the backfill)."""
+        st = (self.path / STATE_NAME).stat()
+        key = (st.st_mtime_ns, st.st_size)
+        if key != self._stat:
+            state = json.loads((self.path / STATE_NAME).read_text())
+            if state.get("format") != MIGRATION_FORMAT:
+                raise InputError(f"{self.path} holds migration format {state.get('format')!r}; this xbt reads {MIGRATION_FORMAT}")
+            self._state, self._stat = state, key
+        return self._state
+
+    def _save(self, **changes: Any) -> None:
+        state = {**self.state, **changes, "updated_at": time.time()}
+        _write_json_atomic(self.path / STATE_NAME, state)
+        self._state, self._stat = state, None
+
+    @property
+    def old_gallery_path(self) -> Path:
+        return Path(self.state["old_gallery"])
+
+    @property
+    def new_gallery_path(self) -> Path:
+        return self.path / NEW_GALLERY
+
+    @property
+    def old_space(self) -> EmbeddingSpace:
+        return EmbeddingSpace.from_dict(self.state["old_space"])
+
+    @property
+    def new_space(self) -> EmbeddingSpace:
+        return EmbeddingSpace.from_dict(self.state["new_space"])
+
+    @property
+    def status(self) -> str:
+        return str(self.state["status"])
+
+    @property
+    def cut_over_done(self) -> bool:
+        return self.status == "cut-over"
+
+    def plan(self) -> list[str]:
+        if self._plan is None:
+            with (self.path / PLAN_NAME).open() as f:
+                self._plan = [json.loads(line) for line in f if line.strip()]
+        return self._plan
+
+    @classmethod
+    def start(
+        cls,
+        path: str | Path,
+        old_gallery: Gallery,
+        new_space: EmbeddingSpace,
+        order: str | Sequence[str] = "oldest",
+        index: IndexConfig | None = None,
+    ) -> Migration:
+        """Fix the plan (priority order over the old gallery's ids) and create the empty new gallery."""
+        path = Path(path).expanduser()
+        if (path / STATE_NAME).exists():
+            raise InputError(f"{path} already holds a migration; resume it (Migration(path).run) or choose another folder")
+        if new_space.fingerprint == old_gallery.space.fingerprint and new_space.dim == old_gallery.space.dim:
+            raise InputError("the new model emits the gallery's own space: there is nothing to backfill")
+        if old_gallery.modality not in ("image", "text"):
+            raise InputError(f"the gallery at {old_gallery.path} has no modality, so its items cannot be re-embedded")
+        path.mkdir(parents=True, exist_ok=True)
+        plan = order_ids(old_gallery, order)
+        atomic_write_bytes(path / PLAN_NAME, "".join(json.dumps(i) + "\n" for i in plan).encode())
+        if is_gallery(path / NEW_GALLERY):  # a start killed after creating it: begin it again, empty
+            import shutil
+
+            shutil.rmtree(path / NEW_GALLERY)
+        Gallery.create(path / NEW_GALLERY, new_space, index or old_gallery.index_config, old_gallery.modality,
+                       extra={"backfill_of": str(old_gallery.path), "old_space": old_gallery.space.id}).close()
+        _write_json_atomic(path / STATE_NAME, {
+            "format": MIGRATION_FORMAT, "old_gallery": str(Path(old_gallery.path).resolve()),
+            "old_space": old_gallery.space.to_dict(), "new_space": new_space.to_dict(),
+            "order": order if isinstance(order, str) else "ids", "plan_size": len(plan), "position": 0,
+            "status": "backfilling", "failed": {}, "started_at": time.time(), "updated_at": time.time(),
+        })
+        return cls(path)
+
+    # ---- the work --------------------------------------------------------------------------------
+    def _galleries(self, old: Gallery | None, new: Gallery | None) -> tuple[Gallery, Gallery, bool]:
+        owned = old is None or new is None
+        old = old or Gallery.open(self.old_gallery_path)
+        new = new or Gallery.open(self.new_gallery_path)
+        self.old_space.check(old.space, f"the gallery at {old.path}")
+        self.new_space.check(new.space, f"the gallery at {new.path}")
+        return old, new, owned
+
+    def run(
+        self,
+        new_model: VLPModel,
+        *,
+        batch_size: int = 64,
+        max_items: int | None = None,
+        old: Gallery | None = None,
+        new: Gallery | None = None,
+        show_progress: bool = False,
+    ) -> dict[str, Any]:
+        """Backfill from the saved position (at most `max_items` more items, e.g. to spread the work), then
+        sweep up what changed in the old gallery meanwhile. Returns `progress()`."""
+        if self.cut_over_done:
+            return self.progress()
+        self.new_space.check(new_model.space, f"the vectors of the new model {model_name(new_model)!r}")
+        old, new, owned = self._galleries(old, new)
+        try:
+            plan = self.plan()
+            position = int(self.state["position"])
+            budget = max_items if max_items is not None else len(plan) + len(old)
+            failed: dict[str, str] = dict(self.state.get("failed", {}))
+            with progress_bar(len(plan) - position, f"backfilling into {new.space.id}", show_progress) as advance:
+                while position < len(plan) and budget > 0:
+                    batch = plan[position : position + min(batch_size, budget)]
+                    budget -= self._backfill_batch(batch, old, new, new_model, batch_size, failed)
+                    position += len(batch)
+                    self._save(position=position, failed=failed)
+                    advance(len(batch))
+            if position >= len(plan) and budget > 0:
+                self._sweep(old, new, new_model, batch_size, failed)
+        finally:
+            if owned:
+                old.close()
+                new.close()
+        return self.progress()
+
+    def _backfill_batch(self, ids: Sequence[str], old: Gallery, new: Gallery, model: VLPModel,
+                        batch_size: int, failed: dict[str, str]) -> int:
+        present = new.present(ids)
+        todo = [i for i in ids if i not in present and i not in failed]
+        stored = old.get(todo)  # ids deleted from the old gallery meanwhile are simply gone
+        items = [GalleryItem(i, stored[i]["payload"]) for i in todo if i in stored]
+        sources, ok = [], []
+        for it in items:
+            try:
+                sources.append(item_source(it, new.modality or "image"))
+                ok.append(it)
+            except InputError as exc:
+                failed[it.id] = str(exc)
+        vectors, bad = embed_inputs(model, sources, new.modality or "image", batch_size)
+        for i, why in bad.items():
+            failed[ok[i].id] = why
+        good = [it for i, it in enumerate(ok) if i not in bad]
+        if good:
+            new.add(vectors, [it.id for it in good], [it.payload for it in good], space=model.space, on_conflict="skip")
+        return len(items)
+
+    def _sweep(self, old: Gallery, new: Gallery, model: VLPModel, batch_size: int, failed: dict[str, str]) -> None:
+        """Bring the new gallery to the old gallery's current contents; mark the migration complete."""
+        old_ids, new_ids = old.ids(), set(new.ids())
+        missing = [i for i in old_ids if i not in new_ids and i not in failed]
+        for start in range(0, len(missing), batch_size):
+            self._backfill_batch(missing[start : start + batch_size], old, new, model, batch_size, failed)
+        old_set = set(old_ids)
+        extra = [i for i in new.ids() if i not in old_set]
+        if extra:
+            new.delete(extra)
+        failed = {i: why for i, why in failed.items() if i in old_set}
+        now_old = old.ids()
+        now_new = new.present(now_old)
+        complete = not [i for i in now_old if i not in now_new and i not in failed]
+        self._save(failed=failed, status="complete" if complete else "backfilling")
+
+    def progress(self) -> dict[str, Any]:
+        """How far along: items in the new gallery against the old gallery's size."""
+        state = self.state
+        old_n = count_items(self.old_gallery_path) if is_gallery(self.old_gallery_path) else None
+        new_n = count_items(self.new_gallery_path)
+        return {
+            "status": state["status"], "position": state["position"], "plan_size": state["plan_size"],
+            "old_size": old_n, "new_size": new_n, "failed": len(state.get("failed", {})),
+            "fraction": (new_n / old_n) if old_n else 1.0, "old_space": self.old_space.id, "new_space": self.new_space.id,
+        }
+
+    def cut_over(self, force: bool = False) -> dict[str, Any]:
+        """Switch serving to the new space, atomically. Refused until the backfill is complete, unless
+        `force` (items that could not be re-embedded then leave the served gallery)."""
+        if self.cut_over_done:
+            return self.progress()
+        state = self.state
+        if state["status"] != "complete" and not force:
+            raise InputError(
+                f"the backfill is not complete ({state['position']}/{state['plan_size']} planned items done);"
+                " run it to the end (`xbt gallery backfill`), or force the cut-over"
+            )
+        if state.get("failed") and not force:
+            raise InputError(
+                f"{len(state['failed'])} item(s) could not be re-embedded (e.g. {next(iter(state['failed']))!r});"
+                " fix their sources and run the backfill again, or force the cut-over without them"
+            )
+        self._save(status="cut-over", cut_over_at=time.time())
+        return self.progress()
