@@ -3,9 +3,12 @@
 Safety rules it keeps: every input is validated by a pydantic model with `extra="forbid"` and bounds
 (k, text length, upload size, pixels) published in the OpenAPI schema; bad input gets a 4xx JSON error,
 never a 5xx; writing needs the bearer token given at start (no token: writing is disabled); reading is
-open or needs the same token, by configuration; uploads are decoded from memory as raster images
-only (no SVG: a vector file can reference local files), and no client-supplied path is ever opened;
-item payloads may not set the reserved keys ("image", "caption") that backfill reads from disk.
+open or needs the same token, by configuration; `/info` needs the token whenever the service has one
+(unless the operator opens it) and never shows absolute server paths; uploads are decoded from memory
+as raster images only (no SVG: a vector file can reference local files), and no client-supplied path is
+ever opened; item payloads may not set the reserved keys ("image", "caption") that backfill reads from
+disk; thumbnails are served by item id, only from allowed roots (`xbt.serve.media`).
+`GET /` is a small search page (static files shipped in the package, nothing fetched from elsewhere).
 The server listens on 127.0.0.1 unless told otherwise.
 """
 
@@ -15,12 +18,17 @@ import hmac
 import io
 import json
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
@@ -28,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 from xbt.errors import InputError, SpaceMismatchError, XbtError
 from xbt.gallery.ingest import RESERVED_PAYLOAD_KEYS
 from xbt.gallery.store import MAX_ID_CHARS, Hit
+from xbt.serve.media import RASTER_FORMATS, NoThumbnail, ThumbnailStore
 
 log = logging.getLogger("xbt.serve")
 
-RASTER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"}
 JSON_BODY_LIMIT = 1 << 20  # bytes of a JSON request
 FORM_OVERHEAD = 64 << 10  # multipart boundaries and the small form fields beside the file
 
@@ -51,10 +59,13 @@ class Retriever(Protocol):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Limits and access. `token=None` disables every writing endpoint."""
+    """Limits and access. `token=None` disables every writing endpoint. `/info` (model specs, index
+    settings, limits: what an operator needs, not a searcher) needs the token whenever there is one,
+    unless `open_info`; a service without a token has nothing to require, so its /info is open."""
 
     token: str | None = None
     open_read: bool = True
+    open_info: bool = False
     max_k: int = 100
     default_k: int = 10
     max_upload_bytes: int = 8 << 20
@@ -69,7 +80,13 @@ class ServeConfig:
         if self.token is not None and len(self.token) < 8:
             raise InputError("the bearer token must have at least 8 characters")
         if not self.open_read and self.token is None:
-            raise InputError("closed reading needs a token (--token or XBT_SERVE_TOKEN); without one nobody could search")
+            raise InputError("closed reading needs a token (XBT_SERVE_TOKEN or --token-file); without one nobody could search")
+        if self.open_info and not self.open_read:
+            raise InputError("--open-info with --closed-read would show the gallery to whoever cannot search it; choose one")
+
+    @property
+    def info_needs_token(self) -> bool:
+        return self.token is not None and not self.open_info
 
 
 class UnsupportedImage(InputError):
@@ -110,12 +127,63 @@ def _check_payload(payload: dict[str, Any], limit: int) -> dict[str, Any]:
     return payload
 
 
-def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application over a retriever (the space guard already ran when it was made)."""
+# An absolute path inside a string; it ends at "@" too, so that a space id "spec@fingerprint/dim" keeps its tail.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s:,;\"'@]*")
+
+
+def _strip_paths(text: str) -> str:
+    """Every absolute path inside a string replaced by its last component ("compat:/srv/runs/xbt" -> "compat:xbt",
+    "openclip:local-dir:/srv/m@0123456789ab/32d" -> "openclip:local-dir:m@0123456789ab/32d")."""
+    return _ABSOLUTE_PATH.sub(lambda m: PurePosixPath(m.group(0)).name or "/", text)
+
+
+def public_info(value: Any) -> Any:
+    """A copy of an info document with no absolute server path in it (names only), at any depth."""
+    if isinstance(value, dict):
+        return {k: public_info(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_info(v) for v in value]
+    return _strip_paths(value) if isinstance(value, str) else value
+
+
+def _galleries(retriever: Any) -> list[Any]:
+    """The Gallery objects a retriever serves: `.gallery` (one gallery) or `.old`/`.new` (a migration)."""
+    found = [getattr(retriever, name, None) for name in ("new", "old", "gallery")]
+    return list({id(g): g for g in found if g is not None}.values())
+
+
+_PAGE_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# The page talks to this service only: no other origin, no inline script, no plugins, no framing.
+_PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+             "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+def _static(name: str) -> bytes:
+    return resources.files("xbt.serve").joinpath("static", name).read_bytes()
+
+
+def create_app(retriever: Retriever, config: ServeConfig | None = None, media_roots: Sequence[Path] = (),
+               old: Retriever | None = None) -> FastAPI:
+    """The FastAPI application over a retriever (the space guard already ran when it was made).
+
+    `media_roots`: resolved folders (`xbt.serve.media.resolve_roots`) besides the galleries' own media
+    folders whose images may be shown as thumbnails. `old`: the same old gallery searched by the old
+    model, so the page can show the served model's results beside the old model's (`"model": "old"`)."""
     config = config or ServeConfig()
+    thumbnails = ThumbnailStore(_galleries(retriever), list(media_roots), config.max_image_pixels)
+    page_html = (_static("index.html").decode()
+                 .replace("__XBT_READ__", "open" if config.open_read else "token")
+                 .replace("__XBT_INFO__", "token" if config.info_needs_token else "open")).encode()
+    page_files = {name: _static(name) for name in _PAGE_FILES}
+    # During a migration, which gallery a hit came from, by its space (fixed for the life of the service).
+    served = retriever.info()
+    origin = ({served["gallery"]["space_id"]: "old", served["new_gallery"]["space_id"]: "new"}
+              if "new_gallery" in served and served.get("mode") != "single" else {})
     Text = Annotated[str, Field(min_length=1, max_length=config.max_text_chars, pattern=r"\S")]
     ItemId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"\S")]
     K = Annotated[int, Field(ge=1, le=config.max_k)]
+    Via = Annotated[Literal["served", "old"], Field(description="'old': the old model on the old gallery "
+                                                                 "(only when the service was started with --old-model)")]
     Payload = Annotated[dict[str, JsonValue], Field(default_factory=dict)]
 
     class Strict(BaseModel):
@@ -126,10 +194,12 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
 
         text: Text
         k: K = config.default_k
+        model: Via = "served"
 
     class ImageSearch(Strict):
         file: UploadFile
         k: K = config.default_k
+        model: Via = "served"
 
     class TextItem(Strict):
         id: ItemId
@@ -159,6 +229,8 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
         score: float
         payload: dict[str, Any]
         space: str
+        thumbnail: str | None = Field(None, description="URL of the item's thumbnail, when it has one this service shows")
+        gallery: Literal["old", "new"] | None = Field(None, description="during a migration: the gallery the hit came from")
 
     class SearchOut(BaseModel):
         results: list[HitOut]
@@ -200,6 +272,11 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
         if not config.open_read and not _token_ok(credentials):
             raise HTTPException(401, "reading needs the service's bearer token", headers={"WWW-Authenticate": "Bearer"})
 
+    def require_info(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if config.info_needs_token and not _token_ok(credentials):
+            raise HTTPException(401, "/info needs the service's bearer token (the operator can open it: --open-info)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
     # ---- errors: always JSON, never a traceback -----------------------------------------------------
     def _status_handler(status: int) -> Any:
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -208,7 +285,8 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
         return handler
 
     # The most specific class wins (Starlette walks the exception's MRO).
-    for error, status in ((UnsupportedImage, 415), (InputError, 400), (SpaceMismatchError, 409), (XbtError, 400)):
+    for error, status in ((UnsupportedImage, 415), (NoThumbnail, 404), (InputError, 400), (SpaceMismatchError, 409),
+                          (XbtError, 400)):
         app.add_exception_handler(error, _status_handler(status))
 
     @app.exception_handler(RequestValidationError)
@@ -247,7 +325,34 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
         return data
 
     def _hits(results: list[list[Hit]]) -> dict[str, Any]:
-        return {"results": [h.to_dict() for h in results[0]]}
+        hits = results[0]
+        shown = thumbnails.image_paths([h.payload for h in hits])
+        return {"results": [{**h.to_dict(), "thumbnail": f"/thumbnail?id={quote(h.id, safe='')}" if path else None,
+                             "gallery": origin.get(h.space)} for h, path in zip(hits, shown)]}
+
+    def _searcher(via: str) -> Retriever:
+        if via == "old":
+            if old is None:
+                raise InputError("this service was started without --old-model, so it cannot search with the old model")
+            return old
+        return retriever
+
+    def _page(body: bytes, media_type: str) -> Response:
+        return Response(body, media_type=media_type, headers={
+            "Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+
+    # ---- the page ----------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page() -> Response:
+        """The search page (static; it calls the JSON API below with the token the user gives it)."""
+        return _page(page_html, "text/html; charset=utf-8")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def page_file(name: str) -> Response:
+        if name not in page_files:  # a fixed list: no path from the request reaches the filesystem
+            raise HTTPException(404, "no such file")
+        return _page(page_files[name], _PAGE_FILES[name])
 
     # ---- endpoints ---------------------------------------------------------------------------------
     @app.get("/health", response_model=Health, tags=["service"])
@@ -255,25 +360,39 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/info", dependencies=[Depends(require_read)], responses=errors, tags=["service"])
+    @app.get("/info", dependencies=[Depends(require_info)], responses=errors, tags=["service"])
     def info() -> dict[str, Any]:
-        """The gallery (space, size, index), the model, and this service's limits."""
-        return {**retriever.info(), "limits": {"max_k": config.max_k, "max_upload_bytes": config.max_upload_bytes,
-                                                "max_text_chars": config.max_text_chars, "open_read": config.open_read,
-                                                "writable": config.token is not None}}
+        """The gallery (space, size, index), the model, and this service's limits. Needs the token when the
+        service has one (unless started with --open-info); paths are reduced to their last component."""
+        extra = {"old_model": old.info()["model"]} if old is not None else {}
+        return public_info({**retriever.info(), **extra, "limits": {
+            "max_k": config.max_k, "default_k": config.default_k, "max_upload_bytes": config.max_upload_bytes,
+            "max_text_chars": config.max_text_chars, "open_read": config.open_read, "writable": config.token is not None,
+            "compare_old_model": old is not None}})
+
+    @app.get("/thumbnail", dependencies=[Depends(require_read)], tags=["search"],
+             responses={**errors, 200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "a thumbnail"},
+                        404: {"description": "no image this service may show"}})
+    def thumbnail(id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
+                  size: Annotated[int, Query(ge=16, le=512)] = 256) -> Response:
+        """A small PNG/JPEG of an item's image, by item id. Only images under a served gallery's media
+        folder or an operator's --media-root are shown; the request never names a path."""
+        thumb = thumbnails.thumbnail(id, size)
+        return Response(thumb.data, media_type=thumb.media_type,
+                        headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
 
     @app.post("/search/text", response_model=SearchOut, dependencies=[Depends(require_read)], responses=errors,
               tags=["search"])
     def search_text(query: TextSearch) -> dict[str, Any]:
         """The k gallery items nearest to a caption."""
-        return _hits(retriever.search_texts([query.text], query.k))
+        return _hits(_searcher(query.model).search_texts([query.text], query.k))
 
     @app.post("/search/image", response_model=SearchOut, dependencies=[Depends(require_read)], responses=errors,
               tags=["search"])
     def search_image(form: Annotated[ImageSearch, Form()]) -> dict[str, Any]:
         """The k gallery items nearest to an uploaded image (PNG, JPEG, GIF, WebP, BMP, TIFF)."""
         img, _ = decode_upload(_read_upload(form.file), config.max_image_pixels)
-        return _hits(retriever.search_images([img], form.k))
+        return _hits(_searcher(form.model).search_images([img], form.k))
 
     @app.post("/items/text", response_model=AddOut, dependencies=[Depends(require_write)], responses=errors,
               tags=["items"])
@@ -317,14 +436,14 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None) -> FastA
 
 
 def serve(retriever: Retriever, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
+          log_level: str = "info", media_roots: Sequence[Path] = (), old: Retriever | None = None) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: the service is reachable from other machines", host)
     try:
-        uvicorn.run(create_app(retriever, config), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(retriever, config, media_roots, old), host=host, port=port, log_level=log_level)
     finally:
         close = getattr(retriever, "close", None)
         if callable(close):
