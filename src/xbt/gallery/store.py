@@ -12,6 +12,14 @@ labels are SQLite's AUTOINCREMENT row ids, never reused and bound to immutable r
 difference between the snapshot's labels and the table's labels is exactly what happened since.
 A stale or unreadable snapshot costs time, never correctness.
 
+Several processes: each keeps its own faiss index and brings it up to date with the others' commits
+(`PRAGMA data_version` tells that another connection committed; the label sets tell what). Every write
+takes SQLite's write lock first (BEGIN IMMEDIATE), catches up inside it (no other process can commit
+then), writes, commits, and applies its own change; every read (search, info, verify) catches up and
+answers inside one read transaction, so the index, the rows it names and the recorded data_version are
+all of one snapshot. A commit by another process is therefore never skipped, and a search never names a
+row that its own snapshot does not hold.
+
 Space stamping: the gallery has one EmbeddingSpace; every row carries its space key, and a trigger
 refuses any row stamped otherwise, so no code path (not even raw SQL) can mix two spaces.
 
@@ -35,6 +43,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -252,8 +261,16 @@ class _VectorIndex:
         if len(labels) == 0:
             return
         labels = np.asarray(labels, dtype=np.int64)
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), labels)
-        if len(self.labels) == 0 or (labels[0] > self.labels[-1] and np.all(np.diff(labels) > 0)):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        grows = len(self.labels) == 0 or (labels[0] > self.labels[-1] and bool(np.all(np.diff(labels) > 0)))
+        if not grows:  # a label is held once: adding one already held would make search return it twice
+            labels, first = np.unique(labels, return_index=True)
+            fresh = ~np.isin(labels, self.labels)
+            labels, vectors = labels[fresh], vectors[first[fresh]]
+            if len(labels) == 0:
+                return
+        self.index.add_with_ids(vectors, labels)
+        if grows:
             self.labels = np.concatenate([self.labels, labels])  # the common case: labels only grow
         else:
             self.labels = np.union1d(self.labels, labels)
@@ -401,7 +418,7 @@ class Gallery:
         self.index_config = stored
         self._index: _VectorIndex | None = None
         self._dirty = False
-        self._data_version = self._read_data_version()
+        self._data_version: int | None = None  # the snapshot the index reflects; None: unknown, sync
         self._load_index()
 
     # ---- construction ---------------------------------------------------------------------------
@@ -513,6 +530,38 @@ class Gallery:
     def _read_data_version(self) -> int:
         return int(self._db().execute("PRAGMA data_version").fetchone()[0])
 
+    @contextmanager
+    def _transaction(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """One SQLite transaction, with the index caught up with the database inside it: a write one
+        (BEGIN IMMEDIATE: the write lock first, so no other process commits until ours is done) or a
+        read one (one snapshot for everything read in it). Nested in an open transaction, it joins it."""
+        db = self._db()
+        if db.in_transaction:
+            self._catch_up()
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            self._catch_up()
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if db.in_transaction:
+            db.execute("COMMIT")
+
+    def _catch_up(self) -> None:
+        """Inside a transaction: apply to the index the commits of other connections up to this
+        transaction's snapshot, and record that snapshot's data_version. (Our own commits do not change
+        data_version; they are applied to the index by the write that made them.)"""
+        version = self._read_data_version()  # the first read of the transaction fixes its snapshot
+        if self._index is None:
+            self._build_from_table()
+        elif version != self._data_version:
+            self._sync_index()
+        self._data_version = version
+
     # ---- the index -------------------------------------------------------------------------------
     def _table_labels(self) -> np.ndarray:
         rows = self._db().execute("SELECT label FROM items ORDER BY label").fetchall()
@@ -521,10 +570,14 @@ class Gallery:
     def _vectors_of_labels(self, labels: np.ndarray) -> np.ndarray:
         out = np.empty((len(labels), self.space.dim), dtype=np.float32)
         pos = {int(label): i for i, label in enumerate(labels)}
+        seen = 0
         for chunk in _chunks([int(x) for x in labels]):
             q = f"SELECT label, vector FROM items WHERE label IN ({','.join('?' * len(chunk))})"
             for label, blob in self._db().execute(q, chunk):
                 out[pos[label]] = np.frombuffer(blob, dtype="<f4")
+                seen += 1
+        if seen != len(labels):  # read outside one snapshot: never index a vector that was not read
+            raise GalleryCorruptError(f"{len(labels) - seen} rows of {self.path} vanished while being read")
         return out
 
     def _snapshot_meta(self) -> dict[str, Any]:
@@ -542,13 +595,13 @@ class Gallery:
                     self._index = index
             except Exception:  # noqa: BLE001 - a damaged snapshot is only a cache: rebuild it
                 self._index = None
-        if self._index is None:
-            self.rebuild_index()
-        else:
-            self._sync_index()
+        self._data_version = None
+        with self._transaction(write=False):
+            pass  # builds the index (no usable snapshot) or brings the snapshot up to date
 
     def _sync_index(self) -> None:
-        """Apply to the index whatever the table gained or lost since the index was made."""
+        """Apply to the index whatever the table gained or lost since the index was made (call it
+        inside a transaction: the table is read at one snapshot)."""
         assert self._index is not None
         table = self._table_labels()
         gone = np.setdiff1d(self._index.labels, table)
@@ -559,16 +612,19 @@ class Gallery:
         if len(new):
             self._index.add(new, self._vectors_of_labels(new))
             self._dirty = True
-        self._data_version = self._read_data_version()
+
+    def _build_from_table(self) -> None:
+        labels = self._table_labels()
+        vectors = self._vectors_of_labels(labels)
+        self._index = _VectorIndex.build(self.space.dim, self.index_config, labels, vectors)
+        self._dirty = True
 
     def rebuild_index(self) -> None:
         """Build the index afresh from the table, choosing its kind by the current size."""
         with self._lock:
-            labels = self._table_labels()
-            vectors = self._vectors_of_labels(labels)
-            self._index = _VectorIndex.build(self.space.dim, self.index_config, labels, vectors)
-            self._dirty = True
-            self._data_version = self._read_data_version()
+            self._index = None
+            with self._transaction(write=False):
+                pass  # _catch_up builds it from this transaction's snapshot
 
     def save_index(self) -> None:
         """Write the index snapshot atomically (a crash leaves the previous snapshot, or none)."""
@@ -587,9 +643,8 @@ class Gallery:
 
     def refresh(self) -> None:
         """Pick up commits made by other processes (cheap when there are none)."""
-        with self._lock:
-            if self._read_data_version() != self._data_version:
-                self._sync_index()
+        with self._lock, self._transaction(write=False):
+            pass  # catching up is what a transaction does first
 
     # ---- writes ----------------------------------------------------------------------------------
     def add(
@@ -620,11 +675,8 @@ class Gallery:
             raise InputError(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
         rows_json = [_payload_json(p, i) for p, i in zip(payloads, ids)]
         with self._lock:
-            self.refresh()
-            db = self._db()
-            now = time.time()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(write=True) as db:  # the write lock first, then catch up, then write
+                now = time.time()
                 existing = self._existing(ids)
                 if existing and on_conflict == "error":
                     shown = ", ".join(sorted(existing)[:5])
@@ -646,18 +698,22 @@ class Gallery:
                         "INSERT INTO items(id, space, vector, crc, payload, added_at) VALUES (?, ?, ?, ?, ?, ?)", row
                     )
                     labels.append(int(cur.lastrowid))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            assert self._index is not None
-            if removed:
-                self._index.remove(np.asarray(removed, dtype=np.int64))
-            if labels:
-                self._index.add(np.asarray(labels, dtype=np.int64), x[keep])
-            self._dirty = True
-            self._data_version = self._read_data_version()
+            self._apply_own_write(removed, labels, x[keep])
             return [ids[j] for j in keep]
+
+    def _apply_own_write(self, removed: Sequence[int], added: Sequence[int], vectors: np.ndarray | None) -> None:
+        """After our own commit (which does not change data_version): apply it to the index. Should that
+        fail, the next transaction resyncs the index from the table."""
+        assert self._index is not None
+        self._dirty = True
+        try:
+            if len(removed):
+                self._index.remove(np.asarray(removed, dtype=np.int64))
+            if len(added):
+                self._index.add(np.asarray(added, dtype=np.int64), vectors)
+        except BaseException:
+            self._data_version = None
+            raise
 
     def _existing(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -678,20 +734,11 @@ class Gallery:
         """Remove items by id (unknown ids are ignored). Durable on return; returns how many went."""
         ids = _check_ids(ids, unique=False)
         with self._lock:
-            self.refresh()
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction(write=True):
                 labels = self._delete_rows(ids)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            assert self._index is not None
-            self._index.remove(np.asarray(labels, dtype=np.int64))
-            self._dirty = True
-            self._data_version = self._read_data_version()
+            self._apply_own_write(labels, [], None)
             idx = self._index
+            assert idx is not None
             if idx.kind == "hnsw" and len(idx.tombstones) > self.index_config.tombstone_rebuild_fraction * max(len(idx.labels), 1):
                 self.rebuild_index()
             return len(labels)
@@ -704,8 +751,7 @@ class Gallery:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k must be a positive integer; got {k!r}")
         q = as_vectors(queries, self.space.dim, "the query vectors")
-        with self._lock:
-            self.refresh()
+        with self._lock, self._transaction(write=False):  # the index and the rows of one snapshot
             assert self._index is not None
             scores, labels = self._index.search(q, int(k), self.index_config)
             wanted = sorted({int(x) for x in labels.ravel() if x >= 0})
@@ -769,8 +815,7 @@ class Gallery:
             return int(self._db().execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
     def info(self) -> GalleryInfo:
-        with self._lock:
-            self.refresh()
+        with self._lock, self._transaction(write=False):
             n = len(self)
             assert self._index is not None
             return GalleryInfo(
@@ -783,9 +828,7 @@ class Gallery:
     def verify(self) -> list[str]:
         """Problems found by a full check (empty when consistent): stamps, checksums, index coverage."""
         problems: list[str] = []
-        with self._lock:
-            self.refresh()
-            db = self._db()
+        with self._lock, self._transaction(write=False) as db:
             (quick,) = db.execute("PRAGMA quick_check").fetchone()
             if quick != "ok":
                 problems.append(f"sqlite quick_check: {quick}")
