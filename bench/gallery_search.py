@@ -4,7 +4,7 @@
     python bench/gallery_search.py --sizes 100000        # one size
     python bench/gallery_search.py --quick               # 5k and 20k, seconds
 
-The indexes are built by the gallery store's own builder (`xbt.gallery.store._VectorIndex.build`) and
+The indexes are built by the gallery store's own builder (`xbt.gallery.index.VectorIndex.build`) and
 searched through its `search` with its default parameters (HNSW M=32, efConstruction=200, efSearch=128;
 IVF nlist=4*sqrt(n), nprobe=32), so the figures are what a gallery does. Each size runs in a fresh
 process, so its memory figures are its own.
@@ -101,15 +101,15 @@ def ivf_work(n: int, nlist: int) -> float:
 
 def calibrate_hnsw(vectors: np.ndarray, build_threads: int) -> list[dict[str, Any]]:
     """Build time of every rung of HNSW_LADDER on the same CALIBRATION_N vectors: their cost ratios."""
-    from xbt.gallery.store import IndexConfig, _VectorIndex
+    from xbt.gallery.index import IndexConfig, VectorIndex
 
     sample = vectors[:CALIBRATION_N]
     out = []
     for m, efc in HNSW_LADDER:
         h.release_memory()
         with h.threads(build_threads), h.PeakMemory() as mem:
-            _VectorIndex.build(DIM, IndexConfig(kind="hnsw", hnsw_m=m, hnsw_ef_construction=efc),
-                               np.arange(len(sample)), sample)
+            VectorIndex.build(DIM, IndexConfig(kind="hnsw", hnsw_m=m, hnsw_ef_construction=efc),
+                              np.arange(len(sample)), sample)
         out.append({"m": m, "ef_construction": efc, "n": len(sample), "build_s": mem.elapsed_s, "build_cpu_s": mem.cpu_s})
         h.log(f"calibration: HNSW M={m}, efConstruction={efc} on {len(sample):,} vectors: {mem.cpu_s:.1f} CPU s")
     return out
@@ -120,7 +120,7 @@ def budgeted_config(n: int, previous: dict[str, Any] | None, budget_s: float) ->
     from the previous size, would exceed the budget (HNSW: n log n, rungs scaled by their calibrated cost;
     IVF: k-means work). Builds are judged on CPU time / threads (their wall time on an idle machine), so
     that neither other jobs' load nor a paused process decides the parameters."""
-    from xbt.gallery.store import IndexConfig
+    from xbt.gallery.index import IndexConfig
 
     default = IndexConfig()
     changes: dict[str, Any] = {}
@@ -172,7 +172,7 @@ DATA = {"clustered": {"clusters": 1000}, "unclustered": {"clusters": 0}}
 def bench_size(n: int, n_queries: int, n_single: int, repeats: int, build_threads: int,
                search_threads: int, config: Any, data: str = "clustered", calibrate: bool = False) -> dict[str, Any]:
     """Build and search every kind over n vectors; `calibrate`: also time the HNSW ladder (for the next size)."""
-    from xbt.gallery.store import IndexConfig, _VectorIndex
+    from xbt.gallery.index import IndexConfig, VectorIndex
 
     h.log(f"{n:,} {data} vectors: generating")
     vectors = synthetic_vectors(n, seed=0, **DATA[data])
@@ -184,7 +184,7 @@ def bench_size(n: int, n_queries: int, n_single: int, repeats: int, build_thread
         h.release_memory()
         h.log(f"{n:,} vectors: building {kind}")
         with h.threads(build_threads), h.PeakMemory() as mem:
-            index = _VectorIndex.build(DIM, cfg, labels, vectors)
+            index = VectorIndex.build(DIM, cfg, labels, vectors)
         build_s = mem.elapsed_s
         h.log(f"{n:,} vectors: {kind} built in {build_s:.1f} s ({mem.cpu_s:.1f} CPU s); searching")
         with h.threads(search_threads):
@@ -225,7 +225,7 @@ def bench_size(n: int, n_queries: int, n_single: int, repeats: int, build_thread
 # ----- the figure ------------------------------------------------------------------------------------
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One size, in this process (run by `run` in a fresh interpreter per size)."""
-    from xbt.gallery.store import IndexConfig
+    from xbt.gallery.index import IndexConfig
 
     config = IndexConfig.from_dict(json.loads(args.index_config)) if args.index_config else IndexConfig()
     return bench_size(args.worker_size, args.n_queries, args.n_single, args.repeats, args.build_threads,

@@ -68,7 +68,7 @@ def test_gallery_helpers(bench):
     import faiss
 
     import gallery_search as g
-    from xbt.gallery.store import IndexConfig
+    from xbt.gallery.index import IndexConfig
 
     vectors = g.synthetic_vectors(300, seed=0, dim=32, latent=8)
     assert vectors.shape == (300, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)

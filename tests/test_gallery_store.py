@@ -10,7 +10,8 @@ import pytest
 from gallery_support import unit_rows
 
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.gallery.store import DB_NAME, SNAPSHOT_NAME, Gallery, GalleryCorruptError, IndexConfig
+from xbt.gallery.index import IndexConfig
+from xbt.gallery.store import DB_NAME, SNAPSHOT_NAME, Gallery, GalleryCorruptError
 from xbt.models.base import EmbeddingSpace
 
 DIM = 16

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xbt.gallery.store import Gallery, IndexConfig
+from xbt.gallery.index import IndexConfig
+from xbt.gallery.store import Gallery
 from xbt.models.base import EmbeddingSpace
 
 DIM = 16

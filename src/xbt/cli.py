@@ -408,7 +408,8 @@ def gallery_build(
 ) -> None:
     """Embed a data source with a model into a new gallery; its index kind is chosen by size."""
     from xbt.gallery.ingest import ingest, load_items
-    from xbt.gallery.store import Gallery, IndexConfig
+    from xbt.gallery.index import IndexConfig
+    from xbt.gallery.store import Gallery
     from xbt.models import load_model
 
     try:

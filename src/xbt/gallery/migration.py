@@ -29,7 +29,8 @@ from typing import Any
 from xbt.errors import InputError
 from xbt.eval.backfill_curve import slot_merge
 from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
-from xbt.gallery.store import Gallery, IndexConfig, atomic_write_bytes, count_items, is_gallery
+from xbt.gallery.index import IndexConfig
+from xbt.gallery.store import Gallery, atomic_write_bytes, count_items, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
 
