@@ -14,14 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gallery_support import free_port, make_images, running_server, save_tiny_openclip
+from gallery_support import make_images, running_server, save_tiny_openclip
 from PIL import Image
+from serve_support import serving, start_serve
 
 from xbt.errors import InputError
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
-from xbt.serve.app import ServeConfig, create_app
+from xbt.specs import load_model
+from xbt.serve.app import ServeConfig, create_app, read_token_file
 
 TOKEN = "test-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -58,7 +59,7 @@ def _assert_error(response: httpx.Response, status: int) -> None:
 def test_health_info_and_openapi(service):
     url = service["url"]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    info = httpx.get(f"{url}/info").json()
+    info = httpx.get(f"{url}/info", headers=AUTH).json()
     assert info["gallery"]["size"] == 5 and info["gallery"]["index_kind"] == "flat"
     assert info["limits"]["max_k"] == 20 and info["limits"]["writable"] is True
     schema = httpx.get(f"{url}/openapi.json").json()
@@ -72,7 +73,7 @@ def test_search_by_text_and_by_image(service):
     r = httpx.post(f"{url}/search/text", json={"text": "a colourful picture", "k": 3})
     assert r.status_code == 200
     results = r.json()["results"]
-    assert len(results) == 3 and set(results[0]) == {"id", "score", "payload", "space"}
+    assert len(results) == 3 and set(results[0]) == {"id", "score", "payload", "space", "thumbnail", "gallery"}
     assert [x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True)
     r = httpx.post(f"{url}/search/image", files={"file": ("q.png", _png(service["images"][3]), "image/png")}, data={"k": "2"})
     assert r.status_code == 200, r.text
@@ -177,29 +178,54 @@ def test_xbt_serve_command_starts_the_service_on_loopback(service):
     model = load_model(service["spec"])
     with Gallery.create(gallery_dir, model.space, modality="image") as g:
         ingest(g, model, items_from_folder(service["root"] / "photos"))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XBT_SERVE_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "xbt.cli", "serve", "--gallery", str(gallery_dir), "--model",
-                             service["spec"], "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "xbt serve did not come up"
-            time.sleep(0.2)
+    args = ["--gallery", gallery_dir, "--model", service["spec"]]
+    with serving(args, env={"XBT_SERVE_TOKEN": TOKEN}, log=service["root"] / "serve-env.log") as url:
         r = httpx.post(f"{url}/search/image", files={"file": ("q.png", _png(service["images"][1]), "image/png")})
         assert r.json()["results"][0]["id"] == "img001.png"
+        assert r.json()["results"][0]["thumbnail"] is None  # photos/ is not a --media-root here
         r = httpx.post(f"{url}/items/delete", json={"ids": ["img001.png"]}, headers=AUTH)  # token from the environment
         assert r.json() == {"deleted": 1}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        assert httpx.get(f"{url}/info").status_code == 401  # closed by default when there is a token
+
+
+def test_xbt_serve_with_a_token_file_media_roots_and_the_old_model(service, tmp_path):
+    """The options of the page: --token-file, --closed-read, --media-root, --old-model."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    args = ["--gallery", service["root"] / "gallery", "--model", service["spec"], "--closed-read",
+            "--token-file", token_file, "--media-root", service["root"] / "photos", "--old-model", service["spec"]]
+    env = {"XBT_SERVE_TOKEN": ""}
+    with pytest.raises(RuntimeError, match="readable by others"):
+        start_serve(args, env=env, log=tmp_path / "refused.log")
+    token_file.chmod(0o600)
+    with serving(args, env=env, log=tmp_path / "serve.log") as url:
+        assert httpx.get(f"{url}/").status_code == 200  # the page loads; it asks for the token
+        assert httpx.post(f"{url}/search/text", json={"text": "a picture"}).status_code == 401
+        info = httpx.get(f"{url}/info", headers=AUTH).json()
+        assert info["limits"]["compare_old_model"] and not info["limits"]["open_read"]
+        hits = httpx.post(f"{url}/search/text", json={"text": "a picture", "k": 3, "model": "old"}, headers=AUTH)
+        thumb = hits.json()["results"][0]["thumbnail"]
+        assert thumb.startswith("/thumbnail?id=")
+        assert httpx.get(url + thumb).status_code == 401
+        assert httpx.get(url + thumb, headers=AUTH).headers["content-type"] in ("image/png", "image/jpeg")
+    with pytest.raises(RuntimeError, match="not a folder"):
+        start_serve([*args[:-4], "--media-root", tmp_path / "missing"], env=env, log=tmp_path / "missing.log")
+
+
+def test_token_files_must_be_private_and_not_empty(tmp_path):
+    path = tmp_path / "t"
+    with pytest.raises(InputError, match="cannot read"):
+        read_token_file(path)
+    path.write_text("\n")
+    path.chmod(0o600)
+    with pytest.raises(InputError, match="empty"):
+        read_token_file(path)
+    path.write_text("  secret-token-1  \nignored\n")
+    assert read_token_file(path) == "secret-token-1"
+    path.chmod(0o640)
+    with pytest.raises(InputError, match="chmod 600"):
+        read_token_file(path)
 
 
 def test_service_during_a_migration_and_after_the_cut_over(service, tmp_path):
@@ -207,7 +233,8 @@ def test_service_during_a_migration_and_after_the_cut_over(service, tmp_path):
     alone once it is cut over (seen by the running service without a restart)."""
     import torch
 
-    from xbt.compat.xbt import CompatibleModel, Projection
+    from xbt.compat.maps import Projection
+    from xbt.compat.model import CompatibleModel
     from xbt.gallery.migrating import MigratingRetriever
     from xbt.gallery.migration import Migration
 
@@ -222,12 +249,14 @@ def test_service_during_a_migration_and_after_the_cut_over(service, tmp_path):
     migration.run(new_model, max_items=2)
     retriever = MigratingRetriever(Migration(tmp_path / "mig"), compat, new_model)
     with running_server(create_app(retriever, ServeConfig(token=TOKEN))) as url:
-        assert httpx.get(f"{url}/info").json()["mode"] == "migrating"
+        info = httpx.get(f"{url}/info", headers=AUTH).json()
+        assert info["mode"] == "migrating" and info["migration"]["position"] == 2 and info["migration"]["plan_size"] == 5
         results = httpx.post(f"{url}/search/text", json={"text": "a picture", "k": 5}).json()["results"]
         assert len(results) == 5 and {r["space"] for r in results} <= {old_model.space.id, new_model.space.id}
+        assert all(r["gallery"] == ("new" if r["space"] == new_model.space.id else "old") for r in results)
         migration.run(new_model)
         migration.cut_over()  # another process would do this; the service reads the state file
-        assert httpx.get(f"{url}/info").json()["mode"] == "cut-over"
+        assert httpx.get(f"{url}/info", headers=AUTH).json()["mode"] == "cut-over"
         results = httpx.post(f"{url}/search/text", json={"text": "a picture", "k": 5}).json()["results"]
         assert {r["space"] for r in results} == {new_model.space.id}
     retriever.close()

@@ -14,7 +14,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder  # noqa: E402
 from xbt.gallery.store import Gallery  # noqa: E402
-from xbt.models import load_model  # noqa: E402
+from xbt.specs import load_model  # noqa: E402
 from xbt.serve.app import ServeConfig, create_app  # noqa: E402
 
 TOKEN = "fuzz-token-123"

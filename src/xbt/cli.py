@@ -617,36 +617,56 @@ def serve_command(
     model: str = typer.Option(..., help="A model emitting the gallery's space: the old model or a compatible model."),
     migration: Optional[Path] = typer.Option(None, help="Serve during a backfill: this migration folder (with --new-model)."),
     new_model: Optional[str] = typer.Option(None, help="The new model, for --migration."),
+    old_model: Optional[str] = typer.Option(None, help="The old gallery's own model: the page can show its results beside the served model's."),
+    media_root: list[Path] = typer.Option([], "--media-root", help="A folder whose images may be shown as thumbnails (repeatable); uploads in the gallery's media/ always may."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
     port: int = typer.Option(8000),
-    token: Optional[str] = typer.Option(None, envvar="XBT_SERVE_TOKEN", help="Bearer token for writing (and closed reading); without it the service is read-only."),
+    token: Optional[str] = typer.Option(None, envvar="XBT_SERVE_TOKEN", help="Bearer token for writing (and closed reading); prefer the XBT_SERVE_TOKEN variable or --token-file: a command line is visible to every user of the machine. Without a token the service is read-only."),
+    token_file: Optional[Path] = typer.Option(None, help="Read the bearer token from this file (first line; not readable by group or others)."),
     open_read: bool = typer.Option(True, "--open-read/--closed-read", help="Whether searching needs the token."),
+    open_info: bool = typer.Option(False, "--open-info/--closed-info", help="Whether /info (models, index, limits) is readable without the token."),
     max_k: int = typer.Option(100, help="Largest k a client may ask for."),
     max_upload_mb: float = typer.Option(8.0, help="Largest image upload, in MiB."),
 ) -> None:
-    """The HTTP service (FastAPI on uvicorn): search by text or image, add and delete items, health, info."""
+    """The HTTP service (FastAPI on uvicorn): a search page at /, search by text or image, add and delete
+    items, thumbnails, health, info."""
+    from xbt.errors import InputError
     from xbt.gallery.ingest import GalleryRetriever
     from xbt.gallery.migrating import MigratingRetriever
     from xbt.gallery.migration import Migration
     from xbt.gallery.store import Gallery
-    from xbt.models import load_model
-    from xbt.serve.app import ServeConfig, serve
+    from xbt.serve.app import ServeConfig, read_token_file, serve
+    from xbt.serve.media import resolve_roots
+    from xbt.specs import load_model
 
+    token = token or None  # an empty XBT_SERVE_TOKEN is no token
     try:
-        config = ServeConfig(token=token, open_read=open_read, max_k=max_k, default_k=min(10, max_k),
-                             max_upload_bytes=int(max_upload_mb * (1 << 20)))
+        if token_file is not None:
+            if token is not None:
+                raise InputError("give the token one way: --token-file, or XBT_SERVE_TOKEN (or --token), not both")
+            token = read_token_file(token_file)
+        elif token is not None and any(a == "--token" or a.startswith("--token=") for a in sys.argv):
+            console.print("[yellow]warning:[/] --token on the command line is visible to every user of this machine "
+                          "(ps, /proc) and stays in shell history; prefer XBT_SERVE_TOKEN or --token-file")
+        config = ServeConfig(token=token, open_read=open_read, open_info=open_info, max_k=max_k,
+                             default_k=min(10, max_k), max_upload_bytes=int(max_upload_mb * (1 << 20)))
+        roots = resolve_roots(media_root)
         if migration is not None:
             if new_model is None:
                 _fail(ValueError("--migration needs --new-model"))
             retriever = MigratingRetriever(Migration(migration), load_model(model), load_model(new_model))
+            old_gallery = retriever.old
         else:
             if gallery is None:
                 _fail(ValueError("give --gallery (or --migration with --new-model)"))
             retriever = GalleryRetriever(Gallery.open(gallery), load_model(model))
+            old_gallery = retriever.gallery
+        old = GalleryRetriever(old_gallery, load_model(old_model)) if old_model else None
     except XbtError as exc:
         _fail(exc)
-    console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} (docs at /docs)")
-    serve(retriever, config, host=host, port=port)
+    console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} "
+                  f"(search page at /, API docs at /docs)")
+    serve(retriever, config, host=host, port=port, media_roots=roots, old=old)
 
 
 def main() -> None:

@@ -89,6 +89,23 @@ class ServeConfig:
         return self.token is not None and not self.open_info
 
 
+def read_token_file(path: Path) -> str:
+    """The bearer token from the first line of a file that only its owner can read (a token given on the
+    command line is visible to every user of the machine through ps and /proc, and stays in shell history)."""
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read the token file {path}: {exc.strerror or exc}") from exc
+    if mode & 0o077:
+        raise InputError(f"the token file {path} is readable by others; make it private: chmod 600 {path}")
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise InputError(f"the token file {path} is empty; put the token on its first line")
+    return token
+
+
 class UnsupportedImage(InputError):
     """An upload that is not a raster image xbt decodes."""
 

@@ -142,7 +142,7 @@
     }
   }
 
-  function card(hit, rank, mine) {
+  function card(hit, rank, mine, showOrigin) {
     const node = el("article", "card");
     const box = el("div", "thumb");
     if (hit.thumbnail) showThumbnail(box, hit.thumbnail, mine);
@@ -152,7 +152,7 @@
     meta.append(el("span", "caption", caption));
     const line = el("div", "line");
     line.append(el("span", "score", `#${rank} · ${hit.score.toFixed(3)}`));
-    const from = origin(hit);
+    const from = showOrigin ? origin(hit) : null;
     if (from) line.append(el("span", `badge ${from}`, from === "new" ? "new gallery" : "old gallery"));
     meta.append(line);
     node.title = hit.id;
@@ -160,12 +160,12 @@
     return node;
   }
 
-  function column(title, model, hits, mine) {
+  function column(title, model, hits, mine, showOrigin) {
     const node = el("section", "column");
     const heading = el("h2", "", `${title} `);
     if (model) heading.append(el("code", "", model));
     const grid = el("div", "grid");
-    hits.forEach((hit, i) => grid.append(card(hit, i + 1, mine)));
+    hits.forEach((hit, i) => grid.append(card(hit, i + 1, mine, showOrigin)));
     if (!hits.length) grid.append(el("p", "status", "no results"));
     node.append(heading, grid);
     return node;
@@ -188,8 +188,8 @@
       const ms = Math.round(performance.now() - started);
       const served = compare ? "upgraded model" : "results";
       $("columns").replaceChildren(...answers.map((a, i) => vias[i] === "old"
-        ? column("old model", info && info.old_model, a.results, mine)
-        : column(served, info && info.model, a.results, mine)));
+        ? column("old model", info && info.old_model, a.results, mine, false)
+        : column(served, info && info.model, a.results, mine, true)));
       setStatus(`${answers[0].results.length} results for ${describe} in ${ms} ms`);
       document.body.dataset.state = "done";
     } catch (error) {
@@ -206,13 +206,24 @@
       if (queryImage) return searchImage(queryImage);
       return setStatus("type a query, or drop an image", true);
     }
+    clearImage();
     search(`“${text}”`, (k, model) => ["search/text", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text, k, model }),
     }]);
   });
 
+  function clearImage() {
+    queryImage = null;
+    const preview = $("query-image");
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    preview.removeAttribute("src");
+    preview.hidden = true;
+    $("drop-text").textContent = "Drop an image here, or click to choose one, to search by image";
+  }
+
   function searchImage(file) {
     queryImage = file;
+    $("query").value = "";
     const preview = $("query-image");
     if (preview.src) URL.revokeObjectURL(preview.src);
     preview.src = URL.createObjectURL(file);
