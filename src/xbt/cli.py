@@ -390,6 +390,30 @@ def _print_summary(summary: dict) -> None:
 # ----- galleries and the service (a thin layer over xbt.gallery and xbt.serve) -----------------------------
 gallery_app = typer.Typer(help="Stamped galleries: build, add, search, info, backfill and cut-over.", no_args_is_help=True)
 app.add_typer(gallery_app, name="gallery")
+_GALLERY_BACKEND: dict[str, Optional[str]] = {"backend": "embedded", "uri": None}
+
+
+@gallery_app.callback()
+def gallery_options(
+    backend: str = typer.Option("embedded", envvar="XBT_GALLERY_BACKEND",
+                                help="embedded: --gallery is a folder; milvus: --gallery names a collection at --uri."),
+    uri: Optional[str] = typer.Option(None, envvar="XBT_MILVUS_URI",
+                                      help="Milvus: a server (http://HOST:19530) or a Milvus Lite file (./FILE.db)."),
+) -> None:
+    """Galleries are folders (embedded store) or Milvus collections: `--backend milvus --uri URI`, or give
+    a gallery as milvus:URI#NAME (milvus:./FILE.db for Milvus Lite) in any command."""
+    if backend not in ("embedded", "milvus"):
+        _fail(ValueError(f"--backend must be embedded or milvus, not {backend!r}"))
+    if backend == "milvus" and not uri:
+        _fail(ValueError("--backend milvus needs --uri (http://HOST:19530, or ./FILE.db for Milvus Lite)"))
+    _GALLERY_BACKEND.update(backend=backend, uri=uri)
+
+
+def _gallery_ref(gallery: str) -> str:
+    """A --gallery value as a reference `xbt.gallery.base.open_gallery` resolves (see `gallery_options`)."""
+    if _GALLERY_BACKEND["backend"] == "milvus" and not gallery.startswith("milvus:"):
+        return f"milvus:{_GALLERY_BACKEND['uri']}#{gallery}"
+    return gallery
 
 
 def _print_json(data: object) -> None:
@@ -400,7 +424,7 @@ def _print_json(data: object) -> None:
 def gallery_build(
     model: str = typer.Option(..., help="Model spec whose space the gallery is stamped with (e.g. testbed:old)."),
     data: str = typer.Option(..., help="A folder of images, a .txt of captions, or a pair source (.jsonl/.csv, testbed:eval, ...)."),
-    out: Path = typer.Option(..., help="New folder for the gallery."),
+    out: str = typer.Option(..., help="New folder for the gallery, or milvus:URI#NAME (see `xbt gallery --help`)."),
     modality: str = typer.Option("image", help="image: a gallery of images (text queries find images); text: of captions."),
     split: Optional[str] = typer.Option(None, help="Split of --data, where the source has splits."),
     index: str = typer.Option("auto", help="Index kind: auto (by size), flat (exact), hnsw or ivf."),
@@ -408,14 +432,14 @@ def gallery_build(
 ) -> None:
     """Embed a data source with a model into a new gallery; its index kind is chosen by size."""
     from xbt.gallery.ingest import ingest, load_items
+    from xbt.gallery.base import create_gallery
     from xbt.gallery.index import IndexConfig
-    from xbt.gallery.store import Gallery
     from xbt.models import load_model
 
     try:
         items = load_items(data, modality, split)
         vlp = load_model(model)
-        with Gallery.create(out, vlp.space, IndexConfig(kind=index), modality) as gallery:  # type: ignore[arg-type]
+        with create_gallery(_gallery_ref(out), vlp.space, IndexConfig(kind=index), modality) as gallery:
             report = ingest(gallery, vlp, items, batch_size=batch_size, show_progress=True)
             gallery.compact()
             info = gallery.info()
@@ -433,7 +457,7 @@ def _report_ingest(report) -> None:
 
 @gallery_app.command("add")
 def gallery_add(
-    gallery: Path = typer.Option(..., help="The gallery folder."),
+    gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
     model: str = typer.Option(..., help="A model emitting the gallery's space: the old model, or a compatible model (compat:PATH)."),
     data: str = typer.Option(..., help="Items to add (same kinds of source as `build`)."),
     split: Optional[str] = typer.Option(None, help="Split of --data."),
@@ -441,12 +465,12 @@ def gallery_add(
     batch_size: int = typer.Option(64),
 ) -> None:
     """Ingest new items; with a compatible new model they land in the old space, no backfill needed."""
+    from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import ingest, load_items
-    from xbt.gallery.store import Gallery
     from xbt.models import load_model
 
     try:
-        with Gallery.open(gallery) as g:
+        with open_gallery(_gallery_ref(gallery)) as g:
             items = load_items(data, g.modality or "image", split)
             report = ingest(g, load_model(model), items, batch_size=batch_size, on_conflict=on_conflict,  # type: ignore[arg-type]
                             show_progress=True)
@@ -457,21 +481,21 @@ def gallery_add(
 
 @gallery_app.command("search")
 def gallery_search(
-    gallery: Path = typer.Option(..., help="The gallery folder."),
+    gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
     model: str = typer.Option(..., help="A model emitting the gallery's space (old model or compatible model)."),
     text: Optional[str] = typer.Option(None, help="Search by this caption."),
     image: Optional[Path] = typer.Option(None, help="Search by this image file."),
     k: int = typer.Option(10, "-k", "--k", help="How many results."),
 ) -> None:
     """Search a gallery by text or image; prints the hits as JSON."""
+    from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import GalleryRetriever
-    from xbt.gallery.store import Gallery
     from xbt.models import load_model
 
     if (text is None) == (image is None):
         _fail(ValueError("give exactly one of --text or --image"))
     try:
-        with Gallery.open(gallery) as g:
+        with open_gallery(_gallery_ref(gallery)) as g:
             retriever = GalleryRetriever(g, load_model(model))
             hits = retriever.search_texts([text], k) if text is not None else retriever.search_images([image], k)
     except XbtError as exc:
@@ -481,14 +505,14 @@ def gallery_search(
 
 @gallery_app.command("info")
 def gallery_info(
-    gallery: Path = typer.Option(..., help="The gallery folder."),
+    gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
     verify: bool = typer.Option(False, "--verify", help="Also check every stamp, checksum and the index (slow)."),
 ) -> None:
     """A gallery's space, size and index kind (JSON)."""
-    from xbt.gallery.store import Gallery
+    from xbt.gallery.base import open_gallery
 
     try:
-        with Gallery.open(gallery) as g:
+        with open_gallery(_gallery_ref(gallery)) as g:
             info = g.info().to_dict()
             problems = g.verify() if verify else None
     except XbtError as exc:
@@ -502,14 +526,14 @@ def gallery_info(
 
 @gallery_app.command("delete")
 def gallery_delete(
-    gallery: Path = typer.Option(..., help="The gallery folder."),
+    gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
     ids: list[str] = typer.Argument(..., help="Ids to remove."),
 ) -> None:
     """Remove items by id."""
-    from xbt.gallery.store import Gallery
+    from xbt.gallery.base import open_gallery
 
     try:
-        with Gallery.open(gallery) as g:
+        with open_gallery(_gallery_ref(gallery)) as g:
             n = g.delete(ids)
     except XbtError as exc:
         _fail(exc)
@@ -520,7 +544,7 @@ def gallery_delete(
 def gallery_backfill(
     state: Path = typer.Option(..., help="Migration folder (created on the first run; resumed afterwards)."),
     model: str = typer.Option(..., help="The new model (its own space: the gallery being built)."),
-    gallery: Optional[Path] = typer.Option(None, help="The old gallery (needed on the first run only)."),
+    gallery: Optional[str] = typer.Option(None, help="The old gallery (needed on the first run only); on Milvus the new vectors go to a second collection, and the cut-over moves the gallery's alias to it."),
     order: str = typer.Option("oldest", help="Priority: oldest, newest, id, field:NAME, -field:NAME, or @FILE of ids (one a line)."),
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
@@ -531,8 +555,8 @@ def gallery_backfill(
     actors: Optional[int] = typer.Option(None, help="Ray: size of the actor pool."),
 ) -> None:
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
+    from xbt.gallery.base import open_gallery
     from xbt.gallery.migration import STATE_NAME, Migration
-    from xbt.gallery.store import Gallery
     from xbt.models import load_model
 
     try:
@@ -543,7 +567,7 @@ def gallery_backfill(
             priority: object = order
             if order.startswith("@"):
                 priority = [line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
-            with Gallery.open(gallery) as old:
+            with open_gallery(_gallery_ref(gallery)) as old:
                 Migration.start(state, old, new_model.space, priority)  # type: ignore[arg-type]
         migration = Migration(state)
         if engine == "ray":
@@ -563,6 +587,38 @@ def gallery_backfill(
     except (XbtError, OSError) as exc:
         _fail(exc)
     _print_json(progress)
+
+
+@gallery_app.command("export")
+def gallery_export(
+    gallery: str = typer.Option(..., help="The gallery to copy: a folder, or milvus:URI#NAME."),
+    out: str = typer.Option(..., help="Where to: a new folder (embedded store) or milvus:URI#NAME."),
+    batch_size: int = typer.Option(1024, help="Items copied per batch."),
+) -> None:
+    """Copy a gallery to the other backend (embedded <-> Milvus): vectors, ids, payloads, space, order.
+    Resumable: run it again after an interruption."""
+    _copy_gallery(_gallery_ref(gallery), out, batch_size)
+
+
+@gallery_app.command("import")
+def gallery_import(
+    gallery: str = typer.Option(..., help="The gallery to fill: a new folder, or milvus:URI#NAME."),
+    source: str = typer.Option(..., help="The gallery to copy from: a folder, or milvus:URI#NAME."),
+    batch_size: int = typer.Option(1024, help="Items copied per batch."),
+) -> None:
+    """Copy a gallery from the other backend into this one (see `export`)."""
+    _copy_gallery(source, _gallery_ref(gallery), batch_size)
+
+
+def _copy_gallery(source: str, target: str, batch_size: int) -> None:
+    from xbt.gallery.base import copy_gallery, open_gallery
+
+    try:
+        with open_gallery(source) as src:
+            info = copy_gallery(src, target, batch=batch_size)
+    except XbtError as exc:
+        _fail(exc)
+    console.print(f"gallery {target}: {info.size} items in space {info.space_id}, index {info.index_kind}")
 
 
 @gallery_app.command("cutover")

@@ -22,9 +22,10 @@ import numpy as np
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
 from xbt.eval.backfill_curve import slot_merge
+from xbt.gallery.base import GalleryBackend, open_gallery
 from xbt.gallery.ingest import check_model, model_name
 from xbt.gallery.migration import Migration
-from xbt.gallery.store import Gallery, Hit, OnConflict
+from xbt.gallery.store import Hit, OnConflict
 from xbt.models.base import VLPModel
 
 
@@ -34,10 +35,10 @@ class MigratingRetriever:
     Writes go to both galleries until the cut-over, so new items need no backfill."""
 
     def __init__(self, migration: Migration, compat_model: VLPModel, new_model: VLPModel,
-                 old: Gallery | None = None, new: Gallery | None = None):
+                 old: GalleryBackend | None = None, new: GalleryBackend | None = None):
         self.migration = migration
-        self.old = old or Gallery.open(migration.old_gallery_path)
-        self.new = new or Gallery.open(migration.new_gallery_path)
+        self.old = old or open_gallery(migration.old_gallery_ref)
+        self.new = new or open_gallery(migration.new_gallery_ref)
         check_model(self.old, compat_model)
         check_model(self.new, new_model)
         self.compat_model, self.new_model = compat_model, new_model

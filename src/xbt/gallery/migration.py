@@ -28,9 +28,10 @@ from typing import Any
 
 from xbt.errors import InputError
 from xbt.eval.backfill_curve import slot_merge
-from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
+from xbt.gallery.base import GalleryBackend, gallery_ref, gallery_size, is_milvus, open_gallery
 from xbt.gallery.index import IndexConfig
-from xbt.gallery.store import Gallery, atomic_write_bytes, count_items, is_gallery
+from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
+from xbt.gallery.store import Gallery, atomic_write_bytes, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
 
@@ -45,7 +46,7 @@ NEW_GALLERY = "gallery"
 # --------------------------------------------------------------------------------------------------
 # priority order
 # --------------------------------------------------------------------------------------------------
-def order_ids(gallery: Gallery, order: str | Sequence[str] = "oldest") -> list[str]:
+def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest") -> list[str]:
     """Every id of the gallery in a backfill priority order:
 
     "oldest" / "newest" (time added), "id" (sorted), "field:NAME" / "-field:NAME" (a payload field,
@@ -118,12 +119,30 @@ class Migration:
         self._state, self._stat = state, None
 
     @property
+    def old_gallery_ref(self) -> str:
+        """The old gallery (a folder, or the physical Milvus collection: `xbt.gallery.base.open_gallery`)."""
+        return str(self.state["old_gallery"])
+
+    @property
+    def new_gallery_ref(self) -> str:
+        """The new gallery: `gallery/` in the migration folder, or a second Milvus collection."""
+        return str(self.state.get("new_gallery") or self.path / NEW_GALLERY)
+
+    def _folder(self, ref: str) -> Path:
+        if is_milvus(ref):
+            raise InputError(f"the migration at {self.path} runs on Milvus ({ref}); this tool (e.g. the Ray engine)"
+                             " works on embedded galleries only: run the backfill with the local engine")
+        return Path(ref)
+
+    @property
     def old_gallery_path(self) -> Path:
-        return Path(self.state["old_gallery"])
+        """The old gallery's folder (embedded galleries only; see `old_gallery_ref`)."""
+        return self._folder(self.old_gallery_ref)
 
     @property
     def new_gallery_path(self) -> Path:
-        return self.path / NEW_GALLERY
+        """The new gallery's folder (embedded galleries only; see `new_gallery_ref`)."""
+        return self._folder(self.new_gallery_ref)
 
     @property
     def old_space(self) -> EmbeddingSpace:
@@ -151,12 +170,13 @@ class Migration:
     def start(
         cls,
         path: str | Path,
-        old_gallery: Gallery,
+        old_gallery: GalleryBackend,
         new_space: EmbeddingSpace,
         order: str | Sequence[str] = "oldest",
         index: IndexConfig | None = None,
     ) -> Migration:
-        """Fix the plan (priority order over the old gallery's ids) and create the empty new gallery."""
+        """Fix the plan (priority order over the old gallery's ids) and create the empty new gallery: in the
+        migration folder, or for a Milvus gallery a second collection (the cut-over then moves its alias)."""
         path = Path(path).expanduser()
         if (path / STATE_NAME).exists():
             raise InputError(f"{path} already holds a migration; resume it (Migration(path).run) or choose another folder")
@@ -167,14 +187,20 @@ class Migration:
         path.mkdir(parents=True, exist_ok=True)
         plan = order_ids(old_gallery, order)
         atomic_write_bytes(path / PLAN_NAME, "".join(json.dumps(i) + "\n" for i in plan).encode())
-        if is_gallery(path / NEW_GALLERY):  # a start killed after creating it: begin it again, empty
-            import shutil
+        extra = {"backfill_of": str(old_gallery.path), "old_space": old_gallery.space.id}
+        placed: dict[str, str] = {}
+        successor = getattr(old_gallery, "create_successor", None)
+        if successor is not None:  # Milvus: a second collection (one left by a killed start is emptied)
+            placed = {"new_gallery": successor(new_space, index, extra), "serve_as": str(old_gallery.path)}
+        else:
+            if is_gallery(path / NEW_GALLERY):  # a start killed after creating it: begin it again, empty
+                import shutil
 
-            shutil.rmtree(path / NEW_GALLERY)
-        Gallery.create(path / NEW_GALLERY, new_space, index or old_gallery.index_config, old_gallery.modality,
-                       extra={"backfill_of": str(old_gallery.path), "old_space": old_gallery.space.id}).close()
+                shutil.rmtree(path / NEW_GALLERY)
+            Gallery.create(path / NEW_GALLERY, new_space, index or old_gallery.index_config, old_gallery.modality,
+                           extra=extra).close()
         _write_json_atomic(path / STATE_NAME, {
-            "format": MIGRATION_FORMAT, "old_gallery": str(Path(old_gallery.path).resolve()),
+            **placed, "format": MIGRATION_FORMAT, "old_gallery": gallery_ref(old_gallery),
             "old_space": old_gallery.space.to_dict(), "new_space": new_space.to_dict(),
             "order": order if isinstance(order, str) else "ids", "plan_size": len(plan), "position": 0,
             "status": "backfilling", "failed": {}, "started_at": time.time(), "updated_at": time.time(),
@@ -182,10 +208,11 @@ class Migration:
         return cls(path)
 
     # ---- the work --------------------------------------------------------------------------------
-    def _galleries(self, old: Gallery | None, new: Gallery | None) -> tuple[Gallery, Gallery, bool]:
+    def _galleries(self, old: GalleryBackend | None,
+                   new: GalleryBackend | None) -> tuple[GalleryBackend, GalleryBackend, bool]:
         owned = old is None or new is None
-        old = old or Gallery.open(self.old_gallery_path)
-        new = new or Gallery.open(self.new_gallery_path)
+        old = old or open_gallery(self.old_gallery_ref)
+        new = new or open_gallery(self.new_gallery_ref)
         self.old_space.check(old.space, f"the gallery at {old.path}")
         self.new_space.check(new.space, f"the gallery at {new.path}")
         return old, new, owned
@@ -196,8 +223,8 @@ class Migration:
         *,
         batch_size: int = 64,
         max_items: int | None = None,
-        old: Gallery | None = None,
-        new: Gallery | None = None,
+        old: GalleryBackend | None = None,
+        new: GalleryBackend | None = None,
         show_progress: bool = False,
     ) -> dict[str, Any]:
         """Backfill from the saved position (at most `max_items` more items, e.g. to spread the work), then
@@ -226,7 +253,7 @@ class Migration:
                 new.close()
         return self.progress()
 
-    def _backfill_batch(self, ids: Sequence[str], old: Gallery, new: Gallery, model: VLPModel,
+    def _backfill_batch(self, ids: Sequence[str], old: GalleryBackend, new: GalleryBackend, model: VLPModel,
                         batch_size: int, failed: dict[str, str]) -> int:
         present = new.present(ids)
         todo = [i for i in ids if i not in present and i not in failed]
@@ -247,7 +274,7 @@ class Migration:
             new.add(vectors, [it.id for it in good], [it.payload for it in good], space=model.space, on_conflict="skip")
         return len(items)
 
-    def _sweep(self, old: Gallery, new: Gallery, model: VLPModel, batch_size: int, failed: dict[str, str]) -> None:
+    def _sweep(self, old: GalleryBackend, new: GalleryBackend, model: VLPModel, batch_size: int, failed: dict[str, str]) -> None:
         """Bring the new gallery to the old gallery's current contents; mark the migration complete."""
         old_ids, new_ids = old.ids(), set(new.ids())
         missing = [i for i in old_ids if i not in new_ids and i not in failed]
@@ -266,8 +293,8 @@ class Migration:
     def progress(self) -> dict[str, Any]:
         """How far along: items in the new gallery against the old gallery's size."""
         state = self.state
-        old_n = count_items(self.old_gallery_path) if is_gallery(self.old_gallery_path) else None
-        new_n = count_items(self.new_gallery_path)
+        old_n = gallery_size(self.old_gallery_ref)
+        new_n = gallery_size(self.new_gallery_ref) or 0
         return {
             "status": state["status"], "position": state["position"], "plan_size": state["plan_size"],
             "old_size": old_n, "new_size": new_n, "failed": len(state.get("failed", {})),
@@ -290,5 +317,8 @@ class Migration:
                 f"{len(state['failed'])} item(s) could not be re-embedded (e.g. {next(iter(state['failed']))!r});"
                 " fix their sources and run the backfill again, or force the cut-over without them"
             )
+        if state.get("serve_as"):  # Milvus: move the served name to the new collection first (idempotent),
+            with open_gallery(self.new_gallery_ref) as new:  # so a kill before the save only repeats it
+                new.serve_as(state["serve_as"])  # type: ignore[attr-defined]
         self._save(status="cut-over", cut_over_at=time.time())
         return self.progress()
