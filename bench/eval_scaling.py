@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xbt.compat.base import FitData, l2_normalise
+from xbt.compat.base import FitData
+from xbt.compat.support import l2_normalise
 from xbt.compat.registry import build_method
 from xbt.eval.embed import PairEmbeddings
 from xbt.eval.matrix import evaluate_upgrade, format_matrix

@@ -43,7 +43,7 @@ def xbt_projection(kind: str, new_dim: int, old_dim: int, hidden: int) -> tuple[
     """What a compatible model adds per query: normalise, project, normalise (torch, inference mode)."""
     import torch.nn.functional as F
 
-    from xbt.compat.xbt import Projection
+    from xbt.compat.maps import Projection
 
     torch.manual_seed(0)
     projection = Projection(new_dim, old_dim, kind, hidden).eval()
@@ -60,7 +60,8 @@ def xbt_projection(kind: str, new_dim: int, old_dim: int, hidden: int) -> tuple[
 
 def peers(new_dim: int, old_dim: int, quick: bool, names: list[str]) -> dict[str, tuple[Any, int]]:
     """Each peer fitted on random paired unit vectors, with the flops of its map."""
-    from xbt.compat.base import FitData, l2_normalise
+    from xbt.compat.base import FitData
+    from xbt.compat.support import l2_normalise
     from xbt.compat.registry import build_method
     from xbt.models.base import EmbeddingSpace
 

@@ -11,12 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from xbt.compat.maps import Projection
+from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import build_method
 from xbt.data.pairs import Pair
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.matrix import QueryVectors
 from xbt.eval.report import write_report
-from xbt.eval.runner import PrecomputedMethod, run_evaluation
+from xbt.eval.runner import compatible_queries, run_evaluation
 from xbt.models.base import EmbeddingSpace, VLPModel
 
 LATENT = 6
@@ -51,27 +53,10 @@ class ToyModel(VLPModel):
         return self.proj(tokens - 0.5)
 
 
-class ToyCompat(ToyModel):
-    """Stands in for an XBT model: declares the OLD space as its own (as CompatibleModel does)."""
-
-    needs_old_model_at_query_time = False
-    fits_on = "toy"
-
-    def __init__(self, old: ToyModel, latents):
-        super().__init__(latents, old.dim, seed=99, name="compat:toy")
-        with torch.no_grad():
-            self.proj.weight.copy_(old.proj.weight + 0.01)
-        self._old_space = old.space
-
-    @property
-    def space(self) -> EmbeddingSpace:
-        return self._old_space
-
-    @property
-    def encoder_id(self) -> str:  # as CompatibleModel: cached under its own weights, not the declared space
-        from xbt.models.base import weights_fingerprint
-
-        return f"toy-compat-{weights_fingerprint(self)[:16]}"
+def toy_compat(old: ToyModel, new: ToyModel) -> CompatibleModel:
+    """Stands in for a trained XBT model: the new model + a (random) linear projection into the old space."""
+    torch.manual_seed(0)
+    return CompatibleModel(new, Projection(new.dim, old.dim, "linear"), old.space)
 
 
 @pytest.fixture()
@@ -98,9 +83,10 @@ def world(tmp_path, monkeypatch):
 def test_runner_fits_on_training_data_and_builds_the_matrix(world, tmp_path):
     old, new, eval_pairs, train, support, latents = world
     corpus = [t for t in latents if int(t.split()[1]) >= 40]
-    compat = ToyCompat(old, latents)
     run = run_evaluation(
-        old, new, eval_pairs, ["no-adaptation", "procrustes-text", "procrustes-image", "affine", "slerp", compat],
+        old, new, eval_pairs,
+        {**{n: n for n in ["no-adaptation", "procrustes-text", "procrustes-image", "affine", "slerp"]},
+         "compat:toy": toy_compat(old, new)},
         fit_texts=corpus, fit_pairs=train, support_pairs=support, ks=(1, 5), n_resamples=100,
         data_efficiency=[5, 10, 30],
     )
@@ -113,9 +99,13 @@ def test_runner_fits_on_training_data_and_builds_the_matrix(world, tmp_path):
     assert 0.0 <= run.methods["slerp"].details["weight"] <= 1.0
     for name in ("affine", "slerp", "no-adaptation"):
         assert all(c is not None and c > 0 for c in run.methods[name].query_cost_us.values())
-    # A model method: its cost on top of the encoder is unknown here (no separable projection).
-    assert run.methods["compat:toy"].kind == "model"
-    assert run.methods["compat:toy"].query_cost_us == {1: None, 256: None}
+    # A model method (trained elsewhere): its cost on top of the encoder is its projection's.
+    assert run.methods["compat:toy"].kind == "model" and run.methods["affine"].kind == "peer"
+    assert all(c > 0 for c in run.methods["compat:toy"].query_cost_us.values())
+    # Every method became a deployable compatible model declaring the old space.
+    assert set(run.compatible) == set(m.methods)
+    assert all(model.space == old.space for model in run.compatible.values())
+    assert run.compatible["slerp"].needs_old_model_at_query_time and run.compatible["slerp"].old_model is old
     assert run.warnings == []
     assert {r["n_pairs"] for r in run.data_efficiency} == {5, 10, 30}
     assert {r["method"] for r in run.data_efficiency} >= {"procrustes-image", "affine", "slerp"}
@@ -130,37 +120,34 @@ def test_runner_fits_on_training_data_and_builds_the_matrix(world, tmp_path):
     assert "| slerp | yes |" in paths["markdown"].read_text()
 
 
-def test_compat_model_queries_are_not_the_old_models_cached_vectors(world):
+def test_map_only_models_are_evaluated_from_cached_features_exactly_as_encoded(world):
     old, new, eval_pairs, train, support, latents = world
     from xbt.eval.embed import embed_pairs
-    from xbt.eval.runner import model_queries
 
-    old_vectors = embed_pairs(old, eval_pairs)  # fills the cache under the old space
-    compat = ToyCompat(old, latents)
-    queries = model_queries(compat, eval_pairs)
-    assert not np.allclose(queries.texts, old_vectors.texts)
-    expected = compat.encode_text([p.caption for p in eval_pairs]).numpy()
-    np.testing.assert_allclose(queries.texts, expected, atol=1e-6)
+    old_e, new_e = embed_pairs(old, eval_pairs), embed_pairs(new, eval_pairs)
+    compat = toy_compat(old, new)
+    fast = compatible_queries(compat, eval_pairs, new_e, old_e)  # maps the cached new-model features
+    assert not np.allclose(fast.texts, old_e.texts)
+    np.testing.assert_allclose(fast.texts, compat.encode_text([p.caption for p in eval_pairs]).numpy(), atol=1e-6)
+    # A model whose new tower is not the evaluated new model is encoded through, never mapped.
+    other = CompatibleModel(ToyModel(latents, 12, seed=7, name="toy-other"), Projection(12, 8, "linear"), old.space)
+    slow = compatible_queries(other, eval_pairs, new_e, old_e)
+    np.testing.assert_allclose(slow.texts, other.encode_text([p.caption for p in eval_pairs]).numpy(), atol=1e-6)
 
 
-def test_runner_accepts_precomputed_vectors_and_refuses_mismatches(world):
+def test_runner_refuses_what_is_not_a_compatible_model_of_the_old_space(world):
     old, new, eval_pairs, train, support, latents = world
     from xbt.eval.embed import embed_pairs
 
     old_e = embed_pairs(old, eval_pairs)
-    run = run_evaluation(
-        old, new, eval_pairs,
-        {"old-again": PrecomputedMethod(QueryVectors(old_e.images, old_e.texts), fits_on="nothing")},
-        n_resamples=50, ks=(1,),
-    )
-    cell = run.matrix.methods["old-again"]["i2t"][1]
-    assert cell.vs_old.value == 0 and not cell.passes
-    with pytest.raises(InputError, match="need a name"):
-        run_evaluation(old, new, eval_pairs, [QueryVectors(old_e.images, old_e.texts)], n_resamples=10)
+    with pytest.raises(InputError, match="a method is"):
+        run_evaluation(old, new, eval_pairs, {"vectors": QueryVectors(old_e.images, old_e.texts)}, n_resamples=10)
     with pytest.raises(InputError, match="unknown method"):
         run_evaluation(old, new, eval_pairs, ["nope"], n_resamples=10)
+    imposter = ToyModel(latents, 8, seed=5, name="imposter")  # same dimension as the old model, other weights
     with pytest.raises(SpaceMismatchError):
-        run_evaluation(old, new, eval_pairs, [ToyModel(latents, 8, seed=5, name="imposter")], n_resamples=10)
+        run_evaluation(old, new, eval_pairs, {"x": CompatibleModel(new, Projection(12, 8), imposter.space)},
+                       n_resamples=10)
     with pytest.raises(InputError, match="fits on text"):
         run_evaluation(old, new, eval_pairs, ["procrustes-text"], n_resamples=10)
 

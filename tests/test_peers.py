@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xbt.compat.base import FitData, l2_normalise
+from xbt.compat.base import FitData
+from xbt.compat.support import l2_normalise
 from xbt.compat.procrustes import Procrustes, orthogonal_procrustes
 from xbt.compat.registry import PEER_METHODS, build_method
-from xbt.compat.slerp import Slerp, slerp
+from xbt.compat.slerp import Slerp
+from xbt.compat.slerp import slerp_arrays as slerp
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.embed import PairEmbeddings
 from xbt.models.base import EmbeddingSpace
@@ -53,7 +55,7 @@ def test_procrustes_maps_into_the_smaller_old_space(fit_on):
         xt = np.random.default_rng(5).permutation(xt)
     method = Procrustes(NEW, OLD, fit_on).fit(FitData(xt, yt, xi, yi))
     assert method.name == f"procrustes-{fit_on}"
-    np.testing.assert_allclose(method.transform(xe, "text"), ye, atol=1e-4)
+    np.testing.assert_allclose(method.transform(xe), ye, atol=1e-4)
 
 
 def test_procrustes_needs_the_data_it_fits_on():
@@ -62,7 +64,7 @@ def test_procrustes_needs_the_data_it_fits_on():
     with pytest.raises(InputError, match="image pairs"):
         Procrustes(NEW, OLD, "image").fit(FitData(xt, yt))
     with pytest.raises(InputError, match="not fitted"):
-        Procrustes(NEW, OLD).transform(xt, "text")
+        Procrustes(NEW, OLD).transform(xt)
     with pytest.raises(InputError, match="fit_on"):
         Procrustes(NEW, OLD, "audio")
 
@@ -75,9 +77,9 @@ def test_affine_recovers_an_affine_map_that_procrustes_cannot():
     data = FitData(x[:300], y[:300], x[:300], y[:300])
     affine = build_method("affine", NEW, OLD, ridge=1e-6).fit(data)
     target = l2_normalise(y[300:])
-    assert np.abs(affine.transform(x[300:], "text") - target).max() < 1e-3
+    assert np.abs(affine.transform(x[300:]) - target).max() < 1e-3
     procrustes = build_method("procrustes-text", NEW, OLD).fit(data)
-    assert (procrustes.transform(x[300:], "text") * target).sum(1).mean() < 0.99
+    assert (procrustes.transform(x[300:]) * target).sum(1).mean() < 0.99
 
 
 def test_adapter_starts_at_procrustes_learns_a_nonlinear_residual_and_is_seeded():
@@ -87,12 +89,12 @@ def test_adapter_starts_at_procrustes_learns_a_nonlinear_residual_and_is_seeded(
     data = FitData(x[:500], y[:500], x[:500], y[:500])
     untrained = build_method("adapter", NEW, OLD, epochs=0).fit(data)
     procrustes = build_method("procrustes-both", NEW, OLD).fit(data)
-    np.testing.assert_allclose(untrained.transform(x[500:], "text"), procrustes.transform(x[500:], "text"), atol=1e-5)
+    np.testing.assert_allclose(untrained.transform(x[500:]), procrustes.transform(x[500:]), atol=1e-5)
     trained = build_method("adapter", NEW, OLD, epochs=40, seed=3).fit(data)
-    cos = lambda m: float((m.transform(x[500:], "image") * y[500:]).sum(1).mean())  # noqa: E731
+    cos = lambda m: float((m.transform(x[500:]) * y[500:]).sum(1).mean())  # noqa: E731
     assert cos(trained) > cos(procrustes) + 0.01
     again = build_method("adapter", NEW, OLD, epochs=40, seed=3).fit(data)
-    np.testing.assert_array_equal(trained.transform(x[500:], "text"), again.transform(x[500:], "text"))
+    np.testing.assert_array_equal(trained.transform(x[500:]), again.transform(x[500:]))
     assert trained.history[-1] < trained.history[0]
 
 
@@ -139,8 +141,8 @@ def test_slerp_needs_the_old_query_and_a_support_split():
     fixed = Slerp(NEW, OLD, weight=0.5).fit(FitData(x, y, x, y))
     assert fixed.needs_old_model_at_query_time
     with pytest.raises(InputError, match="old model"):
-        fixed.transform(x, "text")
-    assert fixed.transform(x, "text", y).shape == (20, OLD.dim)
+        fixed.transform(x)
+    assert fixed.transform(x, y).shape == (20, OLD.dim)
     wrong = PairEmbeddings(x, x, list(range(20)), EmbeddingSpace("other", 24, "x" * 64))
     with pytest.raises(SpaceMismatchError):
         Slerp(NEW, OLD).fit(FitData(x, y, x, y, support=(wrong, PairEmbeddings(y, y, list(range(20)), OLD))))

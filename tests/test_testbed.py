@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def testbed():
-    from xbt.data.testbed import build_testbed
+    from xbt.train.testbed import build_testbed
 
     return build_testbed(("old", "new"), show_progress=False)
 
@@ -34,12 +34,13 @@ def test_new_model_beats_old_and_naive_cross_space_fails(testbed):
     from xbt.data.testbed import load_split
     from xbt.eval.embed import embed_pairs
     from xbt.eval.matrix import evaluate_upgrade
-    from xbt.models import load_model
+    from xbt.eval.runner import map_queries
+    from xbt.specs import load_model
 
     pairs = load_split("eval")
     old, new = load_model("testbed:old"), load_model("testbed:new")
     old_emb, new_emb = embed_pairs(old, pairs), embed_pairs(new, pairs)
-    naive = NoAdaptation(new.space, old.space).transform_embeddings(new_emb)
+    naive = map_queries(NoAdaptation(new.space, old.space).to_model(new), new_emb, old_emb)
     m = evaluate_upgrade(old_emb, new_emb, {"none": naive}, n_resamples=200)
     for d in ("t2i", "i2t"):
         assert m.new_new[d][1].value > m.old_old[d][1].value
@@ -52,7 +53,7 @@ def test_lit_model_roundtrip_and_batch_invariance(testbed, tmp_path):
     import torch
 
     from xbt.data.testbed import load_split
-    from xbt.models import load_model
+    from xbt.specs import load_model
     from xbt.models.lit import LitModel
 
     old = load_model("testbed:old")
@@ -72,7 +73,7 @@ def test_cached_tower_features_equal_the_encoding_pipeline(testbed):
     import torch
 
     from xbt.data.testbed import load_split, tower_image_features
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     model = load_model("testbed:old")
     pairs = load_split("val")[:5]

@@ -8,7 +8,8 @@ The one-line entry points::
 """
 
 from xbt.errors import XbtError
-from xbt.models import EmbeddingSpace, VLPModel, load_model
+from xbt.models import EmbeddingSpace, VLPModel
+from xbt.specs import load_model
 
 __all__ = ["EmbeddingSpace", "VLPModel", "XbtError", "load_model"]
 __version__ = "0.1.0"

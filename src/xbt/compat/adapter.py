@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from xbt.compat.base import CompatMethod, FitData, Modality
+from xbt.compat.base import CompatMethod, FitData
+from xbt.compat.maps import LinearMap, ResidualMap, ResidualMLP
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, orthogonal_procrustes, paired_rows
-from xbt.compat.support import order_support, support_score
+from xbt.compat.support import order_support, rounded, support_score
 from xbt.errors import InputError
 from xbt.models.base import EmbeddingSpace
 
@@ -40,17 +41,6 @@ def single_thread() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
-
-
-class ResidualMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.net(x)
 
 
 class ResidualAdapter(CompatMethod):
@@ -102,7 +92,7 @@ class ResidualAdapter(CompatMethod):
                 """Keep the first epoch with the best support recall (a tie: closer to the rotation)."""
                 nonlocal best_state
                 self.mlp = mlp.eval()
-                self.support_scores[epoch] = support_score(self.map, *support)
+                self.support_scores[epoch] = support_score(lambda x, o: self.transform(x), *support)
                 if best_state is None or self.support_scores[epoch] > self.support_scores[self.best_epoch] + 1e-12:
                     best_state, self.best_epoch = {k: v.clone() for k, v in mlp.state_dict().items()}, epoch
 
@@ -128,8 +118,16 @@ class ResidualAdapter(CompatMethod):
         self.mlp = mlp.eval()
         return self
 
-    @torch.inference_mode()
-    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
-        if self.mlp is None or self.rotation is None:
-            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")
-        return self.mlp(torch.from_numpy(new_vectors @ self.rotation)).numpy()
+    def to_map(self) -> ResidualMap:
+        self._require_fitted(self.mlp, self.rotation)
+        query_map = ResidualMap(self.new_space.dim, self.old_space.dim, self.hidden, self.dropout)
+        query_map.rotation = LinearMap.from_arrays(self.rotation)
+        query_map.mlp = self.mlp
+        return query_map.eval()
+
+    def details(self) -> dict[str, object]:
+        details = {"fit_on": self.fit_on, "hidden": self.hidden, "epochs": self.epochs, "best_epoch": self.best_epoch,
+                   "support_scores": rounded(self.support_scores)}
+        if self.history:
+            details["final_loss"] = float(self.history[-1])
+        return details

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from xbt.compat.base import CompatMethod, FitData, Modality
+from xbt.compat.base import CompatMethod, FitData
+from xbt.compat.maps import LinearMap
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, paired_rows
-from xbt.compat.support import best_setting, order_support, support_score
+from xbt.compat.support import best_setting, order_support, rounded, support_score
 from xbt.errors import InputError
 from xbt.models.base import EmbeddingSpace
 
@@ -61,7 +62,7 @@ class AffineMap(CompatMethod):
             new, old = order_support(data.support, self.new_space, self.old_space)
             fits = {r: ridge_affine(x, y, r) for r in self.ridge_grid}
             self.support_scores = {
-                r: support_score(lambda v, m, o, w=w, b=b: v @ w + b, new, old) for r, (w, b) in fits.items()
+                r: support_score(lambda v, o, w=w, b=b: v @ w + b, new, old) for r, (w, b) in fits.items()
             }
             self.ridge = best_setting(self.support_scores, prefer="larger")  # ties: the more regularised
             self.fits_on = FITS_ON_LABEL[self.fit_on] + "; ridge on the support split"
@@ -72,7 +73,9 @@ class AffineMap(CompatMethod):
         self.weight, self.bias = weight.astype(np.float32), bias.astype(np.float32)
         return self
 
-    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
-        if self.weight is None:
-            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")
-        return new_vectors @ self.weight + self.bias
+    def to_map(self) -> LinearMap:
+        self._require_fitted(self.weight)
+        return LinearMap.from_arrays(self.weight, self.bias)
+
+    def details(self) -> dict[str, object]:
+        return {"fit_on": self.fit_on, "ridge": self.ridge, "support_scores": rounded(self.support_scores)}

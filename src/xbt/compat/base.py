@@ -1,24 +1,24 @@
-"""The interface every compatibility method implements (XBT's projection, Procrustes, SLERP, adapters, ...).
+"""The interface every fitted peer implements (Procrustes, the affine map, the adapter, SLERP, ...).
 
-A method is fitted on training data only (never on the evaluation split) and then maps new-model
-query vectors into the old space. Methods that also need the old model's query vector at query time
-(an ensemble, like SLERP) say so in `needs_old_model_at_query_time`; the report shows it.
+A peer is fitted on training data only (never on the evaluation split), in closed form or in seconds,
+and its fit is a `QueryMap` (compat/maps.py): `to_model(new_model)` puts that map around the frozen new
+model as a `CompatibleModel`, the same deployable artifact XBT trains. Methods that also need the old
+model's query vector at query time (an ensemble, like SLERP) say so in `needs_old_model_at_query_time`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
+from xbt.compat.maps import QueryMap
+from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError
 from xbt.eval.embed import PairEmbeddings
-from xbt.eval.matrix import QueryVectors
-from xbt.models.base import EmbeddingSpace
-
-Modality = Literal["image", "text"]
+from xbt.models.base import EmbeddingSpace, VLPModel
 
 
 @dataclass
@@ -34,10 +34,6 @@ class FitData:
     support: tuple[PairEmbeddings, PairEmbeddings] | None = None
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class CompatMethod(ABC):
     name: str = "method"
     needs_old_model_at_query_time: bool = False
@@ -50,10 +46,11 @@ class CompatMethod(ABC):
         return self
 
     @abstractmethod
-    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
-        """(n, new_dim) new-model vectors -> (n, old_dim) vectors comparable with the old gallery."""
+    def to_map(self) -> QueryMap:
+        """The fitted map as a torch module (raises InputError when not fitted yet)."""
 
-    def transform(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
+    def transform(self, new_vectors: np.ndarray, old_vectors: np.ndarray | None = None) -> np.ndarray:
+        """(n, new_dim) new-model vectors [+ the old model's, for an ensemble] -> (n, old_dim) unit vectors."""
         new_vectors = np.asarray(new_vectors, dtype=np.float32)
         if new_vectors.ndim != 2 or new_vectors.shape[1] != self.new_space.dim:
             raise InputError(
@@ -61,11 +58,20 @@ class CompatMethod(ABC):
             )
         if self.needs_old_model_at_query_time and old_vectors is None:
             raise InputError(f"{self.name} needs the old model's query vectors too (it is an ensemble)")
-        return l2_normalise(self.map(new_vectors, modality, old_vectors)).astype(np.float32)
+        return self.to_map().apply(new_vectors, old_vectors)
 
-    def transform_embeddings(self, new: PairEmbeddings, old: PairEmbeddings | None = None) -> QueryVectors:
-        self.new_space.check(new.space, "the query embeddings")
-        return QueryVectors(
-            images=self.transform(new.images, "image", old.images if old is not None else None),
-            texts=self.transform(new.texts, "text", old.texts if old is not None else None),
-        )
+    def details(self) -> dict[str, Any]:
+        """The settings it was fitted with or chose (e.g. SLERP's weight), for the record."""
+        return {}
+
+    def to_model(self, new_model: VLPModel, old_model: VLPModel | None = None) -> CompatibleModel:
+        """The deployable model: this fit's map around the frozen new model (and the old model, for an
+        ensemble). Save it with `save_pretrained(dir)`; it loads as `compat:DIR`."""
+        self.new_space.check(new_model.space, f"the new model given to {self.name}")
+        model = CompatibleModel(new_model, self.to_map(), self.old_space, old_model=old_model, method=self.name)
+        model.provenance = {"fits_on": self.fits_on, "details": self.details()}
+        return model
+
+    def _require_fitted(self, *fitted: Any) -> None:
+        if any(f is None for f in fitted):
+            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from xbt.compat.base import CompatMethod, Modality
+from xbt.compat.base import CompatMethod
+from xbt.compat.maps import LinearMap
 
 
-def pad_or_truncate(x: np.ndarray, dim: int) -> np.ndarray:
-    if x.shape[1] >= dim:
-        return x[:, :dim]
-    return np.pad(x, ((0, 0), (0, dim - x.shape[1])))
+def pad_or_truncate_matrix(in_dim: int, out_dim: int) -> np.ndarray:
+    """The (in_dim, out_dim) identity that keeps the first min(in_dim, out_dim) coordinates and pads
+    the rest with zeros: new vectors compared with old ones as they are."""
+    return np.eye(in_dim, out_dim, dtype=np.float32)
 
 
 class NoAdaptation(CompatMethod):
@@ -19,5 +20,5 @@ class NoAdaptation(CompatMethod):
     name = "no-adaptation"
     fits_on = "nothing"
 
-    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
-        return pad_or_truncate(new_vectors, self.old_space.dim)
+    def to_map(self) -> LinearMap:
+        return LinearMap.from_arrays(pad_or_truncate_matrix(self.new_space.dim, self.old_space.dim))

@@ -1,137 +1,81 @@
-"""XBT's artifact: a compatible model = the new model (+ optional LoRA adapters) + a projection into the old space.
+"""A compatible model: the new model (+ optional LoRA adapters) + a query map into the old space.
 
-Its `encode_text` / `encode_image` return vectors in the OLD space and it declares the old space as its
-own, so a gallery stamped with the old space accepts its queries. Loading it needs the new model and
-this folder, never the old model:
+Every upgrade method ends as one: XBT (a trained projection + LoRA), and each fitted peer (Procrustes,
+the affine map, the residual adapter, no adaptation, and SLERP, which also runs the old model on every
+query). Its `encode_text` / `encode_image` return vectors in the OLD space and it declares the old
+space as its own, so a gallery stamped with the old space accepts its queries. One artifact format:
 
-    compat_config.json        what to load and the spaces (new: verified on load; old: declared)
-    projection.safetensors    the projection's weights
+    compat_config.json        what to load, the spaces, the map's config, sha256 of every weight file
+    map.safetensors           the query map's weights
     lora_text/, lora_image/   peft adapters (adapter_config.json + adapter_model.safetensors), if trained
+
+Loading needs the new model (and, for an ensemble, the old model, named in the config), never anything
+else; the weight files are checked against their recorded digests, so a folder changed in place after
+it was saved (or after a chain recorded it) is refused rather than silently served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 
+from xbt.compat.lora import image_lora_target, inject_lora, lora_config, lora_parameters, text_lora_target
+from xbt.compat.maps import Projection, QueryMap, build_map
 from xbt.errors import AssetMissingError, InputError, SpaceMismatchError
-from xbt.models.base import EmbeddingSpace, VLPModel, write_json
+from xbt.models.base import EmbeddingSpace, VLPModel, weights_fingerprint, write_json
 
 CONFIG_NAME = "compat_config.json"
-PROJECTION_NAME = "projection.safetensors"
-FORMAT = "xbt.compat/1"
+MAP_NAME = "map.safetensors"
+FORMAT = "xbt.compat/2"
+_FORMAT_1 = "xbt.compat/1"  # XBT-only artifacts of the first version: projection.safetensors, no digests
 
 
-class Projection(nn.Module):
-    """new space -> old space. `linear`: one affine map. `mlp`: the affine map plus a residual MLP whose
-    last layer starts at zero, so it starts as the linear map and can only add to it."""
-
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int = 1024, dropout: float = 0.0):
-        super().__init__()
-        if kind not in ("linear", "mlp"):
-            raise ValueError(f"projection kind must be 'linear' or 'mlp', not {kind!r}")
-        self.kind, self.in_dim, self.out_dim, self.hidden, self.dropout = kind, in_dim, out_dim, hidden, dropout
-        self.linear = nn.Linear(in_dim, out_dim)
-        if kind == "mlp":
-            self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
-            nn.init.zeros_(self.mlp[-1].weight)
-            nn.init.zeros_(self.mlp[-1].bias)
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "in_dim": self.in_dim, "out_dim": self.out_dim, "hidden": self.hidden, "dropout": self.dropout}
-
-    @torch.no_grad()
-    def init_least_squares(self, new: torch.Tensor, old: torch.Tensor, ridge: float = 1e-2) -> None:
-        """Closed-form ridge fit of the linear part on paired (new, old) vectors, e.g. a text corpus."""
-        x = torch.cat([new, torch.ones(new.shape[0], 1)], dim=1).double()
-        gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
-        w = torch.linalg.solve(gram, x.T @ old.double())
-        self.linear.weight.copy_(w[:-1].T.float())
-        self.linear.bias.copy_(w[-1].float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        return y + self.mlp(x) if self.kind == "mlp" else y
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def text_lora_target(model: VLPModel) -> nn.Module:
-    """The module of a backend that holds its text transformer (where text LoRA adapters go)."""
-    for attr in ("text_transformer",):
-        if hasattr(model, attr):
-            return getattr(model, attr)
-    if hasattr(model, "text_tower") and hasattr(model.text_tower, "transformer"):
-        return model.text_tower.transformer
-    raise AssetMissingError(f"{type(model).__name__} exposes no text transformer for LoRA")
-
-
-def image_lora_target(model: VLPModel) -> nn.Module:
-    if hasattr(model, "image_tower"):
-        return model.image_tower
-    if hasattr(model, "model") and hasattr(model.model, "visual"):
-        return model.model.visual
-    if hasattr(model, "model") and hasattr(model.model, "vision_model"):
-        return model.model.vision_model
-    raise AssetMissingError(f"{type(model).__name__} exposes no image tower for LoRA")
-
-
-def default_lora_targets(module: nn.Module) -> list[str]:
-    """Attention query/value projections where the backend has linear ones, else the MLP (open_clip)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_fc", "c_proj"]):
-        if set(candidates) <= names:
-            return candidates
-    raise ValueError(f"cannot guess LoRA target modules among {sorted(names)[:20]}; set lora.target_modules")
-
-
-def lora_config(module: nn.Module, lora: dict[str, Any]) -> Any:
-    """The peft LoraConfig of a config file's `lora` section, for adapters on `module`."""
-    from peft import LoraConfig
-
-    targets = lora.get("target_modules") or default_lora_targets(module)
-    return LoraConfig(
-        r=int(lora.get("r", 8)),
-        lora_alpha=int(lora.get("alpha", 16)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=list(targets),
-        layers_to_transform=lora.get("layers"),
-        init_lora_weights=True,
-    )
-
-
-def inject_lora(module: nn.Module, config: Any, tower: str) -> None:
-    """Inject peft LoRA adapters into `module` in place. A module that already carries adapters is refused:
-    a second set would stack on the first (a new model object reused for a second compatible model)."""
-    from peft import inject_adapter_in_model
-
-    if lora_parameters(module):
-        raise InputError(
-            f"the new model's {tower} tower already carries LoRA adapters (from another compatible model, or a"
-            " training run); load a fresh new model for each compatible model")
-    inject_adapter_in_model(config, module)
-
-
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n]
+def artifact_digest(path: str | Path) -> str:
+    """One digest of a saved compatible model: its config (which holds its weight files' digests)."""
+    return file_digest(Path(path) / CONFIG_NAME)
 
 
 class CompatibleModel(VLPModel):
-    def __init__(self, new_model: VLPModel, projection: Projection, old_space: EmbeddingSpace, new_spec: str | None = None):
+    def __init__(
+        self,
+        new_model: VLPModel,
+        query_map: QueryMap,
+        old_space: EmbeddingSpace,
+        new_spec: str | None = None,
+        old_model: VLPModel | None = None,
+        method: str = "xbt",
+    ):
         super().__init__()
-        if projection.in_dim != new_model.embed_dim or projection.out_dim != old_space.dim:
+        if query_map.in_dim != new_model.embed_dim or query_map.out_dim != old_space.dim:
             raise SpaceMismatchError(
-                f"projection maps {projection.in_dim}->{projection.out_dim}, but the new model is {new_model.embed_dim}-d"
-                f" and the old space {old_space.dim}-d"
+                f"the query map maps {query_map.in_dim}->{query_map.out_dim}, but the new model is"
+                f" {new_model.embed_dim}-d and the old space {old_space.dim}-d"
             )
+        if query_map.needs_old_query:
+            if old_model is None:
+                raise InputError(f"{method} is an ensemble: it needs the old model too (pass old_model=)")
+            old_space.check(old_model.space, f"the old model given to {method}")
         self.new_model = new_model
-        self.projection = projection
+        self.query_map = query_map
+        self.old_model = old_model if query_map.needs_old_query else None
         self.old_space = old_space
+        self.method = method
         self.new_spec = new_spec or new_model.spec
         self.new_space_at_training = new_model.space
         self.lora_configs: dict[str, Any] = {}
@@ -139,6 +83,9 @@ class CompatibleModel(VLPModel):
         self.spec = f"compat:{self.new_spec}->{old_space.id}"
         for p in new_model.parameters():
             p.requires_grad_(False)
+        if self.old_model is not None:
+            for p in self.old_model.parameters():
+                p.requires_grad_(False)
 
     # ----- identity: the old space, declared ---------------------------------------------------
     @property
@@ -150,21 +97,30 @@ class CompatibleModel(VLPModel):
         return self.old_space.dim
 
     @property
+    def needs_old_model_at_query_time(self) -> bool:
+        return self.query_map.needs_old_query
+
+    @property
+    def projection(self) -> QueryMap:
+        """The query map (XBT's training code calls it the projection)."""
+        return self.query_map
+
+    @property
+    def map_only(self) -> bool:
+        """True when the new model runs unadapted (no LoRA): its cached features can simply be mapped."""
+        return not self.lora_configs and not isinstance(self.new_model, CompatibleModel)
+
+    @property
     def encoder_id(self) -> str:
-        """Its own weights (projection, adapters) and the new model's: never the old model's cache entries."""
-        from xbt.models.base import weights_fingerprint
+        """Its own weights (map, adapters) and the new model's: never the old model's cache entries."""
+        ensemble = f"-{self.old_space.fingerprint[:12]}" if self.old_model is not None else ""
+        return (f"compat-{weights_fingerprint(self.query_map)[:12]}-{weights_fingerprint(self.new_model)[:12]}"
+                f"{ensemble}-{self.embed_dim}")
 
-        return f"compat-{weights_fingerprint(self.projection)[:12]}-{weights_fingerprint(self.new_model)[:12]}-{self.embed_dim}"
-
-    @torch.no_grad()
-    def project(self, new_vectors: torch.Tensor) -> torch.Tensor:
-        """Map unit vectors the (unadapted) new model already computed into the old space, without re-encoding.
-        Valid for a tower that has no LoRA adapters (by default: the image tower)."""
-        was_training = self.projection.training
-        self.projection.eval()
-        out = F.normalize(self.projection(F.normalize(torch.as_tensor(new_vectors, dtype=torch.float32), dim=-1)), dim=-1)
-        self.projection.train(was_training)
-        return out
+    def map_features(self, new_vectors: Any, old_vectors: Any | None = None) -> np.ndarray:
+        """Old-space queries from vectors the unadapted new model (and, for an ensemble, the old model)
+        already computed: the evaluation's fast path. Valid for a tower without LoRA adapters."""
+        return self.query_map.apply(new_vectors, old_vectors)
 
     @property
     def image_transform(self):
@@ -173,24 +129,50 @@ class CompatibleModel(VLPModel):
     def tokenize(self, texts: Sequence[str]) -> Any:
         return self.new_model.tokenize(texts)
 
-    # ----- forward: new model -> unit vector -> projection -------------------------------------
+    # ----- forward: new model -> unit vector -> map ---------------------------------------------
     def new_text(self, tokens: Any) -> torch.Tensor:
-        """The (LoRA-adapted) new model's own normalised text embedding, before projection."""
+        """The (LoRA-adapted) new model's own normalised text embedding, before the map."""
         return F.normalize(self.new_model.forward_text(tokens), dim=-1)
 
     def new_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.new_model.forward_image(pixels), dim=-1)
 
+    def _refuse_ensemble_forward(self) -> None:
+        if self.old_model is not None:
+            raise InputError(f"{self.method} is an ensemble: use encode_text / encode_image, which run both models")
+
     def forward_text(self, tokens: Any) -> torch.Tensor:
-        return self.projection(self.new_text(tokens))
+        self._refuse_ensemble_forward()
+        return self.query_map(self.new_text(tokens))
 
     def forward_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.new_image(pixels))
+        self._refuse_ensemble_forward()
+        return self.query_map(self.new_image(pixels))
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
+        if self.old_model is None:
+            return super().encode_text(texts, batch_size, show_progress)
+        new = self.new_model.encode_text(texts, batch_size, show_progress)
+        old = self.old_model.encode_text(texts, batch_size, show_progress)
+        return torch.from_numpy(self.map_features(new.numpy(), old.numpy()))
+
+    def encode_image(self, images, batch_size: int = 32, show_progress: bool = False) -> torch.Tensor:
+        if self.old_model is None:
+            return super().encode_image(images, batch_size, show_progress)
+        if isinstance(images, torch.Tensor):
+            raise InputError(f"{self.method} runs two models with their own preprocessing: pass images, not pixels")
+        images = list(images)
+        new = self.new_model.encode_image(images, batch_size, show_progress)
+        old = self.old_model.encode_image(images, batch_size, show_progress)
+        return torch.from_numpy(self.map_features(new.numpy(), old.numpy()))
 
     # ----- LoRA -----------------------------------------------------------------------------------
-    def enable_lora(self, tower: str, lora: dict[str, Any]) -> list[nn.Parameter]:
+    def _lora_module(self, tower: str):
+        return text_lora_target(self.new_model) if tower == "text" else image_lora_target(self.new_model)
+
+    def enable_lora(self, tower: str, lora: dict[str, Any]) -> list[torch.nn.Parameter]:
         """Add LoRA adapters to the new model's text (or image) tower; returns the trainable parameters."""
-        module = text_lora_target(self.new_model) if tower == "text" else image_lora_target(self.new_model)
+        module = self._lora_module(tower)
         self.lora_configs[tower] = lora_config(module, lora)
         inject_lora(module, self.lora_configs[tower], tower)
         params = lora_parameters(module)
@@ -201,65 +183,87 @@ class CompatibleModel(VLPModel):
     def lora_state(self, tower: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        module = text_lora_target(self.new_model) if tower == "text" else image_lora_target(self.new_model)
-        return {k: v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(module).items()}
+        return {k: v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(self._lora_module(tower)).items()}
 
     def load_lora_state(self, tower: str, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
-        module = text_lora_target(self.new_model) if tower == "text" else image_lora_target(self.new_model)
-        result = set_peft_model_state_dict(module, state)
+        result = set_peft_model_state_dict(self._lora_module(tower), state)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if unexpected:
             raise SpaceMismatchError(f"LoRA weights do not fit the new model ({len(unexpected)} unexpected keys)")
 
     # ----- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the artifact (safetensors + JSON, no pickle); the config is written last, so a folder
+        with a config is complete, and it records the sha256 of every weight file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.projection.state_dict().items()}, str(path / PROJECTION_NAME))
+        (path / CONFIG_NAME).unlink(missing_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.query_map.state_dict().items()}, str(path / MAP_NAME))
+        weights = [MAP_NAME]
         for tower, config in self.lora_configs.items():
             folder = path / f"lora_{tower}"
             folder.mkdir(exist_ok=True)
             config.save_pretrained(str(folder))
             save_file(self.lora_state(tower), str(folder / "adapter_model.safetensors"))
-        write_json(path / CONFIG_NAME, {
+            weights += [f"lora_{tower}/adapter_model.safetensors", f"lora_{tower}/adapter_config.json"]
+        config = {
             "format": FORMAT,
+            "method": self.method,
             "new_model": self.new_spec,
             "new_space": self.new_space_at_training.to_dict(),
             "old_space": self.old_space.to_dict(),
-            "projection": self.projection.config(),
+            "map": self.query_map.config(),
+            "needs_old_model_at_query_time": self.needs_old_model_at_query_time,
             "lora": sorted(self.lora_configs),
+            "weights_sha256": {name: file_digest(path / name) for name in weights},
             **self.provenance,
             **(extra or {}),
-        })
+        }
+        if self.old_model is not None:
+            config["old_model"] = self.old_model.spec
+        write_json(path / CONFIG_NAME, config)
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, new_model: VLPModel | None = None) -> CompatibleModel:
+    def from_pretrained(
+        cls, path: str | Path, new_model: VLPModel | None = None, old_model: VLPModel | None = None,
+        load: Any = None,
+    ) -> CompatibleModel:
+        """Load a saved compatible model. `new_model` / `old_model`: already loaded models to use (they
+        must be in the recorded spaces); otherwise they are loaded by their specs with `load` (the spec
+        loader, xbt.specs.load_model, passed in by it)."""
         from peft import LoraConfig
 
-        from xbt.models import load_model
-
         path = Path(path).expanduser()
-        if not (path / CONFIG_NAME).exists():
-            raise AssetMissingError(f"{path} is not an xbt compatible model (no {CONFIG_NAME}); train one with `xbt train`")
-        config = json.loads((path / CONFIG_NAME).read_text())
-        if config.get("format") != FORMAT:
-            raise AssetMissingError(f"{path} has format {config.get('format')!r}; this xbt reads {FORMAT}")
-        new_model = new_model or load_model(config["new_model"])
+        config = read_config(path)
+        if new_model is None or (config.get("needs_old_model_at_query_time") and old_model is None):
+            if load is None:
+                raise InputError("from_pretrained needs the models, or a spec loader: use xbt.load_model('compat:PATH')")
+        verify_weights(path, config)
+        new_model = new_model or load(config["new_model"])
         expected = EmbeddingSpace.from_dict(config["new_space"])
         expected.check(new_model.space, f"the new model {config['new_model']!r} loaded for {path}")
-        p = config["projection"]
-        projection = Projection(p["in_dim"], p["out_dim"], p["kind"], p.get("hidden", 1024), p.get("dropout", 0.0))
-        projection.load_state_dict(load_file(str(path / PROJECTION_NAME)))
-        model = cls(new_model, projection, EmbeddingSpace.from_dict(config["old_space"]), config["new_model"])
+        verify_chain(config, new_model)
+        old_space = EmbeddingSpace.from_dict(config["old_space"])
+        if config["format"] == _FORMAT_1:
+            p = config["projection"]
+            query_map: QueryMap = Projection(p["in_dim"], p["out_dim"], p["kind"], p.get("hidden", 1024), p.get("dropout", 0.0))
+            weights_file = path / "projection.safetensors"
+        else:
+            query_map = build_map(config["map"])
+            weights_file = path / MAP_NAME
+        query_map.load_state_dict(load_file(str(weights_file)))
+        if query_map.needs_old_query:
+            old_model = old_model or load(config["old_model"])
+        model = cls(new_model, query_map, old_space, config["new_model"], old_model, config.get("method", "xbt"))
         model.new_space_at_training = expected
+        model.provenance = {k: config[k] for k in ("chain", "fits_on", "details") if k in config}
         for tower in config.get("lora", []):
             folder = path / f"lora_{tower}"
             saved = LoraConfig.from_pretrained(str(folder))
-            module = text_lora_target(new_model) if tower == "text" else image_lora_target(new_model)
-            inject_lora(module, saved, tower)
+            inject_lora(model._lora_module(tower), saved, tower)
             model.lora_configs[tower] = saved
             model.load_lora_state(tower, load_file(str(folder / "adapter_model.safetensors")))
         model.spec = f"compat:{path.resolve()}"  # resolvable from anywhere: a chain can name it as its new model
@@ -267,17 +271,64 @@ class CompatibleModel(VLPModel):
         return model
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    if not (path / CONFIG_NAME).exists():
+        raise AssetMissingError(
+            f"{path} is not an xbt compatible model (no {CONFIG_NAME}); make one with `xbt train` or `xbt fit`")
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise AssetMissingError(f"{path / CONFIG_NAME} cannot be read ({exc}); save the model again") from exc
+    if config.get("format") not in (FORMAT, _FORMAT_1):
+        raise AssetMissingError(f"{path} has format {config.get('format')!r}; this xbt reads {FORMAT} and {_FORMAT_1}")
+    return config
+
+
+def verify_weights(path: Path, config: dict[str, Any]) -> None:
+    """Every weight file must still be the one the config recorded (format 2 records them)."""
+    for name, recorded in config.get("weights_sha256", {}).items():
+        file = path / name
+        if not file.exists():
+            raise AssetMissingError(f"{path} is incomplete: {name} is missing; save or train the model again")
+        if file_digest(file) != recorded:
+            raise SpaceMismatchError(
+                f"{file} changed after {path / CONFIG_NAME} was written (its sha256 no longer matches): the model's"
+                " declared spaces can no longer be trusted. Save the model again (xbt train / xbt fit) instead of"
+                " editing its files in place.")
+
+
+def verify_chain(config: dict[str, Any], new_model: VLPModel) -> None:
+    """A chained model records the digest of its newer half; refuse a newer half changed since."""
+    halves = config.get("chain")
+    if not halves or not isinstance(halves[0], dict):
+        return
+    newer = halves[0]
+    folder = Path(newer["spec"].removeprefix("compat:"))
+    if artifact_digest(folder) != newer["digest"]:
+        raise SpaceMismatchError(
+            f"the chain's newer half {folder} was changed (retrained or edited) after the chain was made: its"
+            " vectors may no longer live in the space the chain's second map expects. Rebuild the chain with"
+            " `xbt chain`.")
+
+
 def chain(newer: CompatibleModel, older: CompatibleModel) -> CompatibleModel:
     """Chained upgrade without retraining: `newer` maps v3 into v2's space, `older` maps v2 into v1's.
-    The result runs v3 (with newer's adapters), then newer's projection, then older's projection, and
-    declares v1's space, so it serves a v1 gallery. (older's LoRA adapters adapt v2, which the chain
-    no longer runs; only its projection is used.)"""
+    The result runs v3 (with newer's adapters), then newer's map, then older's map, and declares v1's
+    space, so it serves a v1 gallery. (older's LoRA adapters adapt v2, which the chain no longer runs;
+    only its map is used.) Both halves' digests are recorded and the newer half's is checked on load."""
     older.new_space_at_training.check(newer.space, "the newer compatible model's vectors")
     folder = Path(newer.spec.removeprefix("compat:"))
     if not newer.spec.startswith("compat:") or not (folder / CONFIG_NAME).exists():
         raise InputError("chain() needs the newer compatible model loaded from disk (load_model('compat:PATH'))"
                          " so that the chained model can be saved and loaded again")
+    if newer.needs_old_model_at_query_time or older.needs_old_model_at_query_time:
+        raise InputError("a chain cannot contain an ensemble (SLERP needs its old model at query time, which a chain"
+                         " does not run); chain map-only models (XBT, procrustes, affine, adapter)")
     # the absolute path: a saved chain names its newer half, and must load from any working directory
-    chained = CompatibleModel(newer, older.projection, older.old_space, f"compat:{folder.resolve()}")
-    chained.provenance["chain"] = [chained.new_spec, older.spec]
+    chained = CompatibleModel(newer, older.query_map, older.old_space, f"compat:{folder.resolve()}", method="chain")
+    halves = [{"spec": chained.new_spec, "digest": artifact_digest(folder)}, {"spec": older.spec}]
+    older_folder = Path(older.spec.removeprefix("compat:"))
+    if older.spec.startswith("compat:") and (older_folder / CONFIG_NAME).exists():
+        halves[1]["digest"] = artifact_digest(older_folder)
+    chained.provenance["chain"] = halves
     return chained

@@ -12,7 +12,8 @@ from typing import Literal
 
 import numpy as np
 
-from xbt.compat.base import CompatMethod, FitData, Modality
+from xbt.compat.base import CompatMethod, FitData
+from xbt.compat.maps import LinearMap
 from xbt.errors import InputError
 from xbt.models.base import EmbeddingSpace
 
@@ -69,7 +70,9 @@ class Procrustes(CompatMethod):
         self.rotation = orthogonal_procrustes(x, y)[: self.new_space.dim, : self.old_space.dim].astype(np.float32)
         return self
 
-    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
-        if self.rotation is None:
-            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")
-        return new_vectors @ self.rotation
+    def to_map(self) -> LinearMap:
+        self._require_fitted(self.rotation)
+        return LinearMap.from_arrays(self.rotation)
+
+    def details(self) -> dict[str, object]:
+        return {"fit_on": self.fit_on}

@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from xbt.compat.base import CompatMethod, FitData, Modality, l2_normalise
+from xbt.compat.base import CompatMethod, FitData
+from xbt.compat.maps import LinearMap, SlerpMap, slerp
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, Procrustes
-from xbt.compat.support import best_setting, order_support, support_score
+from xbt.compat.support import best_setting, order_support, rounded, support_score
 from xbt.errors import InputError
 from xbt.eval.retrieval import DEFAULT_KS
 from xbt.models.base import EmbeddingSpace
@@ -23,17 +25,8 @@ from xbt.models.base import EmbeddingSpace
 DEFAULT_WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0, 1, 21), 2))
 
 
-def slerp(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
-    """Row-wise spherical interpolation between unit vectors a (weight 0) and b (weight 1)."""
-    a, b = l2_normalise(np.asarray(a, dtype=np.float64)), l2_normalise(np.asarray(b, dtype=np.float64))
-    cos = np.clip((a * b).sum(-1, keepdims=True), -1.0, 1.0)
-    theta = np.arccos(cos)
-    sin = np.sin(theta)
-    near = sin < 1e-6  # (anti)parallel: the arc is undefined, fall back to the straight line
-    safe = np.where(near, 1.0, sin)
-    wa = np.where(near, 1 - weight, np.sin((1 - weight) * theta) / safe)
-    wb = np.where(near, weight, np.sin(weight * theta) / safe)
-    return wa * a + wb * b
+def slerp_arrays(old: np.ndarray, aligned: np.ndarray, weight: float) -> np.ndarray:
+    return slerp(torch.from_numpy(np.asarray(old)), torch.from_numpy(np.asarray(aligned)), weight).numpy()
 
 
 class Slerp(CompatMethod):
@@ -66,18 +59,19 @@ class Slerp(CompatMethod):
         if self.fixed_weight:
             return self
         new, old = order_support(data.support, self.new_space, self.old_space)
-        aligned = {"image": self.procrustes.map(new.images, "image"), "text": self.procrustes.map(new.texts, "text")}
+        rotation = self.procrustes.rotation
         self.support_scores = {
-            w: support_score(lambda x, modality, o, w=w: slerp(o, aligned[modality], w), new, old, self.ks)
-            for w in self.weights
+            w: support_score(lambda x, o, w=w: slerp_arrays(o, x @ rotation, w), new, old, self.ks) for w in self.weights
         }
         # Ties go to the larger weight: as good on the support set, and more of the new model.
         self.weight = best_setting(self.support_scores, prefer="larger")
         return self
 
-    def map(self, new_vectors: np.ndarray, modality: Modality, old_vectors: np.ndarray | None = None) -> np.ndarray:
-        if self.weight is None:
-            raise InputError(f"{self.name} is not fitted yet; call fit() on training data first")
-        if old_vectors is None or len(old_vectors) != len(new_vectors) or old_vectors.shape[1] != self.old_space.dim:
-            raise InputError(f"{self.name} needs the old model's {self.old_space.dim}-d vectors of the same queries")
-        return slerp(old_vectors, self.procrustes.map(new_vectors, modality), self.weight).astype(np.float32)
+    def to_map(self) -> SlerpMap:
+        self._require_fitted(self.weight, self.procrustes.rotation)
+        query_map = SlerpMap(self.new_space.dim, self.old_space.dim, self.weight)
+        query_map.rotation = LinearMap.from_arrays(self.procrustes.rotation)
+        return query_map
+
+    def details(self) -> dict[str, object]:
+        return {"fit_on": self.fit_on, "weight": self.weight, "support_scores": rounded(self.support_scores)}

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from xbt.compat.base import Modality, l2_normalise
 from xbt.errors import InputError
 from xbt.eval.embed import PairEmbeddings
 from xbt.eval.retrieval import DEFAULT_KS, retrieval_ranks
@@ -32,15 +31,19 @@ def order_support(support: Support, new_space: EmbeddingSpace, old_space: Embedd
     return a, b
 
 
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def support_score(
-    map_fn: Callable[[np.ndarray, Modality, np.ndarray], np.ndarray],
+    map_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     new: PairEmbeddings,
     old: PairEmbeddings,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> float:
-    """Mean recall (0-1) over both directions and `ks` of `map_fn(new vectors, modality, old vectors)`."""
-    images = l2_normalise(np.asarray(map_fn(new.images, "image", old.images), dtype=np.float32))
-    texts = l2_normalise(np.asarray(map_fn(new.texts, "text", old.texts), dtype=np.float32))
+    """Mean recall (0-1) over both directions and `ks` of `map_fn(new vectors, old vectors)`."""
+    images = l2_normalise(np.asarray(map_fn(new.images, old.images), dtype=np.float32))
+    texts = l2_normalise(np.asarray(map_fn(new.texts, old.texts), dtype=np.float32))
     ranks = retrieval_ranks(images, texts, old.images, old.texts, old.caption_image_index)
     return float(np.mean([(r < k).mean() for r in ranks.values() for k in ks]))
 
@@ -50,3 +53,8 @@ def best_setting(scores: dict[float, float], prefer: str = "larger") -> float:
     best = max(scores.values())
     tied = [s for s, v in scores.items() if v >= best - 1e-12]
     return max(tied) if prefer == "larger" else min(tied)
+
+
+def rounded(scores: dict[float, float]) -> dict[str, float]:
+    """Support scores for the record: string keys (JSON), five decimals."""
+    return {str(k): round(v, 5) for k, v in scores.items()}

@@ -3,12 +3,14 @@
     run = run_evaluation(old_model, new_model, eval_pairs, ["procrustes-text", "slerp", "compat:runs/xbt"],
                          fit_texts=corpus, fit_pairs=train_pairs, support_pairs=val_pairs)
     run.matrix            # the UpgradeMatrix: old->old, new->new, each method's new->old, with intervals
+    run.compatible        # name -> the CompatibleModel each method became (save_pretrained to deploy it)
     run.to_results()      # the JSON document `xbt evaluate` writes (docs/results-schema.md)
 
-A method is a peer's registry name (fitted here, on the training data only), a fitted or unfitted
-CompatMethod, a model spec such as `compat:PATH` (an XBT model: a VLPModel emitting old-space vectors),
-a VLPModel, or precomputed query vectors. Embeddings go through the feature cache, so a second run on
-the same data encodes nothing.
+A method is a peer's registry name or an unfitted CompatMethod (fitted here, on the training data
+only), a `compat:PATH` spec, or a CompatibleModel. Every one becomes a CompatibleModel; those that run
+the new model unadapted (every peer, XBT without LoRA) are evaluated by mapping the new model's cached
+features, the others by encoding through the model. Embeddings go through the feature cache, so a
+second run on the same data encodes nothing.
 """
 
 from __future__ import annotations
@@ -24,30 +26,23 @@ import numpy as np
 import torch
 
 from xbt.compat.adapter import single_thread
-from xbt.compat.base import CompatMethod, FitData, l2_normalise
+from xbt.compat.base import CompatMethod, FitData
+from xbt.compat.maps import QueryMap
+from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.data.pairs import Pair
+from xbt.data.texts import load_texts
 from xbt.errors import InputError
 from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
 from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
 from xbt.models.base import EmbeddingSpace, VLPModel
+from xbt.specs import load_model
 
 RESULTS_SCHEMA = "xbt.results/1"
 COST_BATCH_SIZES = (1, 256)
 
-
-@dataclass
-class PrecomputedMethod:
-    """Query vectors computed elsewhere (already in the old space), with what the report says about them."""
-
-    queries: QueryVectors
-    needs_old_model_at_query_time: bool = False
-    fits_on: str = "unknown"
-    query_cost_us: dict[int, float] | None = None
-
-
-MethodLike = Union[str, CompatMethod, VLPModel, QueryVectors, PrecomputedMethod]
+MethodLike = Union[str, CompatMethod, CompatibleModel]
 
 
 @dataclass
@@ -55,7 +50,7 @@ class MethodRecord:
     """What the report states about a method besides its recalls."""
 
     name: str
-    kind: str  # peer | model | precomputed
+    kind: str  # peer (fitted in this run) | model (trained or loaded: compat:PATH)
     needs_old_model_at_query_time: bool
     fits_on: str
     query_cost_us: dict[int, float | None]  # batch size -> microseconds per query, on top of the encoder
@@ -81,6 +76,7 @@ class EvaluationRun:
     warnings: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     data_efficiency: list[dict[str, Any]] = field(default_factory=list)
+    compatible: dict[str, CompatibleModel] = field(default_factory=dict)  # not serialised: save_pretrained each
 
     def to_results(self) -> dict[str, Any]:
         """The results.json document (schema: docs/results-schema.md); strict JSON (NaN becomes null)."""
@@ -155,37 +151,25 @@ def time_per_query_us(fn: Callable[[int], Any], batch_size: int, budget_s: float
     return float(min(times) / batch_size * 1e6)
 
 
-def method_query_cost(method: CompatMethod, batch_sizes: Sequence[int] = COST_BATCH_SIZES, seed: int = 0) -> dict[int, float]:
-    """Microseconds per query the method adds on top of the encoder(s): map + normalise, at each batch size."""
-    rng = np.random.default_rng(seed)
+def map_query_cost(query_map: QueryMap, batch_sizes: Sequence[int] = COST_BATCH_SIZES, seed: int = 0) -> dict[int, float]:
+    """Microseconds per query a compatible model adds on top of its encoder(s): its query map + normalise
+    (LoRA, if any, can be merged into the encoder's weights at no cost), at each batch size."""
+    generator = torch.Generator().manual_seed(seed)
     largest = max(batch_sizes)
-    new = l2_normalise(rng.standard_normal((largest, method.new_space.dim))).astype(np.float32)
-    old = l2_normalise(rng.standard_normal((largest, method.old_space.dim))).astype(np.float32)
-    ensemble = method.needs_old_model_at_query_time
-    return {
-        b: time_per_query_us(lambda n: method.transform(new[:n], "text", old[:n] if ensemble else None), b)
-        for b in batch_sizes
-    }
-
-
-def model_query_cost(model: VLPModel, batch_sizes: Sequence[int] = COST_BATCH_SIZES) -> tuple[dict[int, float | None], str]:
-    """A compatible model's cost on top of its encoder is its projection (LoRA can be merged into the
-    encoder's weights at no cost); a model without a separate projection cannot be split this way."""
-    projection = getattr(model, "projection", None)
-    if not isinstance(projection, torch.nn.Module) or not hasattr(projection, "in_dim"):
-        return {b: None for b in batch_sizes}, "not separable from the encoder"
-    x = torch.nn.functional.normalize(torch.randn(max(batch_sizes), projection.in_dim), dim=-1)
+    new = torch.nn.functional.normalize(torch.randn(largest, query_map.in_dim, generator=generator), dim=-1)
+    old = torch.nn.functional.normalize(torch.randn(largest, query_map.out_dim, generator=generator), dim=-1)
+    ensemble = old if query_map.needs_old_query else None
 
     @torch.inference_mode()
     def run(n: int) -> torch.Tensor:
-        return torch.nn.functional.normalize(projection(x[:n]), dim=-1)
+        return torch.nn.functional.normalize(query_map(new[:n], None if ensemble is None else ensemble[:n]), dim=-1)
 
-    was_training = projection.training
-    projection.eval()
+    was_training = query_map.training
+    query_map.eval()
     try:
-        return {b: time_per_query_us(run, b) for b in batch_sizes}, "projection (LoRA, if any, merged into the encoder)"
+        return {b: time_per_query_us(run, b) for b in batch_sizes}
     finally:
-        projection.train(was_training)
+        query_map.train(was_training)
 
 
 # ----- method resolution ------------------------------------------------------------------------------
@@ -194,35 +178,50 @@ def _resolve_methods(
     new_space: EmbeddingSpace,
     old_space: EmbeddingSpace,
     method_options: Mapping[str, Mapping[str, Any]],
-) -> dict[str, MethodLike]:
-    """name -> method object: registry names are built, model specs loaded, everything else kept."""
-    from xbt.models import load_model
-
+) -> dict[str, CompatMethod | CompatibleModel]:
+    """name -> an unfitted peer or a compatible model: registry names are built, compat: specs loaded."""
     items = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
-    resolved: dict[str, MethodLike] = {}
+    resolved: dict[str, CompatMethod | CompatibleModel] = {}
     for name, method in items:
         if isinstance(method, str):
             spec = method.strip()
-            if spec in PEER_METHODS:
+            if spec.startswith("compat:"):
+                method = load_model(spec)
+                name = name or f"xbt:{Path(spec.removeprefix('compat:')).expanduser().name}"
+            else:
                 method = build_method(spec, new_space, old_space, **method_options.get(spec, {}))
                 name = name or spec
-            elif ":" in spec:
-                kind, _, rest = spec.partition(":")
-                method = load_model(spec)
-                name = name or (f"xbt:{Path(rest).expanduser().name}" if kind == "compat" else spec)
-            else:
-                method = build_method(spec, new_space, old_space)  # raises the "unknown method" message
-        if name is None:
-            if isinstance(method, CompatMethod):
-                name = method.name
-            elif isinstance(method, VLPModel):
-                name = method.spec or type(method).__name__
-            else:
-                raise InputError("precomputed query vectors need a name: pass methods as a mapping {name: vectors}")
+        if not isinstance(method, (CompatMethod, CompatibleModel)):
+            raise InputError(
+                f"method {name or method!r} is a {type(method).__name__}; a method is a peer's name"
+                f" ({', '.join(PEER_METHODS)}), a compat:PATH spec, a CompatMethod or a CompatibleModel")
+        name = name or (method.name if isinstance(method, CompatMethod) else method.spec)
         if name in resolved:
             raise InputError(f"method {name!r} is listed twice")
         resolved[name] = method
     return resolved
+
+
+def map_queries(model: CompatibleModel, new_eval: PairEmbeddings, old_eval: PairEmbeddings) -> QueryVectors:
+    """A map-only compatible model's queries from the new (and, for an ensemble, old) model's cached
+    features of the evaluation items: no encoder runs."""
+    ensemble = model.needs_old_model_at_query_time
+    return QueryVectors(
+        images=model.map_features(new_eval.images, old_eval.images if ensemble else None),
+        texts=model.map_features(new_eval.texts, old_eval.texts if ensemble else None),
+    )
+
+
+def compatible_queries(
+    model: CompatibleModel, pairs: Sequence[Pair], new_eval: PairEmbeddings, old_eval: PairEmbeddings,
+    show_progress: bool = False,
+) -> QueryVectors:
+    """The fast path when the model runs the very new model of `new_eval` unadapted, else its own encoding
+    (cached under its `encoder_id`, which differs from the old model's although both declare the old space)."""
+    if model.map_only and model.new_model.space == new_eval.space:
+        return map_queries(model, new_eval, old_eval)
+    embeddings = embed_pairs(model, pairs, show_progress)
+    return QueryVectors(images=embeddings.images, texts=embeddings.texts)
 
 
 # ----- the run ---------------------------------------------------------------------------------------
@@ -268,9 +267,11 @@ def run_evaluation(
 
     queries: dict[str, QueryVectors] = {}
     records: dict[str, MethodRecord] = {}
+    compatible: dict[str, CompatibleModel] = {}
     skipped: list[str] = []
     for name, method in resolved.items():
         t = time.perf_counter()
+        fit_seconds = None
         if isinstance(method, CompatMethod):
             try:
                 method.fit(data)
@@ -281,26 +282,24 @@ def run_evaluation(
                 peers.pop(name, None)
                 continue
             fit_seconds = time.perf_counter() - t
-            queries[name] = method.transform_embeddings(new_eval, old_eval)
-            records[name] = MethodRecord(
-                name, "peer", method.needs_old_model_at_query_time, method.fits_on,
-                method_query_cost(method, cost_batch_sizes, seed), "map + normalise, per query",
-                fit_seconds, _method_details(method),
-            )
-        elif isinstance(method, VLPModel):
-            old_space.check(method.space, f"the queries of {name}")
-            queries[name] = model_queries(method, eval_pairs, show_progress)
-            cost, note = model_query_cost(method, cost_batch_sizes)
-            records[name] = MethodRecord(
-                name, "model", bool(getattr(method, "needs_old_model_at_query_time", False)),
-                str(getattr(method, "fits_on", "trained (see the model's config)")), cost, note,
-                details={"spec": getattr(method, "spec", "")},
-            )
+            model = method.to_model(new_model, old_model if method.needs_old_model_at_query_time else None)
+            kind, fits_on = "peer", method.fits_on
         else:
-            pre = method if isinstance(method, PrecomputedMethod) else PrecomputedMethod(method)
-            queries[name] = pre.queries
-            cost = dict(pre.query_cost_us) if pre.query_cost_us else {b: None for b in cost_batch_sizes}
-            records[name] = MethodRecord(name, "precomputed", pre.needs_old_model_at_query_time, pre.fits_on, cost)
+            model, kind = method, "model"
+            fits_on = str(model.provenance.get("fits_on", "trained (see the model's config)"))
+        old_space.check(model.space, f"the queries of {name}")
+        queries[name] = compatible_queries(model, eval_pairs, new_eval, old_eval, show_progress)
+        compatible[name] = model
+        details = dict(model.provenance.get("details", {})) | {"method": model.method}
+        if kind == "model":
+            details["spec"] = model.spec
+        records[name] = MethodRecord(
+            name, kind, model.needs_old_model_at_query_time, fits_on,
+            map_query_cost(model.query_map, cost_batch_sizes, seed),
+            f"{model.query_map.kind} map + normalise, per query" + ("; the old model encodes every query too"
+                                                                  if model.needs_old_model_at_query_time else ""),
+            fit_seconds, details,
+        )
         timings[f"method:{name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -341,30 +340,8 @@ def run_evaluation(
         warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or []),
         timings_s=timings,
         data_efficiency=curve,
+        compatible=compatible,
     )
-
-
-def model_queries(model: VLPModel, pairs: Sequence[Pair], show_progress: bool = False) -> QueryVectors:
-    """A model's own query vectors, cached under its `encoder_id` (a compatible model's differs from the
-    old model's, although both declare the old space)."""
-    embeddings = embed_pairs(model, pairs, show_progress)
-    return QueryVectors(images=embeddings.images, texts=embeddings.texts)
-
-
-def _method_details(method: CompatMethod) -> dict[str, Any]:
-    """The settings a method was fitted with or chose, for the record (e.g. SLERP's weight)."""
-    details: dict[str, Any] = {}
-    for attr in ("fit_on", "ridge", "hidden", "epochs", "best_epoch"):
-        if getattr(method, attr, None) is not None:
-            details[attr] = getattr(method, attr)
-    weight = getattr(method, "weight", None)
-    if isinstance(weight, (int, float)):
-        details["weight"] = float(weight)
-    if getattr(method, "support_scores", None):
-        details["support_scores"] = {str(k): round(v, 5) for k, v in method.support_scores.items()}
-    if getattr(method, "history", None):
-        details["final_loss"] = float(method.history[-1])
-    return details
 
 
 def _sizes(pairs: Sequence[Pair]) -> dict[str, int]:
@@ -423,7 +400,7 @@ def data_efficiency_curve(
             method = _refit_copy(name, template, data, method_options or {})
             if method is None:
                 continue
-            q = method.transform_embeddings(new_eval, old_eval)
+            q = map_queries(method.to_model(new_model, old_model), new_eval, old_eval)
             ranks = retrieval_ranks(q.images, q.texts, old_eval.images, old_eval.texts, old_eval.caption_image_index)
             for d in DIRECTIONS:
                 hits = hits_at_k(ranks[d], ks)
@@ -454,25 +431,6 @@ TESTBED_DEFAULTS: dict[str, Any] = {
 }
 
 
-def load_texts(source: str, split: str | None = None, image_root: str | None = None) -> list[str]:
-    """A text corpus: `testbed:text_corpus`, a .txt file (one text per line), or the captions of any dataset."""
-    from xbt.data.datasets import open_dataset
-
-    if source == "testbed:text_corpus":
-        from xbt.data.testbed import load_text_corpus
-
-        return load_text_corpus()
-    path = Path(source).expanduser()
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise InputError(f"text corpus not found: {path}")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise InputError(f"{path} holds no text")
-        return texts
-    return list(dict.fromkeys(p.caption for p in open_dataset(source, split, image_root)))
-
-
 def evaluate_from_specs(
     old: str,
     new: str,
@@ -494,7 +452,6 @@ def evaluate_from_specs(
 ) -> EvaluationRun:
     """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes)."""
     from xbt.data.datasets import open_dataset
-    from xbt.models import load_model
 
     eval_pairs = open_dataset(data, split, image_root)
     texts = [t for source in fit_text for t in load_texts(source, fit_split, image_root)]

@@ -1,0 +1,73 @@
+"""LoRA adapters on a new model's towers (peft): where they go, their config, injecting, their weights.
+
+XBT tunes the frozen new model through these; a compatible model saves them beside its query map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from xbt.errors import AssetMissingError, InputError
+from xbt.models.base import VLPModel
+
+
+def text_lora_target(model: VLPModel) -> nn.Module:
+    """The module of a backend that holds its text transformer (where text LoRA adapters go)."""
+    for attr in ("text_transformer",):
+        if hasattr(model, attr):
+            return getattr(model, attr)
+    if hasattr(model, "text_tower") and hasattr(model.text_tower, "transformer"):
+        return model.text_tower.transformer
+    raise AssetMissingError(f"{type(model).__name__} exposes no text transformer for LoRA")
+
+
+def image_lora_target(model: VLPModel) -> nn.Module:
+    if hasattr(model, "image_tower"):
+        return model.image_tower
+    if hasattr(model, "model") and hasattr(model.model, "visual"):
+        return model.model.visual
+    if hasattr(model, "model") and hasattr(model.model, "vision_model"):
+        return model.model.vision_model
+    raise AssetMissingError(f"{type(model).__name__} exposes no image tower for LoRA")
+
+
+def default_lora_targets(module: nn.Module) -> list[str]:
+    """Attention query/value projections where the backend has linear ones, else the MLP (open_clip)."""
+    names = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for candidates in (["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_fc", "c_proj"]):
+        if set(candidates) <= names:
+            return candidates
+    raise ValueError(f"cannot guess LoRA target modules among {sorted(names)[:20]}; set lora.target_modules")
+
+
+def lora_config(module: nn.Module, lora: dict[str, Any]) -> Any:
+    """The peft LoraConfig of a config file's `lora` section, for adapters on `module`."""
+    from peft import LoraConfig
+
+    targets = lora.get("target_modules") or default_lora_targets(module)
+    return LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(targets),
+        layers_to_transform=lora.get("layers"),
+        init_lora_weights=True,
+    )
+
+
+def inject_lora(module: nn.Module, config: Any, tower: str) -> None:
+    """Inject peft LoRA adapters into `module` in place. A module that already carries adapters is refused:
+    a second set would stack on the first (a new model object reused for a second compatible model)."""
+    from peft import inject_adapter_in_model
+
+    if lora_parameters(module):
+        raise InputError(
+            f"the new model's {tower} tower already carries LoRA adapters (from another compatible model, or a"
+            " training run); load a fresh new model for each compatible model")
+    inject_adapter_in_model(config, module)
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n]
