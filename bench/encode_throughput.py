@@ -113,7 +113,7 @@ def wrapper_own_cost_s(model: Any, images: list[str] | torch.Tensor, texts: list
 def bench_model(spec: str, images: list[str], texts: list[str], repeats: int,
                 image_batch: int, text_batch: int) -> list[dict[str, Any]]:
     """Two rows (images, texts) for one model."""
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     model = load_model(spec)
     model.eval()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from xbt.gallery.ingest import GalleryItem, load_items
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.scale.ray_embed import RayOptions, embed_items, start_ray
 
 

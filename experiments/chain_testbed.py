@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from xbt_testbed import _e, compat_queries, deep_update, run_dir
 
-from xbt.compat.xbt import CompatibleModel, chain
+from xbt.compat.model import CompatibleModel, chain
 from xbt.data.testbed import load_split
 from xbt.eval.embed import embed_pairs
 from xbt.eval.matrix import QueryVectors, UpgradeMatrix, evaluate_upgrade, format_matrix
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_pairs
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.paths import cache_dir
 from xbt.train.xbt import XBTConfig, train_xbt
 

@@ -24,7 +24,7 @@ from xbt.data.testbed import load_split
 from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, evaluate_upgrade, format_matrix
 from xbt.eval.retrieval import bootstrap_indices, hits_at_k, recall_estimate, retrieval_ranks
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.paths import cache_dir
 from xbt.train.xbt import XBTConfig, train_xbt
 

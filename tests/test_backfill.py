@@ -10,7 +10,8 @@ import pytest
 import torch
 from gallery_support import make_images, save_tiny_openclip, unit_rows
 
-from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.compat.maps import Projection
+from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.retrieval import best_positive_rank
 from xbt.eval.backfill_curve import backfill_curve, slot_merge
@@ -18,7 +19,7 @@ from xbt.gallery.migrating import MigratingRetriever
 from xbt.gallery.migration import Migration, order_ids
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.models.base import EmbeddingSpace
 
 

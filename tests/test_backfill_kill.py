@@ -15,12 +15,12 @@ from gallery_support import make_images, save_tiny_openclip
 from xbt.gallery.migration import Migration
 from xbt.gallery.ingest import ingest, items_from_folder
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
+from xbt.specs import load_model
 
 WORKER = r'''
 import sys, time
 from xbt.gallery.migration import Migration
-from xbt.models import load_model
+from xbt.specs import load_model
 
 migration_dir, spec = sys.argv[1], sys.argv[2]
 model = load_model(spec)

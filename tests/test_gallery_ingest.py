@@ -11,11 +11,12 @@ from gallery_support import make_images, save_tiny_openclip
 from typer.testing import CliRunner
 
 from xbt.cli import app
-from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.compat.maps import Projection
+from xbt.compat.model import CompatibleModel
 from xbt.errors import SpaceMismatchError
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder, load_items
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
+from xbt.specs import load_model
 
 runner = CliRunner()
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from xbt.errors import AssetMissingError, InputError, SpaceMismatchError
-from xbt.models import EmbeddingSpace, load_model
+from xbt.models import EmbeddingSpace
+from xbt.specs import load_model
 
 
 def _check_interface(model, images, texts):

@@ -11,7 +11,7 @@ from gallery_support import make_images, save_tiny_openclip
 
 from xbt.gallery.ingest import GalleryItem, ingest, items_from_folder
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.scale.ray_embed import RayOptions, embed_items
 from xbt.scale.vectors import Manifest, read_vectors
 

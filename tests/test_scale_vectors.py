@@ -15,7 +15,7 @@ from gallery_support import make_images, save_tiny_openclip
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.gallery.ingest import GalleryItem, items_from_folder
 from xbt.gallery.store import Gallery
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.models.base import EmbeddingSpace
 from xbt.scale.ray_embed import backfill, embed_items
 from xbt.scale.vectors import MANIFEST_NAME, Manifest, load_into_gallery, plan_shards, read_shard, read_vectors, write_shard

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.compat.maps import Projection
+from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.models import load_model
+from xbt.specs import load_model
 from xbt.train.xbt import StopTraining, XBTConfig, train_xbt
 
 from conftest import CORPUS
@@ -134,7 +135,7 @@ def test_config_rejects_unknown_keys():
 
 
 def test_chained_upgrade_serves_the_first_space(tiny_setup, tmp_path):
-    from xbt.compat.xbt import chain
+    from xbt.compat.model import chain
 
     cfg, v1, v2 = tiny_setup
     torch.manual_seed(7)

@@ -73,7 +73,7 @@ def testbed_build(
     force: bool = typer.Option(False, help="Rebuild splits and models even if cached."),
 ) -> None:
     """Build (or reuse) the testbed: render, split, cache tower features, train the lit models."""
-    from xbt.data.testbed import build_testbed
+    from xbt.train.testbed import build_testbed
 
     try:
         t0 = time.perf_counter()
@@ -94,14 +94,15 @@ def testbed_evaluate(
     from xbt.data.testbed import load_split
     from xbt.eval.embed import embed_pairs
     from xbt.eval.matrix import evaluate_upgrade, format_matrix
-    from xbt.models import load_model
+    from xbt.eval.runner import map_queries
+    from xbt.specs import load_model
 
     try:
         pairs = load_split(split)
         old, new = load_model("testbed:old"), load_model("testbed:new")
         old_emb, new_emb = embed_pairs(old, pairs, True), embed_pairs(new, pairs, True)
-        naive = NoAdaptation(new_emb.space, old_emb.space)
-        matrix = evaluate_upgrade(old_emb, new_emb, {"no-adaptation": naive.transform_embeddings(new_emb)})
+        naive = NoAdaptation(new_emb.space, old_emb.space).to_model(new)
+        matrix = evaluate_upgrade(old_emb, new_emb, {"no-adaptation": map_queries(naive, new_emb, old_emb)})
     except XbtError as exc:
         _fail(exc)
     print(format_matrix(matrix))
@@ -125,7 +126,8 @@ def lit_train(
 ) -> None:
     """Train a lit model's heads (symmetric InfoNCE, learnable temperature) on cached tower features."""
     from xbt.data.datasets import load_pairs
-    from xbt.data.testbed import TestbedModel, train_lit_model
+    from xbt.data.testbed import TestbedModel
+    from xbt.train.testbed import train_lit_model
     from xbt.train.lit import LitTrainConfig
 
     try:
@@ -190,7 +192,7 @@ def chain_command(
 
     The chained model runs the newest model (with its adapters) and both projections, and declares the
     oldest space. Only the newer model's folder is referenced; the older one's projection is copied."""
-    from xbt.compat.xbt import CompatibleModel, chain
+    from xbt.compat.model import CompatibleModel, chain
 
     try:
         halves = [CompatibleModel.from_pretrained(spec.removeprefix("compat:")) for spec in (newer, older)]
@@ -431,10 +433,10 @@ def gallery_build(
     batch_size: int = typer.Option(64, help="Items embedded per batch (each batch is durable once added)."),
 ) -> None:
     """Embed a data source with a model into a new gallery; its index kind is chosen by size."""
-    from xbt.gallery.ingest import ingest, load_items
     from xbt.gallery.base import create_gallery
     from xbt.gallery.index import IndexConfig
-    from xbt.models import load_model
+    from xbt.gallery.ingest import ingest, load_items
+    from xbt.specs import load_model
 
     try:
         items = load_items(data, modality, split)
@@ -467,7 +469,7 @@ def gallery_add(
     """Ingest new items; with a compatible new model they land in the old space, no backfill needed."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import ingest, load_items
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     try:
         with open_gallery(_gallery_ref(gallery)) as g:
@@ -490,7 +492,7 @@ def gallery_search(
     """Search a gallery by text or image; prints the hits as JSON."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import GalleryRetriever
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     if (text is None) == (image is None):
         _fail(ValueError("give exactly one of --text or --image"))
@@ -557,7 +559,7 @@ def gallery_backfill(
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.migration import STATE_NAME, Migration
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     try:
         new_model = load_model(model)
@@ -651,7 +653,7 @@ def gallery_backfill_curve(
     from xbt.eval.embed import embed_pairs
     from xbt.eval.runner import model_queries
     from xbt.eval.backfill_curve import backfill_curves, format_curves
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     try:
         pairs = open_dataset(data, split)

@@ -75,8 +75,8 @@ def train_or_reuse_xbt(job: UpgradeJob, show_progress: bool = True):
     """Train the compatible model, or load it if this exact config and data were trained before."""
     import yaml
 
-    from xbt.compat.xbt import CONFIG_NAME, CompatibleModel
-    from xbt.models import load_model
+    from xbt.compat.model import CONFIG_NAME, CompatibleModel
+    from xbt.specs import load_model
     from xbt.train.xbt import XBTConfig, train_xbt
 
     path = Path(job.xbt_config)
@@ -156,7 +156,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     from xbt.eval.report import write_report
     from xbt.eval.runner import run_evaluation
     from xbt.gallery import GalleryRetriever
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
     t = time.perf_counter()
     if job.build_testbed:
-        from xbt.data.testbed import build_testbed
+        from xbt.train.testbed import build_testbed
 
         build_testbed(("old", "new"), show_progress=show_progress)
     old, new = load_model(job.old), load_model(job.new)

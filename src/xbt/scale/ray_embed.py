@@ -111,7 +111,7 @@ class ShardEmbedder:
             import torch
 
             torch.set_num_threads(int(threads))
-        from xbt.models import load_model
+        from xbt.specs import load_model
 
         self.spec, self.out, self.modality, self.batch_size = model, Path(out), modality, batch_size
         self.model = loaded if loaded is not None else load_model(model)
@@ -286,7 +286,7 @@ def embed_items(
 
 
 def _load_for_space(model: str) -> VLPModel:
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     return load_model(model)
 
@@ -308,7 +308,7 @@ def backfill(
     The plan is embedded in priority order into `<migration>/vectors`, shard by shard; each shard lands in
     the new gallery as soon as it is done. Resumable like the migration itself. Returns its progress()."""
     from xbt.gallery.store import Gallery
-    from xbt.models import load_model
+    from xbt.specs import load_model
     from xbt.scale.vectors import add_shard_to_gallery
 
     if migration.cut_over_done:
