@@ -1,7 +1,9 @@
-"""Stamped galleries: the crash-safe vector store, ingestion with a model, and progressive backfill
-(the migration state machine in `migration`, serving during it in `migrating`)."""
+"""Stamped galleries: the crash-safe embedded store, a Milvus backend behind the same interface (`base`,
+`milvus`; pymilvus is imported only when a milvus: gallery is opened), ingestion with a model, and
+progressive backfill (the migration state machine in `migration`, serving during it in `migrating`)."""
 
 from xbt.eval.backfill_curve import backfill_curve, backfill_curves, slot_merge
+from xbt.gallery.base import GalleryBackend, copy_gallery, create_gallery, open_gallery
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.ingest import GalleryItem, GalleryRetriever, ingest, load_items
 from xbt.gallery.migrating import MigratingRetriever
@@ -9,6 +11,7 @@ from xbt.gallery.migration import Migration
 from xbt.gallery.store import Gallery, Hit
 
 __all__ = [
-    "Gallery", "GalleryItem", "GalleryRetriever", "Hit", "IndexConfig", "MigratingRetriever", "Migration",
-    "backfill_curve", "backfill_curves", "ingest", "load_items", "slot_merge",
+    "Gallery", "GalleryBackend", "GalleryItem", "GalleryRetriever", "Hit", "IndexConfig", "MigratingRetriever",
+    "Migration", "backfill_curve", "backfill_curves", "copy_gallery", "create_gallery", "ingest", "load_items",
+    "open_gallery", "slot_merge",
 ]
