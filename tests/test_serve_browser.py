@@ -217,6 +217,7 @@ def test_the_page_with_closed_reading_asks_for_the_token(pictures, browser, shot
         panel = browser.find_element(By.ID, "token-panel")
         _wait(browser, lambda d: panel.is_displayed(), "the token prompt")
         assert browser.execute_script("return sessionStorage.getItem('xbt-token')") is None
+        browser.save_screenshot(str(shots / "page-closed-read-token-prompt.png"))
         browser.find_element(By.ID, "token-input").send_keys(TOKEN, Keys.ENTER)
         _wait(browser, lambda d: _fact(d, "items") == "24", "the gallery's facts, read with the token")
         assert not panel.is_displayed()

@@ -1,6 +1,6 @@
 """Property-based fuzz of the service's OpenAPI schema (schemathesis) over real HTTP: no input the schema
-allows, or that its negative tests derive, makes the service answer 5xx. Bounded: few examples per
-operation, short deadline."""
+allows, or that its negative tests derive, makes the service answer 5xx. Bounded: 10 cases per operation
+in the fast suite, 200 in the slow one; short deadline."""
 
 from __future__ import annotations
 
@@ -46,17 +46,32 @@ def _fuzz_operation(operation, mode, url: str, examples: int) -> None:
     run()
 
 
+def _fuzz_all(url: str, mode: str, examples: int) -> int:
+    """Every operation of the published schema with `examples` cases each; returns how many operations ran."""
+    api = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert {op.path for op in operations} >= {"/search/text", "/search/image", "/items/text", "/items/image", "/thumbnail"}
+    generation_mode = schemathesis.GenerationMode.POSITIVE if mode == "positive" else schemathesis.GenerationMode.NEGATIVE
+    ran = 0
+    for operation in operations:
+        if mode == "negative" and not (len(operation.body) or len(operation.query)):
+            continue  # no input to make invalid (GET /health, /info)
+        _fuzz_operation(operation, generation_mode, url, examples=examples)
+        ran += 1
+    return ran
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_no_input_makes_the_service_fail(fuzz_service, mode):
     """Each operation of the published schema, with generated valid (positive) and invalid (negative) input.
 
     Driven through schemathesis' strategies and hypothesis directly (not schemathesis' pytest plugin,
     whose lazy fixture loader does not work with pytest 9.2)."""
-    api = schemathesis.openapi.from_url(f"{fuzz_service}/openapi.json")
-    operations = [result.ok() for result in api.get_all_operations()]
-    assert {op.path for op in operations} >= {"/search/text", "/search/image", "/items/text", "/items/image"}
-    generation_mode = schemathesis.GenerationMode.POSITIVE if mode == "positive" else schemathesis.GenerationMode.NEGATIVE
-    for operation in operations:
-        if mode == "negative" and not len(operation.body):
-            continue  # no input to make invalid (GET /health, /info)
-        _fuzz_operation(operation, generation_mode, fuzz_service, examples=10)
+    _fuzz_all(fuzz_service, mode, examples=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_no_input_makes_the_service_fail_200_cases_each(fuzz_service, mode):
+    """The same with 200 cases per operation (the slow suite)."""
+    print(f"\n{mode}: {_fuzz_all(fuzz_service, mode, examples=200)} operations x 200 cases")

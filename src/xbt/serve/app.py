@@ -15,7 +15,6 @@ The server listens on 127.0.0.1 unless told otherwise.
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime, and
 # they name models defined inside create_app.
 import hmac
-import io
 import json
 import logging
 import re
@@ -30,13 +29,13 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, Uploa
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from xbt.errors import InputError, SpaceMismatchError, XbtError
 from xbt.gallery.ingest import RESERVED_PAYLOAD_KEYS
 from xbt.gallery.store import MAX_ID_CHARS, Hit
-from xbt.serve.media import RASTER_FORMATS, NoThumbnail, ThumbnailStore
+from xbt.serve.media import NoThumbnail, ThumbnailStore, open_raster
 
 log = logging.getLogger("xbt.serve")
 
@@ -112,23 +111,7 @@ class UnsupportedImage(InputError):
 
 def decode_upload(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """A PIL image and its format from uploaded bytes; raster formats only, size-checked before decoding."""
-    if not data:
-        raise UnsupportedImage("the uploaded file is empty")
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = (img.format or "").upper()
-        if fmt not in RASTER_FORMATS:
-            raise UnsupportedImage(f"uploads must be {', '.join(sorted(RASTER_FORMATS))} images, not {fmt or 'unknown'}")
-        if img.width * img.height > max_pixels:
-            raise UnsupportedImage(f"the image is {img.width}x{img.height}; at most {max_pixels} pixels are accepted")
-        img.load()
-    except UnsupportedImage:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnsupportedImage(f"the uploaded file is not a readable image: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders raise assorted errors on hostile input
-        raise UnsupportedImage(f"the uploaded file is not a readable image ({type(exc).__name__})") from exc
-    return img, fmt.lower()
+    return open_raster(data, max_pixels, UnsupportedImage, "the uploaded file")
 
 
 def _check_payload(payload: dict[str, Any], limit: int) -> dict[str, Any]:

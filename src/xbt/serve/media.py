@@ -80,29 +80,40 @@ def _read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def make_thumbnail(data: bytes, size: int, max_pixels: int) -> Thumbnail:
-    """A PNG (images with transparency) or JPEG of at most size x size pixels, from raster bytes."""
+def open_raster(data: bytes, max_pixels: int, error: type[InputError], what: str) -> tuple[Image.Image, str]:
+    """A decoded PIL image and its lower-case format from bytes: raster formats only, the pixel count checked
+    before decoding; anything else raises `error` (a 4xx for the service), never a decoder's own exception."""
+    if not data:
+        raise error(f"{what} is empty")
     try:
         img = Image.open(io.BytesIO(data))
-        if (img.format or "").upper() not in RASTER_FORMATS:
-            raise NoThumbnail(f"the item's image is {img.format or 'not an image'}; only raster images are shown")
+        fmt = (img.format or "").upper()
+        if fmt not in RASTER_FORMATS:
+            raise error(f"{what} must be a {', '.join(sorted(RASTER_FORMATS))} image, not {fmt or 'unknown'}")
         if img.width * img.height > max_pixels:
-            raise NoThumbnail(f"the item's image is {img.width}x{img.height}, above the service's pixel limit")
-        img.thumbnail((size, size))
-        alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-        img = img.convert("RGBA" if alpha else "RGB")
-        buf = io.BytesIO()
-        if alpha:
-            img.save(buf, format="PNG", optimize=False)
-            return Thumbnail(buf.getvalue(), "image/png")
-        img.save(buf, format="JPEG", quality=85)
-        return Thumbnail(buf.getvalue(), "image/jpeg")
-    except NoThumbnail:
+            raise error(f"{what} is {img.width}x{img.height}; at most {max_pixels} pixels are accepted")
+        img.load()
+    except error:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise NoThumbnail(f"the item's image is not readable: {type(exc).__name__}") from exc
-    except Exception as exc:  # noqa: BLE001 - decoders raise assorted errors on hostile files
-        raise NoThumbnail(f"the item's image is not readable ({type(exc).__name__})") from exc
+        raise error(f"{what} is not a readable image: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise assorted errors on hostile input
+        raise error(f"{what} is not a readable image ({type(exc).__name__})") from exc
+    return img, fmt.lower()
+
+
+def make_thumbnail(data: bytes, size: int, max_pixels: int) -> Thumbnail:
+    """A PNG (images with transparency) or JPEG of at most size x size pixels, from raster bytes."""
+    img, _ = open_raster(data, max_pixels, NoThumbnail, "the item's image")
+    img.thumbnail((size, size))
+    alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    img = img.convert("RGBA" if alpha else "RGB")
+    buf = io.BytesIO()
+    if alpha:
+        img.save(buf, format="PNG")
+        return Thumbnail(buf.getvalue(), "image/png")
+    img.save(buf, format="JPEG", quality=85)
+    return Thumbnail(buf.getvalue(), "image/jpeg")
 
 
 class ThumbnailStore:
