@@ -10,7 +10,7 @@ average divides that back: the update is the single-process update, up to float 
 
 What can still differ from one process: dropout masks (drawn per rank for its slice) and, with CUDA,
 non-deterministic kernels. With dropout 0 a multi-process run matches a single-process run to float
-tolerance (tests/test_scale_ddp.py).
+tolerance (tests/test_train_distributed.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from gallery_support import make_images, save_tiny_openclip
 
 from conftest import CORPUS
-from xbt.scale.ddp import DistContext, shard_sizes, torchrun_command
+from xbt.train.distributed import DistContext, shard_sizes, torchrun_command
 
 
 def test_shard_sizes_split_a_batch_contiguously_and_evenly():
