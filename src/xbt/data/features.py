@@ -1,15 +1,20 @@
 """A content-addressed feature cache: encode each item once per encoder, keep it across runs and crashes.
 
 Layout: XBT_HOME/features/<encoder cache id>/shard-*.npz, each shard holding `keys` (content hashes)
-and `vectors`. Shards are written atomically after every chunk, so an interrupted job keeps what it
-finished and resumes with the rest.
+and `vectors`. A shard is written after every chunk, so an interrupted job keeps what it finished and
+resumes with the rest: to a temporary file `.tmp-<hex>` (a name the shard glob never matches), fsynced,
+renamed into place, and the folder fsynced; a reader sees a whole shard or none. A shard that cannot be
+read all the same (a disk fault, a copy cut short, a crash of an older xbt) is moved to `quarantine/`
+with a warning when the cache is opened: its items are computed again, and the cache keeps working.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,15 +35,67 @@ def file_key(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+SHARD_GLOB = "shard-*.npz"
+TMP_PREFIX = ".tmp-"
+QUARANTINE = "quarantine"
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died: removed at open
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_shard(shard: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, vectors) of a shard; ValueError if it is not a whole, well-formed one."""
+    try:
+        with np.load(shard, allow_pickle=False) as data:
+            keys, vectors = data["keys"], data["vectors"]
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib, numpy and OS errors alike: unreadable
+        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+    if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors) or vectors.dtype != np.float32:
+        raise ValueError(f"keys {keys.shape} and vectors {vectors.shape} {vectors.dtype} do not make a shard")
+    return keys, vectors
+
+
 class FeatureCache:
     def __init__(self, encoder_id: str, root: Path | None = None):
         self.dir = (root or cache_dir("features")) / encoder_id
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, np.ndarray] = {}
-        for shard in sorted(self.dir.glob("shard-*.npz")):
-            with np.load(shard) as data:
-                for key, vec in zip(data["keys"], data["vectors"]):
-                    self._index[str(key)] = vec
+        self.quarantined: list[Path] = []
+        for shard in sorted(self.dir.glob(SHARD_GLOB)):
+            if shard.name.endswith(".tmp.npz"):  # an older xbt's temporary name: never a finished shard
+                self._quarantine(shard, "an unfinished temporary file")
+                continue
+            try:
+                keys, vectors = _read_shard(shard)
+            except ValueError as exc:
+                self._quarantine(shard, str(exc))
+                continue
+            for key, vec in zip(keys, vectors):
+                self._index[str(key)] = vec
+        now = time.time()
+        for tmp in self.dir.glob(TMP_PREFIX + "*"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+            except OSError:
+                pass  # another process finished or removed it
+
+    def _quarantine(self, shard: Path, why: str) -> None:
+        target = self.dir / QUARANTINE / shard.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(shard, target)
+        except FileNotFoundError:
+            return  # another process opening the cache moved it first
+        self.quarantined.append(target)
+        warnings.warn(f"feature cache {self.dir}: unreadable shard {shard.name} ({why}) moved to {target};"
+                      " its items will be computed again", stacklevel=3)
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -47,10 +104,19 @@ class FeatureCache:
         return len(self._index)
 
     def _write_shard(self, keys: list[str], vectors: np.ndarray) -> None:
-        final = self.dir / f"shard-{uuid.uuid4().hex}.npz"
-        tmp = final.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(keys), vectors=vectors.astype(np.float32))
-        os.replace(tmp, final)
+        """Whole or not at all: a temporary file outside the shard glob, fsynced, renamed, folder fsynced."""
+        name = uuid.uuid4().hex
+        tmp, final = self.dir / f"{TMP_PREFIX}{name}", self.dir / f"shard-{name}.npz"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=np.array(keys), vectors=vectors.astype(np.float32))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.dir)
 
     def get_or_compute(
         self,
