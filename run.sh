@@ -78,7 +78,7 @@ case "$cmd" in
     setup_debian_data; setup_venv; setup_assets ;;
   demo)
     setup_debian_data; setup_venv; setup_assets
-    cd "$repo"  # the demo reads configs/ and writes outputs/demo here
+    cd "$repo"  # the demo writes outputs/demo here
     exec python -m xbt.cli demo "$@" ;;
   test)
     setup_debian_data; setup_venv; setup_assets

@@ -162,7 +162,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", default="eval", choices=["eval", "val"])
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--config", type=Path, default=Path("configs/xbt-testbed.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("src/xbt/configs/xbt-testbed.yaml"))
     parser.add_argument("--no-direct", action="store_true", help="skip training the direct v3 -> v1 baseline")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json already in --out")
     args = parser.parse_args()

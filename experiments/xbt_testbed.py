@@ -199,7 +199,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--split", default="eval", choices=["eval", "val"])
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--config", type=Path, default=Path("configs/xbt-testbed.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("src/xbt/configs/xbt-testbed.yaml"))
     parser.add_argument("--quick", action="store_true", help="main variant only")
     parser.add_argument("--variants", default="", help="comma-separated ablation names to run (default: all)")
     parser.add_argument("--no-curve", action="store_true", help="skip the data-efficiency curve")

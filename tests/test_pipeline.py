@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
 
     from xbt.pipeline import UpgradeJob, run_upgrade
 
-    config = yaml.safe_load(open("configs/xbt-testbed.yaml"))
+    config = yaml.safe_load(open("src/xbt/configs/xbt-testbed.yaml"))
     config["stage1"]["epochs"] = 2
     config["stage2"]["epochs"] = 1
     config["max_pairs"] = 64
@@ -35,10 +41,63 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
     assert (tmp_path / "out" / "report" / "report.html").exists()
     # Second run: everything cached (galleries, XBT model, embeddings) — only evaluation and pictures rerun.
     # (Judged on what was reused, not on wall time: with a warm XBT_HOME the first run is cached as well.)
-    artifact = Path(summary["xbt_model"]) / "projection.safetensors"
+    artifact = Path(summary["xbt_model"]) / "map.safetensors"
     written = artifact.stat().st_mtime_ns
     logs.clear()
     again = run_upgrade(job, tmp_path / "out", show_progress=False, log=logs.append)
     assert any(line.startswith("[3 XBT training (reused)]") for line in logs)
     assert artifact.stat().st_mtime_ns == written  # not trained again
     assert again["matrix"]["methods"]["XBT"] == summary["matrix"]["methods"]["XBT"]
+    # Every method was saved as a deployable compatible model; the recommended one is linked.
+    models = summary["models"]
+    assert set(models["models"]) == {"procrustes-text", "slerp", "XBT"}
+    for folder in models["models"].values():
+        assert (Path(folder) / "compat_config.json").exists() and (Path(folder) / "map.safetensors").exists()
+    assert json.loads((tmp_path / "out" / "models" / "slerp" / "compat_config.json").read_text())["old_model"] == "testbed:old"
+    if models["method"] is not None:
+        assert (tmp_path / "out" / "models" / "recommended").resolve() == Path(models["models"][models["method"]])
+        assert summary["deploy_commands"] and summary["deploy_commands"][0].startswith("xbt gallery search")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_printed_serve_command_serves_the_recommended_model(tmp_path):
+    """Run the demo's printed `xbt serve` command, as a user would, and search over HTTP."""
+    import httpx
+
+    from xbt.pipeline import UpgradeJob, run_upgrade
+
+    config = yaml.safe_load(open("src/xbt/configs/xbt-testbed.yaml"))
+    config["stage1"]["epochs"] = 2
+    config["stage2"]["enabled"] = False
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(config))
+    job = UpgradeJob.testbed(xbt_config=str(tmp_path / "quick.yaml"), peers=["procrustes-both", "slerp"], n_example_queries=1)
+    summary = run_upgrade(job, tmp_path / "out", show_progress=False, log=lambda line: None)
+    assert summary["models"]["method"] is not None, summary["recommendation"]
+    serve_line = next(line for line in summary["deploy_commands"] if line.startswith("xbt serve"))
+    argv = shlex.split(serve_line.split("#")[0])
+    port = _free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    env = os.environ | {"PYTHONPATH": str(Path("src").resolve())}
+    proc = subprocess.Popen([sys.executable, "-m", "xbt.cli", *argv[1:]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+            assert proc.poll() is None, proc.stdout.read()
+        r = httpx.post(f"{url}/search/text", json={"text": "a red apple", "k": 5}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"]) == 5
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -144,7 +144,7 @@ def lit_train(
 
 @app.command("train")
 def train(
-    config: Path = typer.Option(..., "--config", help="XBT config file (YAML); see configs/xbt-testbed.yaml."),
+    config: str = typer.Option(..., "--config", help="XBT config: a YAML file, or a shipped config's name (xbt-testbed)."),
     out: Path = typer.Option(..., "--out", help="Output folder: the compatible model, checkpoints, training report."),
     max_pairs: Optional[int] = typer.Option(None, help="Override: use only N image-text pairs (0 = stage 1 only)."),
     seed: Optional[int] = typer.Option(None, help="Override the config's seed."),
@@ -156,7 +156,8 @@ def train(
     A run killed mid-way resumes from its last checkpoint when started again with the same config and --out.
     With --nproc N (or when started by torchrun) the global batch is split across processes and the
     result matches a single-process run."""
-    from xbt.scale.ddp import launch, process_group, under_torchrun
+    from xbt.paths import resolve_config
+    from xbt.train.distributed import launch, process_group, under_torchrun
     from xbt.train.xbt import XBTConfig, train_xbt
 
     if nproc > 1 and not under_torchrun():
@@ -165,7 +166,7 @@ def train(
         args += ["--seed", str(seed)] if seed is not None else []
         raise typer.Exit(launch(nproc, args))
     try:
-        cfg = XBTConfig.from_file(config)
+        cfg = XBTConfig.from_file(resolve_config(config))
         if max_pairs is not None:
             cfg.max_pairs = max_pairs
             if max_pairs == 0:
@@ -202,6 +203,36 @@ def chain_command(
         _fail(exc)
     console.print(f"chained model saved to {out}: {chained.new_spec.removeprefix('compat:')} -> "
                   f"{halves[1].new_space_at_training.id} -> {chained.space.id}; load it as compat:{out}")
+
+
+@app.command("fit")
+def fit_command(
+    method: str = typer.Argument(..., help="A peer: procrustes-text, procrustes-image, procrustes-both, affine, adapter, slerp, no-adaptation."),
+    old: str = typer.Option(..., help="The old model's spec (the gallery's)."),
+    new: str = typer.Option(..., help="The new model's spec."),
+    out: Path = typer.Option(..., help="Folder to save the compatible model to (loads as compat:OUT)."),
+    fit_pairs: Optional[list[str]] = typer.Option(None, help="Image-text pairs to fit on (any dataset source); repeatable."),
+    fit_text: Optional[list[str]] = typer.Option(None, help="Text corpus to fit on (.txt or a dataset); repeatable."),
+    support: Optional[str] = typer.Option(None, help="Support pairs for the settings chosen on held-out data (SLERP's weight, the ridge, epochs)."),
+) -> None:
+    """Fit one training-free peer and save it as a deployable compatible model, without the whole job."""
+    from xbt.compat.fit import fit_peer
+    from xbt.data.datasets import open_dataset
+    from xbt.data.texts import load_texts
+    from xbt.specs import load_model
+
+    try:
+        t0 = time.perf_counter()
+        texts = [t for source in fit_text or [] for t in load_texts(source)]
+        pairs = [p for source in fit_pairs or [] for p in open_dataset(source)]
+        model = fit_peer(method, load_model(old), load_model(new), texts, pairs,
+                         open_dataset(support) if support else None, show_progress=True)
+        model.save_pretrained(out)
+    except XbtError as exc:
+        _fail(exc)
+    ensemble = " (an ensemble: it runs the old model on every query too)" if model.needs_old_model_at_query_time else ""
+    console.print(f"fitted {method} in {time.perf_counter() - t0:.1f} s on {len(texts)} texts and {len(pairs)} pairs{ensemble}")
+    console.print(f"saved {out}: use it as --model compat:{out.resolve()} (space {model.space.id})")
 
 
 @app.command("embed")
@@ -329,7 +360,7 @@ def upgrade(
     fit_pairs: str = typer.Option(..., help="Image-text pairs for training (XBT stage 2, image-fitted peers)."),
     fit_texts: str = typer.Option(..., help="Text corpus for the text-only stage and text-fitted peers (.txt or a dataset)."),
     support: Optional[str] = typer.Option(None, help="Support pairs for SLERP's weight (not the evaluation data)."),
-    config: Path = typer.Option(Path("configs/xbt-testbed.yaml"), help="XBT config (its old/new/data fields are overridden)."),
+    config: str = typer.Option("xbt-testbed", help="XBT config: a YAML file or a shipped config name (its old/new/data fields are overridden)."),
     out: Path = typer.Option(Path("outputs/upgrade"), help="Where the report, pictures and summary go."),
     examples: int = typer.Option(4, help="Example queries to draw."),
 ) -> None:
@@ -337,18 +368,18 @@ def upgrade(
     from xbt.pipeline import UpgradeJob
 
     _run_upgrade(UpgradeJob(old=old, new=new, eval_data=data, fit_pairs=fit_pairs, fit_texts=fit_texts,
-                            support=support, xbt_config=str(config), n_example_queries=examples), out)
+                            support=support, xbt_config=config, n_example_queries=examples), out)
 
 
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("outputs/demo"), help="Where the report, pictures and summary go."),
-    config: Path = typer.Option(Path("configs/xbt-testbed.yaml"), help="XBT config."),
+    config: str = typer.Option("xbt-testbed", help="XBT config: a YAML file or a shipped config name."),
 ) -> None:
     """The offline end-to-end upgrade on the testbed: build it, upgrade, evaluate, show what changed."""
     from xbt.pipeline import UpgradeJob
 
-    _run_upgrade(UpgradeJob.testbed(xbt_config=str(config)), out)
+    _run_upgrade(UpgradeJob.testbed(xbt_config=config), out)
 
 
 def _run_upgrade(job, out: Path) -> None:
@@ -363,7 +394,14 @@ def _run_upgrade(job, out: Path) -> None:
     console.print(f"total {time.perf_counter() - t0:.0f} s")
     console.print(f"report: {summary['report']['markdown']}  |  {summary['report']['html']}")
     console.print(f"example pictures: {Path(summary['examples'][0]).parent}/ ({len(summary['examples'])} PNG)")
-    console.print(f"compatible model: {summary['xbt_model']}")
+    models = summary["models"]
+    console.print(f"compatible models (one per method, each loads as compat:DIR): {Path(models['models']['XBT']).parent}/")
+    if models.get("spec"):
+        console.print(f"[bold]to deploy the recommended model ({models['method']}):[/]")
+        for line in summary["deploy_commands"]:
+            console.print(f"  {line}", soft_wrap=True, highlight=False)
+    else:
+        console.print("[yellow]no method passed the compatibility criterion in every cell: nothing is recommended[/]")
 
 
 def _print_summary(summary: dict) -> None:
@@ -509,13 +547,21 @@ def gallery_search(
 def gallery_info(
     gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
     verify: bool = typer.Option(False, "--verify", help="Also check every stamp, checksum and the index (slow)."),
+    model: Optional[str] = typer.Option(None, help="Also describe this query model and check that it may search the gallery."),
 ) -> None:
-    """A gallery's space, size and index kind (JSON)."""
+    """A gallery's space, size and index kind (JSON); with --model, what that model is (an ensemble says it
+    needs the old model at query time) after the space guard accepted it."""
     from xbt.gallery.base import open_gallery
+    from xbt.gallery.ingest import check_model, describe_model
+    from xbt.specs import load_model
 
     try:
         with open_gallery(_gallery_ref(gallery)) as g:
             info = g.info().to_dict()
+            if model is not None:
+                query_model = load_model(model)
+                check_model(g, query_model)
+                info["model"] = describe_model(query_model)
             problems = g.verify() if verify else None
     except XbtError as exc:
         _fail(exc)

@@ -5,8 +5,11 @@
 
 Steps, each cached by content (a re-run reuses what did not change; a changed config re-runs what
 depends on it): the old galleries (images and captions of the evaluation data, embedded by the old
-model, in the crash-safe gallery store), XBT training, the peers, the evaluation report, and pictures
-of what changed for a handful of queries.
+model, in the crash-safe gallery store), XBT training, the peers, the evaluation report, every
+method saved as a deployable compatible model (OUT/models/<method>, the recommended one linked as
+OUT/models/recommended), and pictures of what changed for a handful of queries. Models, the config and
+the data are loaded once; every embedding goes through the feature cache, so the galleries and the
+evaluation share them.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from xbt.compat.registry import PEER_METHODS
+from xbt.data.datasets import open_dataset
 from xbt.data.pairs import Pair
-from xbt.errors import InputError
+from xbt.data.texts import load_texts
 from xbt.models.base import VLPModel
-from xbt.paths import cache_dir
-from xbt.train.xbt import resolve_corpus, resolve_pairs
+from xbt.paths import cache_dir, resolve_config
 
 
 @dataclass
@@ -35,7 +38,7 @@ class UpgradeJob:
     fit_pairs: str  # image-text pairs for XBT stage 2 and the image-fitted peers
     fit_texts: str  # text corpus for XBT stage 1 and the text-fitted peers
     support: str | None = None  # SLERP's weight is chosen here
-    xbt_config: str = "configs/xbt-testbed.yaml"
+    xbt_config: str = "xbt-testbed"  # a YAML path or a shipped config name
     peers: list[str] = field(default_factory=lambda: list(PEER_METHODS))
     n_example_queries: int = 4
     seed: int = 0
@@ -53,10 +56,12 @@ def _digest(*parts: Any) -> str:
 
 
 # ----- step 2: the old galleries --------------------------------------------------------------------
-def build_gallery(model: VLPModel, pairs: Sequence[Pair], modality: str, root: Path, show_progress: bool = True):
-    """The evaluation items embedded by `model` into a stamped gallery, cached by (space, items);
-    an interrupted build resumes (items already stored are skipped)."""
-    from xbt.gallery import Gallery, ingest
+def build_gallery(model: VLPModel, pairs: Sequence[Pair], modality: str, root: Path):
+    """The evaluation items embedded by `model` into a stamped gallery, cached by (space, items). The
+    vectors come from the feature cache (the evaluation reads the same entries, so nothing is embedded
+    twice); an interrupted build resumes (items already stored are skipped)."""
+    from xbt.eval.embed import embed_pairs
+    from xbt.gallery import Gallery
     from xbt.gallery.ingest import items_from_pairs
     from xbt.gallery.store import is_gallery
 
@@ -64,35 +69,91 @@ def build_gallery(model: VLPModel, pairs: Sequence[Pair], modality: str, root: P
     path = root / f"{modality}-{_digest(model.space.id, [(i.id, i.payload) for i in items])}"
     gallery = Gallery.open(path) if is_gallery(path) else Gallery.create(path, model.space, modality=modality)
     if len(gallery.present([i.id for i in items])) < len(items):
-        report = ingest(gallery, model, items, on_conflict="skip", show_progress=show_progress)
-        if report.failed:
-            raise InputError(f"{len(report.failed)} item(s) could not be embedded, e.g. {report.failed[0]}")
+        embeddings = embed_pairs(model, pairs)
+        vectors = embeddings.images if modality == "image" else embeddings.texts
+        gallery.add(vectors, [i.id for i in items], [i.payload for i in items], space=model.space, on_conflict="skip")
     return gallery
 
 
 # ----- step 3: XBT ----------------------------------------------------------------------------------
-def train_or_reuse_xbt(job: UpgradeJob, show_progress: bool = True):
-    """Train the compatible model, or load it if this exact config and data were trained before."""
+def train_or_reuse_xbt(
+    job: UpgradeJob, old: VLPModel, new: VLPModel, fit_pairs: Sequence[Pair], fit_texts: Sequence[str],
+    show_progress: bool = True,
+):
+    """Train the compatible model, or load it if this exact config and data were trained before. `new` is
+    left untouched (the compatible model adapts a copy of it with LoRA)."""
+    import copy
+
     import yaml
 
-    from xbt.compat.model import CONFIG_NAME, CompatibleModel
-    from xbt.specs import load_model
+    from xbt.compat.model import CONFIG_NAME
+    from xbt.specs import load_compatible
     from xbt.train.xbt import XBTConfig, train_xbt
 
-    path = Path(job.xbt_config)
-    if not path.exists():
-        raise InputError(f"XBT config not found: {path}")
+    path = resolve_config(job.xbt_config)
     cfg = XBTConfig.from_dict(yaml.safe_load(path.read_text()) | {
         "old": job.old, "new": job.new, "train_pairs": job.fit_pairs, "text_corpus": job.fit_texts, "seed": job.seed,
     })
-    new = load_model(cfg.new)
-    old = load_model(cfg.old)
-    data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in resolve_pairs(job.fit_pairs)],
-                      resolve_corpus(job.fit_texts))
+    data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in fit_pairs], list(fit_texts))
     out = cache_dir("runs") / f"xbt-{_digest(cfg.to_dict(), data_id)}"
+    adapted = copy.deepcopy(new)  # LoRA goes into this copy; `new` stays the plain new model
     if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
-        return CompatibleModel.from_pretrained(out, new_model=new), out, True
-    return train_xbt(cfg, out, old=old, new=new, show_progress=show_progress), out, False
+        return load_compatible(out, new_model=adapted), out, True
+    return train_xbt(cfg, out, old=old, new=adapted, show_progress=show_progress), out, False
+
+
+# ----- step 4b: what to deploy -----------------------------------------------------------------------
+def save_methods(run: Any, results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Every method's compatible model under out/<name>, the recommended one linked as out/recommended,
+    with the reasons in out/recommended.json. Returns that JSON."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    folders: dict[str, str] = {}
+    for name, model in run.compatible.items():
+        folder = out / _folder_name(name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        model.save_pretrained(folder)
+        folders[name] = str(folder.resolve())
+    rec = results.get("recommendation") or {}
+    link = out / "recommended"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    chosen = rec.get("method")
+    record: dict[str, Any] = {"method": chosen, "reason": rec.get("reason"), "models": folders}
+    if chosen:
+        link.symlink_to(_folder_name(chosen), target_is_directory=True)
+        record |= {
+            "path": folders[chosen], "spec": f"compat:{link.resolve()}",
+            "needs_old_model_at_query_time": run.compatible[chosen].needs_old_model_at_query_time,
+            "mean_gain_percent": _mean_gain(results, chosen),
+        }
+    (out / "recommended.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _folder_name(method: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in method.lower())
+
+
+def _mean_gain(results: dict[str, Any], method: str) -> float | None:
+    cells = [c["gain"]["value"] for d in results["matrix"]["methods"][method].values() for c in d.values()]
+    cells = [c for c in cells if c is not None]
+    return round(sum(cells) / len(cells), 1) if cells else None
+
+
+def deploy_commands(spec: str, old_images: Path, old_captions: Path, example_query: str, model_needs_old: bool) -> list[str]:
+    """The exact commands that put the recommended model to work on the old galleries."""
+    lines = [
+        f'xbt gallery search --gallery {old_images} --model {spec} --text "{example_query}" -k 5',
+        f"xbt gallery add --gallery {old_images} --model {spec} --data NEW_IMAGES_FOLDER_OR_PAIRS",
+        f"xbt serve --gallery {old_images} --model {spec} --port 8000   # then open http://127.0.0.1:8000/",
+    ]
+    if model_needs_old:
+        lines.append("# this model is an ensemble: it loads and runs the old model for every query too")
+    lines.append(f"# captions gallery (image queries): --gallery {old_captions}")
+    return lines
 
 
 # ----- step 5: pictures ------------------------------------------------------------------------------
@@ -167,30 +228,31 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         log(f"[{name}] {timings[name]:.1f} s")
 
     t = time.perf_counter()
+    resolve_config(job.xbt_config)  # a missing config fails now, not after the galleries
     if job.build_testbed:
         from xbt.train.testbed import build_testbed
 
         build_testbed(("old", "new"), show_progress=show_progress)
     old, new = load_model(job.old), load_model(job.new)
-    eval_pairs = resolve_pairs(job.eval_data)
+    eval_pairs = open_dataset(job.eval_data)
+    fit_pairs, fit_texts = open_dataset(job.fit_pairs), load_texts(job.fit_texts)
+    support = open_dataset(job.support) if job.support else None
     stage("1 models and data", t)
 
     t = time.perf_counter()
     galleries = cache_dir("galleries")
-    old_images = build_gallery(old, eval_pairs, "image", galleries, show_progress)
-    old_captions = build_gallery(old, eval_pairs, "text", galleries, show_progress)
+    old_images = build_gallery(old, eval_pairs, "image", galleries)
+    old_captions = build_gallery(old, eval_pairs, "text", galleries)
     # The ceiling: what a full backfill would give (the new model on a re-embedded gallery).
-    new_images = build_gallery(new, eval_pairs, "image", galleries, show_progress)
-    new_captions = build_gallery(new, eval_pairs, "text", galleries, show_progress)
+    new_images = build_gallery(new, eval_pairs, "image", galleries)
+    new_captions = build_gallery(new, eval_pairs, "text", galleries)
     stage("2 galleries", t)
 
     t = time.perf_counter()
-    compat, xbt_dir, reused = train_or_reuse_xbt(job, show_progress)
+    compat, xbt_dir, reused = train_or_reuse_xbt(job, old, new, fit_pairs, fit_texts, show_progress)
     stage("3 XBT training" + (" (reused)" if reused else ""), t)
 
     t = time.perf_counter()
-    fit_pairs, fit_texts = resolve_pairs(job.fit_pairs), resolve_corpus(job.fit_texts)
-    support = resolve_pairs(job.support) if job.support else None
     methods: dict[str, Any] = {name: name for name in job.peers}
     methods["XBT"] = compat
     run = run_evaluation(
@@ -202,6 +264,10 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     results = run.to_results()
     report_files = write_report(results, out / "report")
     stage("4 evaluation and report", t)
+
+    t = time.perf_counter()
+    deployed = save_methods(run, results, out / "models")
+    stage("5 compatible models saved", t)
 
     t = time.perf_counter()
     rng = random.Random(job.seed)
@@ -218,13 +284,19 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
                   ("new model, full backfill", GalleryRetriever(new_captions, new))]
     pictures = example_grids(text_rows, text_queries, "text", text_truth, out / "examples")
     pictures += example_grids(image_rows, image_queries, "image", image_truth, out / "examples")
-    stage("5 example pictures", t)
+    stage("6 example pictures", t)
 
+    commands = []
+    if deployed.get("spec"):
+        commands = deploy_commands(deployed["spec"], old_images.path, old_captions.path, text_queries[0] if text_queries
+                                   else "a query", bool(deployed.get("needs_old_model_at_query_time")))
     summary = {
         "results": str(report_files["results"]),
         "report": {k: str(v) for k, v in report_files.items()},
         "examples": [str(p) for p in pictures],
         "xbt_model": str(xbt_dir),
+        "models": deployed,
+        "deploy_commands": commands,
         "galleries": {"old_images": str(old_images.path), "old_captions": str(old_captions.path)},
         "timings_s": timings,
         "recommendation": results.get("recommendation"),

@@ -316,14 +316,14 @@ def chain(newer: CompatibleModel, older: CompatibleModel) -> CompatibleModel:
     The result runs v3 (with newer's adapters), then newer's map, then older's map, and declares v1's
     space, so it serves a v1 gallery. (older's LoRA adapters adapt v2, which the chain no longer runs;
     only its map is used.) Both halves' digests are recorded and the newer half's is checked on load."""
+    if newer.needs_old_model_at_query_time or older.needs_old_model_at_query_time:
+        raise InputError("a chain cannot contain an ensemble (SLERP needs its old model at query time, which a chain"
+                         " does not run); chain map-only models (XBT, procrustes, affine, adapter)")
     older.new_space_at_training.check(newer.space, "the newer compatible model's vectors")
     folder = Path(newer.spec.removeprefix("compat:"))
     if not newer.spec.startswith("compat:") or not (folder / CONFIG_NAME).exists():
         raise InputError("chain() needs the newer compatible model loaded from disk (load_model('compat:PATH'))"
                          " so that the chained model can be saved and loaded again")
-    if newer.needs_old_model_at_query_time or older.needs_old_model_at_query_time:
-        raise InputError("a chain cannot contain an ensemble (SLERP needs its old model at query time, which a chain"
-                         " does not run); chain map-only models (XBT, procrustes, affine, adapter)")
     # the absolute path: a saved chain names its newer half, and must load from any working directory
     chained = CompatibleModel(newer, older.query_map, older.old_space, f"compat:{folder.resolve()}", method="chain")
     halves = [{"spec": chained.new_spec, "digest": artifact_digest(folder)}, {"spec": older.spec}]

@@ -27,13 +27,14 @@ import torch
 
 from xbt.compat.adapter import single_thread
 from xbt.compat.base import CompatMethod, FitData
+from xbt.compat.fit import fit_data
 from xbt.compat.maps import QueryMap
 from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
+from xbt.eval.embed import PairEmbeddings, embed_pairs
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
 from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
 from xbt.models.base import EmbeddingSpace, VLPModel
@@ -112,28 +113,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.bool_):
         return bool(value)
     return value
-
-
-# ----- embeddings -----------------------------------------------------------------------------------
-def fit_data(
-    old_model: VLPModel,
-    new_model: VLPModel,
-    fit_texts: Sequence[str],
-    fit_pairs: Sequence[Pair],
-    support: tuple[PairEmbeddings, PairEmbeddings] | None,
-    show_progress: bool = False,
-) -> FitData:
-    """Paired training embeddings: every text of the corpus and of the training pairs (deduplicated) by
-    both models, and every training image by both models."""
-    texts = list(dict.fromkeys([*fit_texts, *(p.caption for p in fit_pairs)]))
-    data = FitData(
-        new_text=embed_texts(new_model, texts, show_progress), old_text=embed_texts(old_model, texts, show_progress),
-        support=support,
-    )
-    if fit_pairs:
-        data.new_image = embed_pairs(new_model, fit_pairs, show_progress).images
-        data.old_image = embed_pairs(old_model, fit_pairs, show_progress).images
-    return data
 
 
 # ----- query-time cost --------------------------------------------------------------------------------

@@ -44,6 +44,18 @@ def model_name(model: VLPModel) -> str:
     return model.spec or type(model).__name__
 
 
+def describe_model(model: VLPModel) -> dict[str, Any]:
+    """What a query model is, for `gallery info --model`, the service's /info and reports: an ensemble
+    (SLERP) says that it loads and runs the old model on every query too."""
+    needs_old = bool(getattr(model, "needs_old_model_at_query_time", False))
+    described: dict[str, Any] = {"spec": model_name(model), "space_id": model.space.id,
+                                 "method": getattr(model, "method", None), "needs_old_model_at_query_time": needs_old}
+    old_model = getattr(model, "old_model", None)
+    if needs_old and old_model is not None:
+        described["old_model"] = model_name(old_model)
+    return described
+
+
 def check_model(gallery: Gallery, model: VLPModel) -> None:
     """The space guard: the model must emit vectors in the gallery's space (its own, or declared by a
     compatible model). Same dimension is not enough."""
@@ -227,4 +239,5 @@ class GalleryRetriever:
         self.gallery.close()
 
     def info(self) -> dict[str, Any]:
-        return {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model), "mode": "single"}
+        return {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model),
+                "query_model": describe_model(self.model), "mode": "single"}

@@ -1,0 +1,58 @@
+"""Fitting one peer from models and data: embed the training data (through the feature cache), fit in
+closed form (or in seconds), and return the deployable compatible model.
+
+    model = fit_peer("procrustes-both", old, new, fit_texts=corpus, fit_pairs=pairs)
+    model.save_pretrained("runs/procrustes")      # loads as compat:runs/procrustes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from xbt.compat.base import FitData
+from xbt.compat.model import CompatibleModel
+from xbt.compat.registry import build_method
+from xbt.data.pairs import Pair
+from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
+from xbt.models.base import VLPModel
+
+
+def fit_data(
+    old_model: VLPModel,
+    new_model: VLPModel,
+    fit_texts: Sequence[str],
+    fit_pairs: Sequence[Pair],
+    support: tuple[PairEmbeddings, PairEmbeddings] | None,
+    show_progress: bool = False,
+) -> FitData:
+    """Paired training embeddings: every text of the corpus and of the training pairs (deduplicated) by
+    both models, and every training image by both models."""
+    texts = list(dict.fromkeys([*fit_texts, *(p.caption for p in fit_pairs)]))
+    data = FitData(
+        new_text=embed_texts(new_model, texts, show_progress), old_text=embed_texts(old_model, texts, show_progress),
+        support=support,
+    )
+    if fit_pairs:
+        data.new_image = embed_pairs(new_model, fit_pairs, show_progress).images
+        data.old_image = embed_pairs(old_model, fit_pairs, show_progress).images
+    return data
+
+
+def fit_peer(
+    name: str,
+    old_model: VLPModel,
+    new_model: VLPModel,
+    fit_texts: Sequence[str] = (),
+    fit_pairs: Sequence[Pair] = (),
+    support_pairs: Sequence[Pair] | None = None,
+    show_progress: bool = False,
+    **options: Any,
+) -> CompatibleModel:
+    """The peer `name` (a registry name) fitted on the training data, around the frozen new model."""
+    method = build_method(name, new_model.space, old_model.space, **options)
+    support = None
+    if support_pairs:
+        support = (embed_pairs(new_model, support_pairs, show_progress), embed_pairs(old_model, support_pairs, show_progress))
+    method.fit(fit_data(old_model, new_model, fit_texts, fit_pairs, support, show_progress))
+    return method.to_model(new_model, old_model if method.needs_old_model_at_query_time else None)
