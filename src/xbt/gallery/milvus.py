@@ -120,9 +120,14 @@ def connect(uri: str) -> Any:
 
     if not os.environ.get("XBT_MILVUS_DEBUG"):  # refusals become MilvusError/InputError with the message;
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # pymilvus' own tracebacks are noise then
+    # Milvus Lite's gRPC server keeps grpc's default ping policy (one ping per 5 minutes without data), so
+    # pymilvus' 10 s keepalive gets the channel closed (GOAWAY too_many_pings) during a long call such as
+    # an HNSW build at load, and the call is retried or lost: no keepalive pings to a Lite engine.
+    options = {} if uri.startswith(SERVER_SCHEMES) else {"grpc.keepalive_time_ms": 2**31 - 1,
+                                                          "grpc.keepalive_permit_without_calls": 0}
     with _CLIENTS_LOCK:
         try:
-            return MilvusClient(uri=uri, token=os.environ.get("XBT_MILVUS_TOKEN", ""))
+            return MilvusClient(uri=uri, token=os.environ.get("XBT_MILVUS_TOKEN", ""), grpc_options=options)
         except MilvusException as exc:
             hint = (" Milvus Lite serves one process at a time: is another process using this file? For shared"
                     " access run a Milvus server and use milvus:http://HOST:19530#NAME." if not uri.startswith(SERVER_SCHEMES)
@@ -537,7 +542,11 @@ class MilvusGallery:
                 self._call(db.drop_index, self.collection, name)
             index_params = db.prepare_index_params()
             index_params.add_index("vector", index_type=index_type, metric_type="IP", params=params)
-            self._call(db.create_index, self.collection, index_params)
+            try:
+                self._call(db.create_index, self.collection, index_params)
+            except MilvusError:  # a create retried by the client after it had already taken effect is fine
+                if (db.describe_index(self.collection, "vector") or {}).get("index_type") != index_type:
+                    raise
             self._set_props({"xbt.index_kind": kind})
             self._kind = kind
             self._call(db.load_collection, self.collection)
