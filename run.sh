@@ -28,6 +28,9 @@ setup_debian_data() {
   [ -f /usr/share/dict/american-english ] || need+=(wamerican)  # English word list: cleaning clip-art titles
   # cairosvg needs the cairo C library.
   ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2' || need+=(libcairo2)
+  # The browser test of the service's page and the report (tests/test_serve_browser.py): headless Chromium.
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
   [ ${#need[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing Debian packages: ${need[*]}"
@@ -35,7 +38,7 @@ setup_debian_data() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
     log "missing Debian packages: ${need[*]}. Install them with: sudo apt-get install ${need[*]}"
-    log "(the unit tests run without them; the testbed and the demo need them)"
+    log "(the unit tests run without them; the testbed and the demo need the data, the browser test chromium)"
   fi
 }
 
