@@ -105,6 +105,35 @@ def test_malformed_karpathy_json(tmp_path):
         open_dataset(tmp_path / "k2.json")
 
 
+def test_what_the_reader_fuzz_found_gives_input_errors(tmp_path):
+    """Each of these raised a bare UnicodeDecodeError, csv.Error, TypeError or ValueError before."""
+    png(tmp_path / "a.png")
+    cases = {
+        "latin1.csv": ("image,caption\na.png,caf\xe9".encode("latin-1"), "not UTF-8"),
+        "latin1.jsonl": ('{"image": "a.png", "caption": "caf\xe9"}'.encode("latin-1"), "not UTF-8"),
+        "nul.csv": (b"image,caption\na.png,a\x00dog\n", "not a readable CSV|NUL"),
+        "extra.csv": (b"image,caption\na.png,a dog,surplus\n", "more cells"),
+        "listed.jsonl": (b'{"image": ["a.png"], "caption": "a dog"}\n', "must be text"),
+        "deep.jsonl": (b"[" * 100_000 + b"]" * 100_000 + b"\n", "not valid JSON"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InputError, match=message):
+            open_dataset(tmp_path / name)
+    karpathy = {
+        "k1.json": ({"images": [{"filename": None, "sentences": [{"raw": "x"}]}]}, "non-empty file name"),
+        "k2.json": ({"images": [{"filename": "a.png", "filepath": 3, "sentences": ["x"]}]}, "non-empty file name"),
+        "k3.json": ({"images": [{"filename": "a.png", "split": "test", "sentences": [{"raw": 7}]}]}, "must be text"),
+    }
+    for name, (data, message) in karpathy.items():
+        (tmp_path / name).write_text(json.dumps(data))
+        with pytest.raises(InputError, match=message):
+            open_dataset(tmp_path / name)
+    (tmp_path / "k4.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(InputError, match="not UTF-8"):
+        open_dataset(tmp_path / "k4.json")
+
+
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     with tarfile.open(path, "w") as tar:
         for key, files in samples:

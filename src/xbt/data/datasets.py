@@ -38,38 +38,71 @@ KARPATHY_DEFAULT_SPLIT = "test"
 
 # ----- CSV / JSONL pairs files ------------------------------------------------------------------
 def _resolve(image: str, base: Path) -> Path:
-    path = Path(image).expanduser()
+    path = Path(image)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # "~name/..." of a user this machine does not know: a relative path then
+        pass
     return path if path.is_absolute() else base / path
 
 
+def _text_field(row: dict, keys: tuple[str, ...], what: str, where: str) -> str:
+    """The first non-empty of `keys` as a stripped string ("" if none); a non-text value is refused."""
+    for key in keys:
+        value = row.get(key)
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise InputError(f"{where}: {key!r} must be text (the {what}), not {type(value).__name__}")
+        text = str(value).strip()
+        if "\x00" in text:
+            raise InputError(f"{where}: {key!r} contains a NUL character")
+        if text:
+            return text
+    return ""
+
+
 def _pair(row: dict, base: Path, where: str) -> Pair:
-    image = str(row.get("image") or row.get("image_path") or row.get("filepath") or row.get("file_name") or "").strip()
-    caption = str(row.get("caption") or row.get("text") or "").strip()
+    image = _text_field(row, ("image", "image_path", "filepath", "file_name"), "image path", where)
+    caption = _text_field(row, ("caption", "text"), "caption", where)
     if not image or not caption:
         raise InputError(f"{where}: each row needs an image path and a non-empty caption (columns image, caption)")
     path = _resolve(image, base)
-    return Pair(str(path), caption, str(row.get("image_id") or path), source=str(base))
+    return Pair(str(path), caption, _text_field(row, ("image_id",), "image id", where) or str(path), source=str(base))
 
 
 def _read_rows(path: Path) -> list[tuple[dict, str]]:
     """(row, "file:line") for a JSONL or CSV file; malformed lines are reported with their place."""
     rows: list[tuple[dict, str]] = []
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise InputError(f"{path}:{n} is not valid JSON: {exc}") from exc
-                    if not isinstance(row, dict):
-                        raise InputError(f"{path}:{n} must be a JSON object with image and caption fields")
-                    rows.append((row, f"{path}:{n}"))
-    elif path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [(row, f"{path}:{n}") for n, row in enumerate(csv.DictReader(f), 2)]
-    else:
+    if path.suffix not in (".jsonl", ".json", ".csv"):
         raise InputError(f"unknown pairs format {path.suffix!r}: use .jsonl or .csv (image, caption[, image_id])")
+    n = 0
+    try:
+        if path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except (ValueError, RecursionError) as exc:
+                            raise InputError(f"{path}:{n} is not valid JSON: {exc}") from exc
+                        if not isinstance(row, dict):
+                            raise InputError(f"{path}:{n} must be a JSON object with image and caption fields")
+                        rows.append((row, f"{path}:{n}"))
+        else:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                for row in reader:
+                    # Cells beyond the header land under the key None: a row with more cells than columns.
+                    if None in row:
+                        raise InputError(f"{path}:{reader.line_num} has more cells than the header has columns")
+                    rows.append((row, f"{path}:{reader.line_num}"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (near line {n + 1 if n else 1}): {exc.reason}") from exc
+    except csv.Error as exc:
+        raise InputError(f"{path} is not a readable CSV file: {exc}") from exc
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
     return rows
 
 
@@ -150,14 +183,21 @@ def load_karpathy(
     for n, item in enumerate(images):
         if not isinstance(item, dict) or "filename" not in item or not isinstance(item.get("sentences"), list):
             raise InputError(f"{path}: images[{n}] needs 'filename' and a 'sentences' list")
+        filename, filepath = item["filename"], item.get("filepath", "")
+        named = isinstance(filename, str) and filename.strip() and isinstance(filepath, str)
+        if not named or "\x00" in filename + filepath:
+            raise InputError(f"{path}: images[{n}] needs 'filename' (and any 'filepath') as a non-empty file name")
         item_split = str(item.get("split", ""))
         found[item_split] = found.get(item_split, 0) + 1
         if wanted is not None and item_split not in wanted:
             continue
-        relative = Path(item.get("filepath", "")) / item["filename"]
+        relative = Path(filepath) / filename
         image_id = str(item.get("cocoid", item.get("imgid", relative)))
         for m, sentence in enumerate(item["sentences"]):
-            caption = str(sentence.get("raw", "") if isinstance(sentence, dict) else sentence).strip()
+            raw = sentence.get("raw", "") if isinstance(sentence, dict) else sentence
+            if not isinstance(raw, str):
+                raise InputError(f"{path}: images[{n}].sentences[{m}] must be text or an object with 'raw' text")
+            caption = raw.strip()
             if not caption:
                 raise InputError(f"{path}: images[{n}].sentences[{m}] has no 'raw' text")
             pairs.append(Pair(str(base / relative), caption, image_id, source=f"{path.name}:{item_split}"))
@@ -171,7 +211,9 @@ def _parse_json(path: Path) -> Any:
     """The whole file as one JSON document, or None if it is not one (e.g. JSON Lines named .json)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text: {exc.reason}") from exc
+    except (ValueError, RecursionError):
         return None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
@@ -236,7 +278,7 @@ def _caption_from_sample(sample: dict[str, bytes]) -> list[str]:
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or bytes of no Unicode encoding
             return []
         return _captions_of(meta) if isinstance(meta, dict) else []
     return []
