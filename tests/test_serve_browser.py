@@ -206,6 +206,25 @@ def test_the_page_searches_by_text_and_by_image(pictures, browser, shots):
         _leave(browser)
 
 
+def test_the_page_with_the_default_access_searches_without_the_token(pictures, browser, shots):
+    """The default: a token for writing, open reading, /info closed. The page searches without asking and
+    makes no request that would be refused (a refused request is a console error)."""
+    from selenium.webdriver.common.by import By
+
+    retriever = GalleryRetriever(pictures["gallery"], pictures["model"])
+    app = create_app(retriever, ServeConfig(token=TOKEN), resolve_roots([pictures["photos"]]))
+    with running_server(app) as url:
+        browser.get(f"{url}/")
+        _wait(browser, lambda d: _fact(d, "gallery") == "details need the token", "the note about /info")
+        assert browser.find_element(By.ID, "token-button").is_displayed()
+        assert not browser.find_element(By.ID, "token-panel").is_displayed()
+        _set_k(browser, 5)
+        _search_text(browser, "an orange star")
+        _thumbnails_loaded(browser, 5)
+        assert _console_errors(browser) == []
+        _leave(browser)
+
+
 def test_the_page_with_closed_reading_asks_for_the_token(pictures, browser, shots):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
