@@ -39,7 +39,7 @@ from xbt.eval.embed import embed_pairs
 from xbt.eval.matrix import QueryVectors, UpgradeMatrix, evaluate_upgrade, format_matrix
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_pairs
 from xbt.gallery.store import Gallery
-from xbt.specs import load_model
+from xbt.specs import load_compatible, load_model
 from xbt.paths import cache_dir
 from xbt.train.xbt import XBTConfig, train_xbt
 
@@ -54,7 +54,7 @@ def trained(base: dict, old: str, new: str) -> tuple[CompatibleModel, dict]:
     if not (out / "training_report.json").exists():
         print(f"training XBT {new} -> {old} into {out}", flush=True)
         train_xbt(cfg, out, show_progress=True)
-    return CompatibleModel.from_pretrained(out), json.loads((out / "training_report.json").read_text())
+    return load_compatible(out), json.loads((out / "training_report.json").read_text())
 
 
 def served_t2i_r1(v1, chained, pairs) -> float:
@@ -82,7 +82,7 @@ def run(split: str, out: Path, base_config: Path, direct: bool) -> dict:
     t0 = time.perf_counter()
     c21, results["training"]["v2->v1"] = trained(base, "v1", "v2")
     # the chain runs hop 1's projection without hop 1's text adapters: what that alone costs
-    unadapted = QueryVectors(c21.project(torch.from_numpy(emb["v2"].images)).numpy(), c21.project(torch.from_numpy(emb["v2"].texts)).numpy())
+    unadapted = QueryVectors(c21.map_features(emb["v2"].images), c21.map_features(emb["v2"].texts), c21.space)
     record("hop 1: XBT v2->v1", "v1", "v2", evaluate_upgrade(emb["v1"], emb["v2"], {
         "XBT v2->v1": compat_queries(c21, pairs, emb["v2"]), "its projection alone (no text adapters)": unadapted}))
     c32, results["training"]["v3->v2"] = trained(base, "v2", "v3")
@@ -93,7 +93,7 @@ def run(split: str, out: Path, base_config: Path, direct: bool) -> dict:
     chained = load_model(f"compat:{chain_dir}")  # what `xbt chain` writes and a service loads
     assert chained.space == models["v1"].space
     chain_emb = embed_pairs(chained, pairs, True)
-    methods = {"chain v3->v2->v1": QueryVectors(chain_emb.images, chain_emb.texts)}
+    methods = {"chain v3->v2->v1": QueryVectors(chain_emb.images, chain_emb.texts, chain_emb.space)}
     if direct:
         c31, results["training"]["v3->v1"] = trained(base, "v1", "v3")
         methods["direct XBT v3->v1"] = compat_queries(c31, pairs, emb["v3"])

@@ -65,9 +65,9 @@ def compat_queries(compat, pairs, new_emb: PairEmbeddings) -> QueryVectors:
     image vectors (the image tower has no adapters by default)."""
     if "image" in compat.lora_configs:
         emb = embed_pairs(compat, pairs)
-        return QueryVectors(emb.images, emb.texts)
+        return QueryVectors(emb.images, emb.texts, emb.space)
     texts = embed_texts(compat, [p.caption for p in pairs])
-    return QueryVectors(compat.project(torch.from_numpy(new_emb.images)).numpy(), texts)
+    return QueryVectors(compat.map_features(new_emb.images), texts, compat.space)
 
 
 def adapted_new_new(compat, pairs, new_emb: PairEmbeddings, resamples) -> dict:

@@ -141,7 +141,7 @@ def test_runner_refuses_what_is_not_a_compatible_model_of_the_old_space(world):
 
     old_e = embed_pairs(old, eval_pairs)
     with pytest.raises(InputError, match="a method is"):
-        run_evaluation(old, new, eval_pairs, {"vectors": QueryVectors(old_e.images, old_e.texts)}, n_resamples=10)
+        run_evaluation(old, new, eval_pairs, {"vectors": QueryVectors(old_e.images, old_e.texts, old_e.space)}, n_resamples=10)
     with pytest.raises(InputError, match="unknown method"):
         run_evaluation(old, new, eval_pairs, ["nope"], n_resamples=10)
     imposter = ToyModel(latents, 8, seed=5, name="imposter")  # same dimension as the old model, other weights

@@ -156,7 +156,8 @@ def test_cli_chain_saves_a_model_that_serves_the_first_gallery(tmp_path, specs, 
     chained = load_model(f"compat:{tmp_path / 'c31'}")
     saved = json.loads((tmp_path / "c31" / "compat_config.json").read_text())
     assert chained.space == v1.space and saved["lora"] == []
-    assert saved["chain"] == [f"compat:{(tmp_path / name).resolve()}" for name in ("c32", "c21")]
+    assert [half["spec"] for half in saved["chain"]] == [f"compat:{(tmp_path / name).resolve()}" for name in ("c32", "c21")]
+    assert all(len(half["digest"]) == 64 for half in saved["chain"])  # both halves' artifacts, by sha256
     texts = ["a red car", "two birds"]
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(c21.projection(c32.encode_text(texts)), dim=-1)

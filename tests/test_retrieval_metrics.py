@@ -122,8 +122,8 @@ def test_matrix_gain_criterion_and_roundtrip():
     old = PairEmbeddings(noisy(1.5), noisy(1.5), list(range(n)), _space("old", 6))
     new = PairEmbeddings(noisy(0.2), noisy(0.2), list(range(n)), _space("new", 6))
     methods = {
-        "ceiling": QueryVectors(new.images, new.texts),  # as good as the new model, in the old gallery's dims
-        "same-as-old": QueryVectors(old.images, old.texts),
+        "ceiling": QueryVectors(new.images, new.texts, old.space),  # as good as the new model, in the old gallery's dims
+        "same-as-old": QueryVectors(old.images, old.texts, old.space),
     }
     m = evaluate_upgrade(old, new, methods, ks=(1, 5), n_resamples=200)
     same = m.methods["same-as-old"]["t2i"][1]
@@ -144,4 +144,12 @@ def test_matrix_gain_criterion_and_roundtrip():
 def test_matrix_refuses_queries_of_the_wrong_shape():
     old = PairEmbeddings(E[:2], E[:2], [0, 1], _space("old", 4))
     with pytest.raises(ValueError, match="old gallery"):
-        evaluate_upgrade(old, old, {"bad": QueryVectors(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32))})
+        evaluate_upgrade(old, old, {"bad": QueryVectors(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), old.space)})
+
+
+def test_matrix_refuses_queries_of_another_space_of_the_same_dimension():
+    from xbt.errors import SpaceMismatchError
+
+    old = PairEmbeddings(E[:2], E[:2], [0, 1], _space("old", 4))
+    with pytest.raises(SpaceMismatchError, match="same dimension"):
+        evaluate_upgrade(old, old, {"other": QueryVectors(E[:2], E[:2], _space("other", 4))})

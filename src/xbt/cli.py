@@ -193,10 +193,11 @@ def chain_command(
 
     The chained model runs the newest model (with its adapters) and both projections, and declares the
     oldest space. Only the newer model's folder is referenced; the older one's projection is copied."""
-    from xbt.compat.model import CompatibleModel, chain
+    from xbt.compat.model import chain
+    from xbt.specs import load_compatible
 
     try:
-        halves = [CompatibleModel.from_pretrained(spec.removeprefix("compat:")) for spec in (newer, older)]
+        halves = [load_compatible(spec.removeprefix("compat:")) for spec in (newer, older)]
         chained = chain(*halves)
         chained.save_pretrained(out)
     except XbtError as exc:
@@ -697,16 +698,16 @@ def gallery_backfill_curve(
     """Retrieval quality during a migration: R@K of the merged search against the fraction backfilled."""
     from xbt.data.datasets import open_dataset
     from xbt.eval.embed import embed_pairs
-    from xbt.eval.runner import model_queries
     from xbt.eval.backfill_curve import backfill_curves, format_curves
+    from xbt.eval.runner import compatible_queries
     from xbt.specs import load_model
 
     try:
         pairs = open_dataset(data, split)
         old_model, new_model, compat_model = load_model(old), load_model(new), load_model(compat)
         old_model.space.check(compat_model.space, f"the compatible model {compat!r}")
-        curves = backfill_curves(embed_pairs(old_model, pairs, True), model_queries(compat_model, pairs, True),
-                                 embed_pairs(new_model, pairs, True), seed=seed)
+        old_eval, new_eval = embed_pairs(old_model, pairs, True), embed_pairs(new_model, pairs, True)
+        curves = backfill_curves(old_eval, compatible_queries(compat_model, pairs, new_eval, old_eval, True), new_eval, seed=seed)
     except XbtError as exc:
         _fail(exc)
     for k in (1, 5, 10):

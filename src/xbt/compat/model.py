@@ -80,7 +80,7 @@ class CompatibleModel(VLPModel):
         self.new_space_at_training = new_model.space
         self.lora_configs: dict[str, Any] = {}
         self.provenance: dict[str, Any] = {}  # written into compat_config.json (e.g. what a chain was made of)
-        self.spec = f"compat:{self.new_spec}->{old_space.id}"
+        self.spec = ""  # a spec is what load_model resolves: set when saved or loaded (compat:PATH)
         for p in new_model.parameters():
             p.requires_grad_(False)
         if self.old_model is not None:
@@ -95,6 +95,10 @@ class CompatibleModel(VLPModel):
     @property
     def embed_dim(self) -> int:
         return self.old_space.dim
+
+    @property
+    def display_name(self) -> str:
+        return self.spec or f"{self.method} ({self.new_spec} -> {self.old_space.id})"
 
     @property
     def needs_old_model_at_query_time(self) -> bool:
@@ -222,8 +226,12 @@ class CompatibleModel(VLPModel):
             **(extra or {}),
         }
         if self.old_model is not None:
+            if not self.old_model.spec:
+                raise InputError(f"{self.method} needs its old model at query time, and that model has no spec to record;"
+                                 " load the old model with xbt.load_model(SPEC)")
             config["old_model"] = self.old_model.spec
         write_json(path / CONFIG_NAME, config)
+        self.spec = f"compat:{path.resolve()}"  # loadable by this name from now on
         return path
 
     @classmethod

@@ -146,11 +146,15 @@ class _Mask:
 def backfill_curves(old: Any, compat: Any, new: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                     seed: int = 0, n_resamples: int = 1000) -> dict[str, BackfillCurve]:
     """Both directions from pair embeddings: `old` and `new` are PairEmbeddings of the old and new models on
-    the same pairs, `compat` the compatible model's QueryVectors (old space; e.g. a CompatMethod's
-    `transform_embeddings(new)`, or `xbt.eval.runner.model_queries(compatible_model, pairs)`).
+    the same pairs, `compat` the compatible model's QueryVectors (old space; e.g.
+    `xbt.eval.runner.compatible_queries(model, pairs, new, old)`). Spaces are checked, not just shapes:
+    the queries must be stamped with the old space, and `new` must be another space than `old`.
     T2I backfills the image gallery, I2T the caption gallery."""
     if list(old.caption_image_index) != list(new.caption_image_index):
         raise InputError("old and new embeddings must come from the same pairs in the same order")
+    old.space.check(compat.space, "the compatible model's queries")
+    if new.space == old.space:
+        raise InputError(f"the 'new' embeddings are of the old space {old.space.id}: pass the new model's own embeddings")
     index = list(old.caption_image_index)
     return {
         "t2i": backfill_curve(old.images, new.images, compat.texts, new.texts, text_to_image_positives(index),

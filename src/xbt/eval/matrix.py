@@ -19,6 +19,7 @@ from xbt.eval.retrieval import (
     retrieval_ranks,
     update_gain,
 )
+from xbt.models.base import EmbeddingSpace
 
 DIRECTIONS = ("t2i", "i2t")
 DIRECTION_NAMES = {"t2i": "text-to-image", "i2t": "image-to-text"}
@@ -26,10 +27,12 @@ DIRECTION_NAMES = {"t2i": "text-to-image", "i2t": "image-to-text"}
 
 @dataclass
 class QueryVectors:
-    """A method's queries, already in the gallery's space: images (n_images, d) and texts (n_captions, d)."""
+    """A method's queries, already in the gallery's space: images (n_images, d) and texts (n_captions, d),
+    stamped with the space they claim to live in (checked against the old gallery's, not just the shape)."""
 
     images: np.ndarray
     texts: np.ndarray
+    space: EmbeddingSpace
 
 
 @dataclass
@@ -144,6 +147,7 @@ def evaluate_upgrade(
         return {d: hits_at_k(ranks[d], ks) for d in DIRECTIONS}
 
     for name, q in methods.items():
+        old.space.check(q.space, f"the queries of method {name!r}")
         if q.images.shape != (len(old.images), old.images.shape[1]) or q.texts.shape != (len(old.texts), old.texts.shape[1]):
             raise ValueError(
                 f"method {name!r} returned images {q.images.shape} and texts {q.texts.shape}; the old gallery"

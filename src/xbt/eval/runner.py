@@ -174,7 +174,7 @@ def _resolve_methods(
             raise InputError(
                 f"method {name or method!r} is a {type(method).__name__}; a method is a peer's name"
                 f" ({', '.join(PEER_METHODS)}), a compat:PATH spec, a CompatMethod or a CompatibleModel")
-        name = name or (method.name if isinstance(method, CompatMethod) else method.spec)
+        name = name or (method.name if isinstance(method, CompatMethod) else method.display_name)
         if name in resolved:
             raise InputError(f"method {name!r} is listed twice")
         resolved[name] = method
@@ -188,6 +188,7 @@ def map_queries(model: CompatibleModel, new_eval: PairEmbeddings, old_eval: Pair
     return QueryVectors(
         images=model.map_features(new_eval.images, old_eval.images if ensemble else None),
         texts=model.map_features(new_eval.texts, old_eval.texts if ensemble else None),
+        space=model.space,
     )
 
 
@@ -200,7 +201,7 @@ def compatible_queries(
     if model.map_only and model.new_model.space == new_eval.space:
         return map_queries(model, new_eval, old_eval)
     embeddings = embed_pairs(model, pairs, show_progress)
-    return QueryVectors(images=embeddings.images, texts=embeddings.texts)
+    return QueryVectors(images=embeddings.images, texts=embeddings.texts, space=embeddings.space)
 
 
 # ----- the run ---------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def run_evaluation(
         compatible[name] = model
         details = dict(model.provenance.get("details", {})) | {"method": model.method}
         if kind == "model":
-            details["spec"] = model.spec
+            details["spec"] = model.spec or None
         records[name] = MethodRecord(
             name, kind, model.needs_old_model_at_query_time, fits_on,
             map_query_cost(model.query_map, cost_batch_sizes, seed),

@@ -41,7 +41,7 @@ class IngestReport:
 
 
 def model_name(model: VLPModel) -> str:
-    return model.spec or type(model).__name__
+    return model.display_name
 
 
 def describe_model(model: VLPModel) -> dict[str, Any]:

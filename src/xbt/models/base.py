@@ -101,6 +101,11 @@ class VLPModel(nn.Module, ABC):
 
     # ----- identity -------------------------------------------------------------------------
     @property
+    def display_name(self) -> str:
+        """What to call it in logs and reports: its spec when it has one (a model built in memory has none)."""
+        return self.spec or self.space_name or type(self).__name__
+
+    @property
     def space(self) -> EmbeddingSpace:
         cached = getattr(self, "_space_cache", None)
         if cached is None:

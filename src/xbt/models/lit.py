@@ -53,7 +53,7 @@ class LitModel(VLPModel):
         self._embed_dim = embed_dim
         self.name = name
         self.space_name = f"lit:{name}"  # stable wherever the folder lives
-        self.spec = self.space_name
+        self.spec = ""  # resolvable only once saved: from_pretrained sets lit:PATH
 
     # ----- VLPModel ---------------------------------------------------------------------------
     @property
