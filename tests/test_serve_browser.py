@@ -279,9 +279,11 @@ def test_the_page_during_a_migration_beside_the_old_model(pictures, browser, sho
             _wait(browser, lambda d: d.find_element(By.ID, "migration").is_displayed(), "the migration's progress")
             assert "12 / 24 (50%)" in browser.find_element(By.ID, "migration-text").text
             assert _fact(browser, "mode") == "migrating"
-            browser.find_element(By.ID, "compare").click()
             _set_k(browser, K)
             _search_text(browser, "a yellow triangle")
+            _thumbnails_loaded(browser, K)
+            browser.find_element(By.ID, "compare").click()  # the same query again, beside the old model
+            _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".column")) == 2, "two columns")
             _thumbnails_loaded(browser, 2 * K)
             headings = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".column h2")]
             assert len(headings) == 2 and headings[1].startswith("old model")

@@ -15,6 +15,7 @@
   let pollTimer = null;
   let queryImage = null;
   let generation = 0;
+  let lastSearch = null; // [describe, request]: re-run when the side-by-side box is toggled
 
   const el = (tag, cls, text) => {
     const node = document.createElement(tag);
@@ -167,12 +168,18 @@
     const grid = el("div", "grid");
     hits.forEach((hit, i) => grid.append(card(hit, i + 1, mine, showOrigin)));
     if (!hits.length) grid.append(el("p", "status", "no results"));
-    node.append(heading, grid);
+    node.append(heading);
+    if (showOrigin && hits.some((h) => origin(h) === "new") && hits.some((h) => origin(h) === "old")) {
+      node.append(el("p", "hint", "Merged by rank during the backfill: scores of the old and the new gallery "
+                                  + "live in different spaces and are not compared."));
+    }
+    node.append(grid);
     return node;
   }
 
   async function search(describe, request) {
     if (READ === "token" && !token) return askToken("search");
+    lastSearch = [describe, request];
     const mine = ++generation;
     blobUrls.forEach((u) => URL.revokeObjectURL(u));
     blobUrls = [];
@@ -237,6 +244,8 @@
       return ["search/image", { method: "POST", body: form }];
     });
   }
+
+  $("compare").addEventListener("change", () => { if (lastSearch) search(...lastSearch); });
 
   const drop = $("drop");
   drop.addEventListener("click", () => $("file").click());
