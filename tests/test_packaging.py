@@ -1,0 +1,39 @@
+"""An installed xbt works outside the checkout: the wheel carries the shipped configs and the service's
+page, and the installed package finds them from any working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_the_wheel_ships_configs_and_static_files_and_works_from_elsewhere(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, timeout=600, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("xbt-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "xbt/configs/xbt-testbed.yaml" in names
+    assert any(n.startswith("xbt/serve/static/") and n.endswith(".html") for n in names)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, timeout=600)
+    elsewhere = tmp_path / "somewhere-else"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
+    script = ("import xbt, xbt.paths\n"
+              "assert xbt.__file__.startswith(%r), xbt.__file__\n"
+              "print(xbt.paths.resolve_config('xbt-testbed'))\n") % str(tmp_path / "site")
+    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_file() and str(tmp_path / "site") in out.stdout
+    cli = subprocess.run([sys.executable, "-m", "xbt.cli", "demo", "--help"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "xbt-testbed" in cli.stdout, cli.stderr
