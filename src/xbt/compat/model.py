@@ -83,6 +83,8 @@ class CompatibleModel(VLPModel):
         self.spec = ""  # a spec is what load_model resolves: set when saved or loaded (compat:PATH)
         for p in new_model.parameters():
             p.requires_grad_(False)
+        if "_placement" in vars(new_model):  # wrapping a configured model: encode at its precision and workers
+            object.__setattr__(self, "_placement", new_model.placement)
         if self.old_model is not None:
             for p in self.old_model.parameters():
                 p.requires_grad_(False)
@@ -153,22 +155,33 @@ class CompatibleModel(VLPModel):
         self._refuse_ensemble_forward()
         return self.query_map(self.new_image(pixels))
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
+    def encode_text(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False) -> torch.Tensor:
         if self.old_model is None:
             return super().encode_text(texts, batch_size, show_progress)
         new = self.new_model.encode_text(texts, batch_size, show_progress)
         old = self.old_model.encode_text(texts, batch_size, show_progress)
         return torch.from_numpy(self.map_features(new.numpy(), old.numpy()))
 
-    def encode_image(self, images, batch_size: int = 32, show_progress: bool = False) -> torch.Tensor:
-        if self.old_model is None:
-            return super().encode_image(images, batch_size, show_progress)
-        if isinstance(images, torch.Tensor):
+    def encode_image(self, images, batch_size: int | None = None, show_progress: bool = False,
+                     num_workers: int | None = None) -> torch.Tensor:
+        if self.old_model is not None and isinstance(images, torch.Tensor):
             raise InputError(f"{self.method} runs two models with their own preprocessing: pass images, not pixels")
+        return super().encode_image(images, batch_size, show_progress, num_workers)
+
+    def encode_image_items(self, images, batch_size: int | None = None, show_progress: bool = False,
+                           num_workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+        """An ensemble runs both models (each on its own device and precision, set by `configure`); an
+        image either decodes for both or is reported once, by position."""
+        if self.old_model is None:
+            return super().encode_image_items(images, batch_size, show_progress, num_workers)
         images = list(images)
-        new = self.new_model.encode_image(images, batch_size, show_progress)
-        old = self.old_model.encode_image(images, batch_size, show_progress)
-        return torch.from_numpy(self.map_features(new.numpy(), old.numpy()))
+        new, failed = self.new_model.encode_image_items(images, batch_size, show_progress, num_workers)
+        kept = [i for i in range(len(images)) if i not in failed]
+        old, old_failed = self.old_model.encode_image_items([images[i] for i in kept], batch_size, show_progress, num_workers)
+        if old_failed:  # decodable for the new model's preprocessing, not for the old one's: drop it from both
+            failed.update({kept[j]: why for j, why in old_failed.items()})
+            new = new[[j for j in range(len(kept)) if j not in old_failed]]
+        return torch.from_numpy(self.map_features(new.numpy(), old.numpy())), failed
 
     # ----- LoRA -----------------------------------------------------------------------------------
     def _lora_module(self, tower: str):

@@ -129,11 +129,12 @@ def embed_inputs(
     model: VLPModel, inputs: Sequence[Any], modality: str, batch_size: int = 64
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Embed images or captions; a bad input (undecodable image, empty caption) is reported by position
-    instead of failing the batch. Returns (vectors of the good inputs, {position: why})."""
-    encode: Callable[[Sequence[Any]], Any] = (
-        (lambda xs: model.encode_image(list(xs), batch_size=batch_size)) if modality == "image"
-        else (lambda xs: model.encode_text(list(xs), batch_size=batch_size))
-    )
+    instead of failing the batch. Returns (vectors of the good inputs, {position: why}). Images are decoded
+    once, in the model's data-loader workers when it has any (`VLPModel.encode_image_items`)."""
+    if modality == "image":
+        vectors, failed = model.encode_image_items(list(inputs), batch_size=batch_size)
+        return vectors.numpy(), failed
+    encode: Callable[[Sequence[Any]], Any] = lambda xs: model.encode_text(list(xs), batch_size=batch_size)  # noqa: E731
     try:
         return encode(inputs).numpy(), {}
     except InputError:

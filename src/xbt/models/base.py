@@ -16,6 +16,7 @@ from torch import nn
 
 from xbt.data.images import ImageInput, load_image
 from xbt.errors import InputError, SpaceMismatchError
+from xbt.models.device import Placement, autocast, configure, default_batch_size, model_device, to_device
 from xbt.progress import progress_bar
 
 
@@ -124,50 +125,153 @@ class VLPModel(nn.Module, ABC):
         """Call after changing weights (training) so the space is recomputed."""
         object.__setattr__(self, "_space_cache", None)
 
+    # ----- where and how it runs -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (set with `configure` or `.to(device)`); inputs are moved here to encode."""
+        return model_device(self)
+
+    @property
+    def placement(self) -> Placement:
+        """Precision and data-loader workers used by encode_image / encode_text (fp32, none by default)."""
+        return getattr(self, "_placement", None) or Placement()
+
+    def configure(self, device: str | torch.device | None = "auto", precision: str | None = "fp32",
+                  num_workers: int = 0) -> VLPModel:
+        """Move to `device` (auto, cpu, cuda[:N]) and encode at `precision` (fp32, bf16, fp16) with
+        `num_workers` image-loading processes; carried to every model inside this one. Returns self."""
+        configure(self, device, precision, num_workers)
+        return self
+
+    def autocast(self):
+        """The autocast context of this model's precision on its device (a no-op at fp32)."""
+        return autocast(self.device, self.placement.precision)
+
     # ----- encoding -------------------------------------------------------------------------
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         return torch.stack([self.image_transform(load_image(img)) for img in images])
 
     @torch.inference_mode()
     def encode_image(
-        self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 32, show_progress: bool = False
+        self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int | None = None, show_progress: bool = False,
+        num_workers: int | None = None,
     ) -> torch.Tensor:
-        """Images (PIL, paths, or a preprocessed (N,C,H,W) tensor) -> (N, D) unit vectors."""
+        """Images (PIL, paths, or a preprocessed (N,C,H,W) tensor) -> (N, D) unit vectors (CPU float32).
+        An image that cannot be decoded raises InputError naming it (`encode_image_items` reports it instead)."""
         if isinstance(images, torch.Tensor):
             if images.ndim != 4:
                 raise InputError(f"a pixel tensor must be (N, C, H, W); got shape {tuple(images.shape)}")
-            n = images.shape[0]
-            get = lambda s: images[s]  # noqa: E731
-        else:
-            images = list(images)
-            n = len(images)
-            get = lambda s: self.preprocess(images[s])  # noqa: E731
-        return self._batched(n, batch_size, lambda s: self.forward_image(get(s)), "images", show_progress)
+            size = batch_size or default_batch_size(self.device, "image")
+            return self._batched(images.shape[0], size, lambda s, device: self.forward_image(to_device(images[s], device)),
+                                 "images", show_progress)
+        vectors, failed = self.encode_image_items(images, batch_size, show_progress, num_workers)
+        if failed:
+            raise InputError(failed[min(failed)])
+        return vectors
 
     @torch.inference_mode()
-    def encode_text(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> torch.Tensor:
-        """Captions -> (N, D) unit vectors. Empty or non-string captions are refused, not embedded."""
+    def encode_image_items(
+        self, images: Sequence[ImageInput], batch_size: int | None = None, show_progress: bool = False,
+        num_workers: int | None = None,
+    ) -> tuple[torch.Tensor, dict[int, str]]:
+        """Images -> (unit vectors of the decodable ones, in input order; {position: why} for the others).
+
+        Decoding and preprocessing run in `num_workers` DataLoader processes (default: the model's
+        placement; 0 = in this process), overlapping with the forward passes; same vectors either way."""
+        images = list(images)
+        device = self.device
+        size = batch_size or default_batch_size(device, "image")
+        workers = self.placement.num_workers if num_workers is None else num_workers
+        out = torch.empty(len(images), self.embed_dim, dtype=torch.float32)
+        good: list[int] = []
+        failed: dict[int, str] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            with progress_bar(len(images), "encoding images", show_progress) as advance:
+                for positions, pixels, bad in image_batches(images, self.image_transform, size, workers,
+                                                            pin_memory=device.type == "cuda"):
+                    failed.update(bad)
+                    if positions:
+                        with self.autocast():
+                            y = self.forward_image(to_device(pixels, device, non_blocking=True))
+                        out[len(good): len(good) + len(positions)] = nn.functional.normalize(y.float(), dim=-1)
+                        good += positions
+                    advance(len(positions) + len(bad))
+        finally:
+            self.train(was_training)
+        return out[: len(good)], failed
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False) -> torch.Tensor:
+        """Captions -> (N, D) unit vectors (CPU float32). Empty or non-string captions are refused, not embedded."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
         validate_texts(texts)
+        size = batch_size or default_batch_size(self.device, "text")
         return self._batched(
-            len(texts), batch_size, lambda s: self.forward_text(self.tokenize(texts[s])), "texts", show_progress
+            len(texts), size, lambda s, device: self.forward_text(to_device(self.tokenize(texts[s]), device)), "texts",
+            show_progress,
         )
 
     def _batched(self, n: int, batch_size: int, fn, what: str, show_progress: bool) -> torch.Tensor:
         was_training = self.training
         self.eval()
+        device = self.device
         out = torch.empty(n, self.embed_dim, dtype=torch.float32)
         try:
             with progress_bar(n, f"encoding {what}", show_progress) as advance:
                 for start in range(0, n, batch_size):
                     s = slice(start, min(n, start + batch_size))
-                    out[s] = nn.functional.normalize(fn(s).float(), dim=-1)
+                    with self.autocast():
+                        y = fn(s, device)
+                    out[s] = nn.functional.normalize(y.float(), dim=-1)
                     advance(s.stop - s.start)
         finally:
             self.train(was_training)
         return out
+
+
+class _ImageItems(torch.utils.data.Dataset):
+    """Position -> (position, preprocessed pixels or None, why it failed or None): decoding errors are
+    returned, not raised, so one bad file is reported by position and the rest of its batch is kept."""
+
+    def __init__(self, images: Sequence[ImageInput], transform: Callable[[Image.Image], torch.Tensor]):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return i, self.transform(load_image(self.images[i])), None
+        except InputError as exc:
+            return i, None, str(exc)
+
+
+def _collate(items: Sequence[tuple[int, torch.Tensor | None, str | None]]):
+    positions = [i for i, pixels, _ in items if pixels is not None]
+    pixels = torch.stack([p for _, p, _ in items if p is not None]) if positions else None
+    return positions, pixels, {i: why for i, pixels, why in items if pixels is None}
+
+
+def image_batches(images: Sequence[ImageInput], transform: Callable[[Image.Image], torch.Tensor], batch_size: int,
+                  num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
+    """Batches of (positions, pixels (N,C,H,W) or None, {position: why}) over `images`, in input order.
+
+    With num_workers > 0 a torch DataLoader decodes and preprocesses in worker processes (pinned memory
+    for a GPU, `prefetch_factor` batches ahead per worker); with 0, the same items are made here."""
+    dataset = _ImageItems(images, transform)
+    if num_workers <= 0:
+        for start in range(0, len(images), batch_size):
+            yield _collate([dataset[i] for i in range(start, min(len(images), start + batch_size))])
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=min(num_workers, max(1, len(images))),
+        collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+    )
+    yield from loader
 
 
 def validate_texts(texts: Sequence[str]) -> None:
