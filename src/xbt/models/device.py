@@ -104,15 +104,13 @@ def configure(model: nn.Module, device: str | torch.device | None = "auto", prec
               num_workers: int = 0) -> nn.Module:
     """Move `model` (and every model inside it: a compatible model's new and old models) to `device` and set
     the precision and data-loader workers of each. Returns the model (for chaining)."""
-    from xbt.models.base import VLPModel
-
     resolved = resolve_device(device)
     placement = Placement(check_precision(precision, resolved), max(0, int(num_workers)))
     if placement.num_workers != num_workers:
         raise InputError(f"--num-workers must be 0 or more, not {num_workers}")
     model.to(resolved)
     for module in model.modules():
-        if isinstance(module, VLPModel):
+        if isinstance(getattr(type(module), "placement", None), property):  # a VLPModel (base.py imports this module)
             object.__setattr__(module, "_placement", placement)
     return model
 
