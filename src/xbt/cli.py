@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -34,6 +34,32 @@ console = Console(stderr=True)
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(1)
+
+
+# ----- where models run: one definition of --device / --precision / --num-workers for every command --------
+Device = Annotated[str, typer.Option("--device", help="Where the models run: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 (CPU or GPU) or fp16 (GPU only): autocast for the forward passes; the weights, hence the embedding space, stay the same.")]
+Workers = Annotated[int, typer.Option("--num-workers", help="Processes decoding and preprocessing images (DataLoader workers); 0 = in this process.")]
+
+
+class _Runtime:
+    """The device, precision and loader workers of one command, checked once; `load` gives configured models."""
+
+    def __init__(self, device: str = "auto", precision: str = "fp32", num_workers: int = 0):
+        from xbt.models.device import check_precision, resolve_device
+
+        self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
+        self.num_workers = num_workers
+        self.options = {"device": str(self.device), "precision": self.precision, "num_workers": num_workers}
+
+    def load(self, spec: str):
+        from xbt.specs import load_model
+
+        return self.place(load_model(spec))
+
+    def place(self, model):
+        return model.configure(self.device, self.precision, self.num_workers)
 
 
 @assets_app.command("install")
@@ -88,6 +114,8 @@ def testbed_build(
 def testbed_evaluate(
     split: str = typer.Option("eval", help="Testbed split to evaluate on (eval for reporting, val for tuning)."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """Old and new models each in their own space, and new queries against the old gallery unadapted."""
     from xbt.compat.baselines import NoAdaptation
@@ -99,7 +127,8 @@ def testbed_evaluate(
 
     try:
         pairs = load_split(split)
-        old, new = load_model("testbed:old"), load_model("testbed:new")
+        runtime = _Runtime(device, precision)
+        old, new = runtime.place(load_model("testbed:old")), runtime.place(load_model("testbed:new"))
         old_emb, new_emb = embed_pairs(old, pairs, True), embed_pairs(new, pairs, True)
         naive = NoAdaptation(new_emb.space, old_emb.space).to_model(new)
         matrix = evaluate_upgrade(old_emb, new_emb, {"no-adaptation": map_queries(naive, new_emb, old_emb)})
@@ -188,6 +217,8 @@ def chain_command(
     newer: str = typer.Option(..., help="The compatible model of the newest generation into the middle one (v3 -> v2): compat:PATH."),
     older: str = typer.Option(..., help="The compatible model of the middle generation into the oldest (v2 -> v1): compat:PATH."),
     out: Path = typer.Option(..., "--out", help="Output folder of the chained model (load it as compat:OUT)."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """Chain two upgrades without retraining: v3 -> v2 space -> v1 space, serving a v1 gallery.
 
@@ -197,7 +228,8 @@ def chain_command(
     from xbt.specs import load_compatible
 
     try:
-        halves = [load_compatible(spec.removeprefix("compat:")) for spec in (newer, older)]
+        runtime = _Runtime(device, precision)  # checked here; the chain itself runs no model
+        halves = [runtime.place(load_compatible(spec.removeprefix("compat:"))) for spec in (newer, older)]
         chained = chain(*halves)
         chained.save_pretrained(out)
     except XbtError as exc:
@@ -215,18 +247,21 @@ def fit_command(
     fit_pairs: Optional[list[str]] = typer.Option(None, help="Image-text pairs to fit on (any dataset source); repeatable."),
     fit_text: Optional[list[str]] = typer.Option(None, help="Text corpus to fit on (.txt or a dataset); repeatable."),
     support: Optional[str] = typer.Option(None, help="Support pairs for the settings chosen on held-out data (SLERP's weight, the ridge, epochs)."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Fit one training-free peer and save it as a deployable compatible model, without the whole job."""
     from xbt.compat.fit import fit_peer
     from xbt.data.datasets import open_dataset
     from xbt.data.texts import load_texts
-    from xbt.specs import load_model
 
     try:
         t0 = time.perf_counter()
         texts = [t for source in fit_text or [] for t in load_texts(source)]
         pairs = [p for source in fit_pairs or [] for p in open_dataset(source)]
-        model = fit_peer(method, load_model(old), load_model(new), texts, pairs,
+        runtime = _Runtime(device, precision, num_workers)
+        model = fit_peer(method, runtime.load(old), runtime.load(new), texts, pairs,
                          open_dataset(support) if support else None, show_progress=True)
         model.save_pretrained(out)
     except XbtError as exc:
@@ -251,6 +286,10 @@ def embed_command(
     cpus_per_actor: float = typer.Option(1.0, help="Ray: CPUs each actor reserves (fractions allowed)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads (local: this process; Ray: per actor, default its CPUs rounded up)."),
     gallery: Optional[Path] = typer.Option(None, help="Also add the vectors to this gallery (created if missing; resumable)."),
+    gpus_per_actor: float = typer.Option(0.0, help="Ray: GPUs each actor reserves (0.5 = two actors share a GPU); its model runs there."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Embed a data source into parquet vector shards, on this machine or on Ray; optionally load a gallery."""
     from xbt.gallery.ingest import load_items
@@ -262,9 +301,13 @@ def embed_command(
         if engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         items = load_items(data, modality, split)
-        options = RayOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor, threads=threads)
+        options = RayOptions(address=address, actors=actors, cpus_per_actor=cpus_per_actor, threads=threads,
+                             gpus_per_actor=gpus_per_actor)
+        if engine == "local" or gpus_per_actor == 0:
+            _Runtime(device, precision, num_workers)  # checked here; a GPU actor resolves auto on its own node
         report = embed_items(model, items, out, modality, engine=engine, shard_size=shard_size, batch_size=batch_size,
-                             ray_options=options, threads=threads, show_progress=True)
+                             ray_options=options, threads=threads, device=device, precision=precision,
+                             num_workers=num_workers, show_progress=True)
         if gallery is not None:
             manifest = Manifest.read(out)
             target = (Gallery.open(gallery) if is_gallery(gallery)
@@ -300,6 +343,9 @@ def evaluate(
     data_efficiency: Optional[str] = typer.Option(None, help="Training-pair counts for the data-efficiency curve, e.g. 50,100,200."),
     testbed: bool = typer.Option(False, "--testbed", help="Defaults for the offline testbed (eval split, text corpus + xbt_train, val support)."),
     show_recommendation: bool = typer.Option(True, "--recommend/--no-recommend", help="Print the recommended method."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Every method side by side: old->old, new->new and each method's new->old, with intervals and a report."""
     from xbt.compat.registry import PEER_METHODS
@@ -319,7 +365,7 @@ def evaluate(
             old, new, data, split, image_root, fit_text or defaults.get("fit_text", []), fit_pairs or defaults.get("fit_pairs", []),
             fit_split, support or defaults.get("support"), support_split, method_list,
             ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes,
-            skip_unfittable=all_peers, show_progress=True,
+            skip_unfittable=all_peers, show_progress=True, **_Runtime(device, precision, num_workers).options,
         )
         results = run.to_results() | {"command": "xbt " + " ".join(sys.argv[1:])}
         paths = write_report(results, out, markdown)
@@ -364,23 +410,38 @@ def upgrade(
     config: str = typer.Option("xbt-testbed", help="XBT config: a YAML file or a shipped config name (its old/new/data fields are overridden)."),
     out: Path = typer.Option(Path("outputs/upgrade"), help="Where the report, pictures and summary go."),
     examples: int = typer.Option(4, help="Example queries to draw."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """The whole upgrade on your own models and data: old galleries, XBT, peers, report, pictures."""
     from xbt.pipeline import UpgradeJob
 
+    options = _runtime_options(device, precision, num_workers)
     _run_upgrade(UpgradeJob(old=old, new=new, eval_data=data, fit_pairs=fit_pairs, fit_texts=fit_texts,
-                            support=support, xbt_config=config, n_example_queries=examples), out)
+                            support=support, xbt_config=config, n_example_queries=examples, **options), out)
 
 
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("outputs/demo"), help="Where the report, pictures and summary go."),
     config: str = typer.Option("xbt-testbed", help="XBT config: a YAML file or a shipped config name."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """The offline end-to-end upgrade on the testbed: build it, upgrade, evaluate, show what changed."""
     from xbt.pipeline import UpgradeJob
 
-    _run_upgrade(UpgradeJob.testbed(xbt_config=config), out)
+    _run_upgrade(UpgradeJob.testbed(xbt_config=config, **_runtime_options(device, precision, num_workers)), out)
+
+
+def _runtime_options(device: str, precision: str, num_workers: int) -> dict:
+    try:
+        return _Runtime(device, precision, num_workers).options
+    except XbtError as exc:
+        _fail(exc)
+        raise
 
 
 def _run_upgrade(job, out: Path) -> None:
@@ -470,16 +531,18 @@ def gallery_build(
     split: Optional[str] = typer.Option(None, help="Split of --data, where the source has splits."),
     index: str = typer.Option("auto", help="Index kind: auto (by size), flat (exact), hnsw or ivf."),
     batch_size: int = typer.Option(64, help="Items embedded per batch (each batch is durable once added)."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Embed a data source with a model into a new gallery; its index kind is chosen by size."""
     from xbt.gallery.base import create_gallery
     from xbt.gallery.index import IndexConfig
     from xbt.gallery.ingest import ingest, load_items
-    from xbt.specs import load_model
 
     try:
         items = load_items(data, modality, split)
-        vlp = load_model(model)
+        vlp = _Runtime(device, precision, num_workers).load(model)
         with create_gallery(_gallery_ref(out), vlp.space, IndexConfig(kind=index), modality) as gallery:
             report = ingest(gallery, vlp, items, batch_size=batch_size, show_progress=True)
             gallery.compact()
@@ -504,16 +567,19 @@ def gallery_add(
     split: Optional[str] = typer.Option(None, help="Split of --data."),
     on_conflict: str = typer.Option("error", help="An id already stored: error, skip or replace."),
     batch_size: int = typer.Option(64),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Ingest new items; with a compatible new model they land in the old space, no backfill needed."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import ingest, load_items
-    from xbt.specs import load_model
 
     try:
         with open_gallery(_gallery_ref(gallery)) as g:
             items = load_items(data, g.modality or "image", split)
-            report = ingest(g, load_model(model), items, batch_size=batch_size, on_conflict=on_conflict,  # type: ignore[arg-type]
+            report = ingest(g, _Runtime(device, precision, num_workers).load(model), items, batch_size=batch_size,
+                            on_conflict=on_conflict,  # type: ignore[arg-type]
                             show_progress=True)
     except XbtError as exc:
         _fail(exc)
@@ -527,17 +593,18 @@ def gallery_search(
     text: Optional[str] = typer.Option(None, help="Search by this caption."),
     image: Optional[Path] = typer.Option(None, help="Search by this image file."),
     k: int = typer.Option(10, "-k", "--k", help="How many results."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """Search a gallery by text or image; prints the hits as JSON."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import GalleryRetriever
-    from xbt.specs import load_model
 
     if (text is None) == (image is None):
         _fail(ValueError("give exactly one of --text or --image"))
     try:
         with open_gallery(_gallery_ref(gallery)) as g:
-            retriever = GalleryRetriever(g, load_model(model))
+            retriever = GalleryRetriever(g, _Runtime(device, precision).load(model))
             hits = retriever.search_texts([text], k) if text is not None else retriever.search_images([image], k)
     except XbtError as exc:
         _fail(exc)
@@ -549,20 +616,22 @@ def gallery_info(
     gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
     verify: bool = typer.Option(False, "--verify", help="Also check every stamp, checksum and the index (slow)."),
     model: Optional[str] = typer.Option(None, help="Also describe this query model and check that it may search the gallery."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """A gallery's space, size and index kind (JSON); with --model, what that model is (an ensemble says it
     needs the old model at query time) after the space guard accepted it."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.ingest import check_model, describe_model
-    from xbt.specs import load_model
+    from xbt.models.device import describe
 
     try:
         with open_gallery(_gallery_ref(gallery)) as g:
             info = g.info().to_dict()
             if model is not None:
-                query_model = load_model(model)
+                query_model = _Runtime(device, precision).load(model)
                 check_model(g, query_model)
-                info["model"] = describe_model(query_model)
+                info["model"] = describe_model(query_model) | {"runtime": describe(query_model)}
             problems = g.verify() if verify else None
     except XbtError as exc:
         _fail(exc)
@@ -602,14 +671,17 @@ def gallery_backfill(
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (ray://HOST:10001 or auto); default: a local Ray."),
     shard_size: int = typer.Option(1024, help="Ray: items per shard (the unit of work and of resumption)."),
     actors: Optional[int] = typer.Option(None, help="Ray: size of the actor pool."),
+    gpus_per_actor: float = typer.Option(0.0, help="Ray: GPUs each actor reserves (fractions share a GPU)."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.migration import STATE_NAME, Migration
-    from xbt.specs import load_model
 
     try:
-        new_model = load_model(model)
+        new_model = _Runtime(device, precision, num_workers).load(model)
         if not (state / STATE_NAME).exists():
             if gallery is None:
                 _fail(ValueError(f"{state} holds no migration yet; give --gallery (the old gallery) to start one"))
@@ -625,8 +697,8 @@ def gallery_backfill(
             if max_items is not None:
                 _fail(ValueError("--max-items spreads a local backfill over several runs; with --engine ray, omit it"))
             progress = backfill(migration, model, engine="ray", shard_size=shard_size, batch_size=batch_size,
-                                ray_options=RayOptions(address=address, actors=actors),
-                                new_model=new_model, show_progress=True)
+                                ray_options=RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor),
+                                new_model=new_model, device=device, precision=precision, show_progress=True)
         elif engine == "local":
             progress = migration.run(new_model, batch_size=batch_size, max_items=max_items, show_progress=True)
         else:
@@ -694,17 +766,20 @@ def gallery_backfill_curve(
     split: Optional[str] = typer.Option(None, help="Split of --data."),
     seed: int = typer.Option(0, help="Seed of the (random) backfill order and the bootstrap."),
     out: Optional[Path] = typer.Option(None, help="Write the curves as JSON here."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Retrieval quality during a migration: R@K of the merged search against the fraction backfilled."""
     from xbt.data.datasets import open_dataset
     from xbt.eval.embed import embed_pairs
     from xbt.eval.backfill_curve import backfill_curves, format_curves
     from xbt.eval.runner import compatible_queries
-    from xbt.specs import load_model
 
     try:
         pairs = open_dataset(data, split)
-        old_model, new_model, compat_model = load_model(old), load_model(new), load_model(compat)
+        runtime = _Runtime(device, precision, num_workers)
+        old_model, new_model, compat_model = runtime.load(old), runtime.load(new), runtime.load(compat)
         old_model.space.check(compat_model.space, f"the compatible model {compat!r}")
         old_eval, new_eval = embed_pairs(old_model, pairs, True), embed_pairs(new_model, pairs, True)
         curves = backfill_curves(old_eval, compatible_queries(compat_model, pairs, new_eval, old_eval, True), new_eval, seed=seed)
@@ -732,6 +807,8 @@ def serve_command(
     open_info: bool = typer.Option(False, "--open-info/--closed-info", help="Whether /info (models, index, limits) is readable without the token."),
     max_k: int = typer.Option(100, help="Largest k a client may ask for."),
     max_upload_mb: float = typer.Option(8.0, help="Largest image upload, in MiB."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
 ) -> None:
     """The HTTP service (FastAPI on uvicorn): a search page at /, search by text or image, add and delete
     items, thumbnails, health, info."""
@@ -742,7 +819,6 @@ def serve_command(
     from xbt.gallery.store import Gallery
     from xbt.serve.app import ServeConfig, read_token_file, serve
     from xbt.serve.media import resolve_roots
-    from xbt.specs import load_model
 
     token = token or None  # an empty XBT_SERVE_TOKEN is no token
     try:
@@ -756,17 +832,18 @@ def serve_command(
         config = ServeConfig(token=token, open_read=open_read, open_info=open_info, max_k=max_k,
                              default_k=min(10, max_k), max_upload_bytes=int(max_upload_mb * (1 << 20)))
         roots = resolve_roots(media_root)
+        runtime = _Runtime(device, precision)
         if migration is not None:
             if new_model is None:
                 _fail(ValueError("--migration needs --new-model"))
-            retriever = MigratingRetriever(Migration(migration), load_model(model), load_model(new_model))
+            retriever = MigratingRetriever(Migration(migration), runtime.load(model), runtime.load(new_model))
             old_gallery = retriever.old
         else:
             if gallery is None:
                 _fail(ValueError("give --gallery (or --migration with --new-model)"))
-            retriever = GalleryRetriever(Gallery.open(gallery), load_model(model))
+            retriever = GalleryRetriever(Gallery.open(gallery), runtime.load(model))
             old_gallery = retriever.gallery
-        old = GalleryRetriever(old_gallery, load_model(old_model)) if old_model else None
+        old = GalleryRetriever(old_gallery, runtime.load(old_model)) if old_model else None
     except XbtError as exc:
         _fail(exc)
     console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} "

@@ -43,6 +43,9 @@ class UpgradeJob:
     n_example_queries: int = 4
     seed: int = 0
     build_testbed: bool = False
+    device: str = "auto"  # where every model runs (auto: a CUDA GPU when torch sees one); training too
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only): autocast in encoding and training
+    num_workers: int = 0  # DataLoader processes decoding images
 
     @classmethod
     def testbed(cls, **overrides: Any) -> UpgradeJob:
@@ -217,6 +220,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     from xbt.eval.report import write_report
     from xbt.eval.runner import run_evaluation
     from xbt.gallery import GalleryRetriever
+    from xbt.models.device import describe
     from xbt.specs import load_model
 
     out = Path(out)
@@ -233,7 +237,8 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         from xbt.train.testbed import build_testbed
 
         build_testbed(("old", "new"), show_progress=show_progress)
-    old, new = load_model(job.old), load_model(job.new)
+    old = load_model(job.old).configure(job.device, job.precision, job.num_workers)
+    new = load_model(job.new).configure(job.device, job.precision, job.num_workers)
     eval_pairs = open_dataset(job.eval_data)
     fit_pairs, fit_texts = open_dataset(job.fit_pairs), load_texts(job.fit_texts)
     support = open_dataset(job.support) if job.support else None
@@ -250,6 +255,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
     t = time.perf_counter()
     compat, xbt_dir, reused = train_or_reuse_xbt(job, old, new, fit_pairs, fit_texts, show_progress)
+    compat.configure(job.device, job.precision, job.num_workers)  # training returns it on the CPU
     stage("3 XBT training" + (" (reused)" if reused else ""), t)
 
     t = time.perf_counter()
@@ -299,6 +305,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         "deploy_commands": commands,
         "galleries": {"old_images": str(old_images.path), "old_captions": str(old_captions.path)},
         "timings_s": timings,
+        "runtime": describe(new),
         "recommendation": results.get("recommendation"),
         "matrix": results["matrix"],
     }

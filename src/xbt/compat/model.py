@@ -31,6 +31,7 @@ from xbt.compat.lora import image_lora_target, inject_lora, lora_config, lora_pa
 from xbt.compat.maps import Projection, QueryMap, build_map
 from xbt.errors import AssetMissingError, InputError, SpaceMismatchError
 from xbt.models.base import EmbeddingSpace, VLPModel, weights_fingerprint, write_json
+from xbt.models.device import model_device
 
 CONFIG_NAME = "compat_config.json"
 MAP_NAME = "map.safetensors"
@@ -72,7 +73,7 @@ class CompatibleModel(VLPModel):
                 raise InputError(f"{method} is an ensemble: it needs the old model too (pass old_model=)")
             old_space.check(old_model.space, f"the old model given to {method}")
         self.new_model = new_model
-        self.query_map = query_map
+        self.query_map = query_map.to(model_device(new_model))  # the map runs where the new model runs
         self.old_model = old_model if query_map.needs_old_query else None
         self.old_space = old_space
         self.method = method
@@ -125,8 +126,25 @@ class CompatibleModel(VLPModel):
 
     def map_features(self, new_vectors: Any, old_vectors: Any | None = None) -> np.ndarray:
         """Old-space queries from vectors the unadapted new model (and, for an ensemble, the old model)
-        already computed: the evaluation's fast path. Valid for a tower without LoRA adapters."""
-        return self.query_map.apply(new_vectors, old_vectors)
+        already computed: the evaluation's fast path. Valid for a tower without LoRA adapters. NumPy in
+        and out; a map on a GPU (the model was configured there) computes there."""
+        device = model_device(self.query_map)
+        if device.type == "cpu":
+            return self.query_map.apply(new_vectors, old_vectors)
+        if self.query_map.needs_old_query and old_vectors is None:
+            raise InputError(f"{self.method} is an ensemble: it needs the old model's vectors of the same queries")
+
+        def tensor(v: Any) -> torch.Tensor:
+            return F.normalize(torch.as_tensor(np.asarray(v, dtype=np.float32), device=device), dim=-1)
+
+        was_training = self.query_map.training
+        self.query_map.eval()
+        try:
+            with torch.inference_mode():
+                old = tensor(old_vectors) if self.query_map.needs_old_query else None
+                return F.normalize(self.query_map(tensor(new_vectors), old).float(), dim=-1).cpu().numpy()
+        finally:
+            self.query_map.train(was_training)
 
     @property
     def image_transform(self):

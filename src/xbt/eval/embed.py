@@ -24,7 +24,10 @@ class PairEmbeddings:
 
 
 def encoder_cache_id(model: VLPModel, modality: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model.encoder_id}-{modality}")
+    """The feature cache's key: what the encoder computes, and its precision when not fp32 (bf16 / fp16
+    vectors are cached apart; fp32 ones are shared across devices, equal to float tolerance)."""
+    precision = model.placement.precision
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model.encoder_id}-{modality}" + ("" if precision == "fp32" else f"-{precision}"))
 
 
 def caption_image_index(pairs: Sequence[Pair]) -> list[int]:

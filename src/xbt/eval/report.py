@@ -329,6 +329,18 @@ def data_efficiency_figure(results: dict[str, Any], path: Path) -> bool:
 
 
 # ----- the report ------------------------------------------------------------------------------------------
+def precision_line(protocol: dict[str, Any]) -> str:
+    """Which device and precision the encoders ran at (results written before issue 16 do not say: fp32, CPU)."""
+    if "precision" not in protocol:
+        return "encoders: precision and device not recorded (results from an older xbt: fp32 on the CPU)"
+    line = f"encoders: {protocol['precision']} on {protocol.get('device', '?')}"
+    if "old_precision" in protocol:
+        line += f" (old model: {protocol['old_precision']} on {protocol.get('old_device', '?')})"
+    if protocol["precision"] != "fp32" or protocol.get("old_precision", "fp32") != "fp32":
+        line += "; mixed precision (autocast) changes vectors slightly, never the weights or the embedding space"
+    return line
+
+
 def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path: str = "results.json") -> list[Block]:
     models, data, protocol = results.get("models", {}), results.get("data", {}), results.get("protocol", {})
     old, new = models.get("old", {}), models.get("new", {})
@@ -351,6 +363,7 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
             f"percentile bootstrap over queries ({protocol.get('n_resamples', '?')} resamples, paired across methods)",
             "update gain = (new->old - old->old) / (new->new - old->old): the share of the upgrade's benefit had without"
             " a backfill",
+            precision_line(protocol),
         ]),
     ]
     rec = results.get("recommendation") or {}

@@ -38,6 +38,7 @@ from xbt.eval.embed import PairEmbeddings, embed_pairs
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
 from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
 from xbt.models.base import EmbeddingSpace, VLPModel
+from xbt.models.device import describe
 from xbt.specs import load_model
 
 RESULTS_SCHEMA = "xbt.results/1"
@@ -157,8 +158,10 @@ def _resolve_methods(
     new_space: EmbeddingSpace,
     old_space: EmbeddingSpace,
     method_options: Mapping[str, Mapping[str, Any]],
+    like: VLPModel | None = None,
 ) -> dict[str, CompatMethod | CompatibleModel]:
-    """name -> an unfitted peer or a compatible model: registry names are built, compat: specs loaded."""
+    """name -> an unfitted peer or a compatible model: registry names are built, compat: specs loaded (on
+    the device and at the precision of `like`, the new model, when given)."""
     items = list(methods.items()) if isinstance(methods, Mapping) else [(None, m) for m in methods]
     resolved: dict[str, CompatMethod | CompatibleModel] = {}
     for name, method in items:
@@ -166,6 +169,8 @@ def _resolve_methods(
             spec = method.strip()
             if spec.startswith("compat:"):
                 method = load_model(spec)
+                if like is not None:
+                    method.configure(like.device, like.placement.precision, like.placement.num_workers)
                 name = name or f"xbt:{Path(spec.removeprefix('compat:')).expanduser().name}"
             else:
                 method = build_method(spec, new_space, old_space, **method_options.get(spec, {}))
@@ -235,7 +240,7 @@ def run_evaluation(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     old_space, new_space = old_model.space, new_model.space
-    resolved = _resolve_methods(methods, new_space, old_space, method_options or {})
+    resolved = _resolve_methods(methods, new_space, old_space, method_options or {}, like=new_model)
     old_eval = embed_pairs(old_model, eval_pairs, show_progress)
     new_eval = embed_pairs(new_model, eval_pairs, show_progress)
     support = None
@@ -316,12 +321,23 @@ def run_evaluation(
             "criterion": "M(new->old) > M(old->old) per cell; confident when the interval of the difference is above 0",
             "gain": "(M(new->old) - M(old->old)) / (M(new->new) - M(old->old)), percent",
             "cost_batch_sizes": list(cost_batch_sizes),
+            **encoders_ran(old_model, new_model),
         },
         warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or []),
         timings_s=timings,
         data_efficiency=curve,
         compatible=compatible,
     )
+
+
+def encoders_ran(old_model: VLPModel, new_model: VLPModel) -> dict[str, Any]:
+    """Where and at what precision the encoders ran: `device` and `precision` (the new model's; the old
+    model's too when it differs). Vectors cached by an earlier run at the same precision are reused."""
+    new, old = describe(new_model), describe(old_model)
+    ran: dict[str, Any] = {"device": new["device"], "precision": new["precision"]}
+    if (old["device"], old["precision"]) != (new["device"], new["precision"]):
+        ran |= {"old_device": old["device"], "old_precision": old["precision"]}
+    return ran
 
 
 def _sizes(pairs: Sequence[Pair]) -> dict[str, int]:
@@ -429,8 +445,12 @@ def evaluate_from_specs(
     data_efficiency: Sequence[int] = (),
     skip_unfittable: bool = False,
     show_progress: bool = False,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_workers: int = 0,
 ) -> EvaluationRun:
-    """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes)."""
+    """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes); both models (and
+    any compat: method) run on `device` at `precision`."""
     from xbt.data.datasets import open_dataset
 
     eval_pairs = open_dataset(data, split, image_root)
@@ -440,7 +460,8 @@ def evaluate_from_specs(
     if data_efficiency and train_pairs:
         data_efficiency = [*data_efficiency, len(train_pairs)]
     return run_evaluation(
-        load_model(old), load_model(new), eval_pairs, list(methods), texts, train_pairs, support_pairs,
+        load_model(old).configure(device, precision, num_workers), load_model(new).configure(device, precision, num_workers),
+        eval_pairs, list(methods), texts, train_pairs, support_pairs,
         ks=ks, n_resamples=n_resamples, seed=seed, data_efficiency=data_efficiency,
         skip_unfittable=skip_unfittable, show_progress=show_progress,
         describe={

@@ -30,6 +30,7 @@ import numpy as np
 from xbt.errors import InputError
 from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source
 from xbt.models.base import EmbeddingSpace, VLPModel
+from xbt.models.device import describe
 from xbt.progress import progress_bar
 from xbt.scale.vectors import (
     FORMAT,
@@ -61,14 +62,26 @@ class RayOptions:
     CPUs / cpus_per_actor, minus one so Ray Data's own tasks are never starved). threads: torch threads
     per actor (default: cpus_per_actor rounded up).
 
-    Actors embed on CPUs: xbt's encoders (`VLPModel.encode_*`) keep their inputs on the CPU in this
-    version, so reserving GPUs for them would buy nothing."""
+    gpus_per_actor > 0: each actor reserves that share of a GPU (0.5 = two actors per GPU), Ray makes
+    its GPU the actor's only visible one, and the actor loads its one model there (device auto or cuda).
+    By default the pool then has as many actors as the cluster's GPUs allow."""
 
     address: str | None = None
     actors: int | None = None
     cpus_per_actor: float = 1.0
     threads: int | None = None
     num_cpus: int | None = None  # for a local Ray started here: how many CPUs it may use (default: all)
+    gpus_per_actor: float = 0.0  # GPUs each actor reserves (fractions share a GPU); the actor's model runs there
+    num_gpus: int | None = None  # for a local Ray started here: how many GPUs it may schedule (default: detected)
+
+    def map_options(self) -> dict[str, Any]:
+        """The resources each actor asks Ray for (`map_batches(num_cpus=..., num_gpus=...)`)."""
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise InputError("--cpus-per-actor must be above 0 and --gpus-per-actor 0 or more")
+        options: dict[str, Any] = {"num_cpus": self.cpus_per_actor}
+        if self.gpus_per_actor > 0:
+            options["num_gpus"] = self.gpus_per_actor
+        return options
 
 
 @dataclass
@@ -105,7 +118,8 @@ class ShardEmbedder:
     The same class runs in-process (local engine) and as a Ray Data actor (its `__call__`)."""
 
     def __init__(self, model: str, out: str, modality: str, batch_size: int = 64, env: Mapping[str, str] | None = None,
-                 threads: int | None = None, loaded: VLPModel | None = None):
+                 threads: int | None = None, loaded: VLPModel | None = None, device: str = "auto",
+                 precision: str = "fp32", num_workers: int = 0):
         os.environ.update(env or {})
         if threads:
             import torch
@@ -114,8 +128,9 @@ class ShardEmbedder:
         from xbt.specs import load_model
 
         self.spec, self.out, self.modality, self.batch_size = model, Path(out), modality, batch_size
-        self.model = loaded if loaded is not None else load_model(model)
+        self.model = loaded if loaded is not None else load_model(model).configure(device, precision, num_workers)
         self.space = self.model.space
+        self.runtime = describe(self.model) | {"accelerators": _ray_gpu_ids()}
 
     def is_done(self, task: ShardTask) -> bool:
         """A shard file for exactly these items, made in this model's space, with every item accounted for."""
@@ -148,7 +163,8 @@ class ShardEmbedder:
             failed[task.ids[ok[position]]] = why
         good = [i for position, i in enumerate(ok) if position not in bad]
         meta = {"format": FORMAT, "space": self.space.to_dict(), "model": self.spec, "modality": self.modality,
-                "shard": task.name, "index": task.index, "digest": task.digest, "rows": len(good), "failed": failed}
+                "shard": task.name, "index": task.index, "digest": task.digest, "rows": len(good), "failed": failed,
+                "runtime": self.runtime}
         write_shard(self.out / task.name, [task.ids[i] for i in good], vectors, [task.payloads[i] for i in good], meta)
         return ShardResult(task.name, "written", len(good), failed, self.space.to_dict(), time.perf_counter() - t0)
 
@@ -167,10 +183,26 @@ def _run_local(tasks: Sequence[ShardTask], embedder: ShardEmbedder, show_progres
             yield result
 
 
+def _ray_gpu_ids() -> list[str]:
+    """The GPUs Ray gave this actor (empty outside Ray or without GPUs)."""
+    try:
+        import ray
+
+        return [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return []
+
+
 def _default_actors(options: RayOptions) -> int:
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 1)
+    resources = ray.cluster_resources()
+    if options.gpus_per_actor > 0:
+        gpus = resources.get("GPU", 0)
+        if gpus < options.gpus_per_actor:
+            raise InputError(f"--gpus-per-actor {options.gpus_per_actor}: the Ray cluster has {gpus:g} GPU(s)")
+        return max(1, int(gpus // options.gpus_per_actor))
+    cpus = resources.get("CPU", 1)
     return max(1, int((cpus - 1) // options.cpus_per_actor))
 
 
@@ -184,14 +216,17 @@ def start_ray(options: RayOptions) -> tuple[bool, float]:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
     if options.address:
         kwargs["address"] = options.address
-    elif options.num_cpus:
-        kwargs["num_cpus"] = options.num_cpus
+    else:
+        if options.num_cpus:
+            kwargs["num_cpus"] = options.num_cpus
+        if options.num_gpus is not None:
+            kwargs["num_gpus"] = options.num_gpus
     ray.init(**kwargs)
     return True, time.perf_counter() - t0
 
 
 def _run_ray(tasks: Sequence[ShardTask], model: str, out: Path, modality: str, batch_size: int, env: Mapping[str, str],
-             options: RayOptions, show_progress: bool) -> Iterable[ShardResult]:
+             options: RayOptions, show_progress: bool, runtime: Mapping[str, Any]) -> Iterable[ShardResult]:
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -202,10 +237,10 @@ def _run_ray(tasks: Sequence[ShardTask], model: str, out: Path, modality: str, b
     results = dataset.map_batches(
         ShardEmbedder,
         fn_constructor_kwargs={"model": model, "out": str(out), "modality": modality, "batch_size": batch_size,
-                               "env": dict(env), "threads": threads},
+                               "env": dict(env), "threads": threads, **runtime},
         batch_size=1,  # one shard per call: a shard is the unit of work and of resumption
         compute=ray.data.ActorPoolStrategy(size=actors),  # a fixed pool: each actor loads the model once
-        num_cpus=options.cpus_per_actor,
+        **options.map_options(),  # num_cpus, and num_gpus: Ray pins each actor to its GPU(s)
     )
     for row in results.iter_rows():
         yield ShardResult.from_row(row)
@@ -225,6 +260,9 @@ def embed_items(
     on_shard: Callable[[ShardResult], None] | None = None,
     loaded: VLPModel | None = None,
     threads: int | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_workers: int = 0,
     show_progress: bool = False,
 ) -> EmbedReport:
     """Embed items (payload["image"] paths, or payload["caption"] texts) with a model into a vectors folder.
@@ -233,24 +271,28 @@ def embed_items(
     `on_shard` is called in the driver as each shard finishes (e.g. to add it to a gallery at once).
     `loaded`: an already loaded model for the local engine (Ray actors always load `model` themselves).
     `threads`: torch threads of this process for the local engine (Ray actors: `RayOptions.threads`);
-    on cores shared with other work, fewer threads are often faster."""
+    on cores shared with other work, fewer threads are often faster. `device` / `precision` / `num_workers`:
+    where each worker's model runs (auto: the GPU Ray gave the actor, if any), see `xbt.models.device`."""
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     tasks = plan_shards(items, modality, shard_size, sort=sort)
+    runtime = {"device": device, "precision": precision, "num_workers": num_workers}
+    if engine == "ray" and ray_options is not None and ray_options.gpus_per_actor > 0 and device == "cpu":
+        raise InputError("--gpus-per-actor reserves GPUs for the actors: use --device auto or cuda, not cpu")
     report = EmbedReport(str(out), engine, model, {}, modality, len(items), len(tasks))
     env = worker_env()
     t0 = time.perf_counter()
     started = False
     try:
         if engine == "local":
-            embedder = ShardEmbedder(model, str(out), modality, batch_size, env, threads=threads, loaded=loaded)
+            embedder = ShardEmbedder(model, str(out), modality, batch_size, env, threads=threads, loaded=loaded, **runtime)
             results = _run_local(tasks, embedder, show_progress)
         else:
             options = ray_options or RayOptions()
             started, report.engine_start_s = start_ray(options)
-            results = _run_ray(tasks, model, out, modality, batch_size, env, options, show_progress)
+            results = _run_ray(tasks, model, out, modality, batch_size, env, options, show_progress, runtime)
         sizes = {t.name: len(t.ids) for t in tasks}
         spaces: set[tuple[str, int]] = set()
         by_name: dict[str, ShardResult] = {}
@@ -301,6 +343,8 @@ def backfill(
     batch_size: int = 64,
     ray_options: RayOptions | None = None,
     new_model: VLPModel | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Run a `xbt.gallery.migration.Migration` with the embedding done by an engine (Ray: many actors).
@@ -313,7 +357,7 @@ def backfill(
 
     if migration.cut_over_done:
         return migration.progress()
-    local = new_model or load_model(model)
+    local = new_model or load_model(model).configure(device, precision)
     migration.new_space.check(local.space, f"the vectors of the new model {model!r}")
     with Gallery.open(migration.old_gallery_path) as old, Gallery.open(migration.new_gallery_path) as new:
         modality = new.modality or "image"
@@ -326,7 +370,8 @@ def backfill(
             add_shard_to_gallery(new, read_shard(vectors_dir / result.name), on_conflict="skip")
 
         embed_items(model, items, vectors_dir, modality, engine=engine, shard_size=shard_size, batch_size=batch_size,
-                    sort=False, ray_options=ray_options, on_shard=add, loaded=local, show_progress=show_progress)
+                    sort=False, ray_options=ray_options, on_shard=add, loaded=local, device=device, precision=precision,
+                    show_progress=show_progress)
         # Every planned item is now in the new gallery (or failed): this walks the plan without embedding,
         # records the position, and embeds only what changed in the old gallery meanwhile.
         return migration.run(local, batch_size=batch_size, old=old, new=new, show_progress=show_progress)
