@@ -37,6 +37,22 @@ print("DONE", flush=True)
 '''
 
 
+def kill_mid_backfill(proc: subprocess.Popen, migration_dir, after_position: int, jitter_s: float,
+                      timeout_s: float = 180.0) -> None:
+    """SIGKILL a backfill worker once its checkpoint has passed `after_position`, at a random point of a batch."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while Migration(migration_dir).state["position"] < after_position:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the backfill made no progress"
+            time.sleep(0.05)
+        time.sleep(np.random.default_rng().uniform(0.0, jitter_s))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_backfill_killed_mid_run_resumes_and_completes(tmp_path):
     old_model = load_model(save_tiny_openclip(tmp_path / "old", seed=0))
     new_spec = save_tiny_openclip(tmp_path / "new", seed=1)
@@ -50,17 +66,7 @@ def test_backfill_killed_mid_run_resumes_and_completes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "mig"), new_spec], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while Migration(tmp_path / "mig").state["position"] < 6:  # let at least two batches land
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the backfill made no progress"
-            time.sleep(0.05)
-        time.sleep(np.random.default_rng().uniform(0.0, 0.5))  # and die at a random point of a batch
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_mid_backfill(proc, tmp_path / "mig", after_position=6, jitter_s=0.5)  # let at least two batches land
 
     state = Migration(tmp_path / "mig").state
     plan = migration.plan()

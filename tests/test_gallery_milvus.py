@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from gallery_support import make_images, save_tiny_openclip, unit_rows
 from test_backfill_kill import WORKER as BACKFILL_WORKER
+from test_backfill_kill import kill_mid_backfill
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -259,17 +260,7 @@ def test_backfill_killed_mid_run_resumes_with_nothing_acknowledged_lost(tmp_path
     migration, _, new_model, new_spec = milvus_migration
     release_lite(tmp_path / "g.db")  # Milvus Lite serves one process: hand the file to the worker
     proc = _spawn(tmp_path, BACKFILL_WORKER, str(tmp_path / "mig"), new_spec)  # the embedded test's worker, as is
-    try:
-        deadline = time.monotonic() + 180
-        while Migration(tmp_path / "mig").state["position"] < 6:  # at least two batches (of 3) acknowledged
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the backfill made no progress"
-            time.sleep(0.05)
-        time.sleep(np.random.default_rng().uniform(0.0, 0.2))  # and die at a random point of a batch
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_mid_backfill(proc, tmp_path / "mig", after_position=6, jitter_s=0.2)  # two batches (of 3) acknowledged
     state, plan = Migration(tmp_path / "mig").state, migration.plan()
     with open_gallery(migration.new_gallery_ref) as new:  # the lock died with the worker
         done = set(new.ids())
