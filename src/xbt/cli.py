@@ -474,7 +474,9 @@ def _print_summary(summary: dict) -> None:
         table.add_column(col)
     names = {"t2i": "text->image", "i2t": "image->text"}
 
-    def fmt(e):
+    def fmt(e):  # a gain is undefined (None) when new->new ties old->old
+        if e.get("value") is None:
+            return "n/a"
         return f"{e['value']:.1f} [{e['low']:.1f}, {e['high']:.1f}]"
 
     for d in ("t2i", "i2t"):
