@@ -41,7 +41,7 @@ from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_pairs
 from xbt.gallery.store import Gallery
 from xbt.specs import load_compatible, load_model
 from xbt.paths import cache_dir
-from xbt.train.xbt import XBTConfig, train_xbt
+from xbt.train.stages import XBTConfig, train_xbt
 
 GENERATIONS = {"v1": "testbed:old", "v2": "testbed:new", "v3": "testbed:third"}
 

@@ -26,7 +26,7 @@ from xbt.eval.matrix import DIRECTIONS, QueryVectors, evaluate_upgrade, format_m
 from xbt.eval.retrieval import bootstrap_indices, hits_at_k, recall_estimate, retrieval_ranks
 from xbt.specs import load_model
 from xbt.paths import cache_dir
-from xbt.train.xbt import XBTConfig, train_xbt
+from xbt.train.stages import XBTConfig, train_xbt
 
 
 def deep_update(base: dict, override: dict) -> dict:

@@ -48,7 +48,7 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Each rank holds its rows of x; loss = InfoNCE on the gathered batch. Saves this rank's gradient."""
     import torch.distributed as dist
 
-    from xbt.train.xbt import multi_positive_infonce
+    from xbt.train.stages import multi_positive_infonce
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ctx = DistContext(rank, world, torch.device("cpu"), True)
@@ -67,7 +67,7 @@ def test_gathered_loss_gives_the_single_process_gradient_on_uneven_slices(tmp_pa
     """5 rows on 2 processes (3 + 2): the averaged gradient equals the one-process gradient."""
     import torch.multiprocessing as mp
 
-    from xbt.train.xbt import multi_positive_infonce
+    from xbt.train.stages import multi_positive_infonce
 
     mp.start_processes(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_two_processes_train_the_single_process_model(ddp_setup, tmp_path, xbt_h
     from safetensors.torch import load_file
 
     import xbt
-    from xbt.train.xbt import XBTConfig, train_xbt
+    from xbt.train.stages import XBTConfig, train_xbt
 
     train_xbt(XBTConfig.from_file(ddp_setup), tmp_path / "single", show_progress=False)
     src = str(Path(xbt.__file__).parents[1])

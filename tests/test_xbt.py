@@ -11,7 +11,7 @@ from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.specs import load_model
-from xbt.train.xbt import StopTraining, XBTConfig, train_xbt
+from xbt.train.stages import StopTraining, XBTConfig, train_xbt
 
 from conftest import CORPUS
 
@@ -82,7 +82,7 @@ def test_train_save_load_roundtrip(tiny_setup, tmp_path, image_files):
 
 
 def test_training_loop_never_calls_the_old_model(tiny_setup, tmp_path, monkeypatch):
-    import xbt.train.xbt as trainer
+    import xbt.train.stages as trainer
 
     cfg, old, new = tiny_setup
     real_prepare = trainer.prepare_data

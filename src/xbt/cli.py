@@ -187,7 +187,7 @@ def train(
     result matches a single-process run."""
     from xbt.paths import resolve_config
     from xbt.train.distributed import launch, process_group, under_torchrun
-    from xbt.train.xbt import XBTConfig, train_xbt
+    from xbt.train.stages import XBTConfig, train_xbt
 
     if nproc > 1 and not under_torchrun():
         args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device]

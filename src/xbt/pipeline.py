@@ -91,7 +91,7 @@ def train_or_reuse_xbt(
 
     from xbt.compat.model import CONFIG_NAME
     from xbt.specs import load_compatible
-    from xbt.train.xbt import XBTConfig, train_xbt
+    from xbt.train.stages import XBTConfig, train_xbt
 
     path = resolve_config(job.xbt_config)
     cfg = XBTConfig.from_dict(yaml.safe_load(path.read_text()) | {

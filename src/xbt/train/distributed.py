@@ -1,6 +1,6 @@
 """Data-parallel training on several processes (torchrun + torch.distributed), equal to one process.
 
-Every rank draws the same global batch (the per-step seeding of `xbt.train.xbt` makes it identical
+Every rank draws the same global batch (the per-step seeding of `xbt.train.stages` makes it identical
 everywhere), runs the trainable forward on its own contiguous slice of it, and gathers the outputs of
 all ranks *with their gradients*. The loss is then computed on the whole global batch, exactly as a
 single process computes it: for the contrastive (InfoNCE) terms the in-batch negatives of every rank

@@ -1,10 +1,13 @@
-"""XBT training: stage 1 (text-only projection pretraining with noise), stage 2 (LoRA + projection on pairs).
+"""XBT's two training stages: stage 1 (text-only projection pretraining with noise), stage 2 (LoRA +
+projection on pairs), their configuration, data and losses, and `train_xbt`, the whole program. Both
+stages run in the one shared loop (`xbt.train.loop`: optimizer, schedule, checkpoints, resume, stopping),
+with checkpoints written by `xbt.train.checkpoint`, safe against a kill at any point.
 
 The old model is used only to embed the training data once, into the feature cache, before any
 training step (`prepare_data`); the training loop never calls it. Every step seeds its own
 randomness from (seed, stage, step), so a run resumed from a checkpoint follows exactly the same
 trajectory as an uninterrupted one. The same seeding makes every process of a data-parallel run
-(torchrun, `xbt.scale.ddp`) draw the same global batch; each computes its slice and the loss is taken on
+(torchrun, `xbt.train.distributed`) draw the same global batch; each computes its slice and the loss is taken on
 the gathered global batch, so several processes train the same model as one.
 """
 
@@ -12,9 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
 
-from xbt.compat.xbt import CompatibleModel, Projection
+from xbt.compat.maps import Projection
+from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
 from xbt.eval.embed import embed_pairs, embed_texts
 from xbt.models.base import VLPModel
-from xbt.progress import progress_bar
-from xbt.scale.ddp import DistContext
+from xbt.train.checkpoint import write_atomic
+from xbt.train.distributed import DistContext
+from xbt.train.loop import Schedule, StopTraining, train_loop
+
+__all__ = ["LoraSettings", "ProjectionConfig", "Stage1Config", "Stage2Config", "StopTraining", "TrainingData",
+           "XBTConfig", "prepare_data", "run_stage1", "run_stage2", "train_xbt"]
 
 
 # ----- configuration -----------------------------------------------------------------------------
@@ -153,7 +159,7 @@ def resolve_pairs(source: str) -> list[Pair]:
 
 
 def resolve_corpus(source: str) -> list[str]:
-    from xbt.eval.runner import load_texts
+    from xbt.data.texts import load_texts
 
     return load_texts(source)
 
@@ -211,97 +217,11 @@ def add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> 
     return F.normalize(x + noise.to(x.device), dim=-1)
 
 
-# ----- checkpoints (safetensors + JSON, no pickle) -------------------------------------------------
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for pid, state in sd["state"].items():
-        meta["state"][str(pid)] = {}
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"opt.{pid}.{name}"] = value.contiguous()
-                meta["state"][str(pid)][name] = "tensor"
-            else:
-                meta["state"][str(pid)][name] = value
-    return tensors, meta
-
-
-def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state = {}
-    for pid, fields in meta["state"].items():
-        state[int(pid)] = {n: (tensors[f"opt.{pid}.{n}"] if v == "tensor" else v) for n, v in fields.items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-@dataclass
-class Checkpoint:
-    stage: int
-    step: int
-    history: list[dict[str, float]]
-
-
-def save_checkpoint(folder: Path, model: CompatibleModel, opt, sched, ckpt: Checkpoint) -> None:
-    """Atomic: written to a temporary folder, then renamed over the previous checkpoint."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {f"projection.{k}": v.contiguous() for k, v in model.projection.state_dict().items()}
-    for tower in model.lora_configs:
-        tensors.update({f"lora_{tower}.{k}": v for k, v in model.lora_state(tower).items()})
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
-    tensors.update(opt_tensors)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"stage": ckpt.stage, "step": ckpt.step, "history": ckpt.history, "optimizer": opt_meta,
-            "scheduler": sched.state_dict() if sched else None}
-    (tmp / "state.json").write_text(json.dumps(meta))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old)
-
-
-def load_checkpoint(folder: Path, model: CompatibleModel, opt, sched) -> Checkpoint:
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    model.projection.load_state_dict({k.removeprefix("projection."): v for k, v in tensors.items() if k.startswith("projection.")})
-    for tower in model.lora_configs:
-        prefix = f"lora_{tower}."
-        model.load_lora_state(tower, {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
-    _unflatten_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
-    if sched and meta["scheduler"]:
-        sched.load_state_dict(meta["scheduler"])
-    return Checkpoint(meta["stage"], meta["step"], meta["history"])
-
-
-def _find_checkpoint(out: Path, stage: int) -> Path | None:
-    folder = out / "checkpoints" / f"stage{stage}"
-    if (folder / "state.json").exists():
-        return folder
-    old = folder.with_name(folder.name + ".old")  # killed between the two renames
-    return old if (old / "state.json").exists() else None
-
-
-# ----- the training program -----------------------------------------------------------------------
-class StopTraining(Exception):
-    """Raised by `stop_after_step` in tests to simulate an interruption."""
-
-
-def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
-    torch.manual_seed(seed * 1_000_003 + stage * 10_007 + step)  # dropout etc. inside the model
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_007 + step)
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + stage * 104_729 + epoch))
-    return [order[i : i + batch_size] for i in range(0, n, batch_size) if len(order[i : i + batch_size]) >= 2]
-
-
+# ----- the two stages ------------------------------------------------------------------------------
 def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
                stop_after_step: int | None = None, show_progress: bool = True,
                ctx: DistContext | None = None) -> tuple[list[dict[str, float]], float]:
+    """Stage 1: the projection learns to map noised new-model text vectors onto the old model's."""
     ctx = ctx or DistContext.local()
     s1 = cfg.stage1
     n = data.corpus_new.shape[0]
@@ -309,25 +229,12 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
         raise InputError("stage 1 needs a text corpus of at least 2 captions")
     noise = (estimate_modality_gap(data.new_images, data.new_texts, data.pair_image_index) if s1.noise_std == "auto"
              else float(s1.noise_std))
-    params = list(model.projection.parameters())
-    opt = torch.optim.AdamW(params, lr=s1.lr, weight_decay=s1.weight_decay)
-    steps_per_epoch = len(_epoch_batches(n, s1.batch_size, cfg.seed, 1, 0))
-    total = s1.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
-    start, history = 0, []
-    found = _find_checkpoint(out, 1)
-    if found:
-        ckpt = load_checkpoint(found, model, opt, sched)
-        start, history = ckpt.step, ckpt.history
-    # Duplicate captions in the corpus are one text, so positives are identities.
-    projection = ctx.wrap(model.projection)
-    model.train()
-    with progress_bar(total, "stage 1 (text only)", show_progress and ctx.is_main) as advance:
-        advance(start)
-        for step in range(start, total):
-            epoch, within = divmod(step, steps_per_epoch)
-            idx = _epoch_batches(n, s1.batch_size, cfg.seed, 1, epoch)[within]
-            gen = _step_generator(cfg.seed, 1, step)
+
+    def make_step():
+        projection = ctx.wrap(model.projection)
+
+        def step(_: int, idx: torch.Tensor, gen: torch.Generator):
+            # Duplicate captions in the corpus are one text, so positives are identities.
             x = add_noise(data.corpus_new[idx], noise, gen)  # the whole global batch: same noise on every rank
             y = data.corpus_old[idx]
             pred = ctx.gather(projection(x[ctx.local_slice(len(idx))]), len(idx))
@@ -335,17 +242,14 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
             loss_nce = multi_positive_infonce(pred, y, eye, s1.temperature)
             loss_cos = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
             loss = s1.infonce_weight * loss_nce + s1.cosine_weight * loss_cos
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            history.append({"step": step + 1, "loss": loss.item(), "infonce": loss_nce.item(), "cosine": loss_cos.item()})
-            advance(1, loss=loss.item())
-            if ctx.is_main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
-                save_checkpoint(out / "checkpoints" / "stage1", model, opt, sched, Checkpoint(1, step + 1, history))
-            if stop_after_step is not None and step + 1 >= stop_after_step:
-                raise StopTraining(f"stopped after stage 1 step {step + 1}")
-    model.eval()
+            return loss, {"infonce": loss_nce, "cosine": loss_cos}
+
+        return step
+
+    groups = [{"params": list(model.projection.parameters()), "lr": s1.lr}]
+    history = train_loop(model, groups, s1.weight_decay, Schedule(1, n, s1.batch_size, s1.epochs, cfg.seed), make_step,
+                         out=out, checkpoint_every=cfg.checkpoint_every, label="stage 1 (text only)",
+                         stop_after_step=stop_after_step, show_progress=show_progress, ctx=ctx)
     return history, noise
 
 
@@ -373,39 +277,28 @@ def _to_device(x: Any, device: torch.device) -> Any:
 def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
                stop_after_step: int | None = None, show_progress: bool = True,
                ctx: DistContext | None = None) -> list[dict[str, float]]:
+    """Stage 2: LoRA adapters on the frozen new model and the projection, on image-text pairs."""
     ctx = ctx or DistContext.local()
     s2 = cfg.stage2
     n = len(data.pairs)
     if n < 2:
         raise InputError("stage 2 needs at least 2 image-text pairs")
     groups = [{"params": list(model.projection.parameters()), "lr": s2.lr}]
-    lora_params = []
-    if s2.lora.enabled:
+    if s2.lora.enabled:  # adapters first: the optimizer and the checkpoint both hold their weights
         lora = {k: v for k, v in asdict(s2.lora).items() if k not in ("enabled", "image")}
         lora_params = model.enable_lora("text", lora)
         if s2.lora.image:
             lora_params += model.enable_lora("image", lora)
         groups.append({"params": lora_params, "lr": s2.lora_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=s2.weight_decay)
-    steps_per_epoch = len(_epoch_batches(n, s2.batch_size, cfg.seed, 2, 0))
-    total = s2.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
-    start, history = 0, []
-    found = _find_checkpoint(out, 2)
-    if found:
-        ckpt = load_checkpoint(found, model, opt, sched)
-        start, history = ckpt.step, ckpt.history
     captions = [p.caption.lower() for p in data.pairs]
     image_of = torch.as_tensor(data.pair_image_index)
     images_needed = s2.lora.enabled and s2.lora.image
-    forward = ctx.wrap(_Stage2Forward(model, s2.lora.enabled, images_needed))
-    model.train()
-    with progress_bar(total, "stage 2 (LoRA + projection)", show_progress and ctx.is_main) as advance:
-        advance(start)
-        for step in range(start, total):
-            epoch, within = divmod(step, steps_per_epoch)
-            idx = _epoch_batches(n, s2.batch_size, cfg.seed, 2, epoch)[within]
-            _step_generator(cfg.seed, 2, step)
+    weights = {"t2i": s2.t2i_weight, "i2t": s2.i2t_weight, "text": s2.text_weight, "preserve": s2.preserve_weight}
+
+    def make_step():
+        forward = ctx.wrap(_Stage2Forward(model, s2.lora.enabled, images_needed))
+
+        def step(_: int, idx: torch.Tensor, __: torch.Generator):
             img_rows = image_of[idx]
             same_image = img_rows[:, None] == img_rows[None, :]
             same_caption = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx])
@@ -426,20 +319,13 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
                 "text": multi_positive_infonce(proj_text, data.old_texts[idx], positives, s2.temperature),
                 "preserve": (1 - F.cosine_similarity(new_text, data.new_texts[idx], dim=-1)).mean(),
             }
-            weights = {"t2i": s2.t2i_weight, "i2t": s2.i2t_weight, "text": s2.text_weight, "preserve": s2.preserve_weight}
-            loss = sum(weights[k] * v for k, v in losses.items())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            history.append({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()}})
-            advance(1, loss=loss.item())
-            if ctx.is_main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
-                save_checkpoint(out / "checkpoints" / "stage2", model, opt, sched, Checkpoint(2, step + 1, history))
-            if stop_after_step is not None and step + 1 >= stop_after_step:
-                raise StopTraining(f"stopped after stage 2 step {step + 1}")
-    model.eval()
-    return history
+            return sum(weights[k] * v for k, v in losses.items()), losses
+
+        return step
+
+    return train_loop(model, groups, s2.weight_decay, Schedule(2, n, s2.batch_size, s2.epochs, cfg.seed), make_step,
+                      out=out, checkpoint_every=cfg.checkpoint_every, label="stage 2 (LoRA + projection)",
+                      stop_after_step=stop_after_step, show_progress=show_progress, ctx=ctx)
 
 
 def train_xbt(
@@ -453,9 +339,9 @@ def train_xbt(
 ) -> CompatibleModel:
     """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`.
 
-    `distributed`: this process's place in a data-parallel run (`xbt.scale.ddp.process_group`); rank 0
+    `distributed`: this process's place in a data-parallel run (`xbt.train.distributed.process_group`); rank 0
     writes every file, all ranks return the same trained model."""
-    from xbt.models import load_model
+    from xbt.specs import load_model
 
     ctx = distributed or DistContext.local()
     out = Path(out)
@@ -469,7 +355,7 @@ def train_xbt(
     ctx.check_same(cfg.to_dict(), "the XBT config")
     ctx.barrier()  # every rank has read the saved config before rank 0 rewrites it
     if ctx.is_main:
-        saved.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a kill never leaves half a config
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -516,7 +402,7 @@ def train_xbt(
         model.to("cpu")  # the artifact and the returned model live on the CPU, as the loaded one does
     if ctx.is_main:
         model.save_pretrained(out, extra={"training": {"pairs": cfg.train_pairs, "n_pairs": len(pairs), "corpus": cfg.text_corpus}})
-        (out / "training_report.json").write_text(json.dumps(report, indent=1))
+        write_atomic(out / "training_report.json", json.dumps(report, indent=1))
     model.spec = f"compat:{out}"  # loadable by this name from now on (e.g. as the newer half of a chain)
     ctx.barrier()  # the artifact is complete when any rank returns
     return model

