@@ -128,7 +128,7 @@ def save_methods(run: Any, results: dict[str, Any], out: Path) -> dict[str, Any]
     if chosen:
         link.symlink_to(_folder_name(chosen), target_is_directory=True)
         record |= {
-            "path": folders[chosen], "spec": f"compat:{link.resolve()}",
+            "path": folders[chosen], "spec": f"compat:{link.absolute()}",  # the link: re-point it to switch
             "needs_old_model_at_query_time": run.compatible[chosen].needs_old_model_at_query_time,
             "mean_gain_percent": _mean_gain(results, chosen),
         }
