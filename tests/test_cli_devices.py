@@ -65,3 +65,20 @@ def test_a_gallery_built_and_searched_at_bf16_on_the_cpu(tmp_path, xbt_home):
                                 "-k", "1", "--device", "auto", "--precision", "fp32"])
     assert found.exit_code == 0, found.output
     assert json.loads(found.stdout)[0]["id"] == images[3].name
+
+
+def test_evaluate_records_device_and_precision_in_results_and_report(tmp_path, xbt_home):
+    old = save_tiny_openclip(tmp_path / "old", seed=0)
+    new = save_tiny_openclip(tmp_path / "new", seed=1, embed_dim=48, width=48)
+    images = make_images(tmp_path / "images", 6)
+    words = ["red", "green", "blue", "small", "big", "round"]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"image": str(p), "caption": f"a {w} thing"}) + "\n" for p, w in zip(images, words)))
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", "--old", old, "--new", new, "--data", str(data), "--methods",
+                                      "no-adaptation", "--resamples", "20", "--out", str(out), "--device", "cpu",
+                                      "--precision", "bf16", "--no-recommend"])
+    assert result.exit_code == 0, result.output
+    protocol = json.loads((out / "results.json").read_text())["protocol"]
+    assert protocol["device"] == "cpu" and protocol["precision"] == "bf16" and "old_precision" not in protocol
+    assert "encoders: bf16 on cpu; mixed precision (autocast)" in (out / "report.md").read_text()
