@@ -187,17 +187,24 @@ class CompatibleModel(VLPModel):
         return super().encode_image(images, batch_size, show_progress, num_workers)
 
     def encode_image_items(self, images, batch_size: int | None = None, show_progress: bool = False,
-                           num_workers: int | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+                           num_workers: int | None = None, *, stop_on_failure: bool = False,
+                           ) -> tuple[torch.Tensor, dict[int, str]]:
         """An ensemble runs both models (each on its own device and precision, set by `configure`); an
         image either decodes for both or is reported once, by position."""
         if self.old_model is None:
-            return super().encode_image_items(images, batch_size, show_progress, num_workers)
+            return super().encode_image_items(images, batch_size, show_progress, num_workers, stop_on_failure=stop_on_failure)
         images = list(images)
-        new, failed = self.new_model.encode_image_items(images, batch_size, show_progress, num_workers)
+        new, failed = self.new_model.encode_image_items(images, batch_size, show_progress, num_workers,
+                                                        stop_on_failure=stop_on_failure)
+        if failed and stop_on_failure:
+            return new, failed
         kept = [i for i in range(len(images)) if i not in failed]
-        old, old_failed = self.old_model.encode_image_items([images[i] for i in kept], batch_size, show_progress, num_workers)
+        old, old_failed = self.old_model.encode_image_items([images[i] for i in kept], batch_size, show_progress,
+                                                            num_workers, stop_on_failure=stop_on_failure)
         if old_failed:  # decodable for the new model's preprocessing, not for the old one's: drop it from both
             failed.update({kept[j]: why for j, why in old_failed.items()})
+            if stop_on_failure:
+                return new, failed
             new = new[[j for j in range(len(kept)) if j not in old_failed]]
         return torch.from_numpy(self.map_features(new.numpy(), old.numpy())), failed
 

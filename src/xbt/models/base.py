@@ -164,7 +164,7 @@ class VLPModel(nn.Module, ABC):
             size = batch_size or default_batch_size(self.device, "image")
             return self._batched(images.shape[0], size, lambda s, device: self.forward_image(to_device(images[s], device)),
                                  "images", show_progress)
-        vectors, failed = self.encode_image_items(images, batch_size, show_progress, num_workers)
+        vectors, failed = self.encode_image_items(images, batch_size, show_progress, num_workers, stop_on_failure=True)
         if failed:
             raise InputError(failed[min(failed)])
         return vectors
@@ -172,12 +172,13 @@ class VLPModel(nn.Module, ABC):
     @torch.inference_mode()
     def encode_image_items(
         self, images: Sequence[ImageInput], batch_size: int | None = None, show_progress: bool = False,
-        num_workers: int | None = None,
+        num_workers: int | None = None, *, stop_on_failure: bool = False,
     ) -> tuple[torch.Tensor, dict[int, str]]:
         """Images -> (unit vectors of the decodable ones, in input order; {position: why} for the others).
 
         Decoding and preprocessing run in `num_workers` DataLoader processes (default: the model's
-        placement; 0 = in this process), overlapping with the forward passes; same vectors either way."""
+        placement; 0 = in this process), overlapping with the forward passes; same vectors either way.
+        `stop_on_failure`: return at the first batch with an undecodable image (what `encode_image` needs)."""
         images = list(images)
         device = self.device
         size = batch_size or default_batch_size(device, "image")
@@ -192,6 +193,8 @@ class VLPModel(nn.Module, ABC):
                 for positions, pixels, bad in image_batches(images, self.image_transform, size, workers,
                                                             pin_memory=device.type == "cuda"):
                     failed.update(bad)
+                    if bad and stop_on_failure:
+                        break
                     if positions:
                         with self.autocast():
                             y = self.forward_image(to_device(pixels, device, non_blocking=True))
