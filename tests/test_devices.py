@@ -100,12 +100,17 @@ def test_bf16_hf_clip_within_tolerance(tiny_hf_clip, image_files):
     assert model.space == space
 
 
-def test_a_compatible_ensemble_carries_device_and_precision_to_both_models(tiny_openclip_names, image_files):
+def _ensemble() -> tuple[CompatibleModel, object, object]:
+    """A SLERP compatible model (an ensemble: it runs the old model too) around two tiny models."""
     new, old = _tiny("xbt-tiny-b", 2), _tiny("xbt-tiny-a", 3)
     slerp = SlerpMap(new.embed_dim, old.embed_dim, weight=0.5)
     torch.manual_seed(4)
     slerp.rotation.weight.data = torch.linalg.qr(torch.randn(new.embed_dim, new.embed_dim))[0][:, : old.embed_dim]
-    model = CompatibleModel(new, slerp, old.space, old_model=old, method="slerp")
+    return CompatibleModel(new, slerp, old.space, old_model=old, method="slerp"), new, old
+
+
+def test_a_compatible_ensemble_carries_device_and_precision_to_both_models(tiny_openclip_names, image_files):
+    model, new, old = _ensemble()
     fp32_texts, fp32_images = model.encode_text(TEXTS), model.encode_image(image_files)
     model.configure("cpu", "bf16", num_workers=0)
     assert {m.placement.precision for m in (model, model.new_model, model.old_model)} == {"bf16"}
@@ -149,3 +154,12 @@ def test_configure_refuses_fp16_on_cpu_and_negative_workers(tiny_openclip_names)
             model.configure("auto", "fp16")
     with pytest.raises(InputError, match="num-workers"):
         model.configure("cpu", "fp32", num_workers=-1)
+
+
+def test_an_ensemble_reports_corrupt_images_per_item_with_workers(tiny_openclip_names, image_files, corrupt_images):
+    model, _, _ = _ensemble()
+    plain = model.encode_image(image_files, batch_size=3)
+    vectors, failed = model.encode_image_items(corrupt_images, batch_size=3, num_workers=2)
+    assert sorted(failed) == [2, 5] and torch.allclose(vectors, plain, atol=1e-5)
+    with pytest.raises(InputError, match="corrupt.png"):
+        model.encode_image(corrupt_images, batch_size=3)
