@@ -120,9 +120,8 @@ class ResidualAdapter(CompatMethod):
 
     def to_map(self) -> ResidualMap:
         self._require_fitted(self.mlp, self.rotation)
-        query_map = ResidualMap(self.new_space.dim, self.old_space.dim, self.hidden, self.dropout)
+        query_map = ResidualMap(self.new_space.dim, self.old_space.dim, self.hidden, self.dropout, mlp=self.mlp)
         query_map.rotation = LinearMap.from_arrays(self.rotation)
-        query_map.mlp = self.mlp
         return query_map.eval()
 
     def details(self) -> dict[str, object]:

@@ -99,11 +99,14 @@ class ResidualMap(QueryMap):
 
     kind = "residual"
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, dropout: float = 0.0):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 512, dropout: float = 0.0,
+                 mlp: ResidualMLP | None = None):
+        """`mlp`: an already trained one (a fit wraps its own without drawing fresh random weights,
+        which would move the global RNG that the fit's own training is seeded on)."""
         super().__init__(in_dim, out_dim)
         self.hidden, self.dropout = int(hidden), float(dropout)
         self.rotation = LinearMap(in_dim, out_dim)
-        self.mlp = ResidualMLP(out_dim, hidden, dropout)
+        self.mlp = mlp if mlp is not None else ResidualMLP(out_dim, hidden, dropout)
 
     def config(self) -> dict[str, Any]:
         return super().config() | {"hidden": self.hidden, "dropout": self.dropout}
