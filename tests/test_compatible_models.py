@@ -183,3 +183,25 @@ def test_a_chain_refuses_a_newer_half_retrained_in_place(world, tmp_path):
         load_model(f"compat:{tmp_path / 'v3-v1'}")
     with pytest.raises(InputError, match="ensemble"):
         chain(load_model(f"compat:{tmp_path / 'v3-v2'}"), _fit(world, "slerp"))
+
+
+def test_a_model_with_text_adapters_is_evaluated_by_mapping_cached_image_features_and_encoding_texts(world):
+    from xbt.compat.maps import Projection
+    from xbt.eval.embed import embed_pairs
+    from xbt.eval.runner import compatible_queries
+
+    specs, pairs = world["specs"], world["support"]
+    old, new = load_model(specs["old"]), load_model(specs["new"])
+    old_e, new_e = embed_pairs(old, pairs), embed_pairs(new, pairs)
+    torch.manual_seed(0)
+    model = CompatibleModel(load_model(specs["new"]), Projection(48, 32, "linear"), old.space)
+    params = model.enable_lora("text", {"r": 2})
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))  # adapters that change the text tower
+    assert model.runs_unadapted("image", new_e.space) and not model.runs_unadapted("text", new_e.space)
+    queries = compatible_queries(model, pairs, new_e, old_e)
+    images = [p.image for p in pairs]
+    np.testing.assert_allclose(queries.images, model.encode_image(images).numpy(), atol=1e-5)
+    np.testing.assert_allclose(queries.texts, model.encode_text([p.caption for p in pairs]).numpy(), atol=1e-6)
+    assert not np.allclose(queries.texts, model.map_features(new_e.texts), atol=1e-3)  # the adapters count

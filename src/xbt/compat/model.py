@@ -112,10 +112,11 @@ class CompatibleModel(VLPModel):
         """The query map (XBT's training code calls it the projection)."""
         return self.query_map
 
-    @property
-    def map_only(self) -> bool:
-        """True when the new model runs unadapted (no LoRA): its cached features can simply be mapped."""
-        return not self.lora_configs and not isinstance(self.new_model, CompatibleModel)
+    def runs_unadapted(self, tower: str, new_space: EmbeddingSpace) -> bool:
+        """True when this model's `tower` ("image" or "text") is the plain new model of `new_space` (no
+        LoRA adapters on it, not a chain): that model's cached features of the tower can simply be mapped."""
+        return (tower not in self.lora_configs and not isinstance(self.new_model, CompatibleModel)
+                and self.new_space_at_training == new_space)
 
     @property
     def encoder_id(self) -> str:

@@ -37,13 +37,18 @@ def caption_image_index(pairs: Sequence[Pair]) -> list[int]:
 
 def embed_pairs(model: VLPModel, pairs: Sequence[Pair], show_progress: bool = False) -> PairEmbeddings:
     """Images (deduplicated by image_id) and captions, cached under `model.encoder_id` and item content."""
+    return PairEmbeddings(embed_images(model, pairs, show_progress),
+                          embed_texts(model, [p.caption for p in pairs], show_progress),
+                          caption_image_index(pairs), model.space)
+
+
+def embed_images(model: VLPModel, pairs: Sequence[Pair], show_progress: bool = False) -> np.ndarray:
+    """The pairs' distinct images (by image_id, in order of first appearance), through the feature cache."""
     images = [p.image for p in unique_images(pairs)]
-    image_vecs = cached_image_features(
+    return cached_image_features(
         encoder_cache_id(model, "image"), lambda paths: model.encode_image(paths).numpy(), images,
         label=f"{model.space.name} images", show_progress=show_progress,
     )
-    return PairEmbeddings(image_vecs, embed_texts(model, [p.caption for p in pairs], show_progress),
-                          caption_image_index(pairs), model.space)
 
 
 def embed_texts(model: VLPModel, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:

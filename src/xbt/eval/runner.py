@@ -34,7 +34,7 @@ from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings, embed_pairs
+from xbt.eval.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
 from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
 from xbt.models.base import EmbeddingSpace, VLPModel
@@ -201,12 +201,20 @@ def compatible_queries(
     model: CompatibleModel, pairs: Sequence[Pair], new_eval: PairEmbeddings, old_eval: PairEmbeddings,
     show_progress: bool = False,
 ) -> QueryVectors:
-    """The fast path when the model runs the very new model of `new_eval` unadapted, else its own encoding
-    (cached under its `encoder_id`, which differs from the old model's although both declare the old space)."""
-    if model.map_only and model.new_model.space == new_eval.space:
-        return map_queries(model, new_eval, old_eval)
-    embeddings = embed_pairs(model, pairs, show_progress)
-    return QueryVectors(images=embeddings.images, texts=embeddings.texts, space=embeddings.space)
+    """A compatible model's queries of `pairs`, per tower: where it runs the very new model of `new_eval`
+    unadapted (every peer; XBT's image tower when only its text tower has LoRA), the cached features are
+    mapped; elsewhere it encodes (cached under its `encoder_id`, which differs from the old model's although
+    both declare the old space)."""
+    ensemble = model.needs_old_model_at_query_time
+
+    def mapped(tower: str) -> np.ndarray:
+        new_vecs, old_vecs = (new_eval.images, old_eval.images) if tower == "image" else (new_eval.texts, old_eval.texts)
+        return model.map_features(new_vecs, old_vecs if ensemble else None)
+
+    images = mapped("image") if model.runs_unadapted("image", new_eval.space) else embed_images(model, pairs, show_progress)
+    texts = (mapped("text") if model.runs_unadapted("text", new_eval.space)
+             else embed_texts(model, [p.caption for p in pairs], show_progress))
+    return QueryVectors(images=images, texts=texts, space=model.space)
 
 
 # ----- the run ---------------------------------------------------------------------------------------
