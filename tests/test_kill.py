@@ -141,3 +141,122 @@ def test_xbt_train_killed_at_random_points_resumes_to_the_same_weights(train_set
 @pytest.mark.slow
 def test_xbt_train_killed_many_times(train_setup):
     print(kill_training(train_setup, kills=20, seed=1))
+
+
+# ----- xbt gallery build ----------------------------------------------------------------------------
+N_IMAGES = 240
+
+
+@pytest.fixture(scope="module")
+def build_setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("kill_build")
+    spec = save_tiny_openclip(root / "model", seed=0)
+    make_images(root / "photos", N_IMAGES)
+    home = root / "home"
+    reference = root / "reference"
+    t0 = time.monotonic()
+    _run(_build_cmd(root, spec, reference), _env(home))
+    return {"root": root, "spec": spec, "home": home, "reference": reference, "seconds": time.monotonic() - t0}
+
+
+def _build_cmd(root: Path, spec: str, out: Path) -> list[str]:
+    return _xbt("gallery", "build", "--model", spec, "--data", str(root / "photos"), "--out", str(out), "--batch-size", "4")
+
+
+def _stored(out: Path) -> dict[str, np.ndarray]:
+    from xbt.gallery.store import Gallery, is_complete_gallery
+
+    if not is_complete_gallery(out):
+        return {}
+    with Gallery.open(out) as g:
+        assert g.verify() == [], "the gallery is inconsistent after a kill"
+        ids = g.ids()
+        assert len(ids) == len(set(ids))
+        return {i: entry["vector"] for i, entry in g.get(ids, with_vectors=True).items()}
+
+
+def _count(out: Path) -> int:
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{out / 'gallery.db'}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _run_build_killed(cmd: list[str], env: dict[str, str], out: Path, rng: random.Random, seconds: float) -> bool:
+    """Half the kills at a random time (start-up, creation, compaction included), half once the gallery
+    holds a random number of items (mid-ingest)."""
+    if rng.random() < 0.5:
+        return _run_killed(cmd, env, rng.uniform(0.1, 0.9) * seconds)
+    target = rng.randrange(1, N_IMAGES)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and _count(out) < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is not None:
+            log.seek(0)
+            assert proc.returncode == 0, log.read()[-4000:]
+            return False
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    return True
+
+
+def kill_building(setup: dict, kills: int, seed: int) -> dict:
+    root = setup["root"]
+    want = _stored(setup["reference"])
+    assert len(want) == N_IMAGES
+    rng = random.Random(seed)
+    runs = done_kills = checked = 0
+    out = root / f"killed-{seed}"
+    before: dict[str, np.ndarray] = {}
+    while done_kills < kills:
+        killed = _run_build_killed(_build_cmd(root, setup["spec"], out), _env(setup["home"]), out, rng, setup["seconds"])
+        runs += 1
+        done_kills += killed
+        now = _stored(out)
+        lost = set(before) - set(now)
+        assert not lost, f"items stored before the kill are gone: {sorted(lost)[:3]}"
+        assert set(now) <= set(want), "ids that the data source does not have"
+        for item_id, vector in now.items():  # nothing half-written: every stored vector is the right one
+            np.testing.assert_allclose(vector, want[item_id], atol=1e-5)
+        checked += len(now)
+        before = now
+        if not killed:  # it finished first: start a fresh build so that every kill interrupts one
+            out, before = root / f"killed-{seed}-{runs}", {}
+    _run(_build_cmd(root, setup["spec"], out), _env(setup["home"]))  # the same command, rerun: it resumes
+    final = _stored(out)
+    assert final.keys() == want.keys()
+    for item_id, vector in final.items():
+        np.testing.assert_allclose(vector, want[item_id], atol=1e-5)
+    return {"runs": runs + 1, "kills": done_kills, "items_checked": checked + len(final), "lost": 0, "duplicated": 0}
+
+
+def test_gallery_build_killed_at_random_points_resumes(build_setup):
+    print(kill_building(build_setup, kills=3, seed=0))
+
+
+@pytest.mark.slow
+def test_gallery_build_killed_many_times(build_setup):
+    print(kill_building(build_setup, kills=20, seed=1))
+
+
+def test_gallery_build_refuses_a_gallery_it_did_not_make(build_setup, tmp_path):
+    """Resuming is for the same build only: another data source, or another model, is refused."""
+    root = build_setup["root"]
+    other = tmp_path / "other"
+    make_images(other, 3, seed=5)
+    done = subprocess.run(_xbt("gallery", "build", "--model", build_setup["spec"], "--data", str(other), "--out",
+                               str(build_setup["reference"])), env=_env(build_setup["home"]), capture_output=True, text=True)
+    message = " ".join(done.stderr.split())  # the console wraps long lines
+    assert done.returncode == 1 and "already holds a gallery" in message and "--on-conflict skip" in message
+    spec2 = save_tiny_openclip(tmp_path / "model2", seed=3)
+    done = subprocess.run(_build_cmd(root, spec2, build_setup["reference"]), env=_env(build_setup["home"]),
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "space" in " ".join(done.stderr.split()).lower()

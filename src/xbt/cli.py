@@ -537,22 +537,57 @@ def gallery_build(
     precision: Precision = "fp32",
     num_workers: Workers = 0,
 ) -> None:
-    """Embed a data source with a model into a new gallery; its index kind is chosen by size."""
-    from xbt.gallery.base import create_gallery
+    """Embed a data source with a model into a new gallery; its index kind is chosen by size.
+
+    Rerun the same command after an interruption and it resumes: the items already stored are kept and
+    skipped (not embedded again), the rest are added, nothing is duplicated."""
+    from xbt.gallery.base import create_gallery, gallery_exists, is_milvus, open_gallery
     from xbt.gallery.index import IndexConfig
     from xbt.gallery.ingest import ingest, load_items
+    from xbt.gallery.store import is_complete_gallery
 
     try:
         items = load_items(data, modality, split)
         vlp = _Runtime(device, precision, num_workers).load(model)
-        with create_gallery(_gallery_ref(out), vlp.space, IndexConfig(kind=index), modality) as gallery:
-            report = ingest(gallery, vlp, items, batch_size=batch_size, show_progress=True)
+        ref = _gallery_ref(out)
+        source = Path(data).expanduser()
+        build = {"data": str(source.resolve()) if source.exists() else data, "split": split, "modality": modality}
+        stored: set[str] = set()
+        if gallery_exists(ref) if is_milvus(ref) else is_complete_gallery(ref):
+            gallery = open_gallery(ref, IndexConfig(kind=index))
+            try:
+                stored = _resumable_build(gallery, out, vlp, build, [it.id for it in items])
+            except BaseException:
+                gallery.close()
+                raise
+            if stored:
+                console.print(f"resuming the build of {out}: {len(stored)} of {len(items)} items already stored")
+        else:
+            gallery = create_gallery(ref, vlp.space, IndexConfig(kind=index), modality, extra={"build": build})
+        with gallery:
+            report = ingest(gallery, vlp, [it for it in items if it.id not in stored], batch_size=batch_size,
+                            on_conflict="skip", show_progress=True)
+            report.skipped += sorted(stored)
             gallery.compact()
             info = gallery.info()
     except XbtError as exc:
         _fail(exc)
     _report_ingest(report)
     console.print(f"gallery {out}: {info.size} items in space {info.space_id}, index {info.index_kind}")
+
+
+def _resumable_build(gallery, out: str, vlp, build: dict, ids: list[str]) -> set[str]:
+    """The ids already stored, if `gallery` is an earlier, interrupted run of this very build (same data,
+    split, modality and space); otherwise refuse, since `build` never adds to someone else's gallery."""
+    from xbt.errors import InputError
+
+    gallery.space.check(vlp.space, f"the gallery at {out} (an earlier build with another model?)")
+    recorded = gallery.extra.get("build")
+    if recorded != build:
+        made = f" (built from {recorded['data']})" if isinstance(recorded, dict) and "data" in recorded else ""
+        raise InputError(f"{out} already holds a gallery{made}; add items to it with `xbt gallery add --on-conflict skip`,"
+                         " or choose another --out")
+    return gallery.present(ids)
 
 
 def _report_ingest(report) -> None:

@@ -216,6 +216,12 @@ def is_gallery(path: str | Path) -> bool:
     return (Path(path) / DB_NAME).is_file()
 
 
+def is_complete_gallery(path: str | Path) -> bool:
+    """A gallery whose creation committed (an interrupted `create` leaves a database without its tables,
+    which `Gallery.create` simply starts again)."""
+    return is_gallery(path) and not _creation_interrupted(Path(path) / DB_NAME)
+
+
 def count_items(path: str | Path) -> int:
     """How many items a gallery holds, without loading its index (for progress reports)."""
     conn = sqlite3.connect(f"file:{Path(path) / DB_NAME}?mode=ro", uri=True, timeout=30.0)
