@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_wheel_ships_configs_and_static_files_and_works_from_elsewhere(tmp_path):
+    import shutil
+
+    source = tmp_path / "source"  # built from a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, timeout=600, cwd=tmp_path)
+                    str(tmp_path / "dist"), str(source)], check=True, timeout=600, cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("xbt-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "xbt/configs/xbt-testbed.yaml" in names
