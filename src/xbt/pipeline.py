@@ -102,7 +102,8 @@ def train_or_reuse_xbt(
     adapted = copy.deepcopy(new)  # LoRA goes into this copy; `new` stays the plain new model
     if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
         return load_compatible(out, new_model=adapted), out, True
-    return train_xbt(cfg, out, old=old, new=adapted, show_progress=show_progress), out, False
+    return train_xbt(cfg, out, old=old, new=adapted, show_progress=show_progress, train_pairs=fit_pairs,
+                     text_corpus=fit_texts), out, False
 
 
 # ----- step 4b: what to deploy -----------------------------------------------------------------------

@@ -336,6 +336,8 @@ def train_xbt(
     stop_after: tuple[int, int] | None = None,
     show_progress: bool = True,
     distributed: DistContext | None = None,
+    train_pairs: Sequence[Pair] | None = None,
+    text_corpus: Sequence[str] | None = None,
 ) -> CompatibleModel:
     """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`.
 
@@ -361,8 +363,10 @@ def train_xbt(
     t0 = time.perf_counter()
     old = old or load_model(cfg.old)
     new = new or load_model(cfg.new)
-    corpus = resolve_corpus(cfg.text_corpus) if cfg.stage1.enabled else []
-    pairs = subsample_pairs(resolve_pairs(cfg.train_pairs), cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
+    # `train_pairs` / `text_corpus`: what cfg.train_pairs / cfg.text_corpus name, already read by the caller
+    corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if cfg.stage1.enabled else []
+    all_pairs = list(train_pairs) if train_pairs is not None else resolve_pairs(cfg.train_pairs)
+    pairs = subsample_pairs(all_pairs, cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
     ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
     if not ctx.is_main:
         ctx.barrier()  # rank 0 embeds into the feature cache first; the others then read it
