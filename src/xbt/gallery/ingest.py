@@ -13,7 +13,7 @@ import numpy as np
 
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
-from xbt.gallery.store import Gallery, Hit, OnConflict
+from xbt.gallery.store import CONFLICT_HINT, Gallery, Hit, OnConflict
 from xbt.models.base import VLPModel
 from xbt.progress import progress_bar
 
@@ -172,7 +172,7 @@ def ingest(
     if on_conflict == "error":
         clash = gallery.present(ids)
         if clash:
-            raise InputError(f"{len(clash)} item(s) already in the gallery (e.g. {sorted(clash)[0]!r}); use --replace or --skip-existing")
+            raise InputError(f"{len(clash)} item(s) already in the gallery (e.g. {sorted(clash)[0]!r}); use {CONFLICT_HINT}")
     report = IngestReport()
     with progress_bar(len(items), f"embedding {modality}s into {gallery.space.id}", show_progress) as advance:
         for start in range(0, len(items), batch_size):

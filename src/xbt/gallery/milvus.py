@@ -42,6 +42,7 @@ import numpy as np
 from xbt.errors import InputError, XbtError
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.store import (
+    CONFLICT_HINT,
     Gallery,
     GalleryInfo,
     Hit,
@@ -393,7 +394,7 @@ class MilvusGallery:
             if existing and on_conflict == "error":
                 shown = ", ".join(sorted(existing)[:5])
                 raise InputError(f"{len(existing)} id(s) already in the gallery ({shown}); delete them first or use"
-                                 " on_conflict='replace' (CLI: --replace) or 'skip'")
+                                 f" {CONFLICT_HINT}")
             keep = [j for j, i in enumerate(ids) if not (on_conflict == "skip" and i in existing)]
             seqs, now = self._next_seqs(len(keep)), time.time()
             rows = [{"id": ids[j], "vector": x[j], "space": self._stamp, "seq": int(s), "added_at": now,

@@ -55,6 +55,8 @@ _SQL_CHUNK = 900  # bound on SQL parameters per statement
 
 Modality = Literal["image", "text"]
 OnConflict = Literal["error", "skip", "replace"]
+# What to do about ids already stored, as every message that refuses them says it (the API's field and the CLI's flag).
+CONFLICT_HINT = "on_conflict='skip' (keep the stored items) or 'replace' (CLI: --on-conflict skip, --on-conflict replace)"
 
 
 class GalleryCorruptError(XbtError):
@@ -523,8 +525,7 @@ class Gallery:
                 if existing and on_conflict == "error":
                     shown = ", ".join(sorted(existing)[:5])
                     raise InputError(
-                        f"{len(existing)} id(s) already in the gallery ({shown}); delete them first or use"
-                        " on_conflict='replace' (CLI: --replace) or 'skip'"
+                        f"{len(existing)} id(s) already in the gallery ({shown}); delete them first or use {CONFLICT_HINT}"
                     )
                 removed: list[int] = []
                 if existing and on_conflict == "replace":
