@@ -178,7 +178,8 @@ def train(
     max_pairs: Optional[int] = typer.Option(None, help="Override: use only N image-text pairs (0 = stage 1 only)."),
     seed: Optional[int] = typer.Option(None, help="Override the config's seed."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (launches torchrun; one per GPU)."),
-    device: str = typer.Option("cpu", help="cpu (gloo between processes) or cuda (one GPU per process, NCCL); auto picks."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU when torch sees one), cpu (gloo between processes) or cuda (one GPU per process, NCCL)."),
+    precision: Precision = "fp32",
 ) -> None:
     """Train a compatible model (XBT: text-only projection pretraining, then LoRA + projection on pairs).
 
@@ -190,7 +191,7 @@ def train(
     from xbt.train.stages import XBTConfig, train_xbt
 
     if nproc > 1 and not under_torchrun():
-        args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device]
+        args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device, "--precision", precision]
         args += ["--max-pairs", str(max_pairs)] if max_pairs is not None else []
         args += ["--seed", str(seed)] if seed is not None else []
         raise typer.Exit(launch(nproc, args))
@@ -204,7 +205,7 @@ def train(
             cfg.seed = seed
         t0 = time.perf_counter()
         with process_group(device) as ctx:
-            model = train_xbt(cfg, out, show_progress=ctx.is_main, distributed=ctx)
+            model = train_xbt(cfg, out, show_progress=ctx.is_main, distributed=ctx, precision=precision)
     except XbtError as exc:
         _fail(exc)
     if ctx.is_main:

@@ -91,6 +91,7 @@ def train_or_reuse_xbt(
 
     from xbt.compat.model import CONFIG_NAME
     from xbt.specs import load_compatible
+    from xbt.train.distributed import DistContext
     from xbt.train.stages import XBTConfig, train_xbt
 
     path = resolve_config(job.xbt_config)
@@ -98,11 +99,14 @@ def train_or_reuse_xbt(
         "old": job.old, "new": job.new, "train_pairs": job.fit_pairs, "text_corpus": job.fit_texts, "seed": job.seed,
     })
     data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in fit_pairs], list(fit_texts))
-    out = cache_dir("runs") / f"xbt-{_digest(cfg.to_dict(), data_id)}"
+    precision = "" if job.precision == "fp32" else f"-{job.precision}"  # fp32 runs keep their cache key
+    out = cache_dir("runs") / f"xbt-{_digest(cfg.to_dict(), data_id)}{precision}"
     adapted = copy.deepcopy(new)  # LoRA goes into this copy; `new` stays the plain new model
     if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
         return load_compatible(out, new_model=adapted), out, True
-    return train_xbt(cfg, out, old=old, new=adapted, show_progress=show_progress, train_pairs=fit_pairs,
+    # trained on the new model's device (the job's --device), at the job's precision
+    return train_xbt(cfg, out, old=old, new=adapted, show_progress=show_progress,
+                     distributed=DistContext.local(adapted.device), precision=job.precision, train_pairs=fit_pairs,
                      text_corpus=fit_texts), out, False
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from xbt.models.device import autocast
 from xbt.progress import progress_bar
 from xbt.train.checkpoint import Checkpoint, resume, save_checkpoint
 from xbt.train.distributed import DistContext
@@ -83,8 +84,15 @@ def train_loop(
     ctx: DistContext | None = None,
 ) -> list[dict[str, float]]:
     """Train `param_groups` (each with its "lr") for the schedule's steps, resuming from the stage's newest
-    checkpoint under `out`. Returns the history: one {"step", "loss", parts...} per step, resumed ones included."""
+    checkpoint under `out`. Returns the history: one {"step", "loss", parts...} per step, resumed ones included.
+
+    Mixed precision is the model's (`model.placement.precision`, set by `configure`): each step's forward
+    and loss run under torch.autocast (bf16, or fp16 on CUDA with a GradScaler against underflowing
+    gradients); the weights and the optimizer stay float32. At fp32 no autocast and no scaler run."""
     ctx = ctx or DistContext.local()
+    placement = getattr(model, "placement", None)
+    precision = placement.precision if placement is not None else "fp32"
+    scaler = torch.amp.GradScaler(ctx.device.type) if precision == "fp16" else None
     opt = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
     sched = cosine_schedule(opt, total)
@@ -100,10 +108,16 @@ def train_loop(
             epoch, within = divmod(step, steps_per_epoch)
             batch = schedule.epoch_batches(epoch)[within]
             generator = step_generator(schedule.seed, schedule.stage, step)
-            loss, parts = step_fn(step, batch, generator)
+            with autocast(ctx.device, precision):
+                loss, parts = step_fn(step, batch, generator)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:  # fp16: scale the loss so small gradients survive, unscale before the step (skipped on inf/nan)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             history.append({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
             advance(1, loss=loss.item())

@@ -336,10 +336,14 @@ def train_xbt(
     stop_after: tuple[int, int] | None = None,
     show_progress: bool = True,
     distributed: DistContext | None = None,
+    precision: str | None = None,
     train_pairs: Sequence[Pair] | None = None,
     text_corpus: Sequence[str] | None = None,
 ) -> CompatibleModel:
     """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`.
+
+    `precision` (fp32, bf16, fp16 on CUDA): autocast in embedding the training data and in every training
+    step, recorded in training_report.json; None keeps the new model's own (`configure`; fp32 by default).
 
     `distributed`: this process's place in a data-parallel run (`xbt.train.distributed.process_group`); rank 0
     writes every file, all ranks return the same trained model."""
@@ -363,6 +367,9 @@ def train_xbt(
     t0 = time.perf_counter()
     old = old or load_model(cfg.old)
     new = new or load_model(cfg.new)
+    if precision is not None:  # both models embed the training data on this process's device, at this precision
+        new.configure(ctx.device, precision, new.placement.num_workers)
+        old.configure(ctx.device, precision, old.placement.num_workers)
     # `train_pairs` / `text_corpus`: what cfg.train_pairs / cfg.text_corpus name, already read by the caller
     corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if cfg.stage1.enabled else []
     all_pairs = list(train_pairs) if train_pairs is not None else resolve_pairs(cfg.train_pairs)
@@ -388,7 +395,8 @@ def train_xbt(
     elif p.init == "lstsq" and data.pairs:
         projection.init_least_squares(data.new_texts, data.old_texts)
     model = CompatibleModel(new, projection, old_space, new.spec).to(ctx.device)
-    report: dict[str, Any] = {"config": cfg.to_dict(), "n_pairs": len(pairs), "n_corpus": len(corpus)}
+    report: dict[str, Any] = {"config": cfg.to_dict(), "n_pairs": len(pairs), "n_corpus": len(corpus),
+                              "runtime": {"device": str(ctx.device), "precision": model.placement.precision}}
     if ctx.distributed:
         report["processes"] = ctx.world_size
     stop1, stop2 = stop_after or (None, None)
