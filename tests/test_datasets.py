@@ -120,6 +120,8 @@ def test_what_the_reader_fuzz_found_gives_input_errors(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(InputError, match=message):
             open_dataset(tmp_path / name)
+    (tmp_path / "trailing.csv").write_bytes(b"image,caption\na.png,a dog,,\n")  # empty surplus cells: dropped
+    assert [p.caption for p in open_dataset(tmp_path / "trailing.csv")] == ["a dog"]
     karpathy = {
         "k1.json": ({"images": [{"filename": None, "sentences": [{"raw": "x"}]}]}, "non-empty file name"),
         "k2.json": ({"images": [{"filename": "a.png", "filepath": 3, "sentences": ["x"]}]}, "non-empty file name"),

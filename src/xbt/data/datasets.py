@@ -93,9 +93,12 @@ def _read_rows(path: Path) -> list[tuple[dict, str]]:
             with path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 for row in reader:
-                    # Cells beyond the header land under the key None: a row with more cells than columns.
-                    if None in row:
-                        raise InputError(f"{path}:{reader.line_num} has more cells than the header has columns")
+                    # Cells beyond the header land under the key None: empty ones (trailing commas) are
+                    # dropped; text there is most often a caption with an unquoted comma, cut in two.
+                    extra = row.pop(None, None)
+                    if extra and any(str(cell).strip() for cell in extra):
+                        raise InputError(f"{path}:{reader.line_num} has more cells than the header has columns;"
+                                         ' put a caption that contains a comma in double quotes')
                     rows.append((row, f"{path}:{reader.line_num}"))
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text (near line {n + 1 if n else 1}): {exc.reason}") from exc
