@@ -136,8 +136,7 @@ def encode_figures(name: str, device: torch.device, precisions: list[str], n_ima
         "encode_vs_cpu": _agreement(cpu_texts, compat.encode_text(check_texts)),
         "map_features_vs_input": _agreement(cpu_texts, torch.from_numpy(mapped)),
     }
-    model.to("cpu")
-    del model, compat
+    model.to("cpu")  # frees its GPU memory before the next architecture
     _reset_peak(device)
     return row
 

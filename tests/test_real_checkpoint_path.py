@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from conftest import CORPUS, build_tiny_hf, tiny_openclip_config
+from conftest import CORPUS, build_tiny_hf
 from gallery_support import make_images, save_tiny_openclip
 from serve_support import serving
 
