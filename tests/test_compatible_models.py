@@ -205,3 +205,13 @@ def test_a_model_with_text_adapters_is_evaluated_by_mapping_cached_image_feature
     np.testing.assert_allclose(queries.images, model.encode_image(images).numpy(), atol=1e-5)
     np.testing.assert_allclose(queries.texts, model.encode_text([p.caption for p in pairs]).numpy(), atol=1e-6)
     assert not np.allclose(queries.texts, model.map_features(new_e.texts), atol=1e-3)  # the adapters count
+
+
+def test_lora_layers_select_blocks_of_an_open_clip_text_tower(world):
+    from xbt.compat.maps import Projection
+
+    new = load_model(world["specs"]["new"])
+    model = CompatibleModel(new, Projection(48, 32, "linear"), load_model(world["specs"]["old"]).space)
+    model.enable_lora("text", {"r": 2, "layers": [0]})  # open_clip keeps its blocks in `resblocks`
+    adapted = {n.split(".")[1] for n, _ in model._lora_module("text").named_parameters() if "lora_" in n}
+    assert adapted == {"0"}

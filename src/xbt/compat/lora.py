@@ -47,14 +47,25 @@ def lora_config(module: nn.Module, lora: dict[str, Any]) -> Any:
     from peft import LoraConfig
 
     targets = lora.get("target_modules") or default_lora_targets(module)
+    layers = lora.get("layers")
     return LoraConfig(
         r=int(lora.get("r", 8)),
         lora_alpha=int(lora.get("alpha", 16)),
         lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=list(targets),
-        layers_to_transform=lora.get("layers"),
+        layers_to_transform=layers,
+        layers_pattern=layer_list_name(module) if layers is not None else None,
         init_lora_weights=True,
     )
+
+
+def layer_list_name(module: nn.Module) -> str | None:
+    """The name of the list that holds a transformer's blocks (`resblocks` in open_clip, `layer` in BERT-style
+    encoders, `layers` in Hugging Face CLIP), so that peft can find a block's index for `lora.layers`."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 0:
+            return name.rsplit(".", 1)[-1]
+    return None
 
 
 def inject_lora(module: nn.Module, config: Any, tower: str) -> None:
