@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, (method, flops) in peers(new_dim, old_dim, args.quick, methods).items():
         ensemble = method.needs_old_model_at_query_time
         note = "peer" + (" (+ an old-model encode per query)" if ensemble else "")
-        candidates[name] = (note, lambda b, m=method, e=ensemble: m.transform(new[:b], "text", old[:b] if e else None), flops)
+        query_map = method.to_map()  # what the deployed compatible model runs per query
+        candidates[name] = (note, lambda b, q=query_map, e=ensemble: q.apply(new[:b], old[:b] if e else None), flops)
 
     rows = []
     for label, (kind, fn, flops) in candidates.items():
