@@ -25,6 +25,7 @@ from gallery_support import make_images, save_tiny_openclip
 from conftest import CORPUS
 
 CAPTIONS = CORPUS + ["a small bird", "a big red bus", "the sea at night", "a cup of tea"]
+TRAIN_STEPS = 72 + 32  # of the config below: stage 1 (12 captions, batches of 4, 24 epochs) + stage 2 (8 pairs, 16 epochs)
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -103,6 +104,36 @@ def _weights(out: Path, new_spec: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _committed_steps(out: Path) -> int:
+    """Steps committed so far (both stages), from the checkpoint folders' names: cheap enough to poll."""
+    steps = {1: 0, 2: 0}
+    for folder in out.glob("checkpoints/stage*/step-*"):
+        stage = int(folder.parent.name.removeprefix("stage"))
+        steps[stage] = max(steps[stage], int(folder.name.removeprefix("step-")))
+    return steps[1] + steps[2]
+
+
+def _run_train_killed(cmd: list[str], env: dict[str, str], out: Path, rng: random.Random, seconds: float) -> bool:
+    """Half the kills at a random time (start-up, the old model's embedding, training, the final save), half
+    once training has committed a random number of steps, a random fraction of a second later."""
+    if rng.random() < 0.5:
+        return _run_killed(cmd, env, rng.uniform(0.05, 0.6) * seconds)  # the reference run was a cold start
+    target = rng.randrange(1, TRAIN_STEPS - 8)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and _committed_steps(out) < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:
+            log.seek(0)
+            assert proc.returncode == 0, log.read()[-4000:]
+            return False
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    return True
+
+
 def kill_training(setup: dict, kills: int, seed: int) -> dict:
     root, out = setup["root"], setup["root"] / f"killed-{seed}"
     cmd = _xbt("train", "--config", str(root / "config.yaml"), "--out", str(out))
@@ -110,14 +141,12 @@ def kill_training(setup: dict, kills: int, seed: int) -> dict:
     runs = done_kills = 0
     progress = (0, 0)
     while done_kills < kills:
-        delay = rng.uniform(0.25, 0.95) * setup["seconds"]  # anywhere from start-up to the final save
-        killed = _run_killed(cmd, _env(setup["home"]), delay)
+        killed = _run_train_killed(cmd, _env(setup["home"]), out, rng, setup["seconds"])
         runs += 1
         done_kills += killed
-        now = _newest_step(out)
+        now = _newest_step(out)  # the newest checkpoint that verifies: a half-written one is never taken
         assert now >= progress, f"the newest checkpoint went back from {progress} to {now}"
         progress = now
-        assert not list(out.glob("checkpoints/*/step-*/.tmp*")), "a half-written checkpoint is visible"
         if not killed:  # finished by itself before the kill: a fresh run, so that every kill interrupts training
             out = setup["root"] / f"killed-{seed}-{runs}"
             cmd = _xbt("train", "--config", str(root / "config.yaml"), "--out", str(out))
