@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import sys
 
-import numpy as np
 import torch
 
 from xbt.data.testbed import TESTBED_MODELS, load_split, tower_image_features, tower_text_features

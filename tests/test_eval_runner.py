@@ -19,7 +19,7 @@ from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.matrix import QueryVectors
 from xbt.eval.report import write_report
 from xbt.eval.runner import compatible_queries, run_evaluation
-from xbt.models.base import EmbeddingSpace, VLPModel
+from xbt.models.base import VLPModel
 
 LATENT = 6
 

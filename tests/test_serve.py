@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx

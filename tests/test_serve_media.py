@@ -12,7 +12,6 @@ import http.client
 import io
 import os
 import re
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -16,7 +16,6 @@ it was saved (or after a chain recorded it) is refused rather than silently serv
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from xbt.compat.lora import image_lora_target, inject_lora, lora_config, lora_parameters, text_lora_target
+from xbt.compat.lora import (
+    image_lora_target,
+    inject_lora,
+    lora_config,
+    lora_parameters,
+    text_lora_target,
+)
 from xbt.compat.maps import Projection, QueryMap, build_map
+from xbt.durable import file_sha256
 from xbt.errors import AssetMissingError, InputError, SpaceMismatchError
 from xbt.models.base import EmbeddingSpace, VLPModel, weights_fingerprint, write_json
 from xbt.models.device import model_device
@@ -39,17 +45,9 @@ FORMAT = "xbt.compat/2"
 _FORMAT_1 = "xbt.compat/1"  # XBT-only artifacts of the first version: projection.safetensors, no digests
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_digest(path: str | Path) -> str:
     """One digest of a saved compatible model: its config (which holds its weight files' digests)."""
-    return file_digest(Path(path) / CONFIG_NAME)
+    return file_sha256(Path(path) / CONFIG_NAME)
 
 
 class CompatibleModel(VLPModel):
@@ -260,7 +258,7 @@ class CompatibleModel(VLPModel):
             "map": self.query_map.config(),
             "needs_old_model_at_query_time": self.needs_old_model_at_query_time,
             "lora": sorted(self.lora_configs),
-            "weights_sha256": {name: file_digest(path / name) for name in weights},
+            "weights_sha256": {name: file_sha256(path / name) for name in weights},
             **self.provenance,
             **(extra or {}),
         }
@@ -337,7 +335,7 @@ def verify_weights(path: Path, config: dict[str, Any]) -> None:
         file = path / name
         if not file.exists():
             raise AssetMissingError(f"{path} is incomplete: {name} is missing; save or train the model again")
-        if file_digest(file) != recorded:
+        if file_sha256(file) != recorded:
             raise SpaceMismatchError(
                 f"{file} changed after {path / CONFIG_NAME} was written (its sha256 no longer matches): the model's"
                 " declared spaces can no longer be trusted. Save the model again (xbt train / xbt fit) instead of"

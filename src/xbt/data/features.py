@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xbt.durable import fsync_path
 from xbt.paths import cache_dir
 
 
@@ -39,14 +40,6 @@ SHARD_GLOB = "shard-*.npz"
 TMP_PREFIX = ".tmp-"
 QUARANTINE = "quarantine"
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died: removed at open
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_shard(shard: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +109,7 @@ class FeatureCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
 
     def get_or_compute(
         self,

@@ -26,12 +26,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xbt.durable import atomic_write_bytes
 from xbt.errors import InputError
 from xbt.eval.backfill_curve import slot_merge
-from xbt.gallery.base import GalleryBackend, gallery_ref, gallery_size, is_milvus, open_gallery
+from xbt.gallery.base import (
+    GalleryBackend,
+    gallery_ref,
+    gallery_size,
+    is_milvus,
+    open_gallery,
+)
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
-from xbt.gallery.store import Gallery, atomic_write_bytes, is_gallery
+from xbt.gallery.store import Gallery, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
 

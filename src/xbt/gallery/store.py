@@ -29,7 +29,6 @@ Index choice (`IndexConfig`: exact, HNSW or IVF by size) and the faiss wrapper l
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -42,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from xbt.durable import atomic_write_bytes, fsync_path
 from xbt.errors import InputError, XbtError
 from xbt.gallery.index import IndexConfig, VectorIndex
 from xbt.models.base import EmbeddingSpace
@@ -102,26 +102,6 @@ class GalleryInfo:
 def _chunks(seq: Sequence[Any], size: int = _SQL_CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename with fsyncs: a reader sees the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def as_vectors(vectors: Any, dim: int, what: str) -> np.ndarray:
@@ -311,7 +291,7 @@ class Gallery:
         except BaseException:
             conn.close()
             raise
-        _fsync_dir(path)
+        fsync_path(path)
         return cls(path, conn)
 
     @classmethod

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from xbt.durable import atomic_write_bytes
 from xbt.errors import InputError
 from xbt.gallery.ingest import GalleryItem
-from xbt.gallery.store import Gallery, OnConflict, atomic_write_bytes
+from xbt.gallery.store import Gallery, OnConflict
 from xbt.models.base import EmbeddingSpace
 
 FORMAT = "xbt.vectors/1"

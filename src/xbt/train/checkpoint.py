@@ -14,7 +14,6 @@ or stage{N}.old/ left by a kill between their two renames) are still found.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from xbt.durable import file_sha256, fsync_path
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -62,32 +63,7 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 # ----- durable files ------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file whole or not at all (temporary file, fsync, rename, fsync of the folder)."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+# fsync, write-then-rename and digests: xbt.durable
 
 
 def _stage_dir(out: Path, stage: int) -> Path:
@@ -131,19 +107,19 @@ def save_checkpoint(out: Path, model: Any, opt: torch.optim.Optimizer, sched: An
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     save_file(tensors, str(tmp / STATE_TENSORS))
-    _fsync(tmp / STATE_TENSORS)
+    fsync_path(tmp / STATE_TENSORS)
     meta = {"stage": ckpt.stage, "step": ckpt.step, "history": ckpt.history, "optimizer": opt_meta,
-            "scheduler": sched.state_dict() if sched else None, "tensors_sha256": _sha256(tmp / STATE_TENSORS)}
+            "scheduler": sched.state_dict() if sched else None, "tensors_sha256": file_sha256(tmp / STATE_TENSORS)}
     with open(tmp / STATE_JSON, "w") as f:
         f.write(json.dumps(meta))
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_path(tmp)
     final = folder / name
     if final.exists():  # the same step saved before (a run resumed from an older checkpoint): replace it
         _remove(final)
     os.rename(tmp, final)  # the commit: from here on this checkpoint is the one a resume takes
-    _fsync(folder)
+    fsync_path(folder)
     # Clean-up; a kill here leaves extra folders that the next save removes.
     older = [p for p in _step_dirs(folder) if p.name < name]
     for stale in older[KEEP - 1 :]:
@@ -159,7 +135,7 @@ def _read(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         meta = json.loads((folder / STATE_JSON).read_text())
         digest = meta.get("tensors_sha256")
-        if digest is not None and _sha256(folder / STATE_TENSORS) != digest:
+        if digest is not None and file_sha256(folder / STATE_TENSORS) != digest:
             raise ValueError("the tensor file does not have the recorded digest")
         tensors = load_file(str(folder / STATE_TENSORS))
     except ValueError:

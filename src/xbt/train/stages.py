@@ -29,10 +29,10 @@ import yaml
 from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair
+from xbt.durable import atomic_write_text
 from xbt.errors import InputError
 from xbt.eval.embed import embed_pairs, embed_texts
 from xbt.models.base import VLPModel
-from xbt.train.checkpoint import write_atomic
 from xbt.train.distributed import DistContext
 from xbt.train.loop import Schedule, StopTraining, train_loop
 
@@ -361,7 +361,7 @@ def train_xbt(
     ctx.check_same(cfg.to_dict(), "the XBT config")
     ctx.barrier()  # every rank has read the saved config before rank 0 rewrites it
     if ctx.is_main:
-        write_atomic(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a kill never leaves half a config
+        atomic_write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a kill never leaves half a config
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -414,7 +414,7 @@ def train_xbt(
         model.to("cpu")  # the artifact and the returned model live on the CPU, as the loaded one does
     if ctx.is_main:
         model.save_pretrained(out, extra={"training": {"pairs": cfg.train_pairs, "n_pairs": len(pairs), "corpus": cfg.text_corpus}})
-        write_atomic(out / "training_report.json", json.dumps(report, indent=1))
+        atomic_write_text(out / "training_report.json", json.dumps(report, indent=1))
     model.spec = f"compat:{out}"  # loadable by this name from now on (e.g. as the newer half of a chain)
     ctx.barrier()  # the artifact is complete when any rank returns
     return model
