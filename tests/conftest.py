@@ -110,3 +110,20 @@ def image_files(tmp_path_factory) -> list[Path]:
         img.save(path)
         paths.append(path)
     return paths
+
+
+def tiny_xbt_config(names: list[str], images: list[Path], folder: Path, epochs: int):
+    """An XBT config over the tiny open_clip models: pairs of the synthetic images and CORPUS, a small corpus."""
+    from xbt.train.stages import XBTConfig
+
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": str(p), "caption": c}) + "\n" for p, c in zip(images, CORPUS)))
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS + ["a small bird", "a big red bus", "the sea at night", "a cup of tea"]))
+    return XBTConfig.from_dict({
+        "old": f"openclip:{names[0]}", "new": f"openclip:{names[1]}",
+        "train_pairs": str(pairs), "text_corpus": str(corpus), "checkpoint_every": 2,
+        "projection": {"kind": "mlp", "hidden": 16, "dropout": 0.1, "init": "lstsq"},
+        "stage1": {"epochs": epochs, "batch_size": 4, "noise_std": 0.2},
+        "stage2": {"epochs": epochs, "batch_size": 4, "lora": {"r": 2, "alpha": 4, "dropout": 0.1}},
+    })

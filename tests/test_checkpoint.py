@@ -19,9 +19,9 @@ import torch
 
 from xbt.specs import load_model
 from xbt.train.checkpoint import find_checkpoint
-from xbt.train.stages import XBTConfig, train_xbt
+from xbt.train.stages import train_xbt
 
-from conftest import CORPUS
+from conftest import tiny_xbt_config
 
 
 class Killed(BaseException):
@@ -30,18 +30,7 @@ class Killed(BaseException):
 
 @pytest.fixture()
 def tiny(tiny_openclip_names, image_files, tmp_path, xbt_home):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"image": str(p), "caption": c}) + "\n" for p, c in zip(image_files, CORPUS)))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS + ["a small bird", "a big red bus", "the sea at night", "a cup of tea"]))
-    cfg = XBTConfig.from_dict({
-        "old": f"openclip:{tiny_openclip_names[0]}", "new": f"openclip:{tiny_openclip_names[1]}",
-        "train_pairs": str(pairs), "text_corpus": str(corpus), "checkpoint_every": 2,
-        "projection": {"kind": "mlp", "hidden": 16, "dropout": 0.1, "init": "lstsq"},
-        "stage1": {"epochs": 2, "batch_size": 4, "noise_std": 0.2},
-        "stage2": {"epochs": 2, "batch_size": 4, "lora": {"r": 2, "alpha": 4, "dropout": 0.1}},
-    })
-    return cfg
+    return tiny_xbt_config(tiny_openclip_names, image_files, tmp_path, epochs=2)
 
 
 def _models(cfg):
