@@ -75,3 +75,25 @@ def running_server(app, timeout: float = 20.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+def acknowledged_lines(proc, what: str = "the worker", timeout: float = 120.0) -> tuple[list[str], threading.Thread]:
+    """Collect the lines a subprocess prints whole, in the background (a line cut short by a kill was never
+    acknowledged); once the process has printed READY, return that live list and the collecting thread
+    (join it after the process ends to have every line)."""
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            if line.endswith("\n"):
+                lines.append(line.rstrip("\n"))
+                if line.startswith("READY"):
+                    ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    if not ready.wait(timeout):
+        proc.kill()
+        raise AssertionError(f"{what} did not start: {proc.stderr.read() if proc.stderr else ''}")
+    return lines, reader

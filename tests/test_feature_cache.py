@@ -10,13 +10,13 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_support import acknowledged_lines
 
 from xbt.data.features import QUARANTINE, FeatureCache
 
@@ -125,22 +125,7 @@ def _run_and_kill(script: Path, root: Path, n: int, chunk: int, rng: random.Rand
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, str(script), str(root), str(n), str(chunk), str(DIM)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if not line.endswith("\n"):  # cut short by the kill: not acknowledged
-                continue
-            lines.append(line.strip())
-            if line.startswith("READY"):
-                ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    if not ready.wait(120):
-        proc.kill()
-        raise AssertionError(f"the writer did not start: {proc.stderr.read() if proc.stderr else ''}")
+    lines, reader = acknowledged_lines(proc, "the writer")
     time.sleep(rng.uniform(0.0, 0.5))
     finished = proc.poll() is not None
     if not finished:

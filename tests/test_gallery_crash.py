@@ -9,13 +9,13 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gallery_support import acknowledged_lines
 
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.store import Gallery
@@ -123,21 +123,7 @@ def _run_and_kill(path: Path, script: Path, start: int, seed: int, rng: random.R
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(start), str(seed)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if line.endswith("\n"):
-                lines.append(line.rstrip("\n"))
-                if line.startswith("READY"):
-                    ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    if not ready.wait(120):
-        proc.kill()
-        raise AssertionError(f"worker did not start: {proc.stderr.read() if proc.stderr else ''}")
+    lines, reader = acknowledged_lines(proc, "worker")
     time.sleep(rng.uniform(0.05, 1.2))
     assert proc.poll() is None, f"worker died by itself: {proc.stderr.read() if proc.stderr else ''}"
     os.kill(proc.pid, signal.SIGKILL)
