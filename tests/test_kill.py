@@ -119,12 +119,18 @@ def _run_train_killed(cmd: list[str], env: dict[str, str], out: Path, rng: rando
     if rng.random() < 0.5:
         return _run_killed(cmd, env, rng.uniform(0.05, 0.6) * seconds)  # the reference run was a cold start
     target = rng.randrange(1, TRAIN_STEPS - 8)
+    return _run_killed_at(cmd, env, lambda: _committed_steps(out), target, then_s=rng.uniform(0.0, 0.3))
+
+
+def _run_killed_at(cmd: list[str], env: dict[str, str], progress, target: int, then_s: float = 0.0) -> bool:
+    """Run `cmd` and SIGKILL it `then_s` seconds after `progress()` reaches `target`; False (and a clean exit
+    checked) if it finished first."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
         deadline = time.monotonic() + 600
-        while proc.poll() is None and _committed_steps(out) < target and time.monotonic() < deadline:
+        while proc.poll() is None and progress() < target and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(then_s)
         if proc.poll() is not None:
             log.seek(0)
             assert proc.returncode == 0, log.read()[-4000:]
@@ -223,18 +229,7 @@ def _run_build_killed(cmd: list[str], env: dict[str, str], out: Path, rng: rando
     if rng.random() < 0.5:
         return _run_killed(cmd, env, rng.uniform(0.1, 0.9) * seconds)
     target = rng.randrange(1, N_IMAGES)
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and _count(out) < target and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if proc.poll() is not None:
-            log.seek(0)
-            assert proc.returncode == 0, log.read()[-4000:]
-            return False
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(60)
-    return True
+    return _run_killed_at(cmd, env, lambda: _count(out), target)
 
 
 def kill_building(setup: dict, kills: int, seed: int) -> dict:
