@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xbt.eval.embed import PairEmbeddings
-from xbt.eval.matrix import QueryVectors, UpgradeMatrix, evaluate_upgrade
+from xbt.eval.matrix import GalleryBias, QueryVectors, UpgradeMatrix, evaluate_upgrade, matrix_from_hits, system_hits
 from xbt.eval.retrieval import (
     best_positive_rank,
     bootstrap_indices,
@@ -153,3 +153,47 @@ def test_matrix_refuses_queries_of_another_space_of_the_same_dimension():
     old = PairEmbeddings(E[:2], E[:2], [0, 1], _space("old", 4))
     with pytest.raises(SpaceMismatchError, match="same dimension"):
         evaluate_upgrade(old, old, {"other": QueryVectors(E[:2], E[:2], _space("other", 4))})
+
+
+def test_a_gallery_bias_ranks_as_the_calibrated_scores_do():
+    rng = np.random.default_rng(3)
+    n = 40
+    images, texts = (rng.standard_normal((n, 5)).astype(np.float32) for _ in range(2))
+    old = PairEmbeddings(images, texts, list(range(n)), _space("old", 5))
+    q = QueryVectors(rng.standard_normal((n, 5)).astype(np.float32), rng.standard_normal((n, 5)).astype(np.float32), old.space)
+    bias = GalleryBias(*(3 * rng.standard_normal(n).astype(np.float32) for _ in range(2)))
+    hits = system_hits(old, old, {"plain": q, "calibrated": QueryVectors(q.images, q.texts, q.space, bias)}, ks=(1, 5))
+    # The same ranks as searching the calibrated scores q . g - b directly.
+    t2i = best_positive_rank(q.texts @ images.T - bias.images[None, :], np.eye(n, dtype=np.float32), [[i] for i in range(n)])
+    i2t = best_positive_rank(q.images @ texts.T - bias.texts[None, :], np.eye(n, dtype=np.float32), [[i] for i in range(n)])
+    assert hits["method:calibrated"]["t2i"][1].tolist() == (t2i < 1).astype(float).tolist()
+    assert hits["method:calibrated"]["i2t"][5].tolist() == (i2t < 5).astype(float).tolist()
+    assert hits["method:calibrated"]["i2t"][5].tolist() != hits["method:plain"]["i2t"][5].tolist()
+
+
+def test_a_hub_pulled_down_by_its_bias_stops_taking_every_query():
+    # Item 0 sits near every query (a hub): without calibration it is everyone's top-1.
+    n = 6
+    gallery = np.eye(n, dtype=np.float32)
+    gallery[0] = 1.0 / np.sqrt(n)
+    queries = np.eye(n, dtype=np.float32) * 0.3 + gallery[0] * 1.0
+    old = PairEmbeddings(gallery, gallery, list(range(n)), _space("old", n))
+    plain = QueryVectors(queries, queries, old.space)
+    bias = GalleryBias(np.array([1.0] + [0.0] * (n - 1), np.float32), np.array([1.0] + [0.0] * (n - 1), np.float32))
+    hits = system_hits(old, old, {"plain": plain, "nnn": QueryVectors(queries, queries, old.space, bias)}, ks=(1,))
+    assert hits["method:plain"]["t2i"][1].sum() == 1  # only the hub's own query
+    assert hits["method:nnn"]["t2i"][1].sum() == n - 1  # every other query finds its item; the hub's own loses it
+
+
+def test_pooled_hits_give_the_same_matrix_as_one_evaluation():
+    rng = np.random.default_rng(1)
+    n = 30
+    old = PairEmbeddings(*(rng.standard_normal((n, 4)).astype(np.float32) for _ in range(2)), list(range(n)), _space("old", 4))
+    q = {"m": QueryVectors(*(rng.standard_normal((n, 4)).astype(np.float32) for _ in range(2)), old.space)}
+    direct = evaluate_upgrade(old, old, q, ks=(1, 5), n_resamples=100, seed=2)
+    pooled = matrix_from_hits(system_hits(old, old, q, ks=(1, 5)), ks=(1, 5), n_resamples=100, seed=2)
+    assert pooled.to_dict() == direct.to_dict()
+    with pytest.raises(ValueError, match="another number"):
+        bad = system_hits(old, old, q, ks=(1, 5))
+        bad["method:m"]["t2i"][1] = bad["method:m"]["t2i"][1][:-1]
+        matrix_from_hits(bad, ks=(1, 5))

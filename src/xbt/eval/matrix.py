@@ -26,13 +26,39 @@ DIRECTION_NAMES = {"t2i": "text-to-image", "i2t": "image-to-text"}
 
 
 @dataclass
+class GalleryBias:
+    """A per-item score offset of the old gallery, for one query model (hubness calibration, e.g. NNN):
+    a query q scores gallery item g as q . g - bias[g]. `images`: one per gallery image (text queries);
+    `texts`: one per gallery caption (image queries). Exact and inner-product ANN search apply it with one
+    extra dimension: [q, -1] . [g, bias]."""
+
+    images: np.ndarray
+    texts: np.ndarray
+
+
+@dataclass
 class QueryVectors:
     """A method's queries, already in the gallery's space: images (n_images, d) and texts (n_captions, d),
-    stamped with the space they claim to live in (checked against the old gallery's, not just the shape)."""
+    stamped with the space they claim to live in (checked against the old gallery's, not just the shape).
+    `gallery_bias`: the calibration this method's queries are searched with (None: plain inner product)."""
 
     images: np.ndarray
     texts: np.ndarray
     space: EmbeddingSpace
+    gallery_bias: GalleryBias | None = None
+
+
+def with_bias(queries: np.ndarray, gallery: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and gallery with the calibration folded into one extra dimension: [q, -1] . [g, b] = q . g - b.
+    Every query's scores shift by the same per-item offsets, so its ranking is that of the calibrated scores."""
+    if bias is None:
+        return queries, gallery
+    bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+    if bias.shape[0] != gallery.shape[0]:
+        raise ValueError(f"a gallery bias of {bias.shape[0]} values for a gallery of {gallery.shape[0]} items")
+    q = np.concatenate([np.asarray(queries, dtype=np.float32), -np.ones((len(queries), 1), np.float32)], axis=1)
+    g = np.concatenate([np.asarray(gallery, dtype=np.float32), bias[:, None]], axis=1)
+    return q, g
 
 
 @dataclass
@@ -125,25 +151,26 @@ class UpgradeMatrix:
         )
 
 
-def evaluate_upgrade(
+def system_hits(
     old: PairEmbeddings,
     new: PairEmbeddings,
     methods: Mapping[str, QueryVectors],
     ks: Sequence[int] = DEFAULT_KS,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> UpgradeMatrix:
-    """Every method is compared with old->old on the same query resamples (paired bootstrap).
-
-    All per-query hits of a direction are resampled together (one pass, memory bounded), so recalls,
-    differences and gains of every method come from the same resamples."""
+) -> dict[str, dict[str, dict[int, np.ndarray]]]:
+    """Per-query hits of every system on the old gallery: {"old", "new", "method:NAME"} -> direction -> K ->
+    (n_queries,) 0/1. Each method's queries are checked against the old gallery's space and shapes."""
     index = old.caption_image_index
     if list(new.caption_image_index) != list(index):
         raise ValueError("old and new embeddings must come from the same pair set")
     ks = tuple(int(k) for k in ks)
 
-    def hits(image_q, text_q, image_g, text_g) -> dict[str, dict[int, np.ndarray]]:
-        ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
+    def hits(image_q, text_q, image_g, text_g, bias: GalleryBias | None = None) -> dict[str, dict[int, np.ndarray]]:
+        if bias is None:
+            ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
+        else:
+            text_q, image_g = with_bias(text_q, image_g, bias.images)
+            image_q, text_g = with_bias(image_q, text_g, bias.texts)
+            ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
         return {d: hits_at_k(ranks[d], ks) for d in DIRECTIONS}
 
     for name, q in methods.items():
@@ -158,8 +185,39 @@ def evaluate_upgrade(
         "new": hits(new.images, new.texts, new.images, new.texts),
     }
     for name, q in methods.items():
-        systems["method:" + name] = hits(q.images, q.texts, old.images, old.texts)
-    n_queries = {"t2i": len(old.texts), "i2t": len(old.images)}
+        systems["method:" + name] = hits(q.images, q.texts, old.images, old.texts, q.gallery_bias)
+    return systems
+
+
+def evaluate_upgrade(
+    old: PairEmbeddings,
+    new: PairEmbeddings,
+    methods: Mapping[str, QueryVectors],
+    ks: Sequence[int] = DEFAULT_KS,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> UpgradeMatrix:
+    """Every method is compared with old->old on the same query resamples (paired bootstrap)."""
+    return matrix_from_hits(system_hits(old, new, methods, ks), ks, n_resamples, seed)
+
+
+def matrix_from_hits(
+    systems: Mapping[str, Mapping[str, Mapping[int, np.ndarray]]],
+    ks: Sequence[int] = DEFAULT_KS,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> UpgradeMatrix:
+    """The matrix from per-query hits ({"old", "new", "method:NAME"} -> direction -> K -> (n_queries,)), e.g.
+    pooled over cross-validation folds; a query's hit may be a mean over seeds (a value in [0, 1]).
+
+    All per-query hits of a direction are resampled together (one pass, memory bounded), so recalls,
+    differences and gains of every method come from the same resamples."""
+    ks = tuple(int(k) for k in ks)
+    n_queries = {d: int(len(systems["old"][d][ks[0]])) for d in DIRECTIONS}
+    for s, table in systems.items():
+        for d in DIRECTIONS:
+            if any(len(table[d][k]) != n_queries[d] for k in ks):
+                raise ValueError(f"{s} has hits for another number of {d} queries than old->old ({n_queries[d]})")
 
     # One column per (system, K); resampled together so that every statistic is paired.
     keys = [(s, k) for s in systems for k in ks]
@@ -188,8 +246,10 @@ def evaluate_upgrade(
         new_vs_old={d: {k: difference(d, "new", "old", k) for k in ks} for d in DIRECTIONS},
         n_resamples=n_resamples,
     )
-    for name in methods:
-        s = "method:" + name
+    for s in systems:
+        if not s.startswith("method:"):
+            continue
+        name = s.removeprefix("method:")
         matrix.methods[name] = {
             d: {k: Cell(recall=recall(d, s, k), vs_old=difference(d, s, "old", k), gain=gain(d, s, k)) for k in ks}
             for d in DIRECTIONS
