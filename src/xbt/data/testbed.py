@@ -164,8 +164,9 @@ def render_svgs(paths: Sequence[Path], show_progress: bool = True) -> dict[Path,
     return done
 
 
-def build_splits(seed: int = SPLIT_SEED, show_progress: bool = True) -> dict[str, int]:
-    """Collect, clean, render and split the data; writes XBT_HOME/testbed/splits. Returns split sizes."""
+def testbed_items(show_progress: bool = True) -> tuple[dict[str, list[Pair]], list[Pair]]:
+    """Every rendered item: the Tux Paint pairs grouped by caption (lower-cased; a group's pairs in file
+    order) and the openclipart pairs. SVGs that fail to render are left out."""
     tux = tuxpaint_items(tuxpaint_root())
     clip = openclipart_items(openclipart_root())
     svgs = [p for p, _ in tux + clip if p.suffix.lower() == ".svg"]
@@ -175,37 +176,44 @@ def build_splits(seed: int = SPLIT_SEED, show_progress: bool = True) -> dict[str
         image = rendered.get(p) if p.suffix.lower() == ".svg" else p
         return Pair(str(image), caption, image_id=f"{source}:{p}", source=source) if image else None
 
-    groups: dict[str, list[tuple[Path, str]]] = {}
+    groups: dict[str, list[Pair]] = {}
     for p, caption in tux:
-        groups.setdefault(caption.lower(), []).append((p, caption))
+        item = pair(p, caption, "tuxpaint")
+        groups.setdefault(caption.lower(), [])
+        if item:
+            groups[caption.lower()].append(item)
+    return groups, [x for p, c in clip if (x := pair(p, c, "openclipart"))]
+
+
+def one_per_group(groups: dict[str, list[Pair]], keys: Sequence[str]) -> list[Pair]:
+    """The first rendered image of each group (groups with none are skipped): an evaluation or val split,
+    one image per unique caption."""
+    return [groups[k][0] for k in keys if groups[k]]
+
+
+def derived_splits(held_out: Sequence[Pair], tux_train: list[Pair], clip_pairs: list[Pair]) -> dict[str, list[Pair]]:
+    """vlp_old, vlp_new and xbt_train from the Tux Paint training pairs and the openclipart pairs. An
+    openclipart caption equal to a held-out (eval or val) caption would leak it into training: those
+    pairs are dropped."""
+    held = {p.caption.lower() for p in held_out}
+    clip_pairs = [p for p in clip_pairs if p.caption.lower() not in held]
+    return {"vlp_old": clip_pairs, "vlp_new": clip_pairs + tux_train, "xbt_train": list(tux_train)}
+
+
+def build_splits(seed: int = SPLIT_SEED, show_progress: bool = True) -> dict[str, int]:
+    """Collect, clean, render and split the data; writes XBT_HOME/testbed/splits. Returns split sizes."""
+    groups, clip_pairs = testbed_items(show_progress)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     if len(keys) < EVAL_GROUPS + VAL_GROUPS + 50:
         raise AssetMissingError(f"only {len(keys)} distinct Tux Paint captions found; is tuxpaint-stamps-default complete?")
     eval_keys, val_keys, train_keys = keys[:EVAL_GROUPS], keys[EVAL_GROUPS : EVAL_GROUPS + VAL_GROUPS], keys[EVAL_GROUPS + VAL_GROUPS :]
-
-    def one_per_group(group_keys: list[str]) -> list[Pair]:
-        out = []
-        for k in group_keys:
-            for p, caption in groups[k]:  # the first image of the group that rendered
-                item = pair(p, caption, "tuxpaint")
-                if item:
-                    out.append(item)
-                    break
-        return out
-
     splits: dict[str, list[Pair]] = {
-        "eval": one_per_group(eval_keys),
-        "val": one_per_group(val_keys),
-        "tux_train": [x for k in train_keys for p, c in groups[k] if (x := pair(p, c, "tuxpaint"))],
+        "eval": one_per_group(groups, eval_keys),
+        "val": one_per_group(groups, val_keys),
+        "tux_train": [x for k in train_keys for x in groups[k]],
     }
-    clip_pairs = [x for p, c in clip if (x := pair(p, c, "openclipart"))]
-    # An openclipart caption equal to an eval or val caption would leak it into training: drop those pairs.
-    held_out = {p.caption.lower() for p in splits["eval"] + splits["val"]}
-    clip_pairs = [p for p in clip_pairs if p.caption.lower() not in held_out]
-    splits["vlp_old"] = clip_pairs
-    splits["vlp_new"] = clip_pairs + splits["tux_train"]
-    splits["xbt_train"] = list(splits["tux_train"])
+    splits |= derived_splits(splits["eval"] + splits["val"], splits["tux_train"], clip_pairs)
     out = cache_dir("testbed", "splits")
     for name, pairs in splits.items():
         write_pairs(out / f"{name}.jsonl", pairs)
