@@ -27,6 +27,7 @@ setup_debian_data() {
   [ -d /usr/share/openclipart/svg ] || need+=(openclipart-svg)
   [ -f /usr/share/dict/american-english ] || need+=(wamerican)  # English word list: cleaning clip-art titles
   [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)  # the second evaluation domain (domain:emoji)
+  [ -f /usr/share/unicode/emoji/emoji-test.txt ] || need+=(unicode-data)  # the emoji's names: domain:emoji's captions
   # cairosvg needs the cairo C library.
   ldconfig -p 2>/dev/null | grep -q 'libcairo.so.2' || need+=(libcairo2)
   # The browser test of the service's page and the report (tests/test_serve_browser.py): headless Chromium.
