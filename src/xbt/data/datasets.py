@@ -3,6 +3,7 @@
 Sources (`open_dataset(source, split=..., image_root=...)`)::
 
     testbed:eval                  a split of the offline testbed (or source "testbed" with split=...)
+    domain:emoji                  a second evaluation domain, off the testbed's (xbt.data.domains); never trained on
     pairs.csv | pairs.jsonl       rows with image, caption[, image_id]
     dataset_flickr30k.json        Karpathy-split JSON (Flickr30K / COCO): images[].filename, [filepath],
                                   split, sentences[].raw; split defaults to "test"; images under image_root
@@ -329,6 +330,10 @@ def open_dataset(source: str | Path, split: str | None = None, image_root: str |
         if name not in SPLITS:
             raise InputError(f"the testbed has no split {name!r}; it has {', '.join(SPLITS)}")
         return load_split(name)
+    if text.startswith("domain:"):
+        from xbt.data.domains import load_domain
+
+        return load_domain(text.partition(":")[2])
     path = Path(text).expanduser()
     if path.is_dir():
         if split and (path / split).is_dir():
