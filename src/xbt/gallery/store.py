@@ -24,6 +24,16 @@ Space stamping: the gallery has one EmbeddingSpace; every row carries its space 
 refuses any row stamped otherwise, so no code path (not even raw SQL) can mix two spaces.
 
 Index choice (`IndexConfig`: exact, HNSW or IVF by size) and the faiss wrapper live in `xbt.gallery.index`.
+
+Calibration (hubness reduction, `calibrate`; NNN, `xbt.eval.calibration`): one per gallery, for one query
+model. Each item's bias (alpha x mean of its top-k similarities to a bank of that model's training
+queries) is stored in `calibration_bias` (one row per item label, deleted with its item by a cascading
+foreign key), the bank itself in `calibration_bank`, and the stamp (query model, alpha, k, bank size) in
+meta, all in one transaction. Items added later get their bias from the stored bank inside their own
+insert transaction: the bias needs the item's top-k similarities to the bank, so the bank itself is the
+statistic to keep (m x d floats; nothing smaller gives the same top-k). A calibrated gallery's index holds
+[g, bias] (one extra dimension); a query of the calibrated model searches as [q, -1] (score q . g - bias),
+any other query as [q, 0] (plain q . g), so one index serves both, exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import numpy as np
 
 from xbt.durable import atomic_write_bytes, fsync_path
 from xbt.errors import InputError, XbtError
+from xbt.eval.calibration import top_k_mean
 from xbt.gallery.index import IndexConfig, VectorIndex
 from xbt.models.base import EmbeddingSpace
 
@@ -72,6 +83,9 @@ class Hit:
     score: float
     payload: dict[str, Any]
     space: str
+    # None: no calibration applied to this search; True: the score is q . g minus the item's bias (the
+    # gallery's calibration is for this query model); False: it is, but this item has no bias (plain q . g).
+    calibrated: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +105,8 @@ class GalleryInfo:
     tombstones: int
     created_at: float
     extra: dict[str, Any] = field(default_factory=dict)
+    # The stamp of the gallery's calibration (query model, alpha, k, bank size, uncalibrated_items), or None.
+    calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +188,52 @@ CREATE TRIGGER items_immutable BEFORE UPDATE OF label, space, vector, crc ON ite
 BEGIN SELECT RAISE(ABORT, 'xbt: stored vectors are immutable; delete and add instead'); END;
 """
 
+# Created by the first `calibrate` (a gallery that was never calibrated has neither table).
+_CALIBRATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calibration_bias(
+    label INTEGER PRIMARY KEY REFERENCES items(label) ON DELETE CASCADE,
+    bias REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS calibration_bank(row INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+"""
+CALIBRATION_META = "calibration"
+
+
+def calibration_applies(calibration: Mapping[str, Any] | None, query_model: str | None) -> bool:
+    """Whether a gallery calibration is for the query model with this encoder id."""
+    return bool(calibration) and query_model is not None and query_model == calibration["query_model"]["encoder_id"]
+
+
+def calibration_stamp(*, alpha: float, k: int, bank_size: int, query_model: Mapping[str, Any],
+                      source: str | None = None, bias: np.ndarray | None = None) -> dict[str, Any]:
+    """What a gallery records about its calibration (one format for both backends)."""
+    import uuid
+
+    for key in ("encoder_id", "spec", "space_id"):
+        if not isinstance(query_model.get(key), str) or not query_model.get(key):
+            raise InputError(f"the query model of a calibration needs a non-empty {key!r}")
+    alpha = float(alpha)
+    if not np.isfinite(alpha) or alpha < 0:
+        raise InputError(f"alpha must be a finite number >= 0; got {alpha!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise InputError(f"k must be a positive integer; got {k!r}")
+    stamp: dict[str, Any] = {
+        "id": uuid.uuid4().hex, "method": "nnn", "alpha": alpha, "k": int(k), "bank_size": int(bank_size),
+        "bank_source": source, "created_at": time.time(),
+        "query_model": {key: str(query_model[key]) for key in ("encoder_id", "spec", "space_id")},
+    }
+    if bias is not None and len(bias):
+        stamp["bias"] = {"min": float(np.min(bias)), "mean": float(np.mean(bias)), "max": float(np.max(bias)),
+                         "items": int(len(bias))}
+    return stamp
+
+
+def item_biases(vectors: np.ndarray, bank: np.ndarray, alpha: float, k: int) -> np.ndarray:
+    """NNN biases of items (unit rows) from a calibration's bank: alpha x mean of the top-k similarities."""
+    if len(vectors) == 0:
+        return np.zeros(0, dtype=np.float32)
+    return (float(alpha) * top_k_mean(vectors, bank, int(k))).astype(np.float32)
+
 
 def _statements(script: str) -> Iterator[str]:
     buf = ""
@@ -240,6 +302,9 @@ class Gallery:
             self._set_meta("index", json.dumps(index_config.to_dict()))
             stored = index_config
         self.index_config = stored
+        self._calibration: dict[str, Any] | None = json.loads(meta[CALIBRATION_META]) if meta.get(CALIBRATION_META) else None
+        self._bank: np.ndarray | None = None  # the calibration's bank, read on first need
+        self._unbiased: set[int] = set()  # labels in the index without a bias (calibrated galleries only)
         self._index: VectorIndex | None = None
         self._dirty = False
         self._data_version: int | None = None  # the snapshot the index reflects; None: unknown, sync
@@ -378,13 +443,108 @@ class Gallery:
     def _catch_up(self) -> None:
         """Inside a transaction: apply to the index the commits of other connections up to this
         transaction's snapshot, and record that snapshot's data_version. (Our own commits do not change
-        data_version; they are applied to the index by the write that made them.)"""
+        data_version; they are applied to the index by the write that made them.) Another connection's
+        (re)calibration rebuilds the index, whose extra dimension holds the biases."""
         version = self._read_data_version()  # the first read of the transaction fixes its snapshot
+        if self._index is None or version != self._data_version:
+            row = self._db().execute("SELECT value FROM meta WHERE key = ?", (CALIBRATION_META,)).fetchone()
+            calibration = json.loads(row[0]) if row else None
+            if (calibration or {}).get("id") != (self._calibration or {}).get("id"):
+                self._calibration, self._bank, self._index = calibration, None, None
         if self._index is None:
             self._build_from_table()
         elif version != self._data_version:
             self._sync_index()
         self._data_version = version
+
+    # ---- calibration -----------------------------------------------------------------------------
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The stamp of this gallery's calibration (None: not calibrated), as of the last transaction."""
+        with self._lock, self._transaction(write=False):
+            return dict(self._calibration) if self._calibration else None
+
+    def _index_dim(self) -> int:
+        return self.space.dim + (1 if self._calibration else 0)
+
+    def _bank_vectors(self) -> np.ndarray:
+        """The calibration's bank of queries (inside a transaction)."""
+        assert self._calibration is not None
+        if self._bank is None:
+            rows = self._db().execute("SELECT vector FROM calibration_bank ORDER BY row").fetchall()
+            bank = np.stack([np.frombuffer(r[0], dtype="<f4") for r in rows]) if rows else np.empty((0, self.space.dim), np.float32)
+            if len(bank) != int(self._calibration["bank_size"]):
+                raise GalleryCorruptError(f"the calibration bank of {self.path} holds {len(bank)} queries, its stamp"
+                                          f" says {self._calibration['bank_size']}; run `xbt gallery calibrate` again")
+            self._bank = bank
+        return self._bank
+
+    def _biases_of_labels(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bias per label, 0 where none; mask of labels that have one), inside a transaction."""
+        found: dict[int, float] = {}
+        for chunk in _chunks([int(x) for x in labels]):
+            q = f"SELECT label, bias FROM calibration_bias WHERE label IN ({','.join('?' * len(chunk))})"
+            found.update((int(a), float(b)) for a, b in self._db().execute(q, chunk))
+        has = np.fromiter((int(x) in found for x in labels), dtype=bool, count=len(labels))
+        bias = np.fromiter((found.get(int(x), 0.0) for x in labels), dtype=np.float32, count=len(labels))
+        return bias, has
+
+    def _index_rows(self, labels: np.ndarray) -> np.ndarray:
+        """What the index holds for these labels: the vectors, plus each one's bias when calibrated."""
+        vectors = self._vectors_of_labels(labels)
+        if not self._calibration:
+            return vectors
+        bias, has = self._biases_of_labels(labels)
+        self._unbiased.update(int(x) for x in np.asarray(labels)[~has])
+        return np.concatenate([vectors, bias[:, None]], axis=1)
+
+    def calibrate(self, bank: Any, *, alpha: float, k: int, query_model: Mapping[str, Any], space: EmbeddingSpace,
+                  source: str | None = None) -> dict[str, Any]:
+        """Calibrate the gallery for one query model (NNN): every item's bias = alpha x mean of its top-k
+        similarities to `bank` (that model's queries of training data, in this gallery's `space`), stored
+        with the bank and the stamp in one transaction (a crash leaves the previous calibration or this one,
+        whole). Replaces any earlier calibration. `query_model`: {"encoder_id", "spec", "space_id"} of the
+        model whose searches it is for (`describe_query_model`). Returns the stamp."""
+        self.space.check(space, "the bank of queries")
+        bank = as_vectors(bank, self.space.dim, "the bank of queries")
+        if len(bank) == 0:
+            raise InputError("the bank of queries is empty: give training pairs (--queries) to calibrate with")
+        with self._lock:
+            with self._transaction(write=True) as db:
+                for statement in _statements(_CALIBRATION_SCHEMA):
+                    db.execute(statement)
+                labels = self._table_labels()
+                calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model)  # checks first
+                biases = np.empty(len(labels), dtype=np.float32)
+                step = 65536  # items read and scored per step: memory bounded for any gallery
+                for start in range(0, len(labels), step):
+                    part = labels[start : start + step]
+                    biases[start : start + step] = item_biases(self._vectors_of_labels(part), bank, alpha, k)
+                stamp = calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model,
+                                          source=source, bias=biases)
+                db.execute("DELETE FROM calibration_bias")
+                db.execute("DELETE FROM calibration_bank")
+                db.executemany("INSERT INTO calibration_bias(label, bias) VALUES (?, ?)",
+                               zip((int(x) for x in labels), (float(b) for b in biases)))
+                db.executemany("INSERT INTO calibration_bank(row, vector) VALUES (?, ?)",
+                               ((i, row.astype("<f4").tobytes()) for i, row in enumerate(bank)))
+                self._set_meta(CALIBRATION_META, json.dumps(stamp))
+            self._calibration, self._bank = stamp, bank
+            self.rebuild_index()
+            return dict(stamp)
+
+    def clear_calibration(self) -> bool:
+        """Remove the calibration (biases, bank, stamp) in one transaction; False if there was none."""
+        with self._lock:
+            with self._transaction(write=True) as db:
+                if not self._calibration:
+                    return False
+                db.execute("DELETE FROM calibration_bias")
+                db.execute("DELETE FROM calibration_bank")
+                db.execute("DELETE FROM meta WHERE key = ?", (CALIBRATION_META,))
+            self._calibration, self._bank = None, None
+            self.rebuild_index()
+            return True
 
     # ---- the index -------------------------------------------------------------------------------
     def _table_labels(self) -> np.ndarray:
@@ -405,7 +565,8 @@ class Gallery:
         return out
 
     def _snapshot_meta(self) -> dict[str, Any]:
-        return {"format": FORMAT, "space": self.space.to_dict(), "index_config": self.index_config.to_dict()}
+        return {"format": FORMAT, "space": self.space.to_dict(), "index_config": self.index_config.to_dict(),
+                "calibration": (self._calibration or {}).get("id")}
 
     def _load_index(self) -> None:
         """Snapshot if usable, else a rebuild; then catch up with the table."""
@@ -415,8 +576,10 @@ class Gallery:
             try:
                 index, meta = VectorIndex.from_bytes(snapshot.read_bytes())
                 expected = self._snapshot_meta()
-                if all(meta.get(k) == v for k, v in expected.items()) and index.index.d == self.space.dim:
+                if (all(meta.get(k) == v for k, v in expected.items()) and index.index.d == self._index_dim()
+                        and ("unbiased" in meta or not self._calibration)):
                     self._index = index
+                    self._unbiased = {int(x) for x in meta.get("unbiased", [])}
             except Exception:  # noqa: BLE001 - a damaged snapshot is only a cache: rebuild it
                 self._index = None
         self._data_version = None
@@ -432,15 +595,17 @@ class Gallery:
         new = np.setdiff1d(table, self._index.labels)
         if len(gone):
             self._index.remove(gone)
+            self._unbiased.difference_update(int(x) for x in gone)
             self._dirty = True
         if len(new):
-            self._index.add(new, self._vectors_of_labels(new))
+            self._index.add(new, self._index_rows(new))
             self._dirty = True
 
     def _build_from_table(self) -> None:
         labels = self._table_labels()
-        vectors = self._vectors_of_labels(labels)
-        self._index = VectorIndex.build(self.space.dim, self.index_config, labels, vectors)
+        self._unbiased = set()
+        vectors = self._index_rows(labels)
+        self._index = VectorIndex.build(self._index_dim(), self.index_config, labels, vectors)
         self._dirty = True
 
     def rebuild_index(self) -> None:
@@ -454,7 +619,8 @@ class Gallery:
         """Write the index snapshot atomically (a crash leaves the previous snapshot, or none)."""
         with self._lock:
             assert self._index is not None
-            atomic_write_bytes(self.path / SNAPSHOT_NAME, self._index.to_bytes(self._snapshot_meta()))
+            meta = {**self._snapshot_meta(), "unbiased": sorted(self._unbiased)}
+            atomic_write_bytes(self.path / SNAPSHOT_NAME, self._index.to_bytes(meta))
             self._dirty = False
 
     def compact(self) -> None:
@@ -521,7 +687,13 @@ class Gallery:
                         "INSERT INTO items(id, space, vector, crc, payload, added_at) VALUES (?, ?, ?, ?, ?, ?)", row
                     )
                     labels.append(int(cur.lastrowid))
-            self._apply_own_write(removed, labels, x[keep])
+                added = x[keep]
+                if self._calibration and labels:  # new items get their bias from the stored bank, in this commit
+                    biases = item_biases(added, self._bank_vectors(), self._calibration["alpha"], self._calibration["k"])
+                    db.executemany("INSERT INTO calibration_bias(label, bias) VALUES (?, ?)",
+                                   zip(labels, (float(b) for b in biases)))
+                    added = np.concatenate([added, biases[:, None]], axis=1)
+            self._apply_own_write(removed, labels, added)
             return [ids[j] for j in keep]
 
     def _apply_own_write(self, removed: Sequence[int], added: Sequence[int], vectors: np.ndarray | None) -> None:
@@ -532,6 +704,7 @@ class Gallery:
         try:
             if len(removed):
                 self._index.remove(np.asarray(removed, dtype=np.int64))
+                self._unbiased.difference_update(int(x) for x in removed)
             if len(added):
                 self._index.add(np.asarray(added, dtype=np.int64), vectors)
         except BaseException:
@@ -568,25 +741,34 @@ class Gallery:
             return len(labels)
 
     # ---- reads -----------------------------------------------------------------------------------
-    def search(self, queries: Any, k: int, *, space: EmbeddingSpace) -> list[list[Hit]]:
+    def search(self, queries: Any, k: int, *, space: EmbeddingSpace, query_model: str | None = None) -> list[list[Hit]]:
         """Top-k items by inner product (cosine) for each query row. Queries must come from this
-        gallery's space: SpaceMismatchError otherwise, whatever their dimension."""
+        gallery's space: SpaceMismatchError otherwise, whatever their dimension.
+
+        `query_model`: the encoder id of the model that made the queries (`VLPModel.encoder_id`). When the
+        gallery is calibrated for that model, scores are q . g - bias[g] (hits say calibrated=True);
+        for any other model (or none) the calibration is ignored and scores are plain q . g."""
         self.space.check(space, "the query vectors")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k must be a positive integer; got {k!r}")
         q = as_vectors(queries, self.space.dim, "the query vectors")
         with self._lock, self._transaction(write=False):  # the index and the rows of one snapshot
             assert self._index is not None
+            applies = calibration_applies(self._calibration, query_model)
+            if self._calibration:  # the index has the bias dimension: -1 applies it, 0 ignores it
+                q = np.concatenate([q, np.full((len(q), 1), -1.0 if applies else 0.0, np.float32)], axis=1)
             scores, labels = self._index.search(q, int(k), self.index_config)
             wanted = sorted({int(x) for x in labels.ravel() if x >= 0})
             rows = self._rows_by_label(wanted)
+            unbiased = set(self._unbiased) if applies else set()
         out: list[list[Hit]] = []
         for srow, lrow in zip(scores, labels):
             hits = []
             for s, label in zip(srow, lrow):
                 row = rows.get(int(label))
                 if label >= 0 and row is not None:
-                    hits.append(Hit(row[0], float(s), row[1], self.space.id))
+                    mark = (int(label) not in unbiased) if applies else None
+                    hits.append(Hit(row[0], float(s), row[1], self.space.id, mark))
             out.append(hits)
         return out
 
@@ -647,6 +829,7 @@ class Gallery:
                 modality=self.modality, size=n, index_kind=self._index.kind, index_config=self.index_config.to_dict(),
                 recommended_kind=self.index_config.choose(n), tombstones=len(self._index.tombstones),
                 created_at=self.created_at, extra=self.extra,
+                calibration={**self._calibration, "uncalibrated_items": len(self._unbiased)} if self._calibration else None,
             )
 
     def verify(self) -> list[str]:
@@ -675,6 +858,14 @@ class Gallery:
                 problems.append(f"index holds {len(live)} live vectors, table {len(table)}")
             if self._index.index.ntotal != len(self._index.labels):
                 problems.append("faiss size and label list disagree")
+            if self._calibration:
+                (n_bank,) = db.execute("SELECT COUNT(*) FROM calibration_bank").fetchone()
+                if n_bank != int(self._calibration["bank_size"]):
+                    problems.append(f"the calibration bank holds {n_bank} queries, its stamp {self._calibration['bank_size']}")
+                (bad_bias,) = db.execute("SELECT COUNT(*) FROM calibration_bias WHERE NOT (bias BETWEEN -1e30 AND 1e30)"
+                                         ).fetchone()
+                if bad_bias:
+                    problems.append(f"{bad_bias} calibration biases are not finite numbers")
         return problems
 
     def store_media(self, data: bytes, suffix: str) -> Path:

@@ -1,0 +1,160 @@
+"""Gallery-side calibration (hubness reduction): nearest-neighbour normalisation (NNN, arXiv 2410.24114).
+
+A "hub" is a gallery item that sits near very many queries and so crowds the top of every result list.
+NNN lowers each gallery item's score by a bias computed once from a bank of queries that are not the
+evaluation queries (training queries, mapped by the very query model that will search):
+
+    score(q, g) = q . g - bias[g],    bias[g] = alpha * mean of the k largest b . g over bank queries b.
+
+The bias depends only on the item and the bank, never on the other items, so an item added later gets its
+bias from the stored bank alone, and the old gallery's bias is computed once and stored with it. Exact and
+inner-product ANN search apply it with one extra dimension ([q, -1] . [g, bias], `xbt.eval.matrix.with_bias`).
+QB-Norm (arXiv 2112.12777) is the same family (a bank of queries normalising gallery scores); NNN's
+additive bias is the one that folds into an index.
+
+Nothing here is chosen on evaluation queries: `choose_alpha` picks the weight on a val split (its queries
+and its own gallery), with the bank drawn from training queries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from xbt.eval.matrix import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors, with_bias
+from xbt.eval.retrieval import DEFAULT_KS, MAX_SCORE_ELEMENTS, hits_at_k, retrieval_ranks
+
+#: The weights `choose_alpha` tries (0: no calibration, so val can always say "leave it off").
+ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_K = 10
+
+Alpha = float | Mapping[str, float]  # one weight, or one per direction {"t2i": a, "i2t": a}
+
+
+def _matrix(x: Any, what: str) -> torch.Tensor:
+    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D array (n, dim); got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def top_k_mean(gallery: Any, bank: Any, k: int = DEFAULT_K, max_score_elements: int = MAX_SCORE_ELEMENTS) -> np.ndarray:
+    """Per gallery row, the mean of its k largest inner products with the bank's rows ((n,) float64; k is
+    capped by the bank's size). Computed in blocks of gallery rows so that one (block x bank) score matrix
+    stays under `max_score_elements`: memory is bounded for a gallery of any size."""
+    g, b = _matrix(gallery, "the gallery vectors"), _matrix(bank, "the bank of queries")
+    if g.shape[1] != b.shape[1]:
+        raise ValueError(f"gallery vectors of dimension {g.shape[1]} and bank queries of dimension {b.shape[1]}")
+    if len(b) == 0:
+        raise ValueError("the bank of queries is empty: calibration needs training queries (a source with pairs)")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    k = min(int(k), len(b))
+    out = np.empty(len(g), dtype=np.float64)
+    block = max(1, max_score_elements // max(1, len(b)))
+    bt = b.T.contiguous()
+    for start in range(0, len(g), block):
+        scores = g[start : start + block] @ bt
+        out[start : start + block] = torch.topk(scores, k, dim=1).values.double().mean(1).numpy()
+    return out
+
+
+def nnn_bias(gallery: Any, bank: Any, alpha: float, k: int = DEFAULT_K,
+             max_score_elements: int = MAX_SCORE_ELEMENTS) -> np.ndarray:
+    """NNN's per-item bias: alpha * (mean of the item's top-k similarities to the bank of queries), (n,)
+    float32. `gallery` (n, d) and `bank` (m, d) in the same space (the bank: the query model's queries of
+    training data, never the evaluation queries). alpha = 0 gives zeros (no calibration)."""
+    alpha = _check_alpha(alpha)
+    return (alpha * top_k_mean(gallery, bank, k, max_score_elements)).astype(np.float32)
+
+
+def _check_alpha(alpha: Any) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number; got {alpha!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
+    return value
+
+
+def _per_direction(alpha: Alpha) -> dict[str, float]:
+    if isinstance(alpha, Mapping):
+        missing = [d for d in DIRECTIONS if d not in alpha]
+        if missing:
+            raise ValueError(f"alpha per direction needs {', '.join(DIRECTIONS)}; missing {', '.join(missing)}")
+        return {d: _check_alpha(alpha[d]) for d in DIRECTIONS}
+    return {d: _check_alpha(alpha) for d in DIRECTIONS}
+
+
+def gallery_bias(gallery: PairEmbeddings, bank: QueryVectors, alpha: Alpha, k: int = DEFAULT_K) -> GalleryBias:
+    """The bias of both old galleries: images from the bank's text queries (text-to-image), captions from
+    the bank's image queries (image-to-text). The bank must claim the gallery's space."""
+    gallery.space.check(bank.space, "the bank of queries")
+    a = _per_direction(alpha)
+    return GalleryBias(images=nnn_bias(gallery.images, bank.texts, a["t2i"], k),
+                       texts=nnn_bias(gallery.texts, bank.images, a["i2t"], k))
+
+
+def calibrate_queries(queries: QueryVectors, gallery: PairEmbeddings, bank: QueryVectors, alpha: Alpha,
+                      k: int = DEFAULT_K) -> QueryVectors:
+    """`queries` (a method's, in the old space) with `gallery_bias` set for the old `gallery`: what
+    `xbt.eval.matrix.evaluate_upgrade` / `system_hits` then search with. `bank`: the same method's queries
+    of training pairs (QueryVectors of the training split), never the evaluation queries. `alpha`: one
+    weight or {"t2i": a, "i2t": a} (e.g. `choose_alpha(...).alpha`)."""
+    queries.space.check(bank.space, "the bank of queries (made by another query model than the queries?)")
+    return replace(queries, gallery_bias=gallery_bias(gallery, bank, alpha, k))
+
+
+@dataclass
+class AlphaChoice:
+    """The weight chosen per direction on val, and the val score (mean recall in percent over `ks`) of
+    every weight tried, per direction. Ties go to the smaller weight (less intervention)."""
+
+    alpha: dict[str, float]
+    scores: dict[str, dict[float, float]] = field(default_factory=dict)
+    n_val_queries: dict[str, int] = field(default_factory=dict)
+    k: int = DEFAULT_K
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alpha": dict(self.alpha), "k": self.k, "n_val_queries": dict(self.n_val_queries),
+                "scores": {d: {str(a): s for a, s in row.items()} for d, row in self.scores.items()}}
+
+
+def choose_alpha(val_queries: QueryVectors, val_gallery: PairEmbeddings, bank: QueryVectors,
+                 grid: Sequence[float] = ALPHA_GRID, k: int = DEFAULT_K,
+                 ks: Sequence[int] = DEFAULT_KS) -> AlphaChoice:
+    """Pick NNN's weight per direction on a val split: `val_queries` (the method's queries of the val
+    pairs), `val_gallery` (the old model's embeddings of the same val pairs: the val split's own gallery)
+    and `bank` (the method's queries of training pairs). Score: mean R@K over `ks` in that direction.
+    Never pass evaluation queries here."""
+    if not grid:
+        raise ValueError("the alpha grid is empty")
+    grid = sorted({_check_alpha(a) for a in grid})
+    val_gallery.space.check(val_queries.space, "the val queries")
+    val_gallery.space.check(bank.space, "the bank of queries")
+    if val_queries.images.shape != val_gallery.images.shape or val_queries.texts.shape != val_gallery.texts.shape:
+        raise ValueError(
+            f"val queries (images {val_queries.images.shape}, texts {val_queries.texts.shape}) and the val gallery"
+            f" (images {val_gallery.images.shape}, texts {val_gallery.texts.shape}) must come from the same val pairs"
+        )
+    index = val_gallery.caption_image_index
+    # The bank statistic does not depend on alpha: compute it once, scale it per weight.
+    base = {"t2i": top_k_mean(val_gallery.images, bank.texts, k), "i2t": top_k_mean(val_gallery.texts, bank.images, k)}
+    scores: dict[str, dict[float, float]] = {d: {} for d in DIRECTIONS}
+    for a in grid:
+        text_q, image_g = with_bias(val_queries.texts, val_gallery.images, (a * base["t2i"]).astype(np.float32))
+        image_q, text_g = with_bias(val_queries.images, val_gallery.texts, (a * base["i2t"]).astype(np.float32))
+        ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
+        for d in DIRECTIONS:
+            hits = hits_at_k(ranks[d], ks)
+            scores[d][a] = float(100 * np.mean([hits[kk].mean() for kk in ks]))
+    chosen = {d: max(grid, key=lambda a, d=d: (scores[d][a], -a)) for d in DIRECTIONS}
+    n = {"t2i": len(val_queries.texts), "i2t": len(val_queries.images)}
+    return AlphaChoice(alpha=chosen, scores=scores, n_val_queries=n, k=int(k))
