@@ -29,6 +29,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 EMOJI_STRIKE = 109  # the one bitmap size Noto Color Emoji carries; FreeType refuses others
 EMOJI_MARGIN = 8  # transparent pixels around the glyph's square
-EMOJI_VERSION = "1"  # bump when the selection, the captions or the rendering change
+EMOJI_VERSION = "2"  # bump when the selection, the captions or the rendering change
 SKIPPED_GROUPS = ("Component",)
 _VARIATION_SELECTOR = 0xFE0F
 _LINE = re.compile(r"^([0-9A-F ]+?)\s*;\s*([a-z-]+)\s*#\s*\S+\s+E\d+\.\d+\s+(.+)$")
@@ -123,11 +124,23 @@ def _font_codepoints(font: Path) -> set[int]:
         return set(tt.getBestCmap())
 
 
-def render_emoji(codepoint: int, font: Path = EMOJI_FONT, size: int = EMOJI_STRIKE, margin: int = EMOJI_MARGIN):
-    """One emoji as an RGBA image: the colour glyph centred on a transparent square."""
-    from PIL import Image, ImageDraw, ImageFont
+@lru_cache(maxsize=4)
+def _face(font: str, size: int):
+    from PIL import ImageFont
 
-    face = ImageFont.truetype(str(font), size, layout_engine=ImageFont.Layout.BASIC)
+    try:
+        return ImageFont.truetype(font, size, layout_engine=ImageFont.Layout.BASIC)
+    except OSError as exc:  # FreeType: a bitmap font has no strike of this size
+        raise InputError(f"cannot load {font} at {size} px ({exc}); Noto Color Emoji draws at {EMOJI_STRIKE} px only") from exc
+
+
+def render_emoji(codepoint: int, font: Path | None = None, size: int = EMOJI_STRIKE, margin: int = EMOJI_MARGIN):
+    """One emoji as an RGBA image: the colour glyph, at the font's size, centred on a transparent square
+    of the glyph cell plus `margin` (152 px for Noto Color Emoji)."""
+    from PIL import Image, ImageDraw
+
+    font = _require(Path(font or EMOJI_FONT), "fonts-noto-color-emoji")
+    face = _face(str(font), size)
     char = chr(codepoint)
     canvas = Image.new("RGBA", (2 * size, 2 * size), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((size // 4, size // 4), char, font=face, embedded_color=True)
@@ -135,7 +148,9 @@ def render_emoji(codepoint: int, font: Path = EMOJI_FONT, size: int = EMOJI_STRI
     if box is None:
         raise InputError(f"U+{codepoint:04X} renders as nothing in {font.name}")
     glyph = canvas.crop(box)
-    side = max(glyph.size) + 2 * margin
+    # One square for every emoji (the glyph cell plus the margin): a small symbol stays small.
+    cell = ImageDraw.Draw(canvas).textbbox((0, 0), char, font=face)
+    side = max(cell[2] - cell[0], cell[3] - cell[1], *glyph.size) + 2 * margin
     square = Image.new("RGBA", (side, side), (0, 0, 0, 0))
     square.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
     return square
@@ -160,14 +175,14 @@ def testbed_captions() -> list[str]:
 
 def build_emoji_domain(
     exclude: Iterable[str],
-    font: Path = EMOJI_FONT,
-    emoji_test: Path = EMOJI_TEST,
+    font: Path | None = None,
+    emoji_test: Path | None = None,
     root: Path | None = None,
 ) -> tuple[list[Pair], dict[str, Any]]:
     """The emoji domain's pairs and manifest, leaving out every emoji whose caption matches one of
     `exclude` (see caption_key). Rendered once and cached under `root` (XBT_HOME/domains/emoji)."""
-    font = _require(Path(font), "fonts-noto-color-emoji")
-    emoji_test = _require(Path(emoji_test), "unicode-data")
+    font = _require(Path(font or EMOJI_FONT), "fonts-noto-color-emoji")
+    emoji_test = _require(Path(emoji_test or EMOJI_TEST), "unicode-data")
     excluded = sorted({caption_key(c) for c in exclude} - {""})
     font_sha, test_sha = _sha256(font), _sha256(emoji_test)
     key = hashlib.sha256(
@@ -198,7 +213,7 @@ def build_emoji_domain(
         seen.add(k)
         kept.append(e)
 
-    images = base / f"render-{font_sha[:16]}-{EMOJI_STRIKE}-{EMOJI_MARGIN}"
+    images = base / f"render-v{EMOJI_VERSION}-{font_sha[:16]}-{EMOJI_STRIKE}-{EMOJI_MARGIN}"
     images.mkdir(parents=True, exist_ok=True)
     pairs = []
     for e in kept:
@@ -236,7 +251,7 @@ def load_domain(name: str) -> list[Pair]:
     """The pairs of a second evaluation domain by name (`domain:emoji`); never for training."""
     if name != "emoji":
         raise InputError(f"there is no evaluation domain {name!r}; domains: {', '.join(DOMAINS)} (e.g. domain:emoji)")
-    pairs, _ = build_emoji_domain(testbed_captions())
+    pairs, _ = build_emoji_domain(testbed_captions(), EMOJI_FONT, EMOJI_TEST)
     return pairs
 
 
@@ -244,4 +259,4 @@ def domain_manifest(name: str) -> dict[str, Any]:
     """The manifest of a built domain (sources, counts, captions dropped for overlap)."""
     if name != "emoji":
         raise InputError(f"there is no evaluation domain {name!r}; domains: {', '.join(DOMAINS)}")
-    return build_emoji_domain(testbed_captions())[1]
+    return build_emoji_domain(testbed_captions(), EMOJI_FONT, EMOJI_TEST)[1]
