@@ -97,7 +97,7 @@ def test_space_guard_on_collection_and_rows(tmp_path):
         assert EmbeddingSpace.from_dict(json.loads(props["xbt.space"])) == SPACE
         # A row written around xbt with another stamp is never served, and `verify` names it.
         client = connect(str(tmp_path / "g.db"))
-        client.insert(g.collection, [{"id": "stray", "vector": x[0], "space": stamp(TWIN), "seq": 0, "added_at": 0.0,
+        client.insert(g.collection, [{"id": "stray", "vector": np.append(x[0], 0), "space": stamp(TWIN), "seq": 0, "added_at": 0.0,
                                       "payload": {}}])
         assert all(h.id != "stray" for h in g.search(x[:1], 11, space=SPACE)[0])
         assert any("another space" in p for p in g.verify())

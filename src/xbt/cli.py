@@ -635,18 +635,115 @@ def gallery_search(
     precision: Precision = "fp32",
 ) -> None:
     """Search a gallery by text or image; prints the hits as JSON."""
-    from xbt.gallery.base import open_gallery
+    from xbt.gallery.base import QueryModelView, open_gallery
     from xbt.gallery.ingest import GalleryRetriever
 
     if (text is None) == (image is None):
         _fail(ValueError("give exactly one of --text or --image"))
     try:
         with open_gallery(_gallery_ref(gallery)) as g:
-            retriever = GalleryRetriever(g, _Runtime(device, precision).load(model))
+            vlp = _Runtime(device, precision).load(model)
+            view = QueryModelView(g, vlp)  # a calibration made for this model applies; one for another is ignored
+            retriever = GalleryRetriever(view, vlp)
             hits = retriever.search_texts([text], k) if text is not None else retriever.search_images([image], k)
+            status = view.calibration_status() if g.calibration else None
     except XbtError as exc:
         _fail(exc)
+    if status is not None:
+        console.print(("" if status["applies"] else "[yellow]note:[/] ") + status["message"])
     _print_json([h.to_dict() for h in hits[0]])
+
+
+@gallery_app.command("calibrate")
+def gallery_calibrate(
+    gallery: str = typer.Option(..., help="The gallery: a folder, or milvus:URI#NAME."),
+    model: str = typer.Option(..., help="The query model the calibration is for (the one that will search: e.g. compat:PATH)."),
+    queries: Optional[str] = typer.Option(None, help="Training pairs whose captions (image gallery) or images (caption gallery) the query model embeds as the bank of queries; never the evaluation queries."),
+    split: Optional[str] = typer.Option(None, help="Split of --queries (e.g. train)."),
+    alpha: Optional[float] = typer.Option(None, help="NNN's weight: each item's score is lowered by alpha x the mean of its top-k similarities to the bank."),
+    val: Optional[str] = typer.Option(None, help="Choose alpha from 0, .25, .5, .75, 1 on these val pairs (with --gallery-model) instead of giving --alpha."),
+    val_split: Optional[str] = typer.Option(None, help="Split of --val (e.g. val)."),
+    gallery_model: Optional[str] = typer.Option(None, help="With --val: the gallery's own model, which embeds the val pairs as the val gallery."),
+    k: int = typer.Option(10, "--k", help="How many of the bank's nearest queries each item's bias averages."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the gallery's calibration instead."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    num_workers: Workers = 0,
+) -> None:
+    """Calibrate a gallery for one query model (hubness reduction, NNN): each item's bias is computed once
+    from a bank of training queries and stored with the gallery (items added later get theirs from the
+    stored bank); searches by that model (`gallery search`, the service) apply it, other models' ignore it."""
+    import numpy as np
+
+    from xbt.data.datasets import open_dataset
+    from xbt.data.pairs import unique_images
+    from xbt.errors import InputError
+    from xbt.eval.calibration import choose_alpha
+    from xbt.eval.embed import PairEmbeddings, caption_image_index, embed_images, embed_texts
+    from xbt.eval.matrix import QueryVectors
+    from xbt.gallery.base import describe_query_model, open_gallery
+    from xbt.gallery.ingest import check_model
+
+    try:
+        with open_gallery(_gallery_ref(gallery)) as g:
+            if clear:
+                console.print("calibration removed" if g.clear_calibration() else "the gallery was not calibrated")
+                return
+            if queries is None:
+                raise InputError("give --queries: training pairs to make the bank of queries from")
+            if (alpha is None) == (val is None):
+                raise InputError("give --alpha A, or --val SOURCE (with --gallery-model) to choose alpha on val pairs")
+            if val is not None and gallery_model is None:
+                raise InputError("--val needs --gallery-model: the gallery's own model embeds the val pairs as the val gallery")
+            if g.modality not in ("image", "text"):
+                raise InputError(f"the gallery at {gallery} has no modality; calibration needs an image or a caption gallery")
+            if val is not None and (val, val_split) == (queries, split):
+                raise InputError("--val and --queries name the same pairs; choose alpha on pairs the bank does not come from")
+            built = g.extra.get("build") or {}
+            if isinstance(built, dict) and built.get("data") in (queries, str(Path(queries).expanduser().resolve())) \
+                    and built.get("split") == split:
+                console.print("[yellow]warning:[/] the bank comes from the very pairs the gallery was built from;"
+                              " make it from training queries, not from the queries the gallery will be searched with")
+            runtime = _Runtime(device, precision, num_workers)
+            vlp = runtime.load(model)
+            check_model(g, vlp)
+            pairs = open_dataset(queries, split)
+            if not pairs:
+                raise InputError(f"{queries} holds no pairs")
+            direction = "t2i" if g.modality == "image" else "i2t"
+            bank = (embed_texts(vlp, [p.caption for p in pairs], show_progress=True) if direction == "t2i"
+                    else embed_images(vlp, pairs, show_progress=True))
+            chosen = None
+            if val is not None:
+                gm = runtime.load(gallery_model)
+                check_model(g, gm)
+                vp = open_dataset(val, val_split)
+                if not vp:
+                    raise InputError(f"{val} holds no pairs")
+                d, n_img = g.space.dim, len(unique_images(vp))
+                empty = np.zeros((0, d), np.float32)
+                if direction == "t2i":
+                    val_gallery = PairEmbeddings(embed_images(gm, vp), np.zeros((len(vp), d), np.float32),
+                                                 caption_image_index(vp), gm.space)
+                    val_queries = QueryVectors(np.zeros((n_img, d), np.float32), embed_texts(vlp, [p.caption for p in vp]), vlp.space)
+                    bank_q = QueryVectors(empty, bank, vlp.space)
+                else:
+                    val_gallery = PairEmbeddings(np.zeros((n_img, d), np.float32), embed_texts(gm, [p.caption for p in vp]),
+                                                 caption_image_index(vp), gm.space)
+                    val_queries = QueryVectors(embed_images(vlp, vp), np.zeros((len(vp), d), np.float32), vlp.space)
+                    bank_q = QueryVectors(bank, empty, vlp.space)
+                chosen = choose_alpha(val_queries, val_gallery, bank_q, k=k, directions=[direction])
+                alpha = chosen.alpha[direction]
+            source = f"{queries}" + (f" (split {split})" if split else "")
+            stamp = g.calibrate(bank, alpha=float(alpha), k=k, query_model=describe_query_model(vlp), space=vlp.space,
+                                source=source)
+    except (XbtError, ValueError) as exc:
+        _fail(exc)
+    if chosen is not None:
+        scores = ", ".join(f"{a:g}: {v:.1f}" for a, v in chosen.scores[direction].items())
+        console.print(f"alpha {alpha:g} chosen on {chosen.n_val_queries[direction]} val {direction} queries"
+                      f" (mean R@1/5/10 per alpha: {scores})")
+    _print_json({"calibration": stamp, **({"val": chosen.to_dict()} if chosen is not None else {})})
 
 
 @gallery_app.command("info")
@@ -659,7 +756,7 @@ def gallery_info(
 ) -> None:
     """A gallery's space, size and index kind (JSON); with --model, what that model is (an ensemble says it
     needs the old model at query time) after the space guard accepted it."""
-    from xbt.gallery.base import open_gallery
+    from xbt.gallery.base import QueryModelView, open_gallery
     from xbt.gallery.ingest import check_model, describe_model
     from xbt.models.device import describe
 
@@ -669,6 +766,7 @@ def gallery_info(
             if model is not None:
                 query_model = _Runtime(device, precision).load(model)
                 check_model(g, query_model)
+                info = QueryModelView(g, query_model).info().to_dict()  # says whether the calibration applies
                 info["model"] = describe_model(query_model) | {"runtime": describe(query_model)}
             problems = g.verify() if verify else None
     except XbtError as exc:
@@ -851,6 +949,7 @@ def serve_command(
     """The HTTP service (FastAPI on uvicorn): a search page at /, search by text or image, add and delete
     items, thumbnails, health, info."""
     from xbt.errors import InputError
+    from xbt.gallery.base import QueryModelView
     from xbt.gallery.ingest import GalleryRetriever
     from xbt.gallery.migrating import MigratingRetriever
     from xbt.gallery.migration import Migration
@@ -879,9 +978,12 @@ def serve_command(
         else:
             if gallery is None:
                 _fail(ValueError("give --gallery (or --migration with --new-model)"))
-            retriever = GalleryRetriever(Gallery.open(gallery), runtime.load(model))
-            old_gallery = retriever.gallery
-        old = GalleryRetriever(old_gallery, runtime.load(old_model)) if old_model else None
+            served_model = runtime.load(model)
+            # Each model searches through its own view: a calibration applies to the model it was made for.
+            retriever = GalleryRetriever(QueryModelView(Gallery.open(gallery), served_model), served_model)
+            old_gallery = retriever.gallery.gallery
+        old_vlp = runtime.load(old_model) if old_model else None
+        old = GalleryRetriever(QueryModelView(old_gallery, old_vlp), old_vlp) if old_vlp is not None else None
     except XbtError as exc:
         _fail(exc)
     console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} "

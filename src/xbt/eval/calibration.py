@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from xbt.eval.matrix import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors, with_bias
-from xbt.eval.retrieval import DEFAULT_KS, MAX_SCORE_ELEMENTS, hits_at_k, retrieval_ranks
+from xbt.eval.retrieval import DEFAULT_KS, MAX_SCORE_ELEMENTS, best_positive_rank, hits_at_k
 
 #: The weights `choose_alpha` tries (0: no calibration, so val can always say "leave it off").
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -128,33 +128,39 @@ class AlphaChoice:
 
 
 def choose_alpha(val_queries: QueryVectors, val_gallery: PairEmbeddings, bank: QueryVectors,
-                 grid: Sequence[float] = ALPHA_GRID, k: int = DEFAULT_K,
-                 ks: Sequence[int] = DEFAULT_KS) -> AlphaChoice:
+                 grid: Sequence[float] = ALPHA_GRID, k: int = DEFAULT_K, ks: Sequence[int] = DEFAULT_KS,
+                 directions: Sequence[str] = DIRECTIONS) -> AlphaChoice:
     """Pick NNN's weight per direction on a val split: `val_queries` (the method's queries of the val
     pairs), `val_gallery` (the old model's embeddings of the same val pairs: the val split's own gallery)
     and `bank` (the method's queries of training pairs). Score: mean R@K over `ks` in that direction.
-    Never pass evaluation queries here."""
+    Only the arrays of the `directions` asked for are used (t2i: text queries, gallery images, the bank's
+    texts; i2t: image queries, gallery captions, the bank's images). Never pass evaluation queries here."""
     if not grid:
         raise ValueError("the alpha grid is empty")
+    unknown = [d for d in directions if d not in DIRECTIONS]
+    if unknown or not directions:
+        raise ValueError(f"directions must be among {', '.join(DIRECTIONS)}; got {list(directions)}")
     grid = sorted({_check_alpha(a) for a in grid})
     val_gallery.space.check(val_queries.space, "the val queries")
     val_gallery.space.check(bank.space, "the bank of queries")
-    if val_queries.images.shape != val_gallery.images.shape or val_queries.texts.shape != val_gallery.texts.shape:
-        raise ValueError(
-            f"val queries (images {val_queries.images.shape}, texts {val_queries.texts.shape}) and the val gallery"
-            f" (images {val_gallery.images.shape}, texts {val_gallery.texts.shape}) must come from the same val pairs"
-        )
-    index = val_gallery.caption_image_index
-    # The bank statistic does not depend on alpha: compute it once, scale it per weight.
-    base = {"t2i": top_k_mean(val_gallery.images, bank.texts, k), "i2t": top_k_mean(val_gallery.texts, bank.images, k)}
-    scores: dict[str, dict[float, float]] = {d: {} for d in DIRECTIONS}
-    for a in grid:
-        text_q, image_g = with_bias(val_queries.texts, val_gallery.images, (a * base["t2i"]).astype(np.float32))
-        image_q, text_g = with_bias(val_queries.images, val_gallery.texts, (a * base["i2t"]).astype(np.float32))
-        ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
-        for d in DIRECTIONS:
-            hits = hits_at_k(ranks[d], ks)
+    index = np.asarray(val_gallery.caption_image_index, dtype=np.int64)
+    n_images, n_captions = len(val_gallery.images), len(index)
+    sides = {"t2i": (val_queries.texts, val_gallery.images, bank.texts, [[int(i)] for i in index]),
+             "i2t": (val_queries.images, val_gallery.texts, bank.images,
+                     [list(np.flatnonzero(index == i)) for i in range(n_images)])}
+    scores: dict[str, dict[float, float]] = {}
+    n: dict[str, int] = {}
+    for d in directions:
+        queries, gallery, bank_side, positives = sides[d]
+        want = (n_captions if d == "t2i" else n_images, gallery.shape[1])
+        if queries.shape != want:
+            raise ValueError(f"{d}: val queries of shape {queries.shape}; the val pairs need {want}"
+                             " (queries and gallery must come from the same val pairs)")
+        base = top_k_mean(gallery, bank_side, k)  # independent of alpha: computed once, scaled per weight
+        scores[d], n[d] = {}, len(queries)
+        for a in grid:
+            q, g = with_bias(queries, gallery, (a * base).astype(np.float32))
+            hits = hits_at_k(best_positive_rank(q, g, positives), ks)
             scores[d][a] = float(100 * np.mean([hits[kk].mean() for kk in ks]))
-    chosen = {d: max(grid, key=lambda a, d=d: (scores[d][a], -a)) for d in DIRECTIONS}
-    n = {"t2i": len(val_queries.texts), "i2t": len(val_queries.images)}
+    chosen = {d: max(grid, key=lambda a, d=d: (scores[d][a], -a)) for d in directions}
     return AlphaChoice(alpha=chosen, scores=scores, n_val_queries=n, k=int(k))

@@ -5,6 +5,12 @@ machine) or `milvus:URI[#COLLECTION]` (`xbt.gallery.milvus.MilvusGallery`: a Mil
 `milvus:./photos.db`, or a Milvus server such as `milvus:http://host:19530#photos`). Ingestion, search,
 serving and the migration work on either through `GalleryBackend`; pymilvus is imported only when a
 Milvus reference is opened.
+
+Calibration (`xbt gallery calibrate`): a gallery holds at most one, made for one query model (identified
+by its encoder id: a compatible model declares the old space, so the space alone cannot tell it from the
+old model). `search(..., query_model=ID)` applies it when ID is that model's; `QueryModelView` binds a
+gallery to the model that searches it (what `GalleryRetriever`, `xbt gallery search` and the service use),
+and its `info()` says whether the calibration applies and why not.
 """
 
 from __future__ import annotations
@@ -42,7 +48,17 @@ class GalleryBackend(Protocol):
 
     def delete(self, ids: Sequence[str]) -> int: ...
 
-    def search(self, queries: Any, k: int, *, space: EmbeddingSpace) -> list[list[Hit]]: ...
+    def search(self, queries: Any, k: int, *, space: EmbeddingSpace, query_model: str | None = None) -> list[list[Hit]]: ...
+
+    @property
+    def calibration(self) -> dict[str, Any] | None: ...
+
+    def calibrate(self, bank: Any, *, alpha: float, k: int, query_model: Mapping[str, Any], space: EmbeddingSpace,
+                  source: str | None = None) -> dict[str, Any]: ...
+
+    def calibration_bank(self) -> np.ndarray | None: ...
+
+    def clear_calibration(self) -> bool: ...
 
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> dict[str, dict[str, Any]]: ...
 
@@ -67,6 +83,61 @@ class GalleryBackend(Protocol):
     def __enter__(self) -> GalleryBackend: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def describe_query_model(model: Any) -> dict[str, str]:
+    """What a calibration is stamped with: the query model's encoder id (what it computes: a compatible
+    model's map and towers, not just the old space it declares), spec and space id."""
+    return {"encoder_id": str(model.encoder_id), "spec": str(model.display_name), "space_id": model.space.id}
+
+
+def calibration_status(calibration: Mapping[str, Any] | None, query_model: Mapping[str, str]) -> dict[str, Any]:
+    """Whether a gallery's calibration applies to a query model's searches, and a sentence saying so."""
+    if not calibration:
+        return {"applies": False, "message": "the gallery is not calibrated: plain inner-product scores"}
+    made_for = calibration["query_model"]
+    if made_for["encoder_id"] == query_model["encoder_id"]:
+        return {"applies": True, "message": f"calibrated for this query model (NNN, alpha {calibration['alpha']},"
+                                            f" k {calibration['k']}, bank of {calibration['bank_size']} queries)"}
+    return {"applies": False, "message": (
+        f"the gallery's calibration was made for another query model ({made_for['spec']}, encoder"
+        f" {made_for['encoder_id']}); {query_model['spec']} searches it uncalibrated (plain inner product)."
+        f" Run `xbt gallery calibrate --model {query_model['spec']} ...` to calibrate it for this model")}
+
+
+class QueryModelView:
+    """A gallery as one query model searches it: `search` names that model (so a calibration made for it
+    applies, and one made for another model is ignored), `info()` adds whether it applies. Everything else
+    is the gallery's own. Two retrievers of one gallery (the served model and the old model) each get a
+    view: nothing about the gallery itself changes."""
+
+    def __init__(self, gallery: GalleryBackend, model: Any):
+        self.gallery = gallery
+        self.query_model = describe_query_model(model)
+
+    def search(self, queries: Any, k: int, *, space: EmbeddingSpace, query_model: str | None = None) -> list[list[Hit]]:
+        return self.gallery.search(queries, k, space=space, query_model=query_model or self.query_model["encoder_id"])
+
+    def calibration_status(self) -> dict[str, Any]:
+        return calibration_status(self.gallery.calibration, self.query_model)
+
+    def info(self) -> GalleryInfo:
+        info = self.gallery.info()
+        if info.calibration:
+            info.calibration = {**info.calibration, **calibration_status(info.calibration, self.query_model)}
+        return info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gallery, name)
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def __enter__(self) -> QueryModelView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gallery.close()
 
 
 def is_milvus(ref: str | Path) -> bool:
@@ -146,6 +217,10 @@ def copy_gallery(source: GalleryBackend, target: str | Path, *, batch: int = 102
             if todo:
                 dest.add(np.stack([stored[i]["vector"] for i in todo]), todo, [stored[i]["payload"] for i in todo],
                          space=source.space, on_conflict="skip")
+        calibration, bank = source.calibration, source.calibration_bank()
+        if calibration and bank is not None and (dest.calibration or {}).get("query_model") != calibration["query_model"]:
+            dest.calibrate(bank, alpha=calibration["alpha"], k=calibration["k"], query_model=calibration["query_model"],
+                           space=source.space, source=calibration.get("bank_source"))
         dest.compact()
         return dest.info()
     finally:

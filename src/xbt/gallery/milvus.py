@@ -18,6 +18,20 @@ exactly as the embedded store; searches also filter on the row stamp, so a row w
 under another stamp is never returned. Rows: id (VARCHAR primary key), vector (FLOAT_VECTOR, inner
 product on unit vectors), space, seq (insertion order, for oldest-first), added_at, payload (JSON).
 
+Calibration (`calibrate`, NNN hubness reduction; `xbt.eval.calibration`): the bias is folded into the
+vector as one extra dimension, as in the embedded store: rows hold [g, bias] and a `calib` field naming
+the calibration the bias belongs to ("" for none); a query of the calibrated model searches [q, -1]
+(score q . g - bias) over the rows of that calibration, any other query [q, 0] (plain q . g). Why not a
+scalar field: Milvus cannot add a per-row offset to a vector score, and re-ranking an over-fetched top-m
+by q . g - bias is not exact (an item outside the raw top-m can enter the calibrated top-k); the extra
+dimension is exact with FLAT and as good as the index otherwise. The bank of queries lives in its own
+small collection (`COLLECTION_nnn_ID`), so items added later get their bias from it. Calibrating rewrites
+every row (upsert) and then commits by setting the collection property `xbt.calibration`; rows whose
+`calib` is not the committed calibration (an interrupted recalibration, a client that added rows with a
+stale view) are searched in a second pass as [q, 0] and returned marked uncalibrated, so scores are never
+mixed. Collections of format xbt.gallery.milvus/1 (no extra dimension) open as before but cannot be
+calibrated: copy them into a new gallery (`xbt gallery export` / `import`).
+
 Durability: `add` and `delete` return after the engine accepted the write. Milvus Lite appends it to its
 write-ahead log and flushes it to the operating system before returning (it survives SIGKILL of the
 process; an OS crash can lose the last writes, as its WAL does not fsync per batch); a Milvus server
@@ -50,10 +64,14 @@ from xbt.gallery.store import (
     _check_ids,
     _payload_json,
     as_vectors,
+    calibration_applies,
+    calibration_stamp,
+    item_biases,
 )
 from xbt.models.base import EmbeddingSpace
 
-FORMAT = "xbt.gallery.milvus/1"
+FORMAT = "xbt.gallery.milvus/2"  # vectors of dim + 1 (the calibration bias) and a `calib` field per row
+FORMAT_V1 = "xbt.gallery.milvus/1"  # still read and written; cannot be calibrated
 PREFIX = "milvus:"
 DEFAULT_NAME = "gallery"
 SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "unix:")
@@ -157,11 +175,22 @@ def _schema(client: Any, dim: int, description: str) -> Any:
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=512)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim + 1)  # [unit vector, calibration bias]
     schema.add_field("space", DataType.VARCHAR, max_length=256)
     schema.add_field("seq", DataType.INT64)
     schema.add_field("added_at", DataType.DOUBLE)
     schema.add_field("payload", DataType.JSON)
+    # The calibration the row's bias belongs to; "" for none (also for a row written around xbt without it).
+    schema.add_field("calib", DataType.VARCHAR, max_length=64, default_value="")
+    return schema
+
+
+def _bank_schema(client: Any, dim: int) -> Any:
+    from pymilvus import DataType
+
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description="xbt calibration bank")
+    schema.add_field("row", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     return schema
 
 
@@ -195,7 +224,7 @@ class MilvusGallery:
         self._ref, self._client, self.collection, self.alias = ref, client, collection, alias
         self._lock = threading.RLock()
         props = self._describe()["properties"]
-        if props.get("xbt.format") != FORMAT:
+        if props.get("xbt.format") not in (FORMAT, FORMAT_V1):
             raise InputError(
                 f"the Milvus collection {collection!r} at {ref.uri} is not an xbt gallery (format"
                 f" {props.get('xbt.format')!r}); create one with `xbt gallery build` or MilvusGallery.create"
@@ -208,6 +237,9 @@ class MilvusGallery:
         self._extra = json.loads(props.get("xbt.extra", "{}"))
         self._kind = str(props.get("xbt.index_kind", "flat"))
         self._seq = 0
+        self._padded = props.get("xbt.format") == FORMAT  # rows hold [vector, bias] and a calib field
+        self._calibration: dict[str, Any] | None = json.loads(props["xbt.calibration"]) if props.get("xbt.calibration") else None
+        self._bank: np.ndarray | None = None
 
     # ---- construction ---------------------------------------------------------------------------
     @staticmethod
@@ -399,6 +431,8 @@ class MilvusGallery:
             seqs, now = self._next_seqs(len(keep)), time.time()
             rows = [{"id": ids[j], "vector": x[j], "space": self._stamp, "seq": int(s), "added_at": now,
                      "payload": docs[j]} for j, s in zip(keep, seqs)]
+            if self._padded:
+                self._pad_rows(rows, x[keep])
             write = self._db().upsert if on_conflict == "replace" and existing else self._db().insert
             for start in range(0, len(rows), _ROW_CHUNK):
                 self._call(write, self.collection, rows[start : start + _ROW_CHUNK])
@@ -412,6 +446,126 @@ class MilvusGallery:
             for start in range(0, len(there), _ID_CHUNK):
                 self._call(self._db().delete, self.collection, ids=there[start : start + _ID_CHUNK])
             return len(there)
+
+    # ---- calibration -----------------------------------------------------------------------------
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The stamp of this gallery's calibration (None: not calibrated), as read at open / `refresh`."""
+        return dict(self._calibration) if self._calibration else None
+
+    def _bank_name(self, calibration_id: str) -> str:
+        return f"{self.collection}_nnn_{calibration_id[:16]}"
+
+    def calibration_bank(self) -> np.ndarray | None:
+        """The calibration's bank of queries (None: not calibrated, or its bank collection is gone)."""
+        with self._lock:
+            self._refresh_calibration()
+            bank = self._bank_vectors() if self._calibration else None
+            return None if bank is None else bank.copy()
+
+    def _bank_vectors(self) -> np.ndarray | None:
+        """The committed calibration's bank (read from its collection once); None if it is missing."""
+        assert self._calibration is not None
+        if self._bank is None:
+            name = self._bank_name(self._calibration["id"])
+            db = self._db()
+            if not db.has_collection(name):
+                return None
+            self._call(db.load_collection, name)
+            rows: list[dict[str, Any]] = []
+            it = self._call(db.query_iterator, name, batch_size=4096, filter="", output_fields=["row", "vector"])
+            try:
+                while page := it.next():
+                    rows += page
+            finally:
+                it.close()
+            rows.sort(key=lambda r: int(r["row"]))
+            if len(rows) != int(self._calibration["bank_size"]):
+                return None
+            self._bank = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), self.space.dim)
+        return self._bank
+
+    def _pad_rows(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+        """Rows of a /2 collection: [vector, bias of the committed calibration] and its id ([vector, 0] and
+        "" without one, or when its bank cannot be read: such rows are searched uncalibrated)."""
+        self._refresh_calibration()
+        bank = self._bank_vectors() if self._calibration else None
+        if self._calibration and bank is not None and len(rows):
+            biases = item_biases(vectors, bank, self._calibration["alpha"], self._calibration["k"])
+            calib = self._calibration["id"]
+        else:
+            biases, calib = np.zeros(len(rows), np.float32), ""
+        for row, v, b in zip(rows, vectors, biases):
+            row["vector"] = np.append(v, np.float32(b)).astype(np.float32)
+            row["calib"] = calib
+
+    def _refresh_calibration(self) -> None:
+        props = self._describe()["properties"]
+        calibration = json.loads(props["xbt.calibration"]) if props.get("xbt.calibration") else None
+        if (calibration or {}).get("id") != (self._calibration or {}).get("id"):
+            self._calibration, self._bank = calibration, None
+
+    def calibrate(self, bank: Any, *, alpha: float, k: int, query_model: Mapping[str, Any], space: EmbeddingSpace,
+                  source: str | None = None, batch: int = _ROW_CHUNK) -> dict[str, Any]:
+        """Calibrate the gallery for one query model (NNN; see the module's doc): stores the bank in its own
+        collection, rewrites every row as [vector, bias] under the new calibration's id, then commits the
+        stamp (collection property). Replaces an earlier calibration; an interrupted run leaves the previous
+        one in force (rows it rewrote are searched uncalibrated until it is run again). Returns the stamp."""
+        self.space.check(space, "the bank of queries")
+        if not self._padded:
+            raise InputError(f"{self.ref} is a gallery of format {FORMAT_V1}, which has no room for a calibration"
+                             " bias; copy it into a new gallery (`xbt gallery export` / `import`) and calibrate that")
+        bank = as_vectors(bank, self.space.dim, "the bank of queries")
+        if len(bank) == 0:
+            raise InputError("the bank of queries is empty: give training pairs (--queries) to calibrate with")
+        calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model)  # checks the arguments
+        with self._lock:
+            db = self._db()
+            new_id = calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model)["id"]
+            bank_name = self._bank_name(new_id)
+            index_params = db.prepare_index_params()
+            index_params.add_index("vector", index_type="FLAT", metric_type="IP")
+            self._call(db.create_collection, bank_name, schema=_bank_schema(db, self.space.dim),
+                       index_params=index_params, consistency_level="Strong")
+            for start in range(0, len(bank), _ROW_CHUNK):
+                self._call(db.insert, bank_name, [{"row": start + i, "vector": v}
+                                                  for i, v in enumerate(bank[start : start + _ROW_CHUNK])])
+            self._call(db.flush, bank_name)
+            rows = self._scan(["vector", "space", "added_at", "payload"], batch)
+            vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), -1)[:, : self.space.dim]
+            biases = item_biases(vectors, bank, alpha, k) if len(rows) else np.zeros(0, np.float32)
+            for start in range(0, len(rows), batch):
+                chunk = [{"id": r["id"], "vector": np.append(v, np.float32(b)).astype(np.float32), "space": r["space"],
+                          "seq": int(r["seq"]), "added_at": float(r["added_at"]), "payload": r.get("payload") or {},
+                          "calib": new_id}
+                         for r, v, b in zip(rows[start : start + batch], vectors[start : start + batch],
+                                            biases[start : start + batch])]
+                self._call(db.upsert, self.collection, chunk)
+            stamp = {**calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model,
+                                         source=source, bias=biases), "id": new_id}
+            self._set_props({"xbt.calibration": json.dumps(stamp)})  # the commit point
+            self._calibration, self._bank = stamp, bank
+            self._drop_banks(keep=bank_name)
+            return dict(stamp)
+
+    def _drop_banks(self, keep: str | None) -> None:
+        """Drop this collection's bank collections but `keep` (left by earlier or interrupted calibrations)."""
+        db = self._db()
+        prefix = f"{self.collection}_nnn_"
+        for name in db.list_collections():
+            if name.startswith(prefix) and name != keep:
+                self._call(db.drop_collection, name)
+
+    def clear_calibration(self) -> bool:
+        """Remove the calibration (rows keep their bias values but are searched plainly); False if none."""
+        with self._lock:
+            self._refresh_calibration()
+            if not self._calibration:
+                return False
+            self._set_props({"xbt.calibration": ""})
+            self._calibration, self._bank = None, None
+            self._drop_banks(keep=None)
+            return True
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from pymilvus.exceptions import MilvusException
@@ -434,20 +588,39 @@ class MilvusGallery:
         """The kind the collection's index was built as (read at open, changed by `compact`)."""
         return self._kind
 
-    def search(self, queries: Any, k: int, *, space: EmbeddingSpace) -> list[list[Hit]]:
+    def search(self, queries: Any, k: int, *, space: EmbeddingSpace, query_model: str | None = None) -> list[list[Hit]]:
         """Top-k items by inner product (cosine) per query row. Queries must come from this gallery's
-        space: SpaceMismatchError otherwise, whatever their dimension."""
+        space: SpaceMismatchError otherwise, whatever their dimension. `query_model`: the encoder id of
+        the model that made the queries; when the gallery is calibrated for it, scores are q . g - bias[g]
+        (hits calibrated=True; rows of no or another calibration: plain q . g, calibrated=False)."""
         self.space.check(space, "the query vectors")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise InputError(f"k must be a positive integer; got {k!r}")
         q = as_vectors(queries, self.space.dim, "the query vectors")
         k = min(int(k), _MAX_K)
+        applies = self._padded and calibration_applies(self._calibration, query_model)
+        space_filter = f'space == "{self._stamp}"'
         with self._lock:
-            result = self._call(self._db().search, self.collection, data=[row for row in q], limit=k,
-                                filter=f'space == "{self._stamp}"', output_fields=["payload"], anns_field="vector",
-                                search_params=self._search_params(self.index_kind, k))
-        return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"].get("payload") or {}), self.space.id)
-                 for h in row] for row in result]
+            if not applies:
+                data = np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1) if self._padded else q
+                return self._search(data, k, space_filter, None)
+            assert self._calibration is not None
+            calib = self._calibration["id"]
+            hits = self._search(np.concatenate([q, -np.ones((len(q), 1), np.float32)], axis=1), k,
+                                f'{space_filter} and calib == "{calib}"', True)
+            others = self._call(self._db().query, self.collection, filter=f'calib != "{calib}"', output_fields=["count(*)"])
+            if int(others[0]["count(*)"]) == 0:
+                return hits
+            plain = self._search(np.concatenate([q, np.zeros((len(q), 1), np.float32)], axis=1), k,
+                                 f'{space_filter} and calib != "{calib}"', False)
+        return [sorted(a + b, key=lambda h: -h.score)[:k] for a, b in zip(hits, plain)]
+
+    def _search(self, data: np.ndarray, k: int, expr: str, calibrated: bool | None) -> list[list[Hit]]:
+        result = self._call(self._db().search, self.collection, data=[row for row in data], limit=k,
+                            filter=expr, output_fields=["payload"], anns_field="vector",
+                            search_params=self._search_params(self.index_kind, k))
+        return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"].get("payload") or {}), self.space.id,
+                     calibrated) for h in row] for row in result]
 
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> dict[str, dict[str, Any]]:
         """{id: {"payload": ..., "added_at": ..., ["vector": ...]}} for the ids that are stored."""
@@ -460,7 +633,7 @@ class MilvusGallery:
                 for row in self._call(self._db().get, self.collection, ids=chunk, output_fields=fields):
                     entry: dict[str, Any] = {"payload": dict(row.get("payload") or {}), "added_at": float(row["added_at"])}
                     if with_vectors:
-                        entry["vector"] = np.asarray(row["vector"], dtype=np.float32)
+                        entry["vector"] = np.asarray(row["vector"], dtype=np.float32)[: self.space.dim]
                     out[str(row["id"])] = entry
         return out
 
@@ -506,11 +679,18 @@ class MilvusGallery:
 
     def info(self) -> MilvusGalleryInfo:
         n = len(self)
+        with self._lock:
+            self._refresh_calibration()
+            calibration = None
+            if self._calibration:
+                others = self._call(self._db().query, self.collection, filter=f'calib != "{self._calibration["id"]}"',
+                                    output_fields=["count(*)"])
+                calibration = {**self._calibration, "uncalibrated_items": int(others[0]["count(*)"])}
         return MilvusGalleryInfo(
             path=self.path, format=FORMAT, space=self.space.to_dict(), space_id=self.space.id, modality=self.modality,
             size=n, index_kind=self.index_kind, index_config=self.index_config.to_dict(),
             recommended_kind=self.index_config.choose(n), tombstones=0, created_at=self.created_at, extra=self.extra,
-            uri=self._ref.uri, collection=self.collection, alias=self.alias,
+            uri=self._ref.uri, collection=self.collection, alias=self.alias, calibration=calibration,
         )
 
     def verify(self) -> list[str]:
@@ -520,7 +700,7 @@ class MilvusGallery:
         bad = [r["id"] for r in rows if r["space"] != self._stamp]
         if bad:
             problems.append(f"{len(bad)} rows stamped with another space (e.g. {bad[0]!r})")
-        norms = np.array([np.linalg.norm(r["vector"]) for r in rows]) if rows else np.ones(0)
+        norms = np.array([np.linalg.norm(np.asarray(r["vector"])[: self.space.dim]) for r in rows]) if rows else np.ones(0)
         if len(norms) and np.abs(norms - 1).max() > 1e-3:
             problems.append(f"{int((np.abs(norms - 1) > 1e-3).sum())} vectors are not of unit length")
         if self.alias is not None and self._resolve(self._db(), self.alias)[0] != self.collection:
@@ -553,7 +733,9 @@ class MilvusGallery:
             self._call(db.load_collection, self.collection)
 
     def refresh(self) -> None:
-        """Nothing to pick up: the engine is the state."""
+        """Pick up a calibration made by another client (the rows are the engine's state)."""
+        with self._lock:
+            self._refresh_calibration()
 
     # Uploaded bytes are kept, named by content, in `media_dir`: the embedded store's very code.
     store_media = Gallery.store_media

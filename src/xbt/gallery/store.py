@@ -224,7 +224,7 @@ def calibration_stamp(*, alpha: float, k: int, bank_size: int, query_model: Mapp
     }
     if bias is not None and len(bias):
         stamp["bias"] = {"min": float(np.min(bias)), "mean": float(np.mean(bias)), "max": float(np.max(bias)),
-                         "items": int(len(bias))}
+                         "items": len(bias)}
     return stamp
 
 
@@ -532,6 +532,11 @@ class Gallery:
             self._calibration, self._bank = stamp, bank
             self.rebuild_index()
             return dict(stamp)
+
+    def calibration_bank(self) -> np.ndarray | None:
+        """The calibration's bank of queries (None: not calibrated): what `copy_gallery` carries over."""
+        with self._lock, self._transaction(write=False):
+            return self._bank_vectors().copy() if self._calibration else None
 
     def clear_calibration(self) -> bool:
         """Remove the calibration (biases, bank, stamp) in one transaction; False if there was none."""

@@ -231,6 +231,9 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
         space: str
         thumbnail: str | None = Field(None, description="URL of the item's thumbnail, when it has one this service shows")
         gallery: Literal["old", "new"] | None = Field(None, description="during a migration: the gallery the hit came from")
+        calibrated: bool | None = Field(None, description="true: the score is lowered by the item's calibration bias (the"
+                                        " gallery is calibrated for this query model); false: it is, but this item has no"
+                                        " bias; null: no calibration applies (see /info)")
 
     class SearchOut(BaseModel):
         results: list[HitOut]
