@@ -343,6 +343,9 @@ def evaluate(
     seed: int = typer.Option(0),
     data_efficiency: Optional[str] = typer.Option(None, help="Training-pair counts for the data-efficiency curve, e.g. 50,100,200."),
     testbed: bool = typer.Option(False, "--testbed", help="Defaults for the offline testbed (eval split, text corpus + xbt_train, val support)."),
+    folds: Optional[int] = typer.Option(None, help="With --testbed: cross-validate over K folds of the Tux Paint items (models retrained per fold), pooled."),
+    seeds: int = typer.Option(1, help="With --folds: repeat over this many seeds (fold deal and training), report the seed spread."),
+    cv_config: str = typer.Option("cv-testbed", help="With --folds: the methods and XBT variants to cross-validate (a YAML file or a shipped name)."),
     show_recommendation: bool = typer.Option(True, "--recommend/--no-recommend", help="Print the recommended method."),
     device: Device = "auto",
     precision: Precision = "fp32",
@@ -353,6 +356,14 @@ def evaluate(
     from xbt.eval.report import format_summary, write_report
     from xbt.eval.runner import TESTBED_DEFAULTS, evaluate_from_specs
 
+    if folds is not None:
+        if not testbed:
+            _fail(ValueError("--folds cross-validates the offline testbed: add --testbed"))
+        results = _crossval(folds, seeds, cv_config, resamples, [int(k) for k in ks.split(",")], out)
+        paths = write_report(results, out, markdown)
+        print(format_summary(results))
+        console.print("wrote " + ", ".join(str(p) for k, p in paths.items() if not k.startswith("figure:")))
+        return
     defaults = TESTBED_DEFAULTS if testbed else {}
     old, new, data = old or defaults.get("old"), new or defaults.get("new"), data or defaults.get("data")
     if not (old and new and data):
@@ -379,6 +390,23 @@ def evaluate(
         rec = results["recommendation"]
         console.print(f"[bold]recommended:[/] {rec['method'] or 'none'}. {rec['reason']}")
     console.print("wrote " + ", ".join(str(p) for k, p in paths.items() if not k.startswith("figure:")))
+
+
+def _crossval(folds: int, seeds: int, cv_config: str, resamples: int, ks: list[int], out: Path) -> dict:
+    """`xbt evaluate --testbed --folds K`: run (or resume) every fold (under XBT_HOME/runs), pooled."""
+    import yaml
+
+    from xbt.eval.crossval import CrossValConfig, run_crossval
+
+    try:
+        from xbt.paths import resolve_config
+
+        doc = yaml.safe_load(resolve_config(cv_config).read_text()) or {}
+        compare = [tuple(pair) for pair in doc.pop("compare", [])]
+        cfg = CrossValConfig(k=folds, seeds=tuple(range(seeds)), ks=ks, n_resamples=resamples, **doc)
+        return run_crossval(cfg, show_progress=True, command="xbt " + " ".join(sys.argv[1:]), compare=compare)
+    except (XbtError, ValueError, TypeError) as exc:
+        _fail(exc)
 
 
 @app.command("recommend")

@@ -225,6 +225,42 @@ def recall_table(results: dict[str, Any], direction: str) -> tuple[list[str], li
     return header, rows
 
 
+def crossval_tables(results: dict[str, Any]) -> list[Block]:
+    """The cross-validation section: how the pooled figures were made, each method's mean gain with its
+    interval and seed spread, and the paired differences asked for."""
+    cv = results.get("crossval")
+    if not cv:
+        return []
+    matrix = UpgradeMatrix.from_dict(results["matrix"])
+    spread = cv.get("seed_spread", {}).get("methods", {})
+    n = cv["pooled_queries"]
+    blocks = [
+        Block("heading", "Cross-validation"),
+        Block("text", f"{cv['folds']} folds over the Tux Paint caption groups, seeds {', '.join(map(str, cv['seeds']))} (each "
+                      "seed deals the folds anew and reseeds every training); per fold, the old and new models, every peer "
+                      "and every XBT variant are trained without that fold's items, and every choice is made on the fold's "
+                      f"val split. Pooled: {n['t2i']} text and {n['i2t']} image queries, each query's hit averaged over the "
+                      f"seeds; galleries of {min(cv['gallery_per_fold'])}-{max(cv['gallery_per_fold'])} items per fold (recalls "
+                      "are higher than on a 299-item gallery). Interval: paired bootstrap over the pooled queries; seed "
+                      "spread: standard deviation over seeds of each seed's pooled figure."),
+    ]
+    header = ["method", "mean update gain", "seed spread (sd)", "per seed", "cells passing (confident / point)"]
+    rows = []
+    gain = {name: matrix.mean_gain(name) for name in matrix.methods}
+    for name in sorted(matrix.methods, key=lambda m: -gain[m] if math.isfinite(gain[m]) else math.inf):
+        per_seed = spread.get(name, {}).get("mean_gain", {})
+        rows.append([name, f"{_num(matrix.mean_gain(name), 1)}%", f"{_num(per_seed.get('sd'), 1)}",
+                     ", ".join(_num(v, 1) for v in per_seed.get("values", [])),
+                     f"{matrix.n_passing(name, confidently=True)} / {matrix.n_passing(name)} of {len(matrix.cells(name))}"])
+    blocks.append(Block("table", (header, rows)))
+    if cv.get("differences"):
+        header = ["a - b", "mean update gain difference (points, 95% paired interval)", "above zero"]
+        rows = [[f"{d['a']} - {d['b']}", _interval(d["mean_gain_difference"], signed=True), "yes" if d["above_zero"] else "no"]
+                for d in cv["differences"]]
+        blocks += [Block("heading", "Paired differences", 3), Block("table", (header, rows))]
+    return blocks
+
+
 # ----- figures ---------------------------------------------------------------------------------------------
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
@@ -369,6 +405,7 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
     rec = results.get("recommendation") or {}
     blocks += [Block("heading", "Recommendation"),
                Block("text", (f"**{rec['method']}**. " if rec.get("method") else "**No method qualifies.** ") + str(rec.get("reason", "")))]
+    blocks += crossval_tables(results)
     blocks += [Block("heading", "Methods"), Block("table", methods_table(results)),
                Block("text", "Query-time cost: microseconds per query added on top of the encoder (best of repeated "
                              "runs on one thread of the machine that ran the evaluation). A method that needs the old "

@@ -79,6 +79,11 @@ class EvaluationRun:
     timings_s: dict[str, float] = field(default_factory=dict)
     data_efficiency: list[dict[str, Any]] = field(default_factory=list)
     compatible: dict[str, CompatibleModel] = field(default_factory=dict)  # not serialised: save_pretrained each
+    # Not serialised either: what the matrix was computed from, for analyses on top of a run (pooling
+    # hits over cross-validation folds, calibration): each method's queries and the old/new embeddings
+    # of the evaluation pairs ("old", "new").
+    queries: dict[str, QueryVectors] = field(default_factory=dict)
+    embeddings: dict[str, PairEmbeddings] = field(default_factory=dict)
 
     def to_results(self) -> dict[str, Any]:
         """The results.json document (schema: docs/results-schema.md); strict JSON (NaN becomes null)."""
@@ -335,6 +340,8 @@ def run_evaluation(
         timings_s=timings,
         data_efficiency=curve,
         compatible=compatible,
+        queries=queries,
+        embeddings={"old": old_eval, "new": new_eval},
     )
 
 

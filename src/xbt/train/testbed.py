@@ -59,3 +59,21 @@ def build_testbed(models: Sequence[str] = ("old", "new"), force: bool = False, s
         timings[f"model_{name}_s"] = time.perf_counter() - t
     sizes = json.loads(manifest.read_text())["sizes"]
     return {"sizes": sizes, "timings": timings, "root": str(testbed_dir())}
+
+
+def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
+    """A cross-validation fold's old and new testbed models (xbt.data.folds): the same recipe as the
+    testbed's, trained without the fold's evaluation (and val) items, seeded by the fold seed; built once
+    under the fold's folder and loaded afterwards (spec lit:PATH)."""
+    from xbt.specs import load_model
+
+    models = {}
+    for name in ("old", "new"):
+        spec = TESTBED_MODELS[name]
+        out = fold.root / "models" / name
+        if not (out / "config.json").exists():
+            pairs = fold.vlp_old if spec.split == "vlp_old" else fold.vlp_new
+            config = LitTrainConfig(embed_dim=spec.embed_dim, seed=fold.seed)
+            train_lit_model(spec, pairs, out, config=config, show_progress=show_progress)
+        models[name] = load_model(f"lit:{out}")
+    return models
