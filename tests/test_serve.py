@@ -70,7 +70,7 @@ def test_search_by_text_and_by_image(service):
     r = httpx.post(f"{url}/search/text", json={"text": "a colourful picture", "k": 3})
     assert r.status_code == 200
     results = r.json()["results"]
-    assert len(results) == 3 and set(results[0]) == {"id", "score", "payload", "space", "thumbnail", "gallery"}
+    assert len(results) == 3 and set(results[0]) == {"id", "score", "payload", "space", "thumbnail", "gallery", "calibrated"}
     assert [x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True)
     r = httpx.post(f"{url}/search/image", files={"file": ("q.png", _png(service["images"][3]), "image/png")}, data={"k": "2"})
     assert r.status_code == 200, r.text
