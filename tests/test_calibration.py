@@ -337,3 +337,72 @@ def test_cli_calibrate_search_info_and_the_service(tmp_path, world):
     _cli("gallery", "calibrate", "--gallery", g, "--model", world["compat"], "--clear")
     with Gallery.open(g) as gal:
         assert gal.calibration is None
+
+
+# ----- SIGKILL during calibration and adds ----------------------------------------------------------------
+_KILL_WORKER = """
+import sys
+import numpy as np
+from xbt.gallery.store import Gallery
+from xbt.models.base import EmbeddingSpace
+
+space = EmbeddingSpace("test-space", 16, "ab" * 32)
+model = {"encoder_id": "compat-aaa", "spec": "compat:/models/a", "space_id": space.id}
+rng = np.random.default_rng(int(sys.argv[2]))
+with Gallery.open(sys.argv[1]) as g:
+    print("READY", flush=True)
+    for step in range(10_000):
+        if step % 3 == 2:  # items added while calibrated: biased from the stored bank in their own commit
+            x = rng.standard_normal((50, 16)).astype(np.float32)
+            g.add(x, [f"s{sys.argv[2]}-{step}-{i}" for i in range(50)], space=space)
+            print("ADDED", step, flush=True)
+        else:
+            bank = rng.standard_normal((int(rng.integers(20, 200)), 16)).astype(np.float32)
+            stamp = g.calibrate(bank, alpha=float(rng.choice([0.25, 0.5, 1.0])), k=int(rng.integers(1, 12)),
+                                query_model=model, space=space)
+            print("CALIBRATED", stamp["id"], flush=True)
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_during_calibration_leaves_one_whole_calibration(tmp_path, seed):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from gallery_support import acknowledged_lines
+
+    with Gallery.create(tmp_path / "g", SPACE, modality="image") as g:
+        g.add(unit_rows(3000, 16, 0), [f"i{i}" for i in range(3000)], space=SPACE)
+    script = tmp_path / "worker.py"
+    script.write_text(_KILL_WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "g"), str(seed)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, reader = acknowledged_lines(proc, "the calibrating worker")
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("CALIBRATED") for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(float(np.random.default_rng(seed).uniform(0.0, 1.5)))
+    proc.kill()
+    proc.wait()
+    reader.join(10)
+    acknowledged = [line.split()[1] for line in lines if line.startswith("CALIBRATED")]
+    added = sum(1 for line in lines if line.startswith("ADDED"))
+    assert acknowledged, f"the worker never calibrated: {proc.stderr.read()}"
+    with Gallery.open(tmp_path / "g") as g:
+        stamp = g.calibration
+        # The stamp is the last acknowledged calibration, or a later one that committed just before the kill.
+        assert stamp is not None and (stamp["id"] == acknowledged[-1] or stamp["id"] not in acknowledged[:-1])
+        assert g.verify() == [] and len(g) >= 3000 + 50 * added
+        ids = g.ids()
+        vectors = np.stack([g.get([i], with_vectors=True)[i]["vector"] for i in ids])
+        bank = g.calibration_bank()
+        assert len(bank) == stamp["bank_size"]
+        expected = _reference_bias(vectors, bank, stamp["alpha"], stamp["k"])
+    with sqlite3.connect(tmp_path / "g" / "gallery.db") as db:
+        stored = dict(db.execute("SELECT i.id, b.bias FROM calibration_bias b JOIN items i USING(label)").fetchall())
+    # Every item, those added after the calibration included, carries the bias of the stamp's bank and alpha.
+    assert len(stored) == len(ids)
+    assert np.allclose([stored[i] for i in ids], expected, atol=1e-4)
