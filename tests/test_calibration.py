@@ -406,3 +406,17 @@ def test_sigkill_during_calibration_leaves_one_whole_calibration(tmp_path, seed)
     # Every item, those added after the calibration included, carries the bias of the stamp's bank and alpha.
     assert len(stored) == len(ids)
     assert np.allclose([stored[i] for i in ids], expected, atol=1e-4)
+
+
+def test_cli_calibrate_a_milvus_gallery(tmp_path, world):
+    g = f"milvus:{tmp_path / 'm.db'}#photos"
+    _cli("gallery", "build", "--model", world["old"], "--data", world["gallery_pairs"], "--out", g)
+    stamp = json.loads(_cli("gallery", "calibrate", "--gallery", g, "--model", world["compat"], "--queries", world["train"],
+                            "--alpha", "0.75"))["calibration"]
+    assert stamp["alpha"] == 0.75 and stamp["bank_size"] == 12
+    hits = json.loads(_cli("gallery", "search", "--gallery", g, "--model", world["compat"], "--text", "a red square"))
+    assert len(hits) == 6 and all(h["calibrated"] is True for h in hits)
+    hits = json.loads(_cli("gallery", "search", "--gallery", g, "--model", world["old"], "--text", "a red square"))
+    assert all(h["calibrated"] is None for h in hits)
+    info = json.loads(_cli("gallery", "info", "--gallery", g, "--verify"))
+    assert info["calibration"]["id"] == stamp["id"] and info["problems"] == []
