@@ -285,7 +285,25 @@ def test_cli_backfill_curve(tmp_path, models, xbt_home):
     assert result.exit_code == 0, result.output
     assert "backfilled" in result.stdout and "t2i R@1" in result.stdout
     curves = json.loads((tmp_path / "curve.json").read_text())
-    assert set(curves) == {"t2i", "i2t"} and len(curves["t2i"]["recall"]["1"]) == 11
+    assert set(curves["orders"]) == {"random"} and set(curves["orders"]["random"]) == {"t2i", "i2t"}
+    assert len(curves["orders"]["random"]["t2i"]["recall"]["1"]) == 11
+    assert set(curves["summary"]["random"]["i2t"]) >= {"fraction_for_80pct_gain", "area_r1", "gain_area_r1"}
+    # Several orders at once, drawn; benefit without training pairs says what is missing.
+    orders = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat",
+                                      f"compat:{tmp_path / 'compat'}", "--data", str(tmp_path / "pairs.jsonl"),
+                                      "--orders", "random,oldest", "--steps", "4", "--plot", str(tmp_path / "c.png"),
+                                      "--out", str(tmp_path / "orders.json")])
+    assert orders.exit_code == 0, orders.output
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    both = json.loads((tmp_path / "orders.json").read_text())
+    assert set(both["orders"]) == {"random", "oldest"} and both["protocol"]["fractions"] == [0, 0.25, 0.5, 0.75, 1.0]
+    no_fit = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat",
+                                      f"compat:{tmp_path / 'compat'}", "--data", str(tmp_path / "pairs.jsonl"),
+                                      "--orders", "benefit"])
+    assert no_fit.exit_code == 1 and "--fit-pairs" in no_fit.output
+    bad = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat",
+                                   f"compat:{tmp_path / 'compat'}", "--data", str(tmp_path / "pairs.jsonl"), "--orders", "best"])
+    assert bad.exit_code == 1 and "--orders takes" in bad.output
     wrong = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat", new_spec,
                                      "--data", str(tmp_path / "pairs.jsonl")])
     assert wrong.exit_code == 1 and "same dimension" in wrong.output

@@ -822,12 +822,39 @@ def gallery_delete(
     console.print(f"deleted {n}")
 
 
+def _fit_benefit(runtime: _Runtime, old_spec: Optional[str], new_model, compat_spec: Optional[str], fit_pairs: Optional[str],
+                 modality: str, fit_split: Optional[str] = None, old_model=None, compat_model=None):
+    """The benefit scorer of `--order benefit`: chosen on the training pairs' embeddings by the old, new and
+    compatible models (`xbt.eval.benefit.fit_benefit_pairs`); the fit report goes to the console."""
+    from xbt.data.datasets import open_dataset
+    from xbt.eval.benefit import describe_candidates, fit_benefit_pairs
+    from xbt.eval.embed import embed_pairs
+    from xbt.eval.runner import compatible_queries
+
+    missing = [flag for flag, value in (("--compat", compat_spec or compat_model), ("--old-model", old_spec or old_model),
+                                        ("--fit-pairs", fit_pairs)) if not value]
+    if missing:
+        raise ValueError(f"the benefit order is estimated from training pairs: give {', '.join(missing)}"
+                         " (the compatible model, the gallery's own model and the training pairs)")
+    old_model = old_model or runtime.load(old_spec)
+    compat_model = compat_model or runtime.load(compat_spec)
+    old_model.space.check(compat_model.space, f"the compatible model {compat_spec!r}")
+    pairs = open_dataset(fit_pairs, fit_split)
+    old_fit, new_fit = embed_pairs(old_model, pairs, True), embed_pairs(new_model, pairs, True)
+    scorer = fit_benefit_pairs(old_fit, new_fit, compatible_queries(compat_model, pairs, new_fit, old_fit, True), modality)
+    console.print(describe_candidates(scorer.fit_report))
+    return scorer
+
+
 @gallery_app.command("backfill")
 def gallery_backfill(
     state: Path = typer.Option(..., help="Migration folder (created on the first run; resumed afterwards)."),
     model: str = typer.Option(..., help="The new model (its own space: the gallery being built)."),
     gallery: Optional[str] = typer.Option(None, help="The old gallery (needed on the first run only); on Milvus the new vectors go to a second collection, and the cut-over moves the gallery's alias to it."),
-    order: str = typer.Option("oldest", help="Priority: oldest, newest, id, field:NAME, -field:NAME, or @FILE of ids (one a line)."),
+    order: str = typer.Option("oldest", help="Priority: oldest, newest, id, field:NAME, -field:NAME, benefit (the largest estimated benefit first: needs --compat, --old-model and --fit-pairs), or @FILE of ids (one a line)."),
+    compat: Optional[str] = typer.Option(None, help="--order benefit: the compatible model (new -> old space) whose queries the gallery serves meanwhile."),
+    old_model: Optional[str] = typer.Option(None, help="--order benefit: the gallery's own (old) model, to embed --fit-pairs."),
+    fit_pairs: Optional[str] = typer.Option(None, help="--order benefit: training pairs (any source `xbt evaluate` reads, e.g. testbed:xbt_train) on which the benefit estimate is chosen; never the evaluation items."),
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
     cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
@@ -853,7 +880,11 @@ def gallery_backfill(
             if order.startswith("@"):
                 priority = [line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
             with open_gallery(_gallery_ref(gallery)) as old:
-                Migration.start(state, old, new_model.space, priority)  # type: ignore[arg-type]
+                scorer = None
+                if order == "benefit":
+                    runtime = _Runtime(device, precision, num_workers)
+                    scorer = _fit_benefit(runtime, old_model, new_model, compat, fit_pairs, old.modality or "image")
+                Migration.start(state, old, new_model.space, priority, benefit=scorer)  # type: ignore[arg-type]
         migration = Migration(state)
         if engine == "ray":
             from xbt.scale.ray_embed import RayOptions, backfill
@@ -869,7 +900,7 @@ def gallery_backfill(
             _fail(ValueError(f"--engine must be local or ray, not {engine!r}"))
         if cut_over and progress["status"] == "complete":
             progress = migration.cut_over()
-    except (XbtError, OSError) as exc:
+    except (XbtError, OSError, ValueError) as exc:
         _fail(exc)
     _print_json(progress)
 
@@ -928,31 +959,72 @@ def gallery_backfill_curve(
     compat: str = typer.Option(..., help="The compatible model (new -> old space), e.g. compat:PATH."),
     data: str = typer.Option("testbed:eval", help="Evaluation pairs (any source `xbt evaluate` reads)."),
     split: Optional[str] = typer.Option(None, help="Split of --data."),
-    seed: int = typer.Option(0, help="Seed of the (random) backfill order and the bootstrap."),
-    out: Optional[Path] = typer.Option(None, help="Write the curves as JSON here."),
+    orders: str = typer.Option("random", help="Comma-separated backfill orders to compare: random, oldest (insertion order), newest, benefit (needs --fit-pairs)."),
+    fit_pairs: Optional[str] = typer.Option(None, help="Training pairs the benefit order is estimated on (e.g. testbed:xbt_train); never the evaluation pairs."),
+    steps: int = typer.Option(10, help="Fractions measured: 0, 1/steps, ..., 1."),
+    n_random: int = typer.Option(5, help="Random orders averaged for `random`."),
+    seed: int = typer.Option(0, help="Seed of the random orders and the bootstrap."),
+    out: Optional[Path] = typer.Option(None, help="Write the curves (per order and direction, with areas and the fraction for 80% of the R@1 gain) as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Draw R@1/5/10 against the fraction backfilled, one line per order (matplotlib; .png, .svg or .pdf)."),
     device: Device = "auto",
     precision: Precision = "fp32",
     num_workers: Workers = 0,
 ) -> None:
-    """Retrieval quality during a migration: R@K of the merged search against the fraction backfilled."""
+    """Retrieval quality during a migration: R@K of the merged search against the fraction backfilled, per order."""
+    import numpy as np
+
     from xbt.data.datasets import open_dataset
+    from xbt.eval.backfill_curve import format_curves, format_orders, order_curves, order_hits, orders_to_dict, plot_orders
     from xbt.eval.embed import embed_pairs
-    from xbt.eval.backfill_curve import backfill_curves, format_curves
     from xbt.eval.runner import compatible_queries
 
+    names = [o.strip() for o in orders.split(",") if o.strip()]
     try:
+        unknown = [o for o in names if o not in ("random", "oldest", "newest", "benefit")]
+        if unknown or not names:
+            raise ValueError(f"--orders takes random, oldest, newest and benefit, not {', '.join(unknown) or 'nothing'}")
+        if steps < 1:
+            raise ValueError("--steps must be at least 1")
         pairs = open_dataset(data, split)
         runtime = _Runtime(device, precision, num_workers)
         old_model, new_model, compat_model = runtime.load(old), runtime.load(new), runtime.load(compat)
         old_model.space.check(compat_model.space, f"the compatible model {compat!r}")
         old_eval, new_eval = embed_pairs(old_model, pairs, True), embed_pairs(new_model, pairs, True)
-        curves = backfill_curves(old_eval, compatible_queries(compat_model, pairs, new_eval, old_eval, True), new_eval, seed=seed)
-    except XbtError as exc:
+        queries = compatible_queries(compat_model, pairs, new_eval, old_eval, True)
+        sizes = {"t2i": len(old_eval.images), "i2t": len(old_eval.texts)}
+        rng = np.random.default_rng(seed)
+        chosen: dict[str, dict] = {}
+        for name in names:
+            if name == "random":
+                chosen[name] = {d: [rng.permutation(n) for _ in range(max(1, n_random))] for d, n in sizes.items()}
+            elif name == "oldest":
+                chosen[name] = {d: np.arange(n) for d, n in sizes.items()}
+            elif name == "newest":
+                chosen[name] = {d: np.arange(n)[::-1] for d, n in sizes.items()}
+            else:
+                fitted = {d: _fit_benefit(runtime, None, new_model, None, fit_pairs, modality, old_model=old_model,
+                                          compat_model=compat_model)
+                          for d, modality in (("t2i", "image"), ("i2t", "text"))}
+                chosen[name] = {"t2i": fitted["t2i"].order(old_eval.images), "i2t": fitted["i2t"].order(old_eval.texts)}
+                scorers = {d: sc.describe() for d, sc in fitted.items()}
+        fractions = [i / steps for i in range(steps + 1)]
+        curves = order_curves(order_hits(old_eval, queries, new_eval, chosen, fractions, seed=seed), seed=seed)
+    except (XbtError, ValueError) as exc:
         _fail(exc)
-    for k in (1, 5, 10):
-        print(format_curves(curves, k) + "\n")
+    if names == ["random"]:
+        for k in (1, 5, 10):
+            print(format_curves(curves["random"], k) + "\n")
+    print(format_orders(curves))
+    result = {"protocol": {"old": old, "new": new, "compat": compat, "data": data, "split": split, "orders": names,
+                           "fit_pairs": fit_pairs, "n_random": n_random, "seed": seed, "fractions": fractions},
+              **orders_to_dict(curves)}
+    if "benefit" in names:
+        result["benefit_scorer"] = scorers
     if out:
-        out.write_text(json.dumps({d: c.to_dict() for d, c in curves.items()}, indent=2))
+        out.write_text(json.dumps(result, indent=2, default=str))
+    if plot:
+        plot_orders(curves, plot, title=f"backfill order: {data} ({compat})")
+        console.print(f"plot written to {plot}")
 
 
 @app.command("serve")

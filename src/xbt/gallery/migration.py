@@ -26,9 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xbt.durable import atomic_write_bytes
-from xbt.errors import InputError
+from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.backfill_curve import slot_merge
+from xbt.eval.benefit import BenefitScorer
 from xbt.gallery.base import (
     GalleryBackend,
     gallery_ref,
@@ -42,7 +45,7 @@ from xbt.gallery.store import Gallery, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
 
-__all__ = ["MIGRATION_FORMAT", "NEW_GALLERY", "PLAN_NAME", "STATE_NAME", "Migration", "order_ids", "slot_merge"]
+__all__ = ["MIGRATION_FORMAT", "NEW_GALLERY", "ORDERS", "PLAN_NAME", "STATE_NAME", "Migration", "order_ids", "slot_merge"]
 
 MIGRATION_FORMAT = "xbt.migration/1"
 STATE_NAME = "migration.json"
@@ -53,12 +56,18 @@ NEW_GALLERY = "gallery"
 # --------------------------------------------------------------------------------------------------
 # priority order
 # --------------------------------------------------------------------------------------------------
-def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest") -> list[str]:
+ORDERS = ("oldest", "newest", "id", "field:NAME", "-field:NAME", "benefit")
+
+
+def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest",
+              benefit: BenefitScorer | None = None, batch: int = 4096) -> list[str]:
     """Every id of the gallery in a backfill priority order:
 
     "oldest" / "newest" (time added), "id" (sorted), "field:NAME" / "-field:NAME" (a payload field,
-    ascending / descending; items without it come last), or a list of ids that go first (then the rest,
-    oldest first)."""
+    ascending / descending; items without it come last), "benefit" (the largest estimated benefit of
+    re-embedding first, `xbt.eval.benefit`: needs `benefit`, a scorer fitted on training pairs for the
+    gallery's space; it reads the gallery's old vectors, never the new model's), or a list of ids that go
+    first (then the rest, oldest first)."""
     items = list(gallery.iter_items())
     if not isinstance(order, str):
         first = list(dict.fromkeys(order))
@@ -74,6 +83,8 @@ def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest") ->
         return [i for i, _, _ in reversed(items)]
     if order == "id":
         return sorted(i for i, _, _ in items)
+    if order == "benefit":
+        return _benefit_order(gallery, [i for i, _, _ in items], benefit, batch)
     if order.lstrip("-").startswith("field:"):
         descending = order.startswith("-")
         name = order.lstrip("-")[len("field:"):]
@@ -84,7 +95,29 @@ def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest") ->
         except TypeError as exc:
             raise InputError(f"payload field {name!r} mixes types that cannot be ordered: {exc}") from exc
         return [i for _, i in have] + missing
-    raise InputError(f"unknown order {order!r}: use oldest, newest, id, field:NAME, -field:NAME or a list of ids")
+    raise InputError(f"unknown order {order!r}: use oldest, newest, id, field:NAME, -field:NAME, benefit or a list of ids")
+
+
+def _benefit_order(gallery: GalleryBackend, ids: list[str], scorer: BenefitScorer | None, batch: int) -> list[str]:
+    if scorer is None:
+        raise InputError("the benefit order needs a benefit scorer fitted on training pairs: on the command line give"
+                         " --compat (the compatible model), --old-model and --fit-pairs; in Python pass"
+                         " benefit=xbt.eval.benefit.fit_benefit_pairs(...)")
+    if scorer.space_id is not None and scorer.space_id != gallery.space.id:
+        raise SpaceMismatchError(f"the benefit scorer was fitted in space {scorer.space_id}, the gallery at"
+                                 f" {gallery.path} holds space {gallery.space.id}: fit it with the gallery's own model")
+    if not ids:
+        return []
+    vectors = np.empty((len(ids), gallery.space.dim), dtype=np.float32)
+    for start in range(0, len(ids), batch):
+        chunk = ids[start : start + batch]
+        stored = gallery.get(chunk, with_vectors=True)
+        lost = [i for i in chunk if i not in stored]
+        if lost:
+            raise InputError(f"{len(lost)} item(s) vanished from the gallery while its order was computed (e.g."
+                             f" {lost[0]!r}); start the backfill again")
+        vectors[start : start + len(chunk)] = np.stack([stored[i]["vector"] for i in chunk])
+    return [ids[int(r)] for r in scorer.order(vectors)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,9 +214,11 @@ class Migration:
         new_space: EmbeddingSpace,
         order: str | Sequence[str] = "oldest",
         index: IndexConfig | None = None,
+        benefit: BenefitScorer | None = None,
     ) -> Migration:
         """Fix the plan (priority order over the old gallery's ids) and create the empty new gallery: in the
-        migration folder, or for a Milvus gallery a second collection (the cut-over then moves its alias)."""
+        migration folder, or for a Milvus gallery a second collection (the cut-over then moves its alias).
+        `benefit`: the scorer of order "benefit" (`order_ids`); what it chose is recorded in the state."""
         path = Path(path).expanduser()
         if (path / STATE_NAME).exists():
             raise InputError(f"{path} already holds a migration; resume it (Migration(path).run) or choose another folder")
@@ -192,7 +227,7 @@ class Migration:
         if old_gallery.modality not in ("image", "text"):
             raise InputError(f"the gallery at {old_gallery.path} has no modality, so its items cannot be re-embedded")
         path.mkdir(parents=True, exist_ok=True)
-        plan = order_ids(old_gallery, order)
+        plan = order_ids(old_gallery, order, benefit)
         atomic_write_bytes(path / PLAN_NAME, "".join(json.dumps(i) + "\n" for i in plan).encode())
         extra = {"backfill_of": str(old_gallery.path), "old_space": old_gallery.space.id}
         placed: dict[str, str] = {}
@@ -210,6 +245,7 @@ class Migration:
             **placed, "format": MIGRATION_FORMAT, "old_gallery": gallery_ref(old_gallery),
             "old_space": old_gallery.space.to_dict(), "new_space": new_space.to_dict(),
             "order": order if isinstance(order, str) else "ids", "plan_size": len(plan), "position": 0,
+            **({"benefit": benefit.describe()} if order == "benefit" and benefit is not None else {}),
             "status": "backfilling", "failed": {}, "started_at": time.time(), "updated_at": time.time(),
         })
         return cls(path)
