@@ -217,6 +217,31 @@ def example_grids(
     return paths
 
 
+# ----- phase times ------------------------------------------------------------------------------------
+def _setup_timings() -> dict[str, float]:
+    """The set-up phases ./run.sh ran before this process, {name: seconds} (XBT_SETUP_TIMINGS); {} when
+    run otherwise, or when the variable does not hold a JSON object of numbers."""
+    import os
+
+    try:
+        value = json.loads(os.environ.get("XBT_SETUP_TIMINGS") or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float))}
+
+
+def _training_timings(run_dir: Path) -> dict[str, float]:
+    """Stage times from a training run's report (prepare, stage 1, stage 2), {} when it has none."""
+    try:
+        report = json.loads((run_dir / "training_report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    timings = report.get("timings") if isinstance(report, dict) else None
+    return {k: v for k, v in timings.items() if isinstance(v, (int, float))} if isinstance(timings, dict) else {}
+
+
 # ----- the job -----------------------------------------------------------------------------------------
 def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, log=print) -> dict[str, Any]:
     """Run every step; returns the summary (also written to out/summary.json)."""
@@ -236,18 +261,33 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"[{name}] {timings[name]:.1f} s")
 
+    def parts(name: str, seconds: dict[str, float]) -> None:
+        """A phase's own breakdown, printed under it and kept in the summary (timings_s["NAME: PART"])."""
+        for part, value in seconds.items():
+            key = f"{name}: {part.removesuffix('_s')}"
+            timings[key] = round(float(value), 1)
+            log(f"  [{key}] {timings[key]:.1f} s")
+
+    # ./run.sh hands over its own phases (Debian packages, Python environment, assets) with their times.
+    setup = _setup_timings()
+    for name, seconds in setup.items():
+        log(f"[0 set-up: {name}] {seconds:.1f} s")
+
     t = time.perf_counter()
     resolve_config(job.xbt_config)  # a missing config fails now, not after the galleries
     if job.build_testbed:
         from xbt.train.testbed import build_testbed
 
-        build_testbed(("old", "new"), show_progress=show_progress)
+        built = build_testbed(("old", "new"), show_progress=show_progress)
+        stage("1a testbed", t)
+        parts("1a testbed", built.get("timings", {}))
+        t = time.perf_counter()
     old = load_model(job.old).configure(job.device, job.precision, job.num_workers)
     new = load_model(job.new).configure(job.device, job.precision, job.num_workers)
     eval_pairs = open_dataset(job.eval_data)
     fit_pairs, fit_texts = open_dataset(job.fit_pairs), load_texts(job.fit_texts)
     support = open_dataset(job.support) if job.support else None
-    stage("1 models and data", t)
+    stage("1b models and data" if job.build_testbed else "1 models and data", t)
 
     t = time.perf_counter()
     galleries = cache_dir("galleries")
@@ -262,6 +302,8 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     compat, xbt_dir, reused = train_or_reuse_xbt(job, old, new, fit_pairs, fit_texts, show_progress)
     compat.configure(job.device, job.precision, job.num_workers)  # training returns it on the CPU
     stage("3 XBT training" + (" (reused)" if reused else ""), t)
+    if not reused:
+        parts("3 XBT training", _training_timings(xbt_dir))
 
     t = time.perf_counter()
     methods: dict[str, Any] = {name: name for name in job.peers}
@@ -275,6 +317,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     results = run.to_results()
     report_files = write_report(results, out / "report")
     stage("4 evaluation and report", t)
+    parts("4 evaluation and report", run.timings_s)
 
     t = time.perf_counter()
     deployed = save_methods(run, results, out / "models")
@@ -310,6 +353,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         "deploy_commands": commands,
         "galleries": {"old_images": str(old_images.path), "old_captions": str(old_captions.path)},
         "timings_s": timings,
+        "setup_timings_s": setup,
         "runtime": describe(new),
         "recommendation": results.get("recommendation"),
         "matrix": results["matrix"],

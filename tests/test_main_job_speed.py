@@ -1,0 +1,157 @@
+"""What makes the main job fast from nothing: the image towers' inference form (equal to the published
+network within 1e-4, cached apart), the set-up handing uv pip's own package sources, phase times."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=["lite0", "lite2"])
+def tower(request):
+    from xbt.models.towers import EfficientNetLiteTower
+
+    return EfficientNetLiteTower(request.param)
+
+
+def _pixels(tower, n: int = 2) -> torch.Tensor:
+    """Real preprocessing of varied pictures (flat, striped, noisy, not square) at the tower's input size."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    pictures = [Image.new("RGB", (300, 200), (250, 120, 30)),
+                Image.fromarray((torch.rand(180, 240, 3, generator=g) * 255).to(torch.uint8).numpy()),
+                Image.fromarray(((torch.arange(256 * 256).reshape(256, 256, 1) % 37 > 18) * 255).repeat(1, 1, 3)
+                                .to(torch.uint8).numpy())]
+    return torch.stack([tower.transform(p) for p in pictures[:n]])
+
+
+def test_inference_form_equals_the_published_network(tower):
+    from xbt.models.base import weights_fingerprint
+
+    x = _pixels(tower)
+    fingerprint, keys = weights_fingerprint(tower), sorted(tower.state_dict())
+    with torch.enable_grad():
+        published = tower(x)  # autograd on: the network as published
+    assert published.requires_grad
+    with torch.inference_mode():
+        fast = tower(x)
+    with torch.no_grad():
+        fast_no_grad = tower(x)
+    assert tower._inference is not None and tower._inference[1] is not tower.net, "the folded form did not run"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in tower._inference[1].modules())
+    torch.testing.assert_close(fast, published.detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast_no_grad, fast, atol=0, rtol=0)
+    # the features of one item do not depend on the batch it is in
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(x[1:2]), fast[1:2], atol=1e-5, rtol=0)
+    # the tower's identity is the published network's: same weights, same state_dict, same fingerprint
+    assert sorted(tower.state_dict()) == keys and weights_fingerprint(tower) == fingerprint
+    assert tower.cache_id.endswith(f"-{tower.INFERENCE_FORM}")
+
+
+def test_inference_form_follows_weight_changes():
+    import copy
+
+    from xbt.models.towers import EfficientNetLiteTower
+
+    tower = copy.deepcopy(EfficientNetLiteTower("lite0"))
+    x = _pixels(tower, 2)
+    with torch.no_grad():
+        before = tower(x)
+        tower.net._conv_stem.weight.mul_(1.5)  # an in-place change (training, load_state_dict)
+        after = tower(x)
+        published = tower.net.extract_features(x).mean(dim=(2, 3))
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, published, atol=1e-4, rtol=0)
+
+
+def test_an_unfoldable_network_runs_as_published():
+    from xbt.models.towers import EfficientNetLiteTower
+
+    tower = EfficientNetLiteTower("lite0")
+    tower.net._blocks[0]._bn1 = torch.nn.Identity()  # a layout fold_batchnorm does not know: no BatchNorm there
+    x = _pixels(tower, 1)
+    with torch.no_grad():
+        out = tower(x)
+        published = tower.net.extract_features(x).mean(dim=(2, 3))
+    assert tower._inference is not None and tower._inference[1] is None
+    torch.testing.assert_close(out, published, atol=0, rtol=0)
+
+
+# ----- ./run.sh: uv gets pip's sources ------------------------------------------------------------------
+def _pip_sources(tmp_path: Path, config: str, env: dict[str, str]) -> list[str]:
+    """Run run.sh's pip_sources function alone, with this interpreter standing in for the venv's python."""
+    import shlex
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
+    conf = tmp_path / "pip.conf"
+    conf.write_text(config)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    script = f'set -euo pipefail; eval "$(sed -n "/^pip_sources() {{/,/^}}/p" {REPO / "run.sh"})"; venv={venv}; pip_sources'
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    # only this file: no user config (HOME) and no machine-wide one (XDG_CONFIG_DIRS; /etc/pip.conf here holds
+    # a certificate path only, which is no source)
+    isolated = {"PIP_CONFIG_FILE": str(conf), "HOME": str(tmp_path), "XDG_CONFIG_DIRS": str(tmp_path / "xdg"),
+                "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    out = subprocess.run(["bash", "-c", script], env=clean | isolated | env,
+                         capture_output=True, text=True, check=True, timeout=60)
+    return shlex.split(out.stdout)
+
+
+def test_uv_is_given_the_index_mirrors_find_links_and_constraints_pip_uses(tmp_path):
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch<=99\n")
+    args = _pip_sources(tmp_path, f"[global]\nextra-index-url = file:///mirror/a/simple file:///mirror/b/simple\n"
+                                  f"find-links = /wheels/global\nconstraint = {constraints}\n"
+                                  "[install]\nindex-url = https://index.example/simple\n",
+                        {"PIP_FIND_LINKS": "/wheels/env"})
+    assert args == ["--index-url", "https://index.example/simple",
+                    "--extra-index-url", "file:///mirror/a/simple", "--extra-index-url", "file:///mirror/b/simple",
+                    "--find-links", "/wheels/env",  # a PIP_ variable beats the file, as for pip
+                    "--constraint", str(constraints)]
+
+
+def test_no_pip_configuration_gives_uv_its_defaults(tmp_path):
+    assert _pip_sources(tmp_path, "", {}) == []
+    assert _pip_sources(tmp_path, "[global]\nno-index = true\nfind-links = /w\n", {}) == ["--find-links", "/w", "--no-index"]
+
+
+def test_run_sh_keys_the_environment_on_the_lock_and_falls_back_to_pip():
+    text = (REPO / "run.sh").read_text()
+    assert 'cat "$repo/requirements.lock" "$repo/requirements-nodeps.txt" | sha256sum' in text
+    assert "install_with_uv" in text and "install_with_pip" in text
+    assert "unsafe-best-match" in text  # pip's choice over every index, not uv's first-index default
+    subprocess.run(["bash", "-n", str(REPO / "run.sh")], check=True)
+
+
+# ----- phase times ---------------------------------------------------------------------------------------
+def test_setup_times_from_run_sh_reach_the_summary(monkeypatch):
+    from xbt.pipeline import _setup_timings
+
+    monkeypatch.setenv("XBT_SETUP_TIMINGS", '{"Debian packages": 41.5, "Python environment": 98.0, "assets": 2}')
+    assert _setup_timings() == {"Debian packages": 41.5, "Python environment": 98.0, "assets": 2.0}
+    for bad in ("not json", "[1, 2]", ""):
+        monkeypatch.setenv("XBT_SETUP_TIMINGS", bad)
+        assert _setup_timings() == {}
+    monkeypatch.delenv("XBT_SETUP_TIMINGS")
+    assert _setup_timings() == {}
+
+
+def test_training_stage_times_are_read_from_the_report(tmp_path):
+    from xbt.pipeline import _training_timings
+
+    assert _training_timings(tmp_path) == {}
+    (tmp_path / "training_report.json").write_text(json.dumps({"timings": {"prepare_s": 1.5, "stage2_s": 30, "x": "y"}}))
+    assert _training_timings(tmp_path) == {"prepare_s": 1.5, "stage2_s": 30}
