@@ -5,7 +5,9 @@ order, resumably, then an atomic cut-over to the new space. Serving while it run
 A migration lives in one folder::
 
     migration.json   the state (old gallery, spaces, position in the plan, status), replaced atomically
-    plan.jsonl       the ids in backfill order, fixed when the migration starts
+    plan.jsonl       the ids in backfill order, fixed when the migration starts (by time, id, a payload
+                     field, a list, or "benefit": the estimated benefit of re-embedding each item,
+                     `xbt.eval.benefit`, computed once from the old vectors; the state records its choice)
     gallery/         the new-space gallery being filled
 
 Resuming after a kill: the new gallery itself is the ground truth of what is done (each batch is
