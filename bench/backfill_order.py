@@ -9,11 +9,14 @@ which R@1 reaches old + 0.8 x (new - old) (`fraction_for_80pct_gain`).
 Per fold (`xbt.data.folds.testbed_folds`, `xbt.train.testbed.fold_models`):
     gallery           the fold's evaluation items (old-model vectors; images for t2i, captions for i2t)
     old / new models  the fold's testbed models, trained without the fold's evaluation and val items
-    compatible model  --compat (procrustes-both) fitted on the fold's training pairs and text corpus
+    compatible model  --compat (procrustes-both) fitted on the fold's training pairs (--corpus: and its text
+                      corpus, whose ~1900 texts both fold models then embed: minutes per fold on CPU)
     benefit scorer    `xbt.eval.benefit.fit_benefit_pairs` on the fold's training pairs (never the
                       evaluation items): the statistic is chosen there, its query bank is the compatible
                       model's queries of those pairs
-    random            --n-random random orders, hits averaged; oldest: the gallery's insertion order
+    random            --n-random random orders, hits averaged; oldest: the gallery's insertion order (on the
+                      testbed the fold's evaluation list, itself a seeded shuffle of caption groups)
+    oracle            a ceiling, not deployable: the order by each item's measured benefit (`oracle_order`)
 The per-query hits of the folds are pooled (every testbed caption group is an evaluation query once).
 """
 
@@ -35,6 +38,7 @@ from xbt.compat.fit import fit_peer
 from xbt.data.folds import testbed_folds
 from xbt.eval.backfill_curve import (
     curve_from_hits,
+    direction_sets,
     format_orders,
     order_curves,
     order_hits,
@@ -47,16 +51,36 @@ from xbt.eval.embed import embed_pairs
 from xbt.eval.runner import compatible_queries, json_safe
 from xbt.train.testbed import fold_models
 
-ORDERS = ("random", "oldest", "benefit")
+ORDERS = ("random", "oldest", "benefit", "oracle")
 
 
-def run_fold(fold, compat_name: str, fractions: list[float], n_random: int, seed: int) -> dict[str, Any]:
+def oracle_order(sets) -> np.ndarray:
+    """NOT deployable, a ceiling: the order by each item's measured benefit, which needs what the benefit order
+    must do without (the new model's gallery vectors and the evaluated queries themselves). Per item: +1 for
+    its own query that the compatible model misses and the new model finds at R@1, +1 for each such query
+    whose wrong compatible top result it is (its slot must open), -1 for its own query that only the
+    compatible model finds."""
+    old_g, new_g, compat_q, new_q, positives = sets
+    compat_top = np.argmax(compat_q @ old_g.T, axis=1)
+    new_top = np.argmax(new_q @ new_g.T, axis=1)
+    value = np.zeros(len(old_g))
+    for q, pos in enumerate(positives):
+        compat_hit, new_hit = compat_top[q] in pos, new_top[q] in pos
+        if new_hit and not compat_hit:
+            value[list(pos)] += 1
+            value[compat_top[q]] += 1
+        elif compat_hit and not new_hit:
+            value[list(pos)] -= 1
+    return np.argsort(-value, kind="stable")
+
+
+def run_fold(fold, compat_name: str, fractions: list[float], n_random: int, seed: int, corpus: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     models = fold_models(fold)
     old, new = models["old"], models["new"]
     t_models = time.perf_counter() - t0
     t_c = time.perf_counter()
-    compat = fit_peer(compat_name, old, new, fit_texts=fold.text_corpus, fit_pairs=fold.train)
+    compat = fit_peer(compat_name, old, new, fit_texts=fold.text_corpus if corpus else (), fit_pairs=fold.train)
     t_compat = time.perf_counter() - t_c
     t_e = time.perf_counter()
     old_eval, new_eval = embed_pairs(old, fold.eval), embed_pairs(new, fold.eval)
@@ -74,6 +98,7 @@ def run_fold(fold, compat_name: str, fractions: list[float], n_random: int, seed
         "random": {d: [rng.permutation(n) for _ in range(n_random)] for d, n in sizes.items()},
         "oldest": {d: np.arange(n) for d, n in sizes.items()},
         "benefit": {"t2i": scorers["t2i"].order(old_eval.images), "i2t": scorers["i2t"].order(old_eval.texts)},
+        "oracle": {d: oracle_order(sets) for d, sets in direction_sets(old_eval, queries, new_eval).items()},
     }
     t2 = time.perf_counter()
     hits = order_hits(old_eval, queries, new_eval, orders, fractions, seed=seed)
@@ -81,7 +106,7 @@ def run_fold(fold, compat_name: str, fractions: list[float], n_random: int, seed
         "hits": hits,
         "meta": {
             "fold": fold.name, "sizes": {"eval": len(fold.eval), "train": len(fold.train)},
-            "models": {n: m.spec for n, m in models.items()}, "compat": compat_name,
+            "models": {n: m.spec for n, m in models.items()}, "compat": compat_name, "compat_fit_texts": "text corpus + training captions" if corpus else "training captions",
             "benefit_scorer": {d: s.describe() for d, s in scorers.items()},
             "timings_s": {"models": round(t_models, 1), "compat_fit": round(t_compat, 1), "embed": round(t_embed, 1),
                           "benefit_fit": round(t_fit, 1),
@@ -109,11 +134,14 @@ def write_page(result: dict[str, Any], path: Path, png_name: str) -> None:
                f" {p['load_average_end']} at the end; {p['elapsed_s']:.0f} s).")
     protocol = (f"Protocol: {p['folds']} folds of the testbed (`xbt.data.folds`, seed {p['fold_seed']}); per fold the"
                 " gallery is the fold's evaluation items, the old/new models are the fold's testbed models (trained"
-                f" without them), the compatible model is {p['compat']} fitted on the fold's training pairs, and the"
+                f" without them), the compatible model is {p['compat']} fitted on {p.get('compat_fit', 'the fold training pairs')}, and the"
                 " benefit scorer is chosen on the fold's training pairs only. The folds' per-query hits are pooled"
                 f" ({s['random']['t2i']['n_queries']} t2i and {s['random']['i2t']['n_queries']} i2t queries); intervals"
                 f" are 95% bootstrap over the pooled queries ({p['n_resamples']} resamples). Random: {p['n_random']}"
-                " random orders averaged per fold. Oldest: insertion order. Fractions 0, 0.05, ..., 1.")
+                " random orders averaged per fold. Oldest: insertion order (on the testbed the fold's evaluation list,"
+                " a seeded shuffle of caption groups: in effect one more random order). Oracle: a ceiling, not"
+                " deployable (each item's measured benefit, from the new gallery vectors and the evaluated queries)."
+                f" Fractions {', '.join(f'{x:g}' for x in p['fractions'][:3])}, ..., 1.")
     terms = ("`fraction_for_80pct_gain`: the smallest fraction backfilled at which R@1 reaches old + 0.8 x (new - old),"
              " linearly interpolated between measured fractions (old = R@1 at 0% backfilled, i.e. compatible queries"
              " on the old gallery; new = R@1 at 100%, the new model alone). Gain area: the area under (R@1(f) -"
@@ -156,6 +184,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--fold-seed", type=int, default=0)
     parser.add_argument("--compat", default="procrustes-both", help="The compatible model: a peer of xbt.compat.registry, fitted per fold.")
+    parser.add_argument("--corpus", action="store_true", help="Fit the compatible model on the fold's text corpus too (its texts are embedded by both fold models: minutes per fold on CPU); default: the training pairs only.")
     parser.add_argument("--steps", type=int, default=20, help="Fractions 0, 1/steps, ..., 1.")
     parser.add_argument("--n-random", type=int, default=5)
     parser.add_argument("--n-resamples", type=int, default=1000)
@@ -172,7 +201,7 @@ def main() -> None:
         folds = [folds[int(i)] for i in args.only_folds.split(",")]
     per_fold = []
     for fold in folds:
-        r = run_fold(fold, args.compat, fractions, args.n_random, args.seed)
+        r = run_fold(fold, args.compat, fractions, args.n_random, args.seed, args.corpus)
         r["summary"] = fold_summary(r["hits"], args.seed)
         per_fold.append(r)
         print(f"{fold.name}: {json.dumps(r['meta']['timings_s'])} "
@@ -186,6 +215,7 @@ def main() -> None:
         "protocol": {
             "command": "python bench/backfill_order.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "folds": args.folds, "fold_seed": args.fold_seed, "folds_used": [f.index for f in folds], "compat": args.compat,
+            "compat_fit": "the fold's training pairs" + (" and text corpus" if args.corpus else ""),
             "fractions": fractions, "n_random": args.n_random, "n_resamples": args.n_resamples, "seed": args.seed,
             "orders": list(ORDERS), "gallery": "the fold's evaluation items", "benefit_fit": "the fold's training pairs",
             "load_average_start": load_start, "load_average_end": [round(x, 2) for x in os.getloadavg()],
