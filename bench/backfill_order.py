@@ -115,6 +115,27 @@ def run_fold(fold, compat_name: str, fractions: list[float], n_random: int, seed
     }
 
 
+def _save_fold(path: Path, key: str, r: dict[str, Any]) -> None:
+    flat = {f"{o}|{d}|{f!r}|{k}": v for o, per in r["hits"].items() for d, h in per.items() for f, row in h.items()
+            for k, v in row.items()}
+    np.savez(path.with_suffix(".npz"), **flat)
+    path.with_suffix(".json").write_text(json.dumps(json_safe({"key": key, "meta": r["meta"]}), indent=1))
+
+
+def _load_fold(path: Path, key: str) -> dict[str, Any] | None:
+    if not (path.with_suffix(".json").exists() and path.with_suffix(".npz").exists()):
+        return None
+    saved = json.loads(path.with_suffix(".json").read_text())
+    if saved.get("key") != key:
+        return None
+    hits: dict[str, Any] = {}
+    with np.load(path.with_suffix(".npz")) as z:
+        for name in z.files:
+            o, d, f, k = name.split("|")
+            hits.setdefault(o, {}).setdefault(d, {}).setdefault(float(f), {})[int(k)] = z[name]
+    return {"hits": hits, "meta": saved["meta"]}
+
+
 def fold_summary(hits: dict, seed: int) -> dict[str, Any]:
     """Each fold's own R@1 gain fraction (no intervals: a spread across folds)."""
     out: dict[str, Any] = {}
@@ -191,6 +212,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-folds", default="", help="Comma-separated fold indices (a quick look; the figures use all).")
     parser.add_argument("--out", default="docs/results/backfill-order-testbed", help="Output stem: writes STEM.json, STEM.md, STEM.png.")
+    parser.add_argument("--work", default="", help="Keep each fold's hits here and reuse them on a rerun with the same settings (a run stopped part-way resumes).")
     parser.add_argument("--notes", default="", help="A paragraph appended to the page (the reading of the figures).")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -200,8 +222,15 @@ def main() -> None:
     if args.only_folds:
         folds = [folds[int(i)] for i in args.only_folds.split(",")]
     per_fold = []
+    key = json.dumps([args.compat, args.corpus, fractions, args.n_random, args.seed, list(ORDERS)])
     for fold in folds:
-        r = run_fold(fold, args.compat, fractions, args.n_random, args.seed, args.corpus)
+        cached = Path(args.work) / f"k{args.folds}-s{args.fold_seed}-fold{fold.index}" if args.work else None
+        r = _load_fold(cached, key) if cached else None
+        if r is None:
+            r = run_fold(fold, args.compat, fractions, args.n_random, args.seed, args.corpus)
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                _save_fold(cached, key, r)
         r["summary"] = fold_summary(r["hits"], args.seed)
         per_fold.append(r)
         print(f"{fold.name}: {json.dumps(r['meta']['timings_s'])} "
