@@ -61,7 +61,8 @@ def setup_lines(log_path: Path) -> dict[str, float]:
 
 def demo_run(clone: Path, home: Path, label: str, timeout_s: float) -> dict[str, Any]:
     env = dict(os.environ, XBT_HOME=str(home))
-    env.pop("VIRTUAL_ENV", None)
+    for name in ("VIRTUAL_ENV", "PYTHONPATH"):  # the clone's own environment and code, nothing of this process's
+        env.pop(name, None)
     summary_path = clone / "outputs" / "demo" / "summary.json"
     summary_path.unlink(missing_ok=True)
     h.log(f"{label}: ./run.sh demo (XBT_HOME={home})")
