@@ -276,11 +276,13 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     t = time.perf_counter()
     resolve_config(job.xbt_config)  # a missing config fails now, not after the galleries
     if job.build_testbed:
+        from xbt.data.testbed import STEP_TIMINGS
         from xbt.train.testbed import build_testbed
 
+        STEP_TIMINGS.clear()
         built = build_testbed(("old", "new"), show_progress=show_progress)
         stage("1a testbed", t)
-        parts("1a testbed", built.get("timings", {}))
+        parts("1a testbed", built.get("timings", {}) | dict(STEP_TIMINGS))
         t = time.perf_counter()
     old = load_model(job.old).configure(job.device, job.precision, job.num_workers)
     new = load_model(job.new).configure(job.device, job.precision, job.num_workers)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ VAL_GROUPS = 80
 RENDER_SIZE = 320
 SPLITS = ("eval", "val", "tux_train", "vlp_old", "vlp_new", "xbt_train")
 TESTBED_VERSION = "2"
+
+#: Wall seconds of this process's last run of each costly step (SVG rendering, each tower's features), by
+#: step name: the main job prints them under its testbed phase. Steps served whole by a cache are not listed.
+STEP_TIMINGS: dict[str, float] = {}
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ def render_svgs(paths: Sequence[Path], show_progress: bool = True) -> dict[Path,
             done[p] = dst
         else:
             jobs.append((p, dst))
+    t0 = time.perf_counter()
     with progress_bar(len(paths), "rendering SVGs", show_progress) as advance:
         advance(len(done))
         if jobs:
@@ -161,6 +167,8 @@ def render_svgs(paths: Sequence[Path], show_progress: bool = True) -> dict[Path,
                     if result:
                         done[src] = dst
                     advance()
+    if jobs:
+        STEP_TIMINGS[f"render {len(jobs)} SVGs"] = time.perf_counter() - t0
     return done
 
 
@@ -234,7 +242,9 @@ def tower_image_features(tower, images: Sequence[str], show_progress: bool = Tru
                 out.append(tower(batch).float().numpy())
         return np.concatenate(out)
 
-    return cached_image_features(tower.cache_id, encode, images, label=f"{tower.cache_id} images", show_progress=show_progress)
+    return _timed(f"{tower.cache_id} images", len(images),
+                  lambda: cached_image_features(tower.cache_id, encode, images, label=f"{tower.cache_id} images",
+                                                show_progress=show_progress))
 
 
 def tower_text_features(tower, texts: Sequence[str], show_progress: bool = True) -> np.ndarray:
@@ -245,4 +255,14 @@ def tower_text_features(tower, texts: Sequence[str], show_progress: bool = True)
                 out.append(tower(tower.tokenize(batch_texts[start : start + 64])).float().numpy())
         return np.concatenate(out)
 
-    return cached_text_features(tower.cache_id, encode, texts, label=f"{tower.cache_id} texts", show_progress=show_progress)
+    return _timed(f"{tower.cache_id} texts", len(texts),
+                  lambda: cached_text_features(tower.cache_id, encode, texts, label=f"{tower.cache_id} texts",
+                                               show_progress=show_progress))
+
+
+def _timed(step: str, n: int, compute):
+    """compute(), its wall time kept in STEP_TIMINGS as "STEP (N)"."""
+    t0 = time.perf_counter()
+    result = compute()
+    STEP_TIMINGS[f"{step} ({n})"] = time.perf_counter() - t0
+    return result
