@@ -90,6 +90,40 @@ def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The main job before this work (issue 15), on a fresh 2-core machine of this kind, from the job's own log.
+BEFORE = {
+    "cold_s": 1728, "warm_s": 45, "peak_rss_mb": 4915,
+    "phases_s": {"set-up (Python environment, Debian packages)": 360, "testbed build": 662,
+                 "  rendering 2,052 SVGs": 115, "  EfficientNet-Lite0 features, 1,788 images": 143,
+                 "  EfficientNet-Lite2 features, 2,193 images": 320, "galleries": 124, "XBT training": 468,
+                 "  stage 2 (LoRA)": 297, "evaluation and report": 182, "example pictures": 12},
+}
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The main job's table for docs/benchmarks.md: each phase, cold and warm, before and after."""
+    def phases(run: dict[str, Any] | None) -> dict[str, float]:
+        if not run:
+            return {}
+        ph = run.get("phases_s", {})
+        out = {f"set-up: {k}": v for k, v in (ph.get("setup") or {}).items()}
+        return out | dict(ph.get("demo") or {})
+
+    cold, warm = phases(record.get("cold")), phases(record.get("warm"))
+    lines = ["| phase | before, cold | after, cold | after, warm |", "|---|---|---|---|"]
+    for name, value in BEFORE["phases_s"].items():
+        lines.append(f"| {name} (before) | {value} s | | |")
+    for name in list(dict.fromkeys([*cold, *warm])):
+        c, w = cold.get(name), warm.get(name)
+        lines.append(f"| {name} | | {'' if c is None else f'{c:.1f} s'} | {'' if w is None else f'{w:.1f} s'} |")
+    fmt = lambda v: "–" if v is None else f"{v:.0f}"
+    lines.append(f"| **whole process** (/usr/bin/time) | {BEFORE['cold_s']} s | {fmt(record.get('cold_s'))} s |"
+                 f" {fmt(record.get('warm_s'))} s (before: {BEFORE['warm_s']} s) |")
+    lines.append(f"| peak RSS | {BEFORE['peak_rss_mb']} MB | {fmt((record.get('cold') or {}).get('peak_rss_mb'))} MB |"
+                 f" {fmt((record.get('warm') or {}).get('peak_rss_mb'))} MB |")
+    return "\n".join(lines)
+
+
 def phases_only(work: Path, timeout_s: float) -> dict[str, Any]:
     """Without a whole demo: the set-up (`./run.sh setup` into an empty XBT_HOME) and `xbt testbed build`
     into another empty XBT_HOME that shares that environment, each timed as a whole process."""
@@ -122,7 +156,11 @@ def main() -> None:
     parser.add_argument("--warm-only", action="store_true", help="only a warm run, against --home and --clone")
     parser.add_argument("--home", type=Path, help="with --warm-only: the XBT_HOME a cold run filled")
     parser.add_argument("--clone", type=Path, help="with --warm-only: the clone the cold run used")
+    parser.add_argument("--markdown", action="store_true", help="print the table of --out (no run)")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     commit = subprocess.run(["git", "-C", str(h.REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip()
     record: dict[str, Any] = {"schema": "xbt.bench.main_job/1", "created": h.now_iso(), "commit": commit,
