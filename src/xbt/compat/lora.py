@@ -82,3 +82,37 @@ def inject_lora(module: nn.Module, config: Any, tower: str) -> None:
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+def frozen_text_prefix(model: VLPModel) -> int | None:
+    """How many of the text tower's lower blocks carry no LoRA adapter, when the new model's text forward can be
+    split there (`LitModel` over a BERT-style sentence-transformers tower: `text_head(tower.forward_from(...))`),
+    else None. Those blocks' output is then the same at every training step and can be computed once."""
+    tower, head = getattr(model, "text_tower", None), getattr(model, "text_head", None)
+    if head is None or not hasattr(tower, "encoder_layers") or tower.encoder_layers() is None:
+        return None
+    adapted = [name for name, _ in tower.transformer.named_parameters() if "lora_" in name]
+    if not adapted:
+        return None
+    first = None
+    for name in adapted:  # every adapter must sit in a block: encoder.layer.<i>.
+        parts = name.split(".")
+        if "encoder" not in parts or parts[parts.index("encoder") + 1:parts.index("encoder") + 2] != ["layer"]:
+            return None
+        index = int(parts[parts.index("encoder") + 2])
+        first = index if first is None else min(first, index)
+    return first or None
+
+
+def text_from_prefix(model: VLPModel, tokens: Any, hidden: Any, n_layers: int) -> Any:
+    """The new model's text embedding (not normalised) from the output of its first `n_layers` text blocks:
+    exactly `model.forward_text(tokens)` (see `frozen_text_prefix`)."""
+    return model.text_head(model.text_tower.forward_from(tokens, hidden, n_layers))
+
+
+def text_prefix_states(model: VLPModel, tokens: Any, n_layers: int) -> Any:
+    """The output of the new model's first `n_layers` text blocks (no gradient: they are frozen)."""
+    import torch
+
+    with torch.no_grad():
+        return model.text_tower.hidden_after(tokens, n_layers)

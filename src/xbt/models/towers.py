@@ -176,6 +176,43 @@ class SentenceTransformerTower(LockedTower):
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.st(dict(tokens))["sentence_embedding"]
 
+    # ----- the forward split at a layer (XBT's stage 2 caches the frozen lower layers' output) ---------
+    def encoder_layers(self) -> nn.ModuleList | None:
+        """The transformer's block list when the backend is a BERT-style encoder (`embeddings`, then
+        `encoder.layer`: BERT, MPNet, RoBERTa, ...), else None: no split forward for it."""
+        hf = self.transformer
+        layers = getattr(getattr(hf, "encoder", None), "layer", None)
+        return layers if isinstance(getattr(hf, "embeddings", None), nn.Module) and isinstance(layers, nn.ModuleList) else None
+
+    @contextlib.contextmanager
+    def _running_layers(self, part: slice, embedded: torch.Tensor | None = None):
+        """Within the block: the transformer runs only the blocks `part` of its block list, and, when
+        `embedded` is given, those blocks start from it instead of the embedding layer's output. Everything
+        else (attention mask, MPNet's relative position bias, pooling, normalisation) is the model's own code."""
+        layers = self.encoder_layers()
+        if layers is None:
+            raise AssetMissingError(f"{self.source}: its transformer is not a BERT-style encoder; no split forward")
+        encoder, hf = self.transformer.encoder, self.transformer
+        hook = hf.embeddings.register_forward_hook(lambda _m, _a, _out: embedded) if embedded is not None else None
+        encoder.layer = nn.ModuleList(list(layers)[part])
+        try:
+            yield
+        finally:
+            encoder.layer = layers
+            if hook is not None:
+                hook.remove()
+
+    def hidden_after(self, tokens: dict[str, torch.Tensor], n_layers: int) -> torch.Tensor:
+        """Token states (batch, length, width) after the first `n_layers` blocks: the input of block `n_layers`."""
+        with self._running_layers(slice(0, n_layers)):
+            return self.st[0](dict(tokens))["token_embeddings"]
+
+    def forward_from(self, tokens: dict[str, torch.Tensor], hidden: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """The sentence embedding from `hidden_after(tokens, n_layers)`: the remaining blocks, pooling and
+        normalisation. forward_from(t, hidden_after(t, n), n) == forward(t), to float precision."""
+        with self._running_layers(slice(n_layers, None), hidden):
+            return self.st(dict(tokens))["sentence_embedding"]
+
 
 def build_tower(config: dict[str, Any]) -> nn.Module:
     kind = config.get("kind")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from xbt.compat.lora import frozen_text_prefix, text_from_prefix, text_prefix_states
 from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair
@@ -33,6 +34,7 @@ from xbt.durable import atomic_write_text
 from xbt.errors import InputError
 from xbt.eval.embed import embed_pairs, embed_texts
 from xbt.models.base import VLPModel
+from xbt.models.device import autocast
 from xbt.train.distributed import DistContext
 from xbt.train.loop import Schedule, StopTraining, train_loop
 
@@ -90,6 +92,7 @@ class Stage2Config:
     i2t_weight: float = 1.0  # projected new image vs old text
     text_weight: float = 0.5  # projected new text vs old text (keeps stage 1's alignment)
     preserve_weight: float = 1.0  # adapted new text stays close to the original new text (new->new retrieval)
+    cache_frozen_text: bool = True  # compute the text blocks below the adapters once per run (same model, faster)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -253,16 +256,79 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
     return history, noise
 
 
+class CaptionCache:
+    """The output of the new model's frozen lower text blocks for every training caption, computed once per
+    run: stage 2's LoRA adapters sit only in the upper blocks (`lora.layers`), so a step runs those blocks,
+    pooling and the head, forward and back, and never the frozen ones again. The same model to float
+    precision: a caption's states do not depend on the batch it is in (padding is masked), and a batch is
+    rebuilt exactly as the tokenizer pads it (to its longest caption).
+
+    Held per caption without padding (one flat tensor and offsets), so its memory is what the captions need."""
+
+    def __init__(self, model: CompatibleModel, captions: Sequence[str], n_layers: int, device: torch.device,
+                 chunk: int = 64, limit_bytes: int | None = None):
+        """`limit_bytes`: stop after the first chunk when the whole cache would be larger (`too_large`)."""
+        self.n_layers, self.too_large = n_layers, False
+        unique = sorted(set(captions))
+        where = {c: i for i, c in enumerate(unique)}
+        self.row_of = torch.as_tensor([where[c] for c in captions])
+        tokens = model.tokenize(unique)  # padded to the longest caption of all; trimmed per batch below
+        self.tokens = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tokens.items()}
+        self.lengths = tokens["attention_mask"].sum(1)
+        order = torch.argsort(self.lengths, stable=True)  # chunks of similar lengths: little padding computed
+        pieces: list[torch.Tensor | None] = [None] * len(unique)
+        precision = model.placement.precision
+        for start in range(0, len(unique), chunk):
+            rows = order[start:start + chunk]
+            with autocast(device, precision):
+                hidden = text_prefix_states(model.new_model, self.batch_tokens(rows), n_layers)
+            for j, r in enumerate(rows.tolist()):
+                pieces[r] = hidden[j, : int(self.lengths[r])].detach()
+            if limit_bytes is not None and int(self.lengths.sum()) * hidden[0, 0].nbytes > limit_bytes:
+                self.too_large, self.estimated_bytes = True, int(self.lengths.sum()) * hidden[0, 0].nbytes
+                return
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.lengths, 0)])
+        self.states = torch.cat(pieces)  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.numel() * self.states.element_size()
+
+    def batch_tokens(self, rows: torch.Tensor) -> dict[str, Any]:
+        """The tokenizer's output for these captions, padded to their longest (as tokenizing them does)."""
+        width = int(self.lengths[rows].max())
+        device_rows = rows.to(self.tokens["attention_mask"].device)
+        return {k: v[device_rows, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                for k, v in self.tokens.items()}
+
+    def batch(self, pairs: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """(tokens, states after the frozen blocks) of the captions of these pairs."""
+        rows = self.row_of[pairs]
+        tokens = self.batch_tokens(rows)
+        hidden = self.states.new_zeros((len(rows), tokens["attention_mask"].shape[1], self.states.shape[1]))
+        for j, r in enumerate(rows.tolist()):
+            hidden[j, : int(self.lengths[r])] = self.states[self.offsets[r] : self.offsets[r + 1]]
+        return tokens, hidden
+
+
+CACHE_LIMIT_BYTES = 2 << 30  # above this, stage 2 runs the whole text tower at every step instead
+
+
 class _Stage2Forward(torch.nn.Module):
     """Stage 2's trainable forward as one module call, so DistributedDataParallel sees each parameter
-    used once per step: (adapted) new text, then its projection and the image's projection."""
+    used once per step: (adapted) new text, then its projection and the image's projection. `text` is the
+    tokens, or (tokens, cached states) when `cached_layers` lower blocks are cached, or fixed vectors."""
 
-    def __init__(self, model: CompatibleModel, encode_text: bool, encode_image: bool):
+    def __init__(self, model: CompatibleModel, encode_text: bool, encode_image: bool, cached_layers: int = 0):
         super().__init__()
         self.model, self.encode_text, self.encode_image = model, encode_text, encode_image
+        self.cached_layers = cached_layers
 
     def forward(self, text: Any, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        new_text = self.model.new_text(text) if self.encode_text else text
+        if self.encode_text and self.cached_layers:
+            new_text = F.normalize(text_from_prefix(self.model.new_model, text[0], text[1], self.cached_layers), dim=-1)
+        else:
+            new_text = self.model.new_text(text) if self.encode_text else text
         new_image = self.model.new_image(image) if self.encode_image else image
         return new_text, self.model.projection(new_text), self.model.projection(new_image)
 
@@ -276,9 +342,14 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
                stop_after_step: int | None = None, show_progress: bool = True,
-               ctx: DistContext | None = None) -> list[dict[str, float]]:
-    """Stage 2: LoRA adapters on the frozen new model and the projection, on image-text pairs."""
+               ctx: DistContext | None = None, notes: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Stage 2: LoRA adapters on the frozen new model and the projection, on image-text pairs.
+
+    When the text adapters sit only in the upper blocks of a text tower that can be split (`lora.layers`
+    on the testbed's mpnet), the frozen blocks' output for every caption is computed once (`CaptionCache`)
+    and each step runs only the adapted blocks; `notes` (a dict) receives what was cached and how long it took."""
     ctx = ctx or DistContext.local()
+    notes = notes if notes is not None else {}
     s2 = cfg.stage2
     n = len(data.pairs)
     if n < 2:
@@ -290,21 +361,25 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
         if s2.lora.image:
             lora_params += model.enable_lora("image", lora)
         groups.append({"params": lora_params, "lr": s2.lora_lr})
-    captions = [p.caption.lower() for p in data.pairs]
+    lowered = [p.caption.lower() for p in data.pairs]
+    caption_id = torch.as_tensor([{c: i for i, c in enumerate(sorted(set(lowered)))}[c] for c in lowered])
     image_of = torch.as_tensor(data.pair_image_index)
     images_needed = s2.lora.enabled and s2.lora.image
     weights = {"t2i": s2.t2i_weight, "i2t": s2.i2t_weight, "text": s2.text_weight, "preserve": s2.preserve_weight}
+    cache = _caption_cache(model, data, cfg, ctx, notes) if s2.lora.enabled else None
 
     def make_step():
-        forward = ctx.wrap(_Stage2Forward(model, s2.lora.enabled, images_needed))
+        forward = ctx.wrap(_Stage2Forward(model, s2.lora.enabled, images_needed, cache.n_layers if cache else 0))
 
         def step(_: int, idx: torch.Tensor, __: torch.Generator):
             img_rows = image_of[idx]
             same_image = img_rows[:, None] == img_rows[None, :]
-            same_caption = torch.tensor([[captions[i] == captions[j] for j in idx] for i in idx])
+            same_caption = caption_id[idx][:, None] == caption_id[idx][None, :]  # the same caption, up to case
             positives = (same_image | same_caption).to(ctx.device)
             mine = idx[ctx.local_slice(len(idx))]  # this process's rows of the global batch (all of it on one)
-            if s2.lora.enabled:
+            if cache is not None:
+                text_in: Any = cache.batch(mine)
+            elif s2.lora.enabled:
                 text_in = _to_device(model.tokenize([data.pairs[i].caption for i in mine]), ctx.device)
             else:
                 text_in = data.new_texts[mine]
@@ -326,6 +401,27 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
     return train_loop(model, groups, s2.weight_decay, Schedule(2, n, s2.batch_size, s2.epochs, cfg.seed), make_step,
                       out=out, checkpoint_every=cfg.checkpoint_every, label="stage 2 (LoRA + projection)",
                       stop_after_step=stop_after_step, show_progress=show_progress, ctx=ctx)
+
+
+def _caption_cache(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, ctx: DistContext,
+                   notes: dict[str, Any]) -> CaptionCache | None:
+    """The frozen text blocks' cache for stage 2, or None (with the reason in `notes`) when it cannot apply."""
+    if not cfg.stage2.cache_frozen_text:
+        notes["text_cache"] = "off (stage2.cache_frozen_text: false)"
+        return None
+    n_layers = frozen_text_prefix(model.new_model)
+    if not n_layers:
+        notes["text_cache"] = "not applicable: no frozen lower text blocks in a tower that can be split"
+        return None
+    t = time.perf_counter()
+    cache = CaptionCache(model, [p.caption for p in data.pairs], n_layers, ctx.device, limit_bytes=CACHE_LIMIT_BYTES)
+    if cache.too_large:
+        notes["text_cache"] = (f"not used: {cache.estimated_bytes / 2**20:.0f} MiB of states would be above"
+                               f" {CACHE_LIMIT_BYTES >> 20} MiB; every step runs the whole text tower")
+        return None
+    notes["text_cache"] = {"frozen_layers": n_layers, "captions": len(cache.lengths),
+                           "mib": round(cache.nbytes / 2**20, 1), "build_s": round(time.perf_counter() - t, 2)}
+    return cache
 
 
 def train_xbt(
@@ -406,7 +502,9 @@ def train_xbt(
         timings["stage1_s"] = time.perf_counter() - t
     if cfg.stage2.enabled and len(pairs) >= 2:
         t = time.perf_counter()
-        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress, ctx)
+        notes: dict[str, Any] = {}
+        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress, ctx, notes)
+        report.update({f"stage2_{k}": v for k, v in notes.items()})
         timings["stage2_s"] = time.perf_counter() - t
     report["timings"] = timings
     report["peak_rss_mb"] = _peak_rss_mb()
