@@ -1,4 +1,5 @@
-"""XBT v2: stage 2 with the frozen text blocks cached (the same model as the full forward, faster)."""
+"""XBT v2: stage 2 with the frozen text blocks cached (the same model as the full forward, faster),
+the Procrustes-initialised projection kept near-orthogonal, and the ensemble with the old model's query."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CORPUS
 
+from xbt.errors import InputError
 
 LAYERS = 4
 
@@ -247,3 +249,149 @@ def test_two_processes_train_the_cached_single_process_model(lit_pair, image_fil
         _assert_same(got, want)
     assert np.isfinite([s["loss"] for s in report["stage2"]]).all()
 
+
+# ----- projection v2: the procrustes-both start, kept near-orthogonal ----------------------------------------
+def test_init_linear_and_the_orthogonality_gap():
+    from xbt.compat.maps import Projection
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12))
+    proj = Projection(12, 6, "linear")
+    proj.init_linear(q[:, :6].numpy())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(proj(x), x @ q[:, :6])
+    assert proj.orthogonality_gap().item() < 1e-10  # orthonormal columns: an isometry of the smaller space
+    with torch.no_grad():
+        proj.linear.weight.mul_(1.5)
+    assert proj.orthogonality_gap().item() == pytest.approx((1.5**2 - 1) ** 2, rel=1e-4)  # (k (s^2-1)^2) / k
+    wide = Projection(6, 12, "linear")  # into a larger space: the Gram over the input side
+    wide.init_linear(q[:6, :].numpy())
+    assert wide.orthogonality_gap().item() < 1e-10
+    with pytest.raises(InputError, match=r"\(6, 12\) matrix"):
+        wide.init_linear(q[:, :6].numpy())
+
+
+def test_projection_config_refuses_unknown_inits_and_negative_weights():
+    from xbt.train.stages import XBTConfig
+
+    with pytest.raises(InputError, match="projection.init"):
+        XBTConfig.from_dict({"projection": {"init": "procrustez"}})
+    with pytest.raises(InputError, match="projection.kind"):
+        XBTConfig.from_dict({"projection": {"kind": "mlpp"}})
+    with pytest.raises(InputError, match=">= 0"):
+        XBTConfig.from_dict({"projection": {"orthogonality_weight": -1}})
+
+
+@pytest.fixture()
+def openclip_setup(tiny_openclip_names, image_files, tmp_path, xbt_home):
+    from conftest import tiny_xbt_config
+
+    from xbt.specs import load_model
+
+    cfg = tiny_xbt_config(tiny_openclip_names, image_files, tmp_path, epochs=3)
+    torch.manual_seed(0)
+    old = load_model(cfg.old)
+    torch.manual_seed(1)
+    new = load_model(cfg.new)
+    return cfg, old, new
+
+
+def _copy(spec, model):
+    from xbt.specs import load_model
+
+    copy = load_model(spec)
+    copy.load_state_dict(model.state_dict())
+    copy.invalidate_space()
+    return copy
+
+
+def test_procrustes_init_is_the_procrustes_both_peer(openclip_setup, tmp_path):
+    from xbt.compat.fit import fit_peer
+    from xbt.data.datasets import open_dataset
+    from xbt.data.texts import load_texts
+    from xbt.train.stages import XBTConfig, train_xbt
+
+    cfg, old, new = openclip_setup
+    cfg = XBTConfig.from_dict(cfg.to_dict() | {"projection": {"kind": "linear", "init": "procrustes"},
+                                               "stage1": {"enabled": False}, "stage2": {"enabled": False}})
+    xbt = train_xbt(cfg, tmp_path / "run", old=old, new=_copy(cfg.new, new), show_progress=False)
+    peer = fit_peer("procrustes-both", old, new, fit_texts=load_texts(cfg.text_corpus), fit_pairs=open_dataset(cfg.train_pairs))
+    texts = ["a red apple", "the sea at night", "a blue car on a road"]
+    torch.testing.assert_close(xbt.encode_text(texts), peer.encode_text(texts), atol=1e-5, rtol=1e-4)
+    assert torch.linalg.matrix_rank(xbt.projection.linear.weight).item() == old.embed_dim
+
+
+def test_orthogonality_penalty_and_the_pull_keep_the_map_near_its_start_and_resume_exactly(openclip_setup, tmp_path):
+    from xbt.train.stages import StopTraining, XBTConfig, train_xbt
+
+    cfg, old, new = openclip_setup
+    base = cfg.to_dict() | {"stage1": cfg.to_dict()["stage1"] | {"lr": 0.05, "epochs": 4}, "stage2": {"enabled": False}}
+
+    def run(name, stage1=True, **projection):
+        c = XBTConfig.from_dict(base | {"projection": {"kind": "linear", "init": "procrustes", **projection}})
+        c.stage1.enabled = stage1
+        return c, train_xbt(c, tmp_path / name, old=old, new=_copy(cfg.new, new), show_progress=False)
+
+    def moved(model):
+        return (model.projection.linear.weight - start.projection.linear.weight).norm().item()
+
+    start = run("start", stage1=False)[1]
+    free = run("free")[1]
+    orthogonal = run("orthogonal", orthogonality_weight=10.0)[1]
+    anchored_cfg, anchored = run("anchored", anchor_weight=100.0)
+    assert free.projection.orthogonality_gap().item() > 1e-3 and moved(free) > 1e-2  # training moved the free map
+    assert orthogonal.projection.orthogonality_gap().item() < 0.5 * free.projection.orthogonality_gap().item()
+    assert moved(anchored) < 0.5 * moved(free)
+    history = json.loads((tmp_path / "anchored" / "training_report.json").read_text())["stage1"]
+    assert "anchor" in history[0] and "orthogonality" not in history[0]
+    assert "anchor" not in json.loads((tmp_path / "free" / "training_report.json").read_text())["stage1"][0]
+    # The pull's target survives a kill: a resumed run pulls toward the same start.
+    with pytest.raises(StopTraining):
+        train_xbt(anchored_cfg, tmp_path / "cut", old=old, new=_copy(cfg.new, new), stop_after=(3, None), show_progress=False)
+    resumed = train_xbt(anchored_cfg, tmp_path / "cut", old=old, new=_copy(cfg.new, new), show_progress=False)
+    _assert_same(resumed.projection.state_dict(), anchored.projection.state_dict())
+
+
+# ----- the ensemble with the old model's query ---------------------------------------------------------------
+def test_xbt_with_the_old_query_is_a_deployable_ensemble(openclip_setup, tmp_path, image_files):
+    from xbt.compat.model import CompatibleModel, read_config
+    from xbt.compat.old_query import (
+        blend_arrays,
+        choose_old_query_weight,
+        fit_old_query,
+        with_old_query,
+    )
+    from xbt.data.datasets import open_dataset
+    from xbt.train.stages import train_xbt
+
+    cfg, old, new = openclip_setup
+    cfg.stage1.epochs = cfg.stage2.epochs = 1
+    xbt = train_xbt(cfg, tmp_path / "xbt", old=old, new=_copy(cfg.new, new), show_progress=False)
+    texts, images = ["a red apple", "the sea at night", "a cup of tea"], image_files[:3]
+    alone_t, alone_i = xbt.encode_text(texts).numpy(), xbt.encode_image(images).numpy()
+    old_t, old_i = old.encode_text(texts).numpy(), old.encode_image(images).numpy()
+    ensemble = with_old_query(xbt, old, 0.3)
+    assert ensemble.needs_old_model_at_query_time and ensemble.space == old.space
+    np.testing.assert_allclose(ensemble.encode_text(texts).numpy(), blend_arrays(alone_t, old_t, 0.3), atol=1e-5)
+    np.testing.assert_allclose(ensemble.encode_image(images).numpy(), blend_arrays(alone_i, old_i, 0.3), atol=1e-5)
+    np.testing.assert_allclose(with_old_query(xbt, old, 0.0).encode_text(texts).numpy(), alone_t, atol=1e-5)
+    np.testing.assert_allclose(with_old_query(xbt, old, 1.0).encode_text(texts).numpy(), old_t, atol=1e-5)
+    # One artifact format: xbt.compat/2 with the digests of the map and the adapters, the old model by its spec.
+    ensemble.save_pretrained(tmp_path / "ensemble")
+    config = read_config(tmp_path / "ensemble")
+    assert config["format"] == "xbt.compat/2" and config["needs_old_model_at_query_time"] is True
+    assert config["old_model"] == old.spec and config["map"]["kind"] == "old-query-blend"
+    assert {"map.safetensors", "lora_text/adapter_model.safetensors"} <= set(config["weights_sha256"])
+    loaded = CompatibleModel.from_pretrained(tmp_path / "ensemble", new_model=_copy(cfg.new, new), old_model=old)
+    np.testing.assert_allclose(loaded.encode_text(texts).numpy(), blend_arrays(alone_t, old_t, 0.3), atol=1e-5)
+    with pytest.raises(InputError, match="already needs the old model"):
+        with_old_query(ensemble, old, 0.5)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        with_old_query(xbt, old, 1.5)
+    # The weight is chosen on val pairs: the best of the grid, ties to the smaller weight.
+    val = open_dataset(cfg.train_pairs)[:6]
+    weight, scores = choose_old_query_weight(xbt, old, val, weights=(0.0, 0.5, 1.0))
+    assert set(scores) == {0.0, 0.5, 1.0} and scores[weight] == max(scores.values())
+    assert weight == min(w for w, s in scores.items() if s == max(scores.values()))
+    chosen = fit_old_query(xbt, old, val, weights=(0.0, 0.5, 1.0))
+    assert chosen.query_map.weight == weight and chosen.provenance["details"]["old_query_weight"] == weight

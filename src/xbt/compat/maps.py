@@ -3,7 +3,7 @@
 Every upgrade method ends as one of these inside a `CompatibleModel` (compat/model.py): XBT's trained
 `Projection`, and the peers' closed-form fits (`LinearMap` for Procrustes, the ridge affine map and
 no adaptation; `ResidualMap` for the Drift-Adapter-style MLP; `SlerpMap` for SLERP, an ensemble that
-also takes the old model's query). A map is saved as safetensors + its `config()` and rebuilt by
+also takes the old model's query; `OldQueryBlend`, XBT's projection blended with the old model's query). A map is saved as safetensors + its `config()` and rebuilt by
 `build_map(config)`, so every method has one artifact format and one way to be applied.
 """
 
@@ -180,12 +180,60 @@ class Projection(QueryMap):
         self.linear.weight.copy_(w[:-1].T.float())
         self.linear.bias.copy_(w[-1].float())
 
+    @torch.no_grad()
+    def init_linear(self, weight: torch.Tensor | np.ndarray, bias: torch.Tensor | np.ndarray | None = None) -> None:
+        """Set the linear part to x W (+ b), W given as (in_dim, out_dim) like the closed-form fits produce
+        (e.g. a Procrustes rotation, `xbt.compat.procrustes`); no bias: zero."""
+        weight = torch.as_tensor(np.asarray(weight, dtype=np.float32))
+        if tuple(weight.shape) != (self.in_dim, self.out_dim):
+            raise InputError(f"projection init: a ({self.in_dim}, {self.out_dim}) matrix is needed, not {tuple(weight.shape)}")
+        self.linear.weight.copy_(weight.T)
+        self.linear.bias.copy_(torch.as_tensor(np.asarray(bias, dtype=np.float32)) if bias is not None else torch.zeros(self.out_dim))
+
+    def orthogonality_gap(self) -> torch.Tensor:
+        """||G - I||_F^2 / k for the linear part's k x k Gram matrix over its smaller side (k = min(in, out)):
+        zero exactly when the map is an isometry of the smaller space (a Procrustes rotation is), the
+        relaxed-orthogonality penalty of lambda-orthogonality (arXiv 2509.16664)."""
+        w = self.linear.weight  # (out, in)
+        gram = w @ w.T if self.out_dim <= self.in_dim else w.T @ w
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return (gram - eye).pow(2).sum() / gram.shape[0]
+
     def forward(self, new: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
         y = self.linear(new)
         return y + self.mlp(new) if self.projection_kind == "mlp" else y
 
 
-MAP_KINDS: dict[str, type[QueryMap]] = {m.kind: m for m in (LinearMap, ResidualMap, SlerpMap, Projection)}
+class OldQueryBlend(QueryMap):
+    """normalize((1 - w) normalize(P(new)) + w old): a trained projection P's query blended with the old
+    model's own query of the same item (w = 0: P alone; w = 1: the old model alone). An ensemble: the old
+    model runs on every query, as SLERP's does (`xbt.compat.old_query`)."""
+
+    kind = "old-query-blend"
+    needs_old_query = True
+
+    def __init__(self, in_dim: int, out_dim: int, weight: float = 0.0, projection: dict[str, Any] | QueryMap | None = None):
+        super().__init__(in_dim, out_dim)
+        if not 0 <= weight <= 1:
+            raise InputError(f"old-query blend: the weight must lie in [0, 1], not {weight}")
+        if projection is None:
+            raise InputError("old-query blend: give the projection it blends (a query map or its config)")
+        self.weight = float(weight)
+        self.projection = projection if isinstance(projection, QueryMap) else build_map(projection)
+        if self.projection.needs_old_query or (self.projection.in_dim, self.projection.out_dim) != (in_dim, out_dim):
+            raise InputError(f"old-query blend: the projection must map {in_dim}->{out_dim} without the old query")
+
+    def config(self) -> dict[str, Any]:
+        return super().config() | {"weight": self.weight, "projection": self.projection.config()}
+
+    def forward(self, new: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
+        if old is None or old.shape != (new.shape[0], self.out_dim):
+            raise InputError(f"the old-query blend needs the old model's {self.out_dim}-d vectors of the same {new.shape[0]} queries")
+        mapped = F.normalize(self.projection(new).float(), dim=-1)
+        return ((1 - self.weight) * mapped + self.weight * F.normalize(old.float(), dim=-1)).to(new.dtype)
+
+
+MAP_KINDS: dict[str, type[QueryMap]] = {m.kind: m for m in (LinearMap, ResidualMap, SlerpMap, Projection, OldQueryBlend)}
 
 
 def build_map(config: dict[str, Any]) -> QueryMap:

@@ -38,17 +38,33 @@ from xbt.models.device import autocast
 from xbt.train.distributed import DistContext
 from xbt.train.loop import Schedule, StopTraining, train_loop
 
-__all__ = ["LoraSettings", "ProjectionConfig", "Stage1Config", "Stage2Config", "StopTraining", "TrainingData",
-           "XBTConfig", "prepare_data", "run_stage1", "run_stage2", "train_xbt"]
+__all__ = ["CaptionCache", "LoraSettings", "ProjectionConfig", "ProjectionPenalty", "Stage1Config", "Stage2Config",
+           "StopTraining", "TrainingData", "XBTConfig", "prepare_data", "procrustes_rotation", "run_stage1", "run_stage2",
+           "train_xbt"]
 
 
 # ----- configuration -----------------------------------------------------------------------------
+PROJECTION_INITS = ("lstsq", "procrustes", "random")
+
+
 @dataclass
 class ProjectionConfig:
     kind: str = "mlp"  # linear | mlp
     hidden: int = 1024
     dropout: float = 0.1
-    init: str = "lstsq"  # lstsq (closed-form ridge fit on the text corpus) | random
+    # lstsq: closed-form ridge fit on the text corpus | procrustes: the procrustes-both peer's rotation (text
+    # corpus + training captions + training images, both models) | random
+    init: str = "lstsq"
+    orthogonality_weight: float = 0.0  # lambda x ||W W^T - I||^2 / k on the linear part: stays near-orthogonal
+    anchor_weight: float = 0.0  # mu x ||theta - theta_init||^2 on the linear part: a pull toward the closed-form start
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "mlp"):
+            raise InputError(f"projection.kind must be linear or mlp, not {self.kind!r}")
+        if self.init not in PROJECTION_INITS:
+            raise InputError(f"projection.init must be one of {list(PROJECTION_INITS)}, not {self.init!r}")
+        if self.orthogonality_weight < 0 or self.anchor_weight < 0:
+            raise InputError("projection.orthogonality_weight and projection.anchor_weight must be >= 0")
 
 
 @dataclass
@@ -220,12 +236,62 @@ def add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> 
     return F.normalize(x + noise.to(x.device), dim=-1)
 
 
+class ProjectionPenalty:
+    """The projection's regularisers, added to both stages' losses: relaxed orthogonality of its linear part
+    (`orthogonality_weight`) and a pull toward where training started (`anchor_weight`), the closed-form
+    init, captured when this object is made (before any checkpoint is restored, so a resumed run pulls
+    toward the same point)."""
+
+    def __init__(self, projection: Projection, cfg: ProjectionConfig):
+        self.projection = projection
+        self.weights = {"orthogonality": float(cfg.orthogonality_weight), "anchor": float(cfg.anchor_weight)}
+        self.start = [p.detach().clone() for p in (projection.linear.weight, projection.linear.bias)]
+
+    @property
+    def active(self) -> bool:
+        return any(w > 0 for w in self.weights.values())
+
+    def __call__(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the weighted sum, each active term unweighted)."""
+        parts: dict[str, torch.Tensor] = {}
+        if self.weights["orthogonality"] > 0:
+            parts["orthogonality"] = self.projection.orthogonality_gap()
+        if self.weights["anchor"] > 0:
+            now = (self.projection.linear.weight, self.projection.linear.bias)
+            parts["anchor"] = sum((p - s.to(p.device)).pow(2).sum() for p, s in zip(now, self.start))
+        return sum(self.weights[k] * v for k, v in parts.items()), parts
+
+
+def procrustes_rotation(data: TrainingData, new_space: Any, old_space: Any) -> np.ndarray:
+    """The (new_dim, old_dim) rotation the procrustes-both peer fits on the same training data
+    (`xbt.compat.fit.fit_data`): every distinct text of the corpus and of the training captions, and every
+    distinct training image, each embedded by both models."""
+    from xbt.compat.base import FitData
+    from xbt.compat.procrustes import Procrustes
+
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for texts, new, old in ((data.corpus, data.corpus_new, data.corpus_old),
+                            ([p.caption for p in data.pairs], data.new_texts, data.old_texts)):
+        for i, text in enumerate(texts):
+            rows.setdefault(text, (new[i].cpu().numpy(), old[i].cpu().numpy()))
+    if not rows:
+        raise InputError("projection.init procrustes needs a text corpus or training pairs to fit on")
+    fit = FitData(new_text=np.stack([r[0] for r in rows.values()]), old_text=np.stack([r[1] for r in rows.values()]))
+    if data.pairs:
+        fit.new_image, fit.old_image = data.new_images.cpu().numpy(), data.old_images.cpu().numpy()
+    method = Procrustes(new_space, old_space, "both" if data.pairs else "text").fit(fit)
+    return method.rotation
+
+
 # ----- the two stages ------------------------------------------------------------------------------
 def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
                stop_after_step: int | None = None, show_progress: bool = True,
-               ctx: DistContext | None = None) -> tuple[list[dict[str, float]], float]:
-    """Stage 1: the projection learns to map noised new-model text vectors onto the old model's."""
+               ctx: DistContext | None = None, penalty: ProjectionPenalty | None = None,
+               ) -> tuple[list[dict[str, float]], float]:
+    """Stage 1: the projection learns to map noised new-model text vectors onto the old model's.
+    `penalty`: the projection's regularisers (made from the projection as it is now when not given)."""
     ctx = ctx or DistContext.local()
+    penalty = penalty or ProjectionPenalty(model.projection, cfg.projection)
     s1 = cfg.stage1
     n = data.corpus_new.shape[0]
     if n < 2:
@@ -245,7 +311,11 @@ def run_stage1(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
             loss_nce = multi_positive_infonce(pred, y, eye, s1.temperature)
             loss_cos = (1 - F.cosine_similarity(pred, y, dim=-1)).mean()
             loss = s1.infonce_weight * loss_nce + s1.cosine_weight * loss_cos
-            return loss, {"infonce": loss_nce, "cosine": loss_cos}
+            parts = {"infonce": loss_nce, "cosine": loss_cos}
+            if penalty.active:
+                extra, terms = penalty()
+                loss, parts = loss + extra, parts | terms
+            return loss, parts
 
         return step
 
@@ -342,7 +412,8 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: Path,
                stop_after_step: int | None = None, show_progress: bool = True,
-               ctx: DistContext | None = None, notes: dict[str, Any] | None = None) -> list[dict[str, float]]:
+               ctx: DistContext | None = None, notes: dict[str, Any] | None = None,
+               penalty: ProjectionPenalty | None = None) -> list[dict[str, float]]:
     """Stage 2: LoRA adapters on the frozen new model and the projection, on image-text pairs.
 
     When the text adapters sit only in the upper blocks of a text tower that can be split (`lora.layers`
@@ -350,6 +421,7 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
     and each step runs only the adapted blocks; `notes` (a dict) receives what was cached and how long it took."""
     ctx = ctx or DistContext.local()
     notes = notes if notes is not None else {}
+    penalty = penalty or ProjectionPenalty(model.projection, cfg.projection)
     s2 = cfg.stage2
     n = len(data.pairs)
     if n < 2:
@@ -394,7 +466,11 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
                 "text": multi_positive_infonce(proj_text, data.old_texts[idx], positives, s2.temperature),
                 "preserve": (1 - F.cosine_similarity(new_text, data.new_texts[idx], dim=-1)).mean(),
             }
-            return sum(weights[k] * v for k, v in losses.items()), losses
+            loss = sum(weights[k] * v for k, v in losses.items())
+            if penalty.active:
+                extra, terms = penalty()
+                loss, losses = loss + extra, losses | terms
+            return loss, losses
 
         return step
 
@@ -467,7 +543,8 @@ def train_xbt(
         new.configure(ctx.device, precision, new.placement.num_workers)
         old.configure(ctx.device, precision, old.placement.num_workers)
     # `train_pairs` / `text_corpus`: what cfg.train_pairs / cfg.text_corpus name, already read by the caller
-    corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if cfg.stage1.enabled else []
+    needs_corpus = cfg.stage1.enabled or cfg.projection.init == "procrustes"  # the peer's rotation fits on it too
+    corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if needs_corpus else []
     all_pairs = list(train_pairs) if train_pairs is not None else resolve_pairs(cfg.train_pairs)
     pairs = subsample_pairs(all_pairs, cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
     ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
@@ -490,7 +567,10 @@ def train_xbt(
         projection.init_least_squares(data.corpus_new, data.corpus_old)
     elif p.init == "lstsq" and data.pairs:
         projection.init_least_squares(data.new_texts, data.old_texts)
+    elif p.init == "procrustes":
+        projection.init_linear(procrustes_rotation(data, new.space, old_space))
     model = CompatibleModel(new, projection, old_space, new.spec).to(ctx.device)
+    penalty = ProjectionPenalty(model.projection, p)  # the pull's target: the closed-form start, never a checkpoint
     report: dict[str, Any] = {"config": cfg.to_dict(), "n_pairs": len(pairs), "n_corpus": len(corpus),
                               "runtime": {"device": str(ctx.device), "precision": model.placement.precision}}
     if ctx.distributed:
@@ -498,12 +578,12 @@ def train_xbt(
     stop1, stop2 = stop_after or (None, None)
     if cfg.stage1.enabled and corpus:
         t = time.perf_counter()
-        report["stage1"], report["noise_std"] = run_stage1(model, data, cfg, out, stop1, show_progress, ctx)
+        report["stage1"], report["noise_std"] = run_stage1(model, data, cfg, out, stop1, show_progress, ctx, penalty)
         timings["stage1_s"] = time.perf_counter() - t
     if cfg.stage2.enabled and len(pairs) >= 2:
         t = time.perf_counter()
         notes: dict[str, Any] = {}
-        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress, ctx, notes)
+        report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress, ctx, notes, penalty)
         report.update({f"stage2_{k}": v for k, v in notes.items()})
         timings["stage2_s"] = time.perf_counter() - t
     report["timings"] = timings
