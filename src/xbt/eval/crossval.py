@@ -82,17 +82,20 @@ def xbt_config_for(cfg: CrossValConfig, variant: str, seed: int) -> dict[str, An
 
 
 # ----- one fold -------------------------------------------------------------------------------------
-def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, out: Path, show_progress: bool = False):
-    """The fold's XBT variant, trained on the fold's data only (resumed or reused from `out`)."""
+def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show_progress: bool = False):
+    """The fold's XBT variant, trained on the fold's data only; kept under XBT_HOME/runs by (fold, config),
+    so a variant shared by two cross-validation configs trains once (and a killed training resumes)."""
     from xbt.compat.model import CONFIG_NAME
     from xbt.specs import load_compatible
     from xbt.train.stages import XBTConfig, train_xbt
 
+    doc = xbt_config_for(cfg, variant, fold.seed) | {"old": old.spec, "new": new.spec,
+                                                      "train_pairs": f"{fold.name}/train", "text_corpus": f"{fold.name}/text_corpus"}
+    digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = cache_dir("runs", "cv-xbt") / f"{fold.name.replace('/', '-')}-{digest}"
     adapted = copy.deepcopy(new)  # LoRA goes into the copy; `new` stays the plain new model
     if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
         return load_compatible(out, new_model=adapted)
-    doc = xbt_config_for(cfg, variant, fold.seed) | {"old": old.spec, "new": new.spec,
-                                                      "train_pairs": f"{fold.name}/train", "text_corpus": f"{fold.name}/text_corpus"}
     return train_xbt(XBTConfig.from_dict(doc), out, old=old, new=adapted, show_progress=show_progress,
                      train_pairs=fold.train, text_corpus=fold.text_corpus)
 
@@ -106,7 +109,7 @@ def _calibrated(name: str, model, queries: QueryVectors, fold: Fold, old, new, e
         return compatible_queries(model, pairs, embed_pairs(new, pairs), embed_pairs(old, pairs))
 
     bank, val_queries = queries_of(fold.train), queries_of(fold.val)
-    alpha = choose_alpha(val_queries, embed_pairs(old, fold.val), bank)
+    alpha = choose_alpha(val_queries, embed_pairs(old, fold.val), bank).alpha  # per direction
     return calibrate_queries(queries, eval_old, bank, alpha), alpha
 
 
@@ -130,7 +133,7 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     methods: dict[str, Any] = {name: name for name in cfg.peers}
     for variant in cfg.xbt:
         t = time.perf_counter()
-        methods[variant] = train_fold_xbt(cfg, variant, fold, old, new, out / "xbt" / variant, show_progress)
+        methods[variant] = train_fold_xbt(cfg, variant, fold, old, new, show_progress)
         timings[f"train:{variant}"] = time.perf_counter() - t
     t = time.perf_counter()
     run = run_evaluation(old, new, fold.eval, methods, fit_texts=fold.text_corpus, fit_pairs=fold.train,
@@ -142,9 +145,9 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     for variant in cfg.old_query:
         if variant not in run.compatible:
             raise InputError(f"old_query names {variant!r}, which is not an XBT variant of this run")
-        from xbt.compat.ensemble import choose_old_query_weight, with_old_query
+        from xbt.compat.old_query import choose_old_query_weight, with_old_query
 
-        weight = choose_old_query_weight(run.compatible[variant], old, fold.val)
+        weight, _ = choose_old_query_weight(run.compatible[variant], old, fold.val)
         ensemble = with_old_query(run.compatible[variant], old, weight)
         run.compatible[variant + OLD_QUERY] = ensemble
         queries[variant + OLD_QUERY] = compatible_queries(ensemble, fold.eval, run.embeddings["new"], run.embeddings["old"])
@@ -177,6 +180,7 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
         raise InputError(f"fold {fold.name}: evaluation items are not one image per caption")
     import io
 
+    out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
     atomic_write_bytes(hits_path, buffer.getvalue())

@@ -59,3 +59,29 @@ def embed_texts(model: VLPModel, texts: Sequence[str], show_progress: bool = Fal
         encoder_cache_id(model, "text"), lambda batch: model.encode_text(batch).numpy(), list(texts),
         label=f"{model.space.name} texts", show_progress=show_progress,
     )
+
+
+def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence[str] = (), show_progress: bool = False) -> None:
+    """Fill the vector cache of a lit model (locked towers + linear heads) from its towers' cached
+    features: the heads run in milliseconds, so a newly trained head (e.g. one per cross-validation fold)
+    over items the towers have already seen encodes no image and no caption again. Afterwards
+    `embed_pairs` / `embed_texts` of those items read the cache. Vectors equal the encoder's to float
+    tolerance (same towers, same inputs, another batching)."""
+    import torch
+
+    from xbt.data.testbed import tower_image_features, tower_text_features
+
+    def through(head, features: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(head(torch.from_numpy(features)), dim=-1).float().numpy()
+
+    images = [p.image for p in unique_images(pairs)]
+    if images:
+        cached_image_features(encoder_cache_id(model, "image"),
+                              lambda paths: through(model.image_head, tower_image_features(model.image_tower, paths, False)),
+                              images, label=f"{model.space.name} images", show_progress=show_progress)
+    captions = list(dict.fromkeys([*(p.caption for p in pairs), *texts]))
+    if captions:
+        cached_text_features(encoder_cache_id(model, "text"),
+                             lambda batch: through(model.text_head, tower_text_features(model.text_tower, batch, False)),
+                             captions, label=f"{model.space.name} texts", show_progress=show_progress)

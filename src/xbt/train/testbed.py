@@ -65,6 +65,7 @@ def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
     """A cross-validation fold's old and new testbed models (xbt.data.folds): the same recipe as the
     testbed's, trained without the fold's evaluation (and val) items, seeded by the fold seed; built once
     under the fold's folder and loaded afterwards (spec lit:PATH)."""
+    from xbt.eval.embed import prime_lit_cache
     from xbt.specs import load_model
 
     models = {}
@@ -76,4 +77,6 @@ def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
             config = LitTrainConfig(embed_dim=spec.embed_dim, seed=fold.seed)
             train_lit_model(spec, pairs, out, config=config, show_progress=show_progress)
         models[name] = load_model(f"lit:{out}")
+        # The fold's items through the new heads from the towers' cached features: nothing is re-encoded.
+        prime_lit_cache(models[name], fold.eval + fold.val + fold.train, fold.text_corpus)
     return models
