@@ -155,3 +155,30 @@ def test_training_stage_times_are_read_from_the_report(tmp_path):
     assert _training_timings(tmp_path) == {}
     (tmp_path / "training_report.json").write_text(json.dumps({"timings": {"prepare_s": 1.5, "stage2_s": 30, "x": "y"}}))
     assert _training_timings(tmp_path) == {"prepare_s": 1.5, "stage2_s": 30}
+
+
+def test_tower_features_with_decoding_ahead_equal_the_plain_loop(tmp_path, monkeypatch):
+    """Three batches (4 + 4 + 2): the decoder thread's pixels are those of the plain loop, in order, and cached."""
+    from PIL import Image
+
+    from xbt.data.images import load_image
+    from xbt.data import testbed
+    from xbt.data.testbed import STEP_TIMINGS, tower_image_features
+    from xbt.models.towers import EfficientNetLiteTower
+
+    monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(testbed, "IMAGE_BATCH", 4)
+    paths = []
+    for i in range(10):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40 + i, 60), ((i * 7) % 256, (i * 31) % 256, 200)).save(path)
+        paths.append(str(path))
+    tower = EfficientNetLiteTower("lite0")
+    got = tower_image_features(tower, paths, show_progress=False)
+    with torch.inference_mode():
+        plain = torch.cat([tower(torch.stack([tower.transform(load_image(p)) for p in paths[s : s + 4]]))
+                           for s in (0, 4, 8)]).numpy()
+    assert got.shape == (10, tower.out_dim)
+    assert (got == plain).all()
+    assert f"{tower.cache_id} images (10)" in STEP_TIMINGS
+    assert list(Path(tmp_path / "home" / "features" / tower.cache_id).glob("shard-*.npz"))  # cached under the new id
