@@ -161,8 +161,8 @@ def test_tower_features_with_decoding_ahead_equal_the_plain_loop(tmp_path, monke
     """Three batches (4 + 4 + 2): the decoder thread's pixels are those of the plain loop, in order, and cached."""
     from PIL import Image
 
-    from xbt.data.images import load_image
     from xbt.data import testbed
+    from xbt.data.images import load_image
     from xbt.data.testbed import STEP_TIMINGS, tower_image_features
     from xbt.models.towers import EfficientNetLiteTower
 
@@ -182,3 +182,20 @@ def test_tower_features_with_decoding_ahead_equal_the_plain_loop(tmp_path, monke
     assert (got == plain).all()
     assert f"{tower.cache_id} images (10)" in STEP_TIMINGS
     assert list(Path(tmp_path / "home" / "features" / tower.cache_id).glob("shard-*.npz"))  # cached under the new id
+
+
+def test_text_features_in_length_sorted_batches_equal_corpus_order(tmp_path, monkeypatch):
+    from xbt.data import testbed
+    from xbt.data.testbed import TEXT_BATCHING, tower_text_features
+    from xbt.models.towers import SentenceTransformerTower
+
+    monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(testbed, "TEXT_BATCH", 8)
+    tower = SentenceTransformerTower("asset:all-MiniLM-L6-v2")
+    texts = [("a very long caption about a red bicycle leaning on a wall " * (i % 4)) + f"item {i}" for i in range(20)]
+    got = tower_text_features(tower, texts, show_progress=False)
+    with torch.inference_mode():
+        plain = torch.cat([tower(tower.tokenize(texts[s : s + 8])) for s in (0, 8, 16)]).numpy()
+    assert got.shape == plain.shape
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(plain), atol=1e-5, rtol=0)
+    assert (tmp_path / "home" / "features" / f"{tower.cache_id}-{TEXT_BATCHING}").is_dir()
