@@ -300,7 +300,7 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
         "methods": records,
         "matrix": matrix.to_dict(),
         "recommendation": {"method": method, "reason": reason},
-        "data_efficiency": [],
+        "data_efficiency": data_efficiency_rows(matrix, int(np.mean([m["sizes"]["train"] for m in fold_meta]))),
         "warnings": sorted({w for m in fold_meta for w in m.get("warnings", [])}),
         "timings_s": {"total": round(time.perf_counter() - started, 1)},
         "crossval": {
@@ -314,6 +314,26 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
         },
     }
     return json_safe(results)
+
+
+def data_efficiency_rows(matrix: UpgradeMatrix, n_all: int) -> list[dict[str, Any]]:
+    """The data-efficiency curve from variants named NAME@N (trained on N of the fold's pairs), with NAME
+    itself as the point at all pairs (`n_all`: the folds' mean training size). Rows as `xbt evaluate`'s."""
+    curves: dict[str, dict[int, str]] = {}
+    for name in matrix.methods:
+        base, _, n = name.rpartition("@")
+        if base and n.isdigit():
+            curves.setdefault(base, {})[int(n)] = name
+    rows = []
+    for base, points in curves.items():
+        if base in matrix.methods:
+            points[n_all] = base
+        for n, name in sorted(points.items()):
+            for d in DIRECTIONS:
+                for k in matrix.ks:
+                    r = matrix.methods[name][d][k].recall
+                    rows.append({"method": base, "n_pairs": n, "direction": d, "k": int(k), "recall": r.value, "low": r.low, "high": r.high})
+    return rows
 
 
 def _pooled_records(fold_meta: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
