@@ -151,6 +151,7 @@ def fold_summary(hits: dict, seed: int) -> dict[str, Any]:
 def write_page(result: dict[str, Any], path: Path, png_name: str) -> None:
     p = result["protocol"]
     s = result["summary"]
+    used = p.get("folds_used", list(range(len(result["folds"]))))
     written = (f"Written by `{p['command']}` ({p['date']}, load average {p['load_average_start']} at the start,"
                f" {p['load_average_end']} at the end; {p['elapsed_s']:.0f} s).")
     protocol = (f"Protocol: {p['folds']} folds of the testbed (`xbt.data.folds`, seed {p['fold_seed']}); per fold the"
@@ -168,8 +169,11 @@ def write_page(result: dict[str, Any], path: Path, png_name: str) -> None:
              " on the old gallery; new = R@1 at 100%, the new model alone). Gain area: the area under (R@1(f) -"
              " R@1(0)) / (R@1(1) - R@1(0)), 1 if all the gain came at once, 0.5 for a straight line. Area R@1: the"
              " mean R@1 served over the migration.")
+    partial = (f"**Only fold{'s' if len(used) > 1 else ''} {', '.join(map(str, used))} of the {p['folds']} folds"
+               " ran** (the others did not: see the reading below).")
     lines = [
         "# Which items to backfill first (cross-validated testbed)", "", written, "", protocol, "", terms, "",
+        *([] if len(used) == p["folds"] else [partial, ""]),
         "| order | direction | R@1 at 0% | R@1 at 100% | fraction for 80% of the gain | gain area (R@1) | area R@1 (%) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -185,7 +189,6 @@ def write_page(result: dict[str, Any], path: Path, png_name: str) -> None:
         for d, row in per.items():
             lines.append(f"| {o} | {d} | {row['r1_at_0']:.1f} | {row['r1_at_1']:.1f} | {est(row['fraction_for_80pct_gain'])} |"
                          f" {est(row['gain_area_r1'])} | {est(row['area_r1'], '{:.1f}')} |")
-    used = p.get("folds_used", list(range(len(result["folds"]))))
     lines += ["", "Per fold (R@1 fraction for 80% of the gain; no intervals):", "",
               "| order | direction | " + " | ".join(f"fold {i}" for i in used) + " |",
               "|---|---|" + "---|" * len(used)]
@@ -256,7 +259,9 @@ def main() -> None:
     }
     stem.with_suffix(".json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     plot_orders(curves, stem.with_suffix(".png"),
-                title=f"backfill order, {len(folds)}-fold cross-validated testbed ({args.compat}), pooled")
+                title=(f"backfill order, {args.folds}-fold cross-validated testbed ({args.compat}), "
+                       + ("pooled over the folds" if len(folds) == args.folds else
+                          f"fold{'s' if len(folds) > 1 else ''} {', '.join(str(f.index) for f in folds)} only")))
     write_page(result, stem.with_suffix(".md"), stem.with_suffix(".png").name)
     print(f"wrote {stem}.json, .md, .png")
 
