@@ -93,7 +93,8 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
                                                       "train_pairs": f"{fold.name}/train", "text_corpus": f"{fold.name}/text_corpus"}
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = cache_dir("runs", "cv-xbt") / f"{fold.name.replace('/', '-')}-{digest}"
-    adapted = copy.deepcopy(new)  # LoRA goes into the copy; `new` stays the plain new model
+    lora = doc["stage2"]["enabled"] and doc["stage2"]["lora"]["enabled"]
+    adapted = copy.deepcopy(new) if lora else new  # LoRA goes into a copy; `new` stays the plain new model
     if (out / CONFIG_NAME).exists() and (out / "training_report.json").exists():
         return load_compatible(out, new_model=adapted)
     return train_xbt(XBTConfig.from_dict(doc), out, old=old, new=adapted, show_progress=show_progress,
