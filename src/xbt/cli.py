@@ -403,6 +403,8 @@ def _crossval(folds: int, seeds: int, cv_config: str, resamples: int, ks: list[i
 
         doc = yaml.safe_load(resolve_config(cv_config).read_text()) or {}
         compare = [tuple(pair) for pair in doc.pop("compare", [])]
+        if any(len(pair) != 2 for pair in compare):
+            raise ValueError(f"{cv_config}: every `compare` entry is two method names [a, b]; quote names that hold a comma")
         cfg = CrossValConfig(k=folds, seeds=tuple(range(seeds)), ks=ks, n_resamples=resamples, **doc)
         return run_crossval(cfg, show_progress=True, command="xbt " + " ".join(sys.argv[1:]), compare=compare)
     except (XbtError, ValueError, TypeError) as exc:

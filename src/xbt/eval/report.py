@@ -351,8 +351,11 @@ def data_efficiency_figure(results: dict[str, Any], path: Path) -> bool:
             value = matrix[table].get(d, {}).get(str(k), {}).get("value")
             if value is not None:
                 ax.axhline(value, color="black", linestyle=style, linewidth=1, label=label)
-        ax.set_xscale("log")
         sizes = sorted({r["n_pairs"] for r in rows})
+        if sizes[0] == 0:  # a point without pairs (text only): linear near zero, logarithmic beyond
+            ax.set_xscale("symlog", linthresh=max(1, min(n for n in sizes if n > 0) if len(sizes) > 1 else 1))
+        else:
+            ax.set_xscale("log")
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
         ax.set_xlabel("training image-text pairs")
