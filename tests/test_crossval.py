@@ -110,3 +110,19 @@ def test_an_xbt_variant_override_must_name_a_config_key():
     assert xbt_config_for(cfg, "no-lora", 3)["seed"] == 3
     with pytest.raises(InputError, match="no key"):
         xbt_config_for(cfg, "typo", 0)
+
+
+def test_xbt_train_takes_dotted_overrides(tmp_path):
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+    from xbt.train.stages import apply_overrides
+
+    doc = {"stage2": {"lora": {"enabled": True}}, "seed": 0}
+    assert apply_overrides(doc, {"stage2.lora.enabled": False})["stage2"]["lora"]["enabled"] is False
+    assert doc["stage2"]["lora"]["enabled"] is True  # the input is not changed
+    result = CliRunner().invoke(app, ["train", "--config", "xbt-testbed", "--out", str(tmp_path / "x"),
+                                      "--set", "stage2.lora.enabeld=false"])
+    assert result.exit_code != 0 and "no key 'stage2.lora.enabeld'" in result.output
+    result = CliRunner().invoke(app, ["train", "--config", "xbt-testbed", "--out", str(tmp_path / "x"), "--set", "seed"])
+    assert result.exit_code != 0 and "KEY=VALUE" in result.output

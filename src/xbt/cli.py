@@ -177,6 +177,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output folder: the compatible model, checkpoints, training report."),
     max_pairs: Optional[int] = typer.Option(None, help="Override: use only N image-text pairs (0 = stage 1 only)."),
     seed: Optional[int] = typer.Option(None, help="Override the config's seed."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value by dotted path, e.g. --set stage2.lora.enabled=false (YAML value); repeatable."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (launches torchrun; one per GPU)."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when torch sees one), cpu (gloo between processes) or cuda (one GPU per process, NCCL)."),
     precision: Precision = "fp32",
@@ -194,9 +195,19 @@ def train(
         args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device, "--precision", precision]
         args += ["--max-pairs", str(max_pairs)] if max_pairs is not None else []
         args += ["--seed", str(seed)] if seed is not None else []
+        args += [x for item in set_ or [] for x in ("--set", item)]
         raise typer.Exit(launch(nproc, args))
     try:
         cfg = XBTConfig.from_file(resolve_config(config))
+        if set_:
+            import yaml
+
+            from xbt.train.stages import apply_overrides
+
+            pairs = [item.split("=", 1) for item in set_]
+            if any(len(p) != 2 for p in pairs):
+                raise XbtError(f"--set takes KEY=VALUE, e.g. stage2.lora.enabled=false; got {set_}")
+            cfg = XBTConfig.from_dict(apply_overrides(cfg.to_dict(), {k: yaml.safe_load(v) for k, v in pairs}, "--set"))
         if max_pairs is not None:
             cfg.max_pairs = max_pairs
             if max_pairs == 0:

@@ -67,18 +67,10 @@ class CrossValConfig:
 
 def xbt_config_for(cfg: CrossValConfig, variant: str, seed: int) -> dict[str, Any]:
     """The base XBT config with a variant's dotted-path overrides and the seed applied."""
+    from xbt.train.stages import apply_overrides
+
     doc = yaml.safe_load(resolve_config(cfg.xbt_config).read_text())
-    for path, value in cfg.xbt[variant].items():
-        node = doc
-        *parents, leaf = path.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise InputError(f"XBT variant {variant!r}: {path!r} is not a path of the config")
-            node = node[part]
-        if leaf not in node:
-            raise InputError(f"XBT variant {variant!r}: the config has no key {path!r}")
-        node[leaf] = value
-    return doc | {"seed": seed}
+    return apply_overrides(doc, cfg.xbt[variant], f"XBT variant {variant!r}") | {"seed": seed}
 
 
 # ----- one fold -------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ the gathered global batch, so several processes train the same model as one.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,23 @@ class XBTConfig:
             return cls.from_dict(yaml.safe_load(path.read_text()) or {})
         except TypeError as exc:
             raise InputError(f"invalid config {path}: {exc}") from exc
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Mapping[str, Any], what: str = "override") -> dict[str, Any]:
+    """A config document with dotted-path overrides applied ({"stage2.lora.enabled": False}); a path that
+    is not in the document is refused (a typo never silently trains the default)."""
+    doc = copy.deepcopy(doc)
+    for path, value in overrides.items():
+        node = doc
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise InputError(f"{what}: {path!r} is not a path of the config")
+            node = node[part]
+        if leaf not in node:
+            raise InputError(f"{what}: the config has no key {path!r}")
+        node[leaf] = value
+    return doc
 
 
 # ----- data ---------------------------------------------------------------------------------------
