@@ -127,3 +127,18 @@ def tiny_xbt_config(names: list[str], images: list[Path], folder: Path, epochs: 
         "stage1": {"epochs": epochs, "batch_size": 4, "noise_std": 0.2},
         "stage2": {"epochs": epochs, "batch_size": 4, "lora": {"r": 2, "alpha": 4, "dropout": 0.1}},
     })
+
+
+@pytest.fixture()
+def tiny_setup(tiny_openclip_names, image_files, tmp_path, xbt_home):
+    """A tiny XBT config (3 epochs) with its old and new open_clip models (random weights, seeded)."""
+    import torch
+
+    from xbt.specs import load_model
+
+    cfg = tiny_xbt_config(tiny_openclip_names, image_files, tmp_path, epochs=3)
+    torch.manual_seed(0)
+    old = load_model(cfg.old)
+    torch.manual_seed(1)
+    new = load_model(cfg.new)
+    return cfg, old, new

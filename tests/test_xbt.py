@@ -13,7 +13,6 @@ from xbt.errors import InputError, SpaceMismatchError
 from xbt.specs import load_model
 from xbt.train.stages import StopTraining, XBTConfig, train_xbt
 
-from conftest import tiny_xbt_config
 
 
 def test_least_squares_init_recovers_a_linear_map():
@@ -29,16 +28,6 @@ def test_mlp_projection_starts_as_its_linear_part():
     proj = Projection(8, 4, kind="mlp", hidden=16)
     x = torch.randn(5, 8)
     torch.testing.assert_close(proj(x), proj.linear(x))
-
-
-@pytest.fixture()
-def tiny_setup(tiny_openclip_names, image_files, tmp_path, xbt_home):
-    cfg = tiny_xbt_config(tiny_openclip_names, image_files, tmp_path, epochs=3)
-    torch.manual_seed(0)
-    old = load_model(cfg.old)
-    torch.manual_seed(1)
-    new = load_model(cfg.new)
-    return cfg, old, new
 
 
 def _fresh_new(cfg, new):

@@ -282,20 +282,6 @@ def test_projection_config_refuses_unknown_inits_and_negative_weights():
         XBTConfig.from_dict({"projection": {"orthogonality_weight": -1}})
 
 
-@pytest.fixture()
-def openclip_setup(tiny_openclip_names, image_files, tmp_path, xbt_home):
-    from conftest import tiny_xbt_config
-
-    from xbt.specs import load_model
-
-    cfg = tiny_xbt_config(tiny_openclip_names, image_files, tmp_path, epochs=3)
-    torch.manual_seed(0)
-    old = load_model(cfg.old)
-    torch.manual_seed(1)
-    new = load_model(cfg.new)
-    return cfg, old, new
-
-
 def _copy(spec, model):
     from xbt.specs import load_model
 
@@ -305,13 +291,13 @@ def _copy(spec, model):
     return copy
 
 
-def test_procrustes_init_is_the_procrustes_both_peer(openclip_setup, tmp_path):
+def test_procrustes_init_is_the_procrustes_both_peer(tiny_setup, tmp_path):
     from xbt.compat.fit import fit_peer
     from xbt.data.datasets import open_dataset
     from xbt.data.texts import load_texts
     from xbt.train.stages import XBTConfig, train_xbt
 
-    cfg, old, new = openclip_setup
+    cfg, old, new = tiny_setup
     cfg = XBTConfig.from_dict(cfg.to_dict() | {"projection": {"kind": "linear", "init": "procrustes"},
                                                "stage1": {"enabled": False}, "stage2": {"enabled": False}})
     xbt = train_xbt(cfg, tmp_path / "run", old=old, new=_copy(cfg.new, new), show_progress=False)
@@ -321,10 +307,10 @@ def test_procrustes_init_is_the_procrustes_both_peer(openclip_setup, tmp_path):
     assert torch.linalg.matrix_rank(xbt.projection.linear.weight).item() == old.embed_dim
 
 
-def test_orthogonality_penalty_and_the_pull_keep_the_map_near_its_start_and_resume_exactly(openclip_setup, tmp_path):
+def test_orthogonality_penalty_and_the_pull_keep_the_map_near_its_start_and_resume_exactly(tiny_setup, tmp_path):
     from xbt.train.stages import StopTraining, XBTConfig, train_xbt
 
-    cfg, old, new = openclip_setup
+    cfg, old, new = tiny_setup
     base = cfg.to_dict() | {"stage1": cfg.to_dict()["stage1"] | {"lr": 0.05, "epochs": 4}, "stage2": {"enabled": False}}
 
     def run(name, stage1=True, **projection):
@@ -353,7 +339,7 @@ def test_orthogonality_penalty_and_the_pull_keep_the_map_near_its_start_and_resu
 
 
 # ----- the ensemble with the old model's query ---------------------------------------------------------------
-def test_xbt_with_the_old_query_is_a_deployable_ensemble(openclip_setup, tmp_path, image_files):
+def test_xbt_with_the_old_query_is_a_deployable_ensemble(tiny_setup, tmp_path, image_files):
     from xbt.compat.model import CompatibleModel, read_config
     from xbt.compat.old_query import (
         blend_arrays,
@@ -364,7 +350,7 @@ def test_xbt_with_the_old_query_is_a_deployable_ensemble(openclip_setup, tmp_pat
     from xbt.data.datasets import open_dataset
     from xbt.train.stages import train_xbt
 
-    cfg, old, new = openclip_setup
+    cfg, old, new = tiny_setup
     cfg.stage1.epochs = cfg.stage2.epochs = 1
     xbt = train_xbt(cfg, tmp_path / "xbt", old=old, new=_copy(cfg.new, new), show_progress=False)
     texts, images = ["a red apple", "the sea at night", "a cup of tea"], image_files[:3]
