@@ -14,7 +14,6 @@ from xbt.specs import load_model
 from xbt.train.stages import StopTraining, XBTConfig, train_xbt
 
 
-
 def test_least_squares_init_recovers_a_linear_map():
     torch.manual_seed(0)
     x = torch.randn(200, 12)
