@@ -289,6 +289,13 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     eval_pairs = open_dataset(job.eval_data)
     fit_pairs, fit_texts = open_dataset(job.fit_pairs), load_texts(job.fit_texts)
     support = open_dataset(job.support) if job.support else None
+    if job.build_testbed and job.precision == "fp32":
+        # The testbed's lit models: every item's vectors from the towers' features cached by the build (the
+        # heads are a linear map), so galleries, training and evaluation encode nothing again.
+        from xbt.eval.embed import prime_lit_cache
+
+        for model in (old, new):
+            prime_lit_cache(model, [*eval_pairs, *fit_pairs, *(support or [])], fit_texts)
     stage("1b models and data" if job.build_testbed else "1 models and data", t)
 
     t = time.perf_counter()

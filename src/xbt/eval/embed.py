@@ -70,6 +70,10 @@ def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence
     import torch
 
     from xbt.data.testbed import tower_image_features, tower_text_features
+    from xbt.errors import InputError
+
+    if not all(hasattr(model, a) for a in ("image_tower", "image_head", "text_tower", "text_head")):
+        raise InputError(f"{model.spec or model.space.name} is not a lit model (locked towers + heads): nothing to prime")
 
     def through(head, features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
