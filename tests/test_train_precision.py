@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_xbt import _fresh_new, tiny_setup  # noqa: F401 - the shared tiny XBT setup (a fixture)
+from test_xbt import _fresh_new
 
 from xbt.errors import InputError
 from xbt.train.stages import train_xbt
