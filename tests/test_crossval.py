@@ -126,3 +126,18 @@ def test_xbt_train_takes_dotted_overrides(tmp_path):
     assert result.exit_code != 0 and "no key 'stage2.lora.enabeld'" in result.output
     result = CliRunner().invoke(app, ["train", "--config", "xbt-testbed", "--out", str(tmp_path / "x"), "--set", "seed"])
     assert result.exit_code != 0 and "KEY=VALUE" in result.output
+
+
+def test_the_committed_cross_validated_page_renders_its_protocol_spread_and_differences():
+    import json
+    from pathlib import Path
+
+    from xbt.eval.report import report_blocks, to_markdown
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "docs/results/testbed-cv/results.json").read_text())
+    text = to_markdown(report_blocks(results, {"heatmap": "h.png", "recall": "r.png"}))
+    assert "## Cross-validation" in text and "Pooled: 705 text and 705 image queries" in text
+    assert results["crossval"]["seeds"] == [0, 1, 2]
+    assert "| xbt-nolora+nnn - procrustes-both+nnn |" in text
+    spread = results["crossval"]["seed_spread"]["methods"]["xbt-nolora"]["mean_gain"]
+    assert len(spread["values"]) == 3 and spread["sd"] > 0
