@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ from xbt.durable import atomic_write_bytes, atomic_write_text
 from xbt.errors import InputError
 from xbt.eval.embed import embed_pairs
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, matrix_from_hits, system_hits
-from xbt.eval.retrieval import DEFAULT_KS
+from xbt.eval.retrieval import DEFAULT_KS, estimate, resampled_means, update_gain
 from xbt.eval.runner import RESULTS_SCHEMA, compatible_queries, json_safe, run_evaluation
 from xbt.paths import cache_dir, resolve_config
 
@@ -93,7 +94,7 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
                      train_pairs=fold.train, text_corpus=fold.text_corpus)
 
 
-def _calibrated(name: str, model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, float]:
+def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, float]:
     """The method's evaluation queries searched with NNN calibration; alpha chosen on the fold's val split
     (the bank: the method's queries of the fold's training pairs)."""
     from xbt.eval.calibration import calibrate_queries, choose_alpha
@@ -149,7 +150,7 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
         t = time.perf_counter()
         for name in list(queries):
             queries[name + CALIBRATED], alpha = _calibrated(
-                name, run.compatible[name], queries[name], fold, old, new, run.embeddings["old"])
+                run.compatible[name], queries[name], fold, old, new, run.embeddings["old"])
             choices.setdefault(name + CALIBRATED, {})["alpha"] = alpha
         timings["calibrate"] = time.perf_counter() - t
     hits = system_hits(run.embeddings["old"], run.embeddings["new"], queries, cfg.ks)
@@ -171,8 +172,6 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     }
     if len(set(meta["query_ids"])) != len(fold.eval):
         raise InputError(f"fold {fold.name}: evaluation items are not one image per caption")
-    import io
-
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
@@ -218,8 +217,6 @@ def seed_spread(per_seed: Sequence[UpgradeMatrix]) -> dict[str, Any]:
 def differences_vs(matrix_hits: Mapping[str, Any], a: str, b: str, ks: Sequence[int], n_resamples: int, seed: int = 0) -> dict[str, Any]:
     """Paired bootstrap interval of mean update gain(a) - mean update gain(b) over the six cells, on the
     pooled queries (both directions resampled, each with its own resamples as in the matrix)."""
-    from xbt.eval.retrieval import estimate, resampled_means, update_gain
-
     diffs = []
     points = []
     for d in DIRECTIONS:
