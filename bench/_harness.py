@@ -280,16 +280,20 @@ def library_versions() -> dict[str, str]:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
-
+    """The machine, for a benchmark's record. Without torch (bench/main_job.py runs before any environment
+    exists, under the system Python) the torch fields are None."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
     return {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads() if torch else None,
         "memory_gib": memory_gib(),
         "os": f"{platform.system()} {platform.release()}",
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch and torch.cuda.is_available() else None,
         "versions": library_versions(),
     }
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +184,58 @@ def test_cli_build_search_info_export_import(tmp_path, xbt_home):
         assert a.ids() == b.ids() and a.space == b.space
     r = run(app, ["gallery", "--backend", "milvus", "info", "--gallery", "pics"])
     assert r.exit_code == 1 and "--uri" in r.output
+
+
+def test_xbt_serve_on_a_milvus_gallery(tmp_path, xbt_home):
+    """`xbt serve --gallery milvus:FILE#NAME`: search by text and image, upload (kept beside the Lite file,
+    shown as a thumbnail), delete, all written to the engine; a Milvus server has no media folder."""
+    import io
+
+    import httpx
+    from PIL import Image
+    from serve_support import serving
+
+    spec = save_tiny_openclip(tmp_path / "m", seed=0)
+    model = load_model(spec)
+    images = make_images(tmp_path / "photos", 6)
+    ref = _ref(tmp_path)
+    with MilvusGallery.create(ref, model.space, modality="image") as g:
+        ingest(g, model, items_from_folder(tmp_path / "photos"))
+    release_lite(tmp_path / "g.db")  # Milvus Lite serves one process: hand the file to the service
+    token = "milvus-serve-token"
+    auth = {"Authorization": f"Bearer {token}"}
+    upload = io.BytesIO()
+    Image.new("RGB", (30, 30), "purple").save(upload, format="PNG")
+    args = ["--gallery", ref, "--model", spec, "--open-info"]
+    with serving(args, env={"XBT_SERVE_TOKEN": token}, log=tmp_path / "serve.log") as url:
+        info = httpx.get(f"{url}/info").json()
+        assert info["gallery"]["backend"] == "milvus" and info["gallery"]["size"] == 6
+        hits = httpx.post(f"{url}/search/text", json={"text": "a picture", "k": 4}).json()["results"]
+        assert len(hits) == 4 and {h["space"] for h in hits} == {model.space.id}
+        with images[2].open("rb") as f:
+            r = httpx.post(f"{url}/search/image", files={"file": ("q.png", f.read(), "image/png")}, data={"k": "1"})
+        assert r.json()["results"][0]["id"] == "img002.png"
+        r = httpx.post(f"{url}/items/image", headers=auth, files={"file": ("p.png", upload.getvalue(), "image/png")},
+                       data={"id": "up-1"})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/search/image", files={"file": ("q.png", upload.getvalue(), "image/png")}, data={"k": "1"})
+        top = r.json()["results"][0]
+        assert top["id"] == "up-1" and top["thumbnail"].startswith("/thumbnail?id=")
+        assert httpx.get(url + top["thumbnail"]).headers["content-type"] in ("image/png", "image/jpeg")
+        assert httpx.post(f"{url}/items/delete", headers=auth, json={"ids": ["img000.png"]}).json() == {"deleted": 1}
+    with open_gallery(ref) as g:  # what the service wrote is in the engine
+        assert len(g) == 6 and g.present(["up-1", "img000.png"]) == {"up-1"}
+        stored = g.get(["up-1"])["up-1"]["payload"]["image"]
+        assert Path(stored).parent == (tmp_path / "g.db.media").resolve()
+    # A gallery on a Milvus server (not started here: only its reference is needed) has no media folder:
+    # uploads are refused with what to do instead, and the service shows thumbnails from --media-root only.
+    from xbt.serve.media import ThumbnailStore
+
+    server = MilvusGallery.__new__(MilvusGallery)
+    server._ref = MilvusRef.parse("milvus:http://milvus.example:19530#photos")
+    with pytest.raises(InputError, match="shared media store"):
+        server.media_dir  # noqa: B018
+    assert ThumbnailStore([server], [tmp_path.resolve()], 1000).roots() == [tmp_path.resolve()]
 
 
 # ----- the progressive backfill on Milvus ------------------------------------------------------------------

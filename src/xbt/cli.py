@@ -1042,7 +1042,7 @@ def gallery_backfill_curve(
 
 @app.command("serve")
 def serve_command(
-    gallery: Optional[Path] = typer.Option(None, help="The gallery folder (not needed with --migration)."),
+    gallery: Optional[str] = typer.Option(None, help="The gallery: a folder, or milvus:URI#NAME (a Milvus server such as milvus:http://host:19530#photos, or a Milvus Lite file milvus:./photos.db#photos); not needed with --migration."),
     model: str = typer.Option(..., help="A model emitting the gallery's space: the old model or a compatible model."),
     migration: Optional[Path] = typer.Option(None, help="Serve during a backfill: this migration folder (with --new-model)."),
     new_model: Optional[str] = typer.Option(None, help="The new model, for --migration."),
@@ -1062,11 +1062,10 @@ def serve_command(
     """The HTTP service (FastAPI on uvicorn): a search page at /, search by text or image, add and delete
     items, thumbnails, health, info."""
     from xbt.errors import InputError
-    from xbt.gallery.base import QueryModelView
+    from xbt.gallery.base import QueryModelView, open_gallery
     from xbt.gallery.ingest import GalleryRetriever
     from xbt.gallery.migrating import MigratingRetriever
     from xbt.gallery.migration import Migration
-    from xbt.gallery.store import Gallery
     from xbt.serve.app import ServeConfig, read_token_file, serve
     from xbt.serve.media import resolve_roots
 
@@ -1093,7 +1092,7 @@ def serve_command(
                 _fail(ValueError("give --gallery (or --migration with --new-model)"))
             served_model = runtime.load(model)
             # Each model searches through its own view: a calibration applies to the model it was made for.
-            retriever = GalleryRetriever(QueryModelView(Gallery.open(gallery), served_model), served_model)
+            retriever = GalleryRetriever(QueryModelView(open_gallery(gallery), served_model), served_model)
             old_gallery = retriever.gallery.gallery
         old_vlp = runtime.load(old_model) if old_model else None
         old = GalleryRetriever(QueryModelView(old_gallery, old_vlp), old_vlp) if old_vlp is not None else None

@@ -129,8 +129,15 @@ class ThumbnailStore:
         self._lock = threading.Lock()
 
     def roots(self) -> list[Path]:
-        """Every gallery's media folder (resolved now: it may be created after start-up) and the operator's roots."""
-        return [Path(g.media_dir).resolve() for g in self.galleries] + self.media_roots
+        """Every gallery's media folder (resolved now: it may be created after start-up) and the operator's
+        roots. A gallery on a Milvus server has no media folder (uploads to it are refused): none of its own."""
+        found = []
+        for g in self.galleries:
+            try:
+                found.append(Path(g.media_dir).resolve())
+            except InputError:
+                continue
+        return found + self.media_roots
 
     def image_paths(self, payloads: Sequence[dict[str, Any]]) -> list[Path | None]:
         """For search results: which payloads name an image this service may show."""
