@@ -195,6 +195,28 @@ def test_training_with_the_cache_is_training_without_it_and_resumes_exactly(lit_
     assert json.loads((tmp_path / "full" / "training_report.json").read_text())["stage2_text_cache"].startswith("off")
     _assert_same(_states(cached), _states(full))
     assert max(v.abs().max().item() for k, v in cached.lora_state("text").items() if "lora_B" in k) > 1e-3  # it trained
+    # Gradient checkpointing (the adapted blocks recomputed in backward, LoRA dropout replayed): the same model,
+    # on the cached path and on the whole tower; the blocks really ran checkpointed, and it is off afterwards.
+    from xbt.models import towers
+
+    calls = []
+    plain_forward = towers._Checkpointed.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return plain_forward(self, *args, **kwargs)
+
+    towers._Checkpointed.forward = counted
+    try:
+        for name, extra in (("ckpt", {}), ("ckpt-full", {"cache_frozen_text": False})):
+            ckpt_cfg = _config(tmp_path, new, old_spec, image_files, gradient_checkpointing=True, **extra)
+            ckpt = train_xbt(ckpt_cfg, tmp_path / name, old=old, new=load_model(new), show_progress=False)
+            note = json.loads((tmp_path / name / "training_report.json").read_text())["stage2_gradient_checkpointing"]
+            assert note.startswith("on") and calls and not ckpt.new_model.text_tower.checkpoint_blocks
+            _assert_same(_states(ckpt), _states(cached))
+            calls.clear()
+    finally:
+        towers._Checkpointed.forward = plain_forward
     with pytest.raises(StopTraining):
         train_xbt(cfg, tmp_path / "cut", old=old, new=load_model(new), stop_after=(None, 3), show_progress=False)
     resumed = train_xbt(cfg, tmp_path / "cut", old=old, new=load_model(new), show_progress=False)

@@ -84,6 +84,29 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n]
 
 
+def text_gradient_checkpointing(model: VLPModel, enabled: bool) -> str:
+    """Turn gradient checkpointing of the new model's text transformer on or off (XBT stage 2's
+    `gradient_checkpointing`: the activations of one block are kept instead of every block's, for one more
+    forward of each block in the backward pass; the gradients are the same). Says what it did: the testbed's
+    sentence-transformers tower (`checkpoint_blocks`), open_clip (`set_grad_checkpointing`), a Hugging Face
+    model that supports it (`gradient_checkpointing_enable`), or that this backend has none (left off)."""
+    tower = getattr(model, "text_tower", None)
+    if hasattr(tower, "checkpoint_blocks"):
+        tower.checkpoint_blocks = enabled
+        return "on: the text tower's encoder blocks (torch.utils.checkpoint)" if enabled else "off"
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "set_grad_checkpointing"):  # open_clip: both towers' transformers
+        inner.set_grad_checkpointing(enabled)
+        return "on: open_clip set_grad_checkpointing" if enabled else "off"
+    if getattr(inner, "supports_gradient_checkpointing", False):
+        if enabled:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return "on: transformers gradient_checkpointing_enable"
+        inner.gradient_checkpointing_disable()
+        return "off"
+    return f"not available for {type(model).__name__}: off" if enabled else "off"
+
+
 def frozen_text_prefix(model: VLPModel) -> int | None:
     """How many of the text tower's lower blocks carry no LoRA adapter, when the new model's text forward can be
     split there (`LitModel` over a BERT-style sentence-transformers tower: `text_head(tower.forward_from(...))`),

@@ -158,6 +158,9 @@ class SentenceTransformerTower(LockedTower):
         weights = next(iter(sorted(path.glob("*.safetensors"))), None) or next(iter(sorted(path.glob("*.bin"))), None)
         ident = _file_digest(weights) if weights else hashlib.sha256(str(path).encode()).hexdigest()
         self.cache_id = f"st-{path.name}-{ident[:12]}"
+        # Gradient checkpointing of the encoder blocks (XBT stage 2's `gradient_checkpointing`): activation
+        # memory of one block instead of all, for one more forward of each block in the backward pass.
+        self.checkpoint_blocks = False
         self.eval()
 
     def config(self) -> dict[str, Any]:
@@ -174,6 +177,9 @@ class SentenceTransformerTower(LockedTower):
         return prepare(list(texts))
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.checkpoint_blocks and torch.is_grad_enabled() and self.encoder_layers() is not None:
+            with self._running_layers(slice(None)):
+                return self.st(dict(tokens))["sentence_embedding"]
         return self.st(dict(tokens))["sentence_embedding"]
 
     # ----- the forward split at a layer (XBT's stage 2 caches the frozen lower layers' output) ---------
@@ -188,13 +194,18 @@ class SentenceTransformerTower(LockedTower):
     def _running_layers(self, part: slice, embedded: torch.Tensor | None = None):
         """Within the block: the transformer runs only the blocks `part` of its block list, and, when
         `embedded` is given, those blocks start from it instead of the embedding layer's output. Everything
-        else (attention mask, MPNet's relative position bias, pooling, normalisation) is the model's own code."""
+        else (attention mask, MPNet's relative position bias, pooling, normalisation) is the model's own code.
+        With `checkpoint_blocks` set and gradients on, each running block is recomputed in the backward pass
+        instead of keeping its activations (`torch.utils.checkpoint`)."""
         layers = self.encoder_layers()
         if layers is None:
             raise AssetMissingError(f"{self.source}: its transformer is not a BERT-style encoder; no split forward")
         encoder, hf = self.transformer.encoder, self.transformer
         hook = hf.embeddings.register_forward_hook(lambda _m, _a, _out: embedded) if embedded is not None else None
-        encoder.layer = nn.ModuleList(list(layers)[part])
+        running = list(layers)[part]
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            running = [_Checkpointed(layer) for layer in running]
+        encoder.layer = nn.ModuleList(running)
         try:
             yield
         finally:
@@ -212,6 +223,20 @@ class SentenceTransformerTower(LockedTower):
         normalisation. forward_from(t, hidden_after(t, n), n) == forward(t), to float precision."""
         with self._running_layers(slice(n_layers, None), hidden):
             return self.st(dict(tokens))["sentence_embedding"]
+
+
+class _Checkpointed(nn.Module):
+    """One encoder block whose activations are recomputed in the backward pass (non-reentrant
+    `torch.utils.checkpoint`, the RNG state replayed, so dropout draws the same masks: the same gradients)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
 def build_tower(config: dict[str, Any]) -> nn.Module:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from xbt.compat.lora import frozen_text_prefix, text_from_prefix, text_prefix_states
+from xbt.compat.lora import frozen_text_prefix, text_from_prefix, text_gradient_checkpointing, text_prefix_states
 from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair
@@ -110,6 +110,7 @@ class Stage2Config:
     text_weight: float = 0.5  # projected new text vs old text (keeps stage 1's alignment)
     preserve_weight: float = 1.0  # adapted new text stays close to the original new text (new->new retrieval)
     cache_frozen_text: bool = True  # compute the text blocks below the adapters once per run (same model, faster)
+    gradient_checkpointing: bool = False  # recompute the adapted text blocks' activations in backward (less memory, same model)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -457,6 +458,8 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
     images_needed = s2.lora.enabled and s2.lora.image
     weights = {"t2i": s2.t2i_weight, "i2t": s2.i2t_weight, "text": s2.text_weight, "preserve": s2.preserve_weight}
     cache = _caption_cache(model, data, cfg, ctx, notes) if s2.lora.enabled else None
+    if s2.lora.enabled and s2.gradient_checkpointing:
+        notes["gradient_checkpointing"] = text_gradient_checkpointing(model.new_model, True)
 
     def make_step():
         forward = ctx.wrap(_Stage2Forward(model, s2.lora.enabled, images_needed, cache.n_layers if cache else 0))
@@ -492,9 +495,13 @@ def run_stage2(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, out: 
 
         return step
 
-    return train_loop(model, groups, s2.weight_decay, Schedule(2, n, s2.batch_size, s2.epochs, cfg.seed), make_step,
-                      out=out, checkpoint_every=cfg.checkpoint_every, label="stage 2 (LoRA + projection)",
-                      stop_after_step=stop_after_step, show_progress=show_progress, ctx=ctx)
+    try:
+        return train_loop(model, groups, s2.weight_decay, Schedule(2, n, s2.batch_size, s2.epochs, cfg.seed), make_step,
+                          out=out, checkpoint_every=cfg.checkpoint_every, label="stage 2 (LoRA + projection)",
+                          stop_after_step=stop_after_step, show_progress=show_progress, ctx=ctx)
+    finally:
+        if "gradient_checkpointing" in notes:
+            text_gradient_checkpointing(model.new_model, False)  # the trained model is used as it was loaded
 
 
 def _caption_cache(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, ctx: DistContext,
