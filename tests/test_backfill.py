@@ -14,7 +14,18 @@ from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.retrieval import best_positive_rank
-from xbt.eval.backfill_curve import backfill_curve, slot_merge
+from xbt.eval.backfill_curve import (
+    ScoreCalibration,
+    area_difference,
+    backfill_curve,
+    backfill_hits,
+    curve_area,
+    fit_score_calibration,
+    merge_rankings,
+    score_merge,
+    slot_merge,
+)
+from xbt.eval.benefit import merged_top1_curve
 from xbt.gallery.migrating import MigratingRetriever
 from xbt.gallery.migration import Migration, order_ids
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
@@ -75,6 +86,104 @@ def test_backfill_curve_follows_the_given_order():
     assert first > last
     with pytest.raises(InputError, match="permutation"):
         backfill_curve(*args, order=np.zeros(100, dtype=int))
+
+
+# ----- the calibrated score rule ---------------------------------------------------------------------------
+def _calibration(old=(10.0, -5.0), new=(20.0, -12.0)) -> ScoreCalibration:
+    return ScoreCalibration("old-space", "new-space", old, new, "text")
+
+
+def test_score_merge_ranks_both_sides_by_calibrated_score():
+    cal = _calibration()  # log-odds: old 10 s - 5, new 20 s - 12
+    old = [("a", 0.9), ("b", 0.8), ("c", 0.5), ("d", 0.4)]  # old log-odds 4, 3, 0, -1
+    new = [("b", 0.85), ("x", 0.6), ("c", 0.3)]  # new log-odds 5, 0, -6
+    merged = score_merge(old, {"b", "c", "x"}, new, cal)
+    assert merged == [("b", "new"), ("a", "old"), ("x", "new"), ("d", "old"), ("c", "new")]
+    # The old hits of backfilled items are never used: only their new scores place them.
+    assert ("b", "old") not in merged and ("c", "old") not in merged
+    # Nothing backfilled: the old ranking; everything: the new one.
+    assert score_merge(old, set(), [], cal) == [(i, "old") for i, _ in old]
+    assert [i for i, _ in score_merge(old, {"a", "b", "c", "d", "x"}, new, cal)] == ["b", "x", "c"]
+    # Each side keeps its own order whatever the other's scores (the maps are increasing); ties: old first.
+    tie = _calibration(old=(1.0, 0.0), new=(1.0, 0.0))
+    assert score_merge([("a", 0.5)], set(), [("z", 0.5)], tie) == [("a", "old"), ("z", "new")]
+    # An item on both sides (backfilled between the two searches) appears once.
+    assert [i for i, _ in score_merge([("a", 0.9)], set(), [("a", 0.99)], cal)] == ["a"]
+    # merge_rankings: the one entry point; without a calibration the slot rule.
+    assert merge_rankings(old, {"b"}, [("x", 0.1)]) == slot_merge([i for i, _ in old], {"b"}, ["x"])
+    assert merge_rankings(old, {"b", "c", "x"}, new, cal) == merged
+
+
+def test_score_calibration_is_checked_and_round_trips():
+    cal = _calibration()
+    assert ScoreCalibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    assert cal.probability("new", [0.6])[0] == pytest.approx(0.5)
+    cal.check("old-space", "new-space")
+    with pytest.raises(SpaceMismatchError, match="fitted for spaces"):
+        cal.check("old-space", "other")
+    with pytest.raises(InputError, match="increasing"):
+        ScoreCalibration("o", "n", (-1.0, 0.0), (1.0, 0.0))
+    with pytest.raises(InputError, match="two spaces"):
+        ScoreCalibration("o", "o", (1.0, 0.0), (1.0, 0.0))
+    with pytest.raises(InputError, match="format"):
+        ScoreCalibration.from_dict({"format": "something else"})
+    with pytest.raises(InputError, match="malformed"):
+        ScoreCalibration.from_dict({**cal.to_dict(), "old": [1.0]})
+
+
+def test_score_calibration_fitted_on_training_pairs_is_monotone_and_informative():
+    old_g, new_g, compat_q, new_q = _synthetic(n=200, seed=3)
+    positives = [[i] for i in range(200)]
+    cal = fit_score_calibration(old_g, new_g, compat_q, new_q, positives, "old-space", "new-space", "text")
+    assert cal.old[0] > 0 and cal.new[0] > 0
+    # The new model separates matches far better, so its map is the steeper and its matches the more certain.
+    new_top = (new_q * new_g).sum(1)
+    old_top = (compat_q * old_g).sum(1)
+    assert cal.probability("new", new_top).mean() > cal.probability("old", old_top).mean() + 0.1
+    # Maximum likelihood with a free intercept: over the candidates it was fitted on (each query's top 50),
+    # the mean calibrated P(match) is the observed share of matches.
+    for source, q, g in (("old", compat_q, old_g), ("new", new_q, new_g)):
+        scores = q @ g.T
+        top = np.argsort(-scores, axis=1)[:, :50]
+        observed = float((top == np.arange(200)[:, None]).mean())
+        fitted = cal.probability(source, np.take_along_axis(scores, top, axis=1)).mean()
+        assert fitted == pytest.approx(observed, rel=1e-3)
+    assert cal.report["new"]["positives"] > cal.report["old"]["positives"]
+    with pytest.raises(InputError, match="too few"):
+        fit_score_calibration(old_g[:5], new_g[:5], compat_q[:5], new_q[:5], positives[:5], "o", "n")
+    with pytest.raises(InputError, match="nothing to fit"):  # queries that never find their item near the top
+        fit_score_calibration(old_g, new_g, -compat_q, new_q, positives, "o", "n")
+
+
+def test_score_rule_gains_once_an_items_own_vector_is_in():
+    """Under the slot rule a random order gains about f^2; under the score rule about f: more of the gain
+    is served mid-migration, and the curve still runs from the compatible model's R@K to the new model's."""
+    old_g, new_g, compat_q, new_q = _synthetic(n=300, seed=0)
+    positives = [[i] for i in range(300)]
+    cal = fit_score_calibration(*_synthetic(n=300, seed=5), positives, "old-space", "new-space", "text")
+    orders = [np.random.default_rng(s).permutation(300) for s in range(3)]
+    fractions = [i / 10 for i in range(11)]
+    slot = backfill_hits(old_g, new_g, compat_q, new_q, positives, fractions, orders)
+    score = backfill_hits(old_g, new_g, compat_q, new_q, positives, fractions, orders, merge="score", calibration=cal)
+    for k in (1, 5, 10):
+        assert score[0.0][k].mean() == pytest.approx(slot[0.0][k].mean())  # compat -> old
+        assert score[1.0][k].mean() == pytest.approx(slot[1.0][k].mean())  # new -> new
+    assert score[0.3][1].mean() > slot[0.3][1].mean() + 0.03
+    diff = area_difference(score, slot, k=1, n_resamples=300)
+    assert diff.low > 0 and diff.value == pytest.approx(
+        100 * (curve_area(fractions, [score[f][1].mean() for f in fractions])
+               - curve_area(fractions, [slot[f][1].mean() for f in fractions])))
+    # The vectorised R@1 of the benefit fit follows the same rule.
+    for rule_cal, hits in ((None, slot), (cal, score)):
+        r1 = np.mean([merged_top1_curve(old_g, new_g, compat_q, new_q, positives, o, fractions, calibration=rule_cal)
+                      for o in orders], axis=0)
+        np.testing.assert_allclose(r1, [hits[f][1].mean() for f in fractions])
+    with pytest.raises(InputError, match="needs a ScoreCalibration"):
+        backfill_hits(old_g, new_g, compat_q, new_q, positives, fractions, merge="score")
+    with pytest.raises(InputError, match="merge 'score' only"):
+        backfill_hits(old_g, new_g, compat_q, new_q, positives, fractions, calibration=cal)
+    with pytest.raises(InputError, match="unknown merge rule"):
+        backfill_hits(old_g, new_g, compat_q, new_q, positives, fractions, merge="best")
 
 
 # ----- migrations with real (tiny) models -----------------------------------------------------------------

@@ -27,8 +27,10 @@ from xbt.eval.backfill_curve import (
 from xbt.eval.benefit import (
     CANDIDATES,
     BenefitScorer,
+    benefit_order,
     benefit_statistic,
     closure_order,
+    confusion,
     fit_benefit,
     fit_benefit_pairs,
     merged_top1_curve,
@@ -127,6 +129,27 @@ def test_confusion_regressor_is_fitted_and_applied():
     assert sorted(order.tolist()) == list(range(180))
     with pytest.raises(SpaceMismatchError):
         scorer.order(np.ones((5, 8), np.float32))
+
+
+def test_confusion_own_and_the_choice_under_the_score_merge():
+    """`confusion-own` ranks by the same margin as confusion without placing the predicted distractor next;
+    `fit_benefit(..., calibration=...)` measures every candidate under the score merge."""
+    from xbt.eval.backfill_curve import fit_score_calibration
+
+    world = crowded_world(0)
+    regressor = fit_benefit(*world, candidates=("confusion",)).regressor
+    gallery = crowded_world(1)[0]
+    own = benefit_order("confusion-own", gallery, regressor=regressor)
+    np.testing.assert_array_equal(own, np.argsort(-confusion(gallery, regressor)[0], kind="stable"))
+    assert own.tolist() != benefit_order("confusion", gallery, regressor=regressor).tolist()
+    with pytest.raises(InputError, match="query regressor"):
+        benefit_order("confusion-own", gallery)
+    calibration = fit_score_calibration(*crowded_world(2), "old", "new")
+    slot = fit_benefit(*world, candidates=("density@3", "confusion-own"))
+    score = fit_benefit(*world, candidates=("density@3", "confusion-own"), calibration=calibration)
+    assert slot.fit_report["merge"] == "slot" and score.fit_report["merge"] == "score"
+    assert score.fit_report["mean_gain_area"] != slot.fit_report["mean_gain_area"]  # measured under another rule
+    assert score.regressor is not None or score.statistic == "density@3"
 
 
 # ----- the curve's measures and pooling -------------------------------------------------------------------

@@ -1,8 +1,21 @@
-"""Measuring retrieval quality during a migration, offline: R@K of the rank-slot merge (`slot_merge`, the
-rule `xbt.gallery.migrating.MigratingRetriever` serves by) against the fraction of the gallery backfilled.
+"""Measuring retrieval quality during a migration, offline: R@K of the merged search against the fraction
+of the gallery backfilled, under either merge rule that `xbt.gallery.migrating.MigratingRetriever` serves by.
 
-`slot_merge` lives here, below the gallery layer, because both the served merge and this measurement
-follow it (the evaluation must not import the gallery).
+The two merge rules (`merge_rankings` dispatches; the served search and this measurement both call it):
+
+    slot    `slot_merge`: slots the compatible model's ranking (over the complete old gallery) gives to
+            backfilled items are refilled, in order, by the new model's ranking over the backfilled items.
+            No score of one space meets the other's. A query whose compatible top-1 t is wrong gains at
+            R@1 only when t *and* its true item p are both backfilled: about f^2 of them at fraction f.
+    score   `score_merge`: each space's inner products are mapped to P(match) by a monotone calibration
+            fitted on training pairs (`ScoreCalibration`, `fit_score_calibration`: Platt scaling, one for
+            the compatible queries against the old gallery, one for the new queries against the new
+            gallery); the merged ranking is the union of the old-gallery hits of the items NOT yet
+            backfilled and the new-gallery hits of the backfilled ones, by calibrated score. A query gains
+            once its own item is backfilled and the new model is confident about it: about f of them.
+
+The merge rules live here, below the gallery layer, because both the served merge and this measurement
+follow them (the evaluation must not import the gallery).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from xbt.eval.retrieval import (
     DEFAULT_KS,
     Estimate,
     bootstrap_indices,
+    difference_estimate,
     estimate,
     image_to_text_positives,
     recall_estimate,
@@ -27,12 +41,17 @@ from xbt.eval.retrieval import (
 DEFAULT_FRACTIONS = tuple(i / 10 for i in range(11))
 #: The share of the upgrade's R@1 gain whose fraction backfilled is reported (`fraction_for_gain`).
 GAIN_SHARE = 0.8
+#: The merge rules (module docstring).
+MERGE_RULES = ("slot", "score")
+#: Candidates per training query that the calibration is fitted on (each space's top ones plus the positives).
+CALIBRATION_DEPTH = 50
+CALIBRATION_FORMAT = "xbt.merge-calibration/1"
 
 T = TypeVar("T", bound=Hashable)
 
 
 # --------------------------------------------------------------------------------------------------
-# the merge rule
+# the merge rules
 # --------------------------------------------------------------------------------------------------
 def slot_merge(old_ranking: Sequence[T], backfilled: Container[T], new_ranking: Sequence[T]) -> list[tuple[T, str]]:
     """Merge an old-space ranking over the complete old gallery with a new-space ranking over the
@@ -53,6 +72,199 @@ def slot_merge(old_ranking: Sequence[T], backfilled: Container[T], new_ranking: 
             merged.append((item, "old"))
             seen.add(item)
     return merged
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """Monotone maps of each space's inner-product score s to P(match) = sigmoid(a s + b) (Platt scaling):
+    `old` = (a, b) of the compatible model's queries against the old gallery (space `old_space`), `new` of
+    the new model's queries against the new gallery (space `new_space`); `query_modality`: the queries it
+    was fitted for ("text": an image gallery searched by captions; "image": a caption gallery). `report`:
+    what it was fitted on (no vectors)."""
+
+    old_space: str
+    new_space: str
+    old: tuple[float, float]
+    new: tuple[float, float]
+    query_modality: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, (a, b) in (("old", self.old), ("new", self.new)):
+            if not (np.isfinite(a) and np.isfinite(b)) or a <= 0:
+                raise InputError(f"a merge calibration's {name}-space map must be increasing (a > 0, finite); got"
+                                 f" a={a}, b={b}")
+        if self.old_space == self.new_space:
+            raise InputError("a merge calibration joins two spaces; both are " + self.old_space)
+
+    def logit(self, source: str, scores: Any) -> np.ndarray:
+        """a s + b of the space `source` ("old" | "new"): the log-odds of a match (merging compares these)."""
+        a, b = self.old if source == "old" else self.new
+        return a * np.asarray(scores, dtype=np.float64) + b
+
+    def probability(self, source: str, scores: Any) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logit(source, scores)))
+
+    def check(self, old_space: str, new_space: str, what: str = "this migration") -> None:
+        """Refuse a calibration fitted for other spaces."""
+        if (old_space, new_space) != (self.old_space, self.new_space):
+            raise SpaceMismatchError(f"the merge calibration was fitted for spaces {self.old_space} -> {self.new_space};"
+                                     f" {what} joins {old_space} -> {new_space}: fit it with these models")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CALIBRATION_FORMAT, "kind": "platt", "old_space": self.old_space, "new_space": self.new_space,
+                "old": list(self.old), "new": list(self.new), "query_modality": self.query_modality, "report": self.report}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreCalibration:
+        if data.get("format") != CALIBRATION_FORMAT or data.get("kind") != "platt":
+            raise InputError(f"not a merge calibration of format {CALIBRATION_FORMAT} (got {data.get('format')!r},"
+                             f" kind {data.get('kind')!r})")
+        try:
+            return cls(str(data["old_space"]), str(data["new_space"]), (float(data["old"][0]), float(data["old"][1])),
+                       (float(data["new"][0]), float(data["new"][1])), str(data.get("query_modality", "")),
+                       dict(data.get("report", {})))
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise InputError(f"a malformed merge calibration: {exc}") from exc
+
+
+def score_merge(old_hits: Sequence[tuple[T, float]], backfilled: Container[T], new_hits: Sequence[tuple[T, float]],
+                calibration: ScoreCalibration) -> list[tuple[T, str]]:
+    """Merge by calibrated score: the old-space hits (item, score) of items NOT backfilled and the new-space
+    hits of backfilled items, each score mapped to its space's log-odds of a match (`calibration`), best
+    first; on a tie the old hit first. Returns (item, "old" | "new") pairs. Each side's own order is kept
+    (the maps are increasing); an item on both sides (backfilled between the two searches) appears once."""
+    entries = [(float(v), 0, j, item, "old") for j, ((item, _), v) in
+               enumerate(zip(old_hits, calibration.logit("old", [s for _, s in old_hits]))) if item not in backfilled]
+    entries += [(float(v), 1, j, item, "new") for j, ((item, _), v) in
+                enumerate(zip(new_hits, calibration.logit("new", [s for _, s in new_hits])))]
+    entries.sort(key=lambda e: (-e[0], e[1], e[2]))
+    merged: list[tuple[T, str]] = []
+    seen: set[T] = set()
+    for _, _, _, item, source in entries:
+        if item not in seen:
+            seen.add(item)
+            merged.append((item, source))
+    return merged
+
+
+def merge_rankings(old_hits: Sequence[tuple[T, float]], backfilled: Container[T], new_hits: Sequence[tuple[T, float]],
+                   calibration: ScoreCalibration | None = None) -> list[tuple[T, str]]:
+    """The one merge of a search during a migration: `score_merge` with a calibration, `slot_merge` without.
+    Hits are (item, score) best first: for the slot rule `old_hits` is the ranking over the complete old
+    gallery; for the score rule it needs (at least) the top items that are not backfilled."""
+    if calibration is None:
+        return slot_merge([i for i, _ in old_hits], backfilled, [i for i, _ in new_hits])
+    return score_merge(old_hits, backfilled, new_hits, calibration)
+
+
+def check_merge(merge: str, calibration: Any) -> None:
+    if merge not in MERGE_RULES:
+        raise InputError(f"unknown merge rule {merge!r}: use {' or '.join(MERGE_RULES)}")
+    if merge == "score" and calibration is None:
+        raise InputError("merge 'score' needs a ScoreCalibration (fit_score_calibration on training pairs)")
+    if merge == "slot" and calibration is not None:
+        raise InputError("a score calibration is used by merge 'score' only; pass merge='score' or no calibration")
+
+
+# ---- fitting the calibration -----------------------------------------------------------------------
+def _fit_platt(scores: np.ndarray, labels: np.ndarray, ridge: float = 1e-6, iterations: int = 100) -> tuple[float, float]:
+    """Logistic regression of labels on one score (Newton's method on the standardised score, a tiny ridge
+    on the slope so separable data stay finite): (a, b) of P = sigmoid(a s + b)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if y.min() == y.max():
+        raise InputError("the calibration's candidates are all positives or all negatives: nothing to fit")
+    mu, sd = s.mean(), s.std()
+    if sd <= 0:
+        raise InputError("every calibration score is the same: the model separates nothing")
+    x = np.stack([(s - mu) / sd, np.ones_like(s)], axis=1)
+    w = np.array([0.0, np.log(y.mean() / (1 - y.mean()))])
+    reg = np.diag([ridge * len(s), 0.0])
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-np.clip(x @ w, -40, 40)))
+        grad = x.T @ (p - y) + reg @ w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + reg + 1e-12 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0] / sd), float(w[1] - w[0] * mu / sd)
+
+
+def _candidates(scores: np.ndarray, positives: Sequence[Sequence[int]], depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels) of each query's top-`depth` items (a positive ranked below them is left out: adding
+    it would tie low scores to matches, a selection bias; the merge never decides about it)."""
+    top = _top_k(scores, depth)
+    out_s, out_y = [], []
+    for q, p in enumerate(positives):
+        pos = {int(i) for i in p}
+        out_s.append(scores[q, top[q]])
+        out_y.append(np.fromiter((int(r) in pos for r in top[q]), dtype=np.float64, count=top.shape[1]))
+    return np.concatenate(out_s), np.concatenate(out_y)
+
+
+def fit_score_calibration(
+    old_gallery: np.ndarray,
+    new_gallery: np.ndarray,
+    compat_queries: np.ndarray,
+    new_queries: np.ndarray,
+    positives: Sequence[Sequence[int]],
+    old_space: str,
+    new_space: str,
+    query_modality: str = "",
+    depth: int = CALIBRATION_DEPTH,
+    block: int = 512,
+) -> ScoreCalibration:
+    """Platt scaling of each space's inner products into P(match), on training pairs (never the evaluated
+    queries): row i of old_gallery (old model) and new_gallery (new model) is the same training item,
+    compat_queries (old space) and new_queries the two models' queries of the training pairs, `positives[q]`
+    the rows that answer query q. Each space's map is fitted on every query's top `depth` items in that
+    space (the region where the merge decides), labelled match / no match."""
+    old_gallery, new_gallery = np.asarray(old_gallery, np.float32), np.asarray(new_gallery, np.float32)
+    compat_queries, new_queries = np.asarray(compat_queries, np.float32), np.asarray(new_queries, np.float32)
+    n, n_q = len(old_gallery), len(compat_queries)
+    if len(new_gallery) != n or len(new_queries) != n_q or len(positives) != n_q:
+        raise InputError("fit_score_calibration: old/new training galleries must have the same rows, and compat/new"
+                         " queries and positives the same count")
+    if compat_queries.shape[1] != old_gallery.shape[1] or new_queries.shape[1] != new_gallery.shape[1]:
+        raise SpaceMismatchError("compat queries must match the old gallery's dimension, new queries the new gallery's")
+    if n < 10 or n_q < 10:
+        raise InputError(f"{n} training items and {n_q} queries are too few to calibrate the merge (at least 10 each)")
+    if depth < 2:
+        raise InputError("the calibration depth must be at least 2")
+    maps, report = {}, {"training_items": n, "training_queries": n_q, "depth": depth}
+    for name, q, g in (("old", compat_queries, old_gallery), ("new", new_queries, new_gallery)):
+        parts = [_candidates(q[s : s + block] @ g.T, positives[s : s + block], depth) for s in range(0, n_q, block)]
+        scores, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        a, b = _fit_platt(scores, labels)
+        if a <= 0:
+            raise InputError(f"on the calibration pairs the {name} model's scores do not rise with a match (slope"
+                             f" {a:.3g}): it cannot be calibrated for the merge")
+        p = 1 / (1 + np.exp(-np.clip(a * scores + b, -40, 40)))
+        report[name] = {"candidates": int(len(scores)), "positives": int(labels.sum()),
+                        "log_loss": float(-np.mean(labels * np.log(p + 1e-12) + (1 - labels) * np.log(1 - p + 1e-12)))}
+        maps[name] = (a, b)
+    return ScoreCalibration(old_space, new_space, maps["old"], maps["new"], query_modality, report)
+
+
+def fit_score_calibration_pairs(old: Any, new: Any, compat: Any, modality: str, **options: Any) -> ScoreCalibration:
+    """`fit_score_calibration` from pair embeddings of training pairs: `old` and `new` PairEmbeddings (old and
+    new models), `compat` the compatible model's QueryVectors (old space). `modality`: the gallery's (an
+    image gallery is searched by captions, a caption gallery by images)."""
+    old.space.check(compat.space, "the compatible model's queries")
+    if new.space == old.space:
+        raise InputError(f"the 'new' embeddings are of the old space {old.space.id}: pass the new model's own embeddings")
+    index = list(old.caption_image_index)
+    if list(new.caption_image_index) != index:
+        raise InputError("old and new training embeddings must come from the same pairs in the same order")
+    if modality == "image":
+        return fit_score_calibration(old.images, new.images, compat.texts, new.texts, text_to_image_positives(index),
+                                     old.space.id, new.space.id, "text", **options)
+    if modality == "text":
+        return fit_score_calibration(old.texts, new.texts, compat.images, new.images,
+                                     image_to_text_positives(index, len(old.images)), old.space.id, new.space.id,
+                                     "image", **options)
+    raise InputError(f"a merge calibration is for image or text galleries, not {modality!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,10 +359,14 @@ def backfill_hits(
     ks: Sequence[int] = DEFAULT_KS,
     seed: int = 0,
     block: int = 512,
+    merge: str = "slot",
+    calibration: ScoreCalibration | None = None,
 ) -> dict[float, dict[int, np.ndarray]]:
-    """Per-query hits (0/1) of `slot_merge` search at each fraction backfilled: {fraction: {k: (n_queries,)}}.
-    `order`: a permutation of the gallery rows, a list of permutations (hits averaged over them, e.g.
-    several random orders), or None (one random order drawn with `seed`). See `backfill_curve`."""
+    """Per-query hits (0/1) of the merged search (`merge_rankings`: rule `merge`, "slot" or "score" with its
+    `calibration`) at each fraction backfilled: {fraction: {k: (n_queries,)}}. `order`: a permutation of the
+    gallery rows, a list of permutations (hits averaged over them, e.g. several random orders), or None (one
+    random order drawn with `seed`). See `backfill_curve`."""
+    check_merge(merge, calibration)
     old_gallery, new_gallery = np.asarray(old_gallery, np.float32), np.asarray(new_gallery, np.float32)
     compat_queries, new_queries = np.asarray(compat_queries, np.float32), np.asarray(new_queries, np.float32)
     n, n_q = len(old_gallery), len(compat_queries)
@@ -174,15 +390,21 @@ def backfill_hits(
         rank_in_order[this] = np.arange(n)
         for start in range(0, n_q, block):
             stop = min(n_q, start + block)
-            old_top = _top_k(compat_queries[start:stop] @ old_gallery.T, k_max)
+            old_scores = compat_queries[start:stop] @ old_gallery.T
+            old_top = _top_k(old_scores, k_max)
             new_scores = new_queries[start:stop] @ new_gallery.T
             for f in fractions:
                 done = rank_in_order < round(f * n)
                 masked = np.where(done[None, :], new_scores, -np.inf)
                 new_top = _top_k(masked, k_max) if done.any() else np.empty((stop - start, 0), np.int64)
+                top = old_top
+                if merge == "score":  # the top items NOT backfilled (the served search deepens until it has them)
+                    top = (_top_k(np.where(done[None, :], -np.inf, old_scores), k_max) if not done.all()
+                           else np.empty((stop - start, 0), np.int64))
                 for row in range(stop - start):
-                    fill = [int(i) for i in new_top[row] if done[i]]
-                    merged = [i for i, _ in slot_merge([int(i) for i in old_top[row]], _Mask(done), fill)]
+                    fill = [(int(i), float(new_scores[row, i])) for i in new_top[row] if done[i]]
+                    ranked = [(int(i), float(old_scores[row, i])) for i in top[row] if merge == "slot" or not done[i]]
+                    merged = [i for i, _ in merge_rankings(ranked, _Mask(done), fill, calibration)]
                     q = start + row
                     for k in ks:
                         hits[f][k][q] += float(any(i in pos_sets[q] for i in merged[:k])) / len(orders)
@@ -238,15 +460,19 @@ def backfill_curve(
     n_resamples: int = 1000,
     block: int = 512,
     order_name: str = "",
+    merge: str = "slot",
+    calibration: ScoreCalibration | None = None,
 ) -> BackfillCurve:
-    """R@K of `slot_merge` search when a fraction of the gallery has been backfilled.
+    """R@K of the merged search (rule `merge`: `merge_rankings`) when a fraction of the gallery has been
+    backfilled.
 
     Row i of old_gallery (old model) and new_gallery (new model) is the same item; compat_queries are the
     compatible model's queries (old space), new_queries the new model's; `positives[q]` lists the gallery
     rows that answer query q. `order` is the backfill order (a permutation of the rows, or a list of them
     whose hits are averaged; random with `seed` by default). Fraction 0 reproduces compat->old retrieval,
     fraction 1 new->new."""
-    hits = backfill_hits(old_gallery, new_gallery, compat_queries, new_queries, positives, fractions, order, ks, seed, block)
+    hits = backfill_hits(old_gallery, new_gallery, compat_queries, new_queries, positives, fractions, order, ks, seed, block,
+                         merge, calibration)
     return curve_from_hits(hits, direction, order_name, seed, n_resamples)
 
 
@@ -280,13 +506,28 @@ def direction_sets(old: Any, compat: Any, new: Any) -> dict[str, tuple[np.ndarra
 
 def backfill_curves(old: Any, compat: Any, new: Any, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                     seed: int = 0, n_resamples: int = 1000, orders: Mapping[str, Any] | None = None,
-                    order_name: str = "") -> dict[str, BackfillCurve]:
+                    order_name: str = "", merge: str = "slot",
+                    calibrations: Mapping[str, ScoreCalibration] | None = None) -> dict[str, BackfillCurve]:
     """Both directions from pair embeddings (`direction_sets`). `orders`: the backfill order per direction
-    ({"t2i": rows of the image gallery, "i2t": rows of the caption gallery}); random with `seed` if absent."""
+    ({"t2i": rows of the image gallery, "i2t": rows of the caption gallery}); random with `seed` if absent.
+    `merge` "score": `calibrations` per direction (`fit_score_calibration_pairs` of the image / text gallery)."""
     orders = orders or {}
-    return {d: backfill_curve(*sets, fractions, order=orders.get(d), direction=d, seed=seed, n_resamples=n_resamples,
-                              order_name=order_name)
-            for d, sets in direction_sets(old, compat, new).items()}
+    sets = direction_sets(old, compat, new)
+    per = _direction_calibrations(merge, calibrations, sets)
+    return {d: backfill_curve(*s, fractions, order=orders.get(d), direction=d, seed=seed, n_resamples=n_resamples,
+                              order_name=order_name, merge=merge, calibration=per[d])
+            for d, s in sets.items()}
+
+
+def _direction_calibrations(merge: str, calibrations: Mapping[str, ScoreCalibration] | None,
+                            sets: Mapping[str, Any]) -> dict[str, ScoreCalibration | None]:
+    if merge == "score":
+        missing = [d for d in sets if not calibrations or d not in calibrations]
+        if missing:
+            raise InputError(f"merge 'score' needs a calibration per direction; none for {', '.join(missing)}")
+        return {d: calibrations[d] for d in sets}  # type: ignore[index]
+    check_merge(merge, None if not calibrations else next(iter(calibrations.values())))
+    return {d: None for d in sets}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,16 +537,20 @@ OrderHits = dict[str, dict[str, dict[float, dict[int, np.ndarray]]]]  # order ->
 
 
 def order_hits(old: Any, compat: Any, new: Any, orders: Mapping[str, Mapping[str, Any]],
-               fractions: Sequence[float] = DEFAULT_FRACTIONS, ks: Sequence[int] = DEFAULT_KS, seed: int = 0) -> OrderHits:
+               fractions: Sequence[float] = DEFAULT_FRACTIONS, ks: Sequence[int] = DEFAULT_KS, seed: int = 0,
+               merge: str = "slot", calibrations: Mapping[str, ScoreCalibration] | None = None) -> OrderHits:
     """Per-query hits of every named order in both directions: `orders[name][direction]` is a permutation of
-    that direction's gallery rows or a list of them (hits averaged: several random orders)."""
+    that direction's gallery rows or a list of them (hits averaged: several random orders). `merge` and
+    `calibrations` (per direction) as in `backfill_curves`."""
     sets = direction_sets(old, compat, new)
+    per = _direction_calibrations(merge, calibrations, sets)
     out: OrderHits = {}
     for name, per_direction in orders.items():
         missing = [d for d in sets if d not in per_direction]
         if missing:
             raise InputError(f"order {name!r} gives no order for direction(s) {', '.join(missing)}")
-        out[name] = {d: backfill_hits(*sets[d], fractions, per_direction[d], ks, seed) for d in sets}
+        out[name] = {d: backfill_hits(*sets[d], fractions, per_direction[d], ks, seed, merge=merge, calibration=per[d])
+                     for d in sets}
     return out
 
 
@@ -319,6 +564,22 @@ def pool_order_hits(parts: Sequence[OrderHits]) -> OrderHits:
             raise InputError("the folds' hits differ in orders, directions or fractions: they cannot be pooled")
     return {o: {d: {f: {k: np.concatenate([p[o][d][f][k] for p in parts]) for k in first[o][d][f]}
                     for f in first[o][d]} for d in first[o]} for o in first}
+
+
+def area_difference(hits_a: Mapping[float, Mapping[int, np.ndarray]], hits_b: Mapping[float, Mapping[int, np.ndarray]],
+                    k: int = 1, seed: int = 0, n_resamples: int = 1000) -> Estimate:
+    """The paired difference of area R@K (the mean R@K served over the migration, in points) of two curves'
+    per-query hits on the same queries (e.g. the score and the slot rule, one order): each query's own area
+    under its hits over the fractions, bootstrapped over the queries."""
+    fractions = sorted(float(f) for f in hits_a)
+    if fractions != sorted(float(f) for f in hits_b) or len(fractions) < 2 or fractions[0] != 0.0 or fractions[-1] != 1.0:
+        raise InputError("the two curves must be measured at the same fractions, from 0 to 1")
+    fr = np.asarray(fractions)
+    per_query = [np.trapezoid(np.stack([np.asarray(h[f][k], dtype=np.float64) for f in fractions], axis=1), fr, axis=1)
+                 for h in (hits_a, hits_b)]
+    if per_query[0].shape != per_query[1].shape:
+        raise InputError("the two curves' hits are of different query sets")
+    return difference_estimate(per_query[0], per_query[1], bootstrap_indices(len(per_query[0]), n_resamples, seed))
 
 
 def order_curves(hits: OrderHits, seed: int = 0, n_resamples: int = 1000) -> dict[str, dict[str, BackfillCurve]]:

@@ -10,7 +10,10 @@ whose compatible-model top result t is wrong gains at R@1 only once t *and* its 
 backfilled (t's slot is refilled by the new model's best backfilled item, which must then be p). A
 random order therefore reaches most of the gain late (both of two items must be in: about f^2 at fraction
 f). The items worth doing first are those in regions where the old space confuses items: there the
-compatible query lands on a neighbour, and backfilling the region together puts both t and p in.
+compatible query lands on a neighbour, and backfilling the region together puts both t and p in. Under
+the calibrated score merge (`xbt.eval.backfill_curve.score_merge`) the coupling is gone: a query gains
+once its own item p is backfilled (and the new model is sure of it), so an item's benefit is its own
+queries' gain; `fit_benefit(..., calibration=...)` chooses the statistic under that rule.
 
 The candidate statistics (all from the old gallery vectors and the compatible query bank):
 
@@ -23,6 +26,8 @@ The candidate statistics (all from the old gallery vectors and the compatible qu
                      benefit is how far that predicted query prefers another gallery item to it (the
                      margin, negated), and the order backfills that predicted distractor right after it
                      (both items of a would-be gain go in together)
+    confusion-own    the same margin, without the distractor: under the score merge a query gains once its
+                     own item is backfilled, so the items the compatible model most likely misses go first
 
 `fit_benefit` chooses one on training pairs, never on evaluation items: the training items are dealt into
 parts; each part in turn is a small gallery (old and new embeddings known there), the other parts'
@@ -40,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from xbt.errors import InputError, SpaceMismatchError
+from xbt.eval.backfill_curve import ScoreCalibration
 
 __all__ = [
     "CANDIDATES",
@@ -58,7 +64,9 @@ __all__ = [
 
 #: The statistics `fit_benefit` chooses among (see the module docstring).
 CANDIDATES = ("density@1", "density@3", "density@5", "density@10", "density@20", "hubness@5", "query-density@10",
-              "density@10+hubness@5", "confusion")
+              "density@10+hubness@5", "confusion", "confusion-own")
+#: The statistics that read the query regressor (`fit_query_regressor`).
+_REGRESSED = ("confusion", "confusion-own")
 #: Ridge penalty of the confusion statistic's query regressor (on unit vectors).
 CONFUSION_RIDGE = 0.1
 #: The fractions at which `fit_benefit` measures each candidate's curve.
@@ -116,14 +124,14 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _parse(name: str) -> list[tuple[str, int]]:
-    if name == "confusion":
-        return [("confusion", 0)]
+    if name in _REGRESSED:
+        return [(name, 0)]
     parts = []
     for term in name.split("+"):
         kind, _, k = term.partition("@")
         if kind not in ("density", "hubness", "query-density") or not k.isdigit() or int(k) < 1:
             raise InputError(f"unknown benefit statistic {name!r}: use density@K, hubness@K, query-density@K,"
-                             " a sum of two (density@10+hubness@5) or confusion")
+                             " a sum of two (density@10+hubness@5), confusion or confusion-own")
         parts.append((kind, int(k)))
     return parts
 
@@ -179,9 +187,9 @@ def benefit_statistic(name: str, gallery: np.ndarray, bank: np.ndarray | None = 
     (`fit_query_regressor`), needed by confusion. Larger = backfill sooner."""
     gallery = _unit(gallery)
     parts = _parse(name)
-    if parts[0][0] == "confusion":
+    if parts[0][0] in _REGRESSED:
         if regressor is None:
-            raise InputError("the benefit statistic 'confusion' needs its query regressor (fit_query_regressor)")
+            raise InputError(f"the benefit statistic {name!r} needs its query regressor (fit_query_regressor)")
         return confusion(gallery, regressor)[0]
     values = []
     for kind, k in parts:
@@ -215,20 +223,32 @@ def benefit_order(name: str, gallery: np.ndarray, bank: np.ndarray | None = None
 # --------------------------------------------------------------------------------------------------
 def merged_top1_curve(old_gallery: np.ndarray, new_gallery: np.ndarray, compat_queries: np.ndarray,
                       new_queries: np.ndarray, positives: Sequence[Sequence[int]], order: np.ndarray,
-                      fractions: Sequence[float] = FIT_FRACTIONS) -> np.ndarray:
-    """R@1 (in [0, 1]) of the rank-slot merge at each fraction backfilled in `order`. The merged top result
-    is the compatible model's top t unless t is backfilled; then it is the new model's best backfilled item
-    (`slot_merge` at depth 1, without its Python loop; `xbt.eval.backfill_curve.backfill_curve` gives all K)."""
+                      fractions: Sequence[float] = FIT_FRACTIONS,
+                      calibration: ScoreCalibration | None = None) -> np.ndarray:
+    """R@1 (in [0, 1]) of the merged search at each fraction backfilled in `order`, the rule of
+    `xbt.eval.backfill_curve.merge_rankings` at depth 1 without its Python loop (`backfill_curve` gives all
+    K). Without a calibration (the rank-slot rule) the merged top result is the compatible model's top t
+    unless t is backfilled; then it is the new model's best backfilled item. With one (the score rule) it
+    is the item of largest calibrated log-odds: new-space scores for backfilled items, old-space scores for
+    the others."""
     n, n_q = len(old_gallery), len(compat_queries)
     pos = np.zeros((n_q, n), dtype=bool)
     for q, p in enumerate(positives):
         pos[q, list(p)] = True
     rank = np.empty(n, dtype=np.int64)
     rank[np.asarray(order)] = np.arange(n)
-    t = np.argmax(compat_queries @ old_gallery.T, axis=1)
+    old_scores = compat_queries @ old_gallery.T
+    t = np.argmax(old_scores, axis=1)
     new_scores = new_queries @ new_gallery.T
     rows = np.arange(n_q)
     out = []
+    if calibration is not None:
+        old_logit, new_logit = calibration.logit("old", old_scores), calibration.logit("new", new_scores)
+        for f in fractions:
+            done = rank < round(f * n)
+            top = np.argmax(np.where(done[None, :], new_logit, old_logit), axis=1)
+            out.append(pos[rows, top].mean())
+        return np.asarray(out, dtype=np.float64)
     for f in fractions:
         done = rank < round(f * n)
         if not done.any():
@@ -309,11 +329,13 @@ def fit_benefit(
     n_parts: int = 5,
     seed: int = 0,
     space_id: str | None = None,
+    calibration: ScoreCalibration | None = None,
 ) -> BenefitScorer:
     """Choose the benefit statistic on training pairs (module docstring). Row i of old_gallery (old model)
     and new_gallery (new model) is the same training item; compat_queries (old space) and new_queries are
     the two models' queries of the training pairs, `positives[q]` the rows that answer query q. The
-    returned scorer's bank is every compatible training query."""
+    returned scorer's bank is every compatible training query. `calibration`: the candidates' curves are
+    measured under the score merge with it (the rule the migration will serve by); none: the slot rule."""
     old_gallery, new_gallery = _unit(old_gallery), _unit(new_gallery)
     compat_queries, new_queries = _unit(compat_queries), _unit(new_queries)
     n, n_q = len(old_gallery), len(compat_queries)
@@ -342,23 +364,26 @@ def fit_benefit(
             continue
         args = (old_gallery[rows], new_gallery[rows], compat_queries[queries], new_queries[queries], pos)
         rng = np.random.default_rng(seed + part)
-        rand = np.mean([merged_top1_curve(*args, rng.permutation(len(rows))) for _ in range(4)], axis=0)
+        rand = np.mean([merged_top1_curve(*args, rng.permutation(len(rows)), calibration=calibration)
+                        for _ in range(4)], axis=0)
         if rand[-1] <= rand[0]:
             continue  # this part shows no gain to order
         used_parts += 1
         random_areas.append(gain_area(rand))
-        regressor = _query_regressor(old_gallery, compat_queries, positives, bank_q) if "confusion" in candidates else None
+        regressor = (_query_regressor(old_gallery, compat_queries, positives, bank_q)
+                     if any(c in _REGRESSED for c in candidates) else None)
         for name in candidates:
             order = benefit_order(name, old_gallery[rows], compat_queries[bank_q], regressor)
-            table[name].append(gain_area(merged_top1_curve(*args, order)))
+            table[name].append(gain_area(merged_top1_curve(*args, order, calibration=calibration)))
     if not used_parts:
         raise InputError("the training pairs show no R@1 gain of the new model over the compatible one in any part:"
                          " there is nothing to learn an order from (give more or other --fit-pairs)")
     means = {name: float(np.nanmean(v)) for name, v in table.items()}
     best = max(candidates, key=lambda name: means[name])
     report = {"chosen": best, "mean_gain_area": means, "random_gain_area": float(np.mean(random_areas)),
-              "parts": used_parts, "training_items": n, "training_queries": n_q}
-    regressor = _query_regressor(old_gallery, compat_queries, positives, np.arange(n_q)) if best == "confusion" else None
+              "parts": used_parts, "training_items": n, "training_queries": n_q,
+              "merge": "slot" if calibration is None else "score"}
+    regressor = _query_regressor(old_gallery, compat_queries, positives, np.arange(n_q)) if best in _REGRESSED else None
     return BenefitScorer(best, compat_queries, space_id, report, regressor)
 
 
