@@ -322,6 +322,76 @@ def test_search_during_migration_merges_and_switches_at_cut_over(tmp_path, model
     retriever.close()
 
 
+def _served_by_score(tmp_path, models, old, make_new=None):
+    """A score-merge migration of `old` half backfilled: the served results are exactly the calibrated union
+    of the old vectors of items not backfilled and the new vectors of backfilled items."""
+    old_model, new_model, compat = models["old"], models["new"], models["compat"]
+    cal = ScoreCalibration(old_model.space.id, new_model.space.id, (8.0, -4.0), (12.0, -7.0), "text")
+    with pytest.raises(SpaceMismatchError, match="fitted for spaces"):
+        Migration.start(tmp_path / "wrong", old, new_model.space,
+                        calibration=ScoreCalibration(old_model.space.id, "another", (1.0, 0.0), (1.0, 0.0), "text"))
+    with pytest.raises(InputError, match="fitted for image queries"):
+        Migration.start(tmp_path / "wrong", old, new_model.space,
+                        calibration=ScoreCalibration(old_model.space.id, new_model.space.id, (1.0, 0.0), (1.0, 0.0), "image"))
+    migration = Migration.start(tmp_path / "mig", old, new_model.space, calibration=cal)
+    assert migration.merge == "score" and Migration(tmp_path / "mig").merge_calibration == cal
+    new = make_new(migration) if make_new else Gallery.open(migration.new_gallery_path)
+    retriever = MigratingRetriever(migration, compat, new_model, old=old, new=new)
+    assert retriever.info()["migration"]["merge"] == "score"
+    queries, k = ["a red picture", "blue and green", "a dark square"], 5
+    ids = old.ids()
+    old_vecs = old.get(ids, with_vectors=True)
+
+    def expected(done):
+        cq, nq = compat.encode_text(queries).numpy(), new_model.encode_text(queries).numpy()
+        done_vecs = new.get(sorted(done), with_vectors=True) if done else {}
+        rows = []
+        for q in range(len(queries)):
+            scored = [(cal.logit("old", float(cq[q] @ old_vecs[i]["vector"]))[()], i) for i in ids if i not in done]
+            scored += [(cal.logit("new", float(nq[q] @ done_vecs[i]["vector"]))[()], i) for i in done]
+            rows.append([i for _, i in sorted(scored, key=lambda t: -t[0])[:k]])
+        return rows
+
+    served = lambda: [[h.id for h in row] for row in retriever.search_texts(queries, k)]  # noqa: E731
+    assert served() == expected(set())  # nothing backfilled: the compatible model's ranking
+    migration.run(new_model, batch_size=4, max_items=len(ids) - 3, old=old, new=new)  # 3 left: the old search deepens
+    done = set(new.ids())
+    assert len(done) == len(ids) - 3 and served() == expected(done)
+    for row in retriever.search_texts(queries, k):
+        for hit in row:  # backfilled items carry new-space scores, the rest old-space scores
+            assert hit.space == (new_model.space.id if hit.id in done else old_model.space.id)
+    # Image queries of an image gallery: not what the calibration was fitted for, so the rank-slot rule.
+    photo = old_vecs[ids[0]]["payload"]["image"]
+    slot = MigratingRetriever(Migration.start(tmp_path / "slot", old, new_model.space), compat, new_model, old=old, new=new)
+    assert [h.id for h in retriever.search_images([photo], k)[0]] == [h.id for h in slot.search_images([photo], k)[0]]
+    migration.run(new_model, old=old, new=new)
+    assert served() == expected(set(ids))  # everything backfilled: the new model's ranking
+    return migration, new
+
+
+def test_search_during_migration_by_calibrated_score(tmp_path, models):
+    old = _old_gallery(tmp_path, models["old"])
+    migration, new = _served_by_score(tmp_path, models, old)
+    (migration.path / "merge_calibration.json").unlink()
+    with pytest.raises(InputError, match="is missing"):
+        Migration(migration.path).merge_calibration  # noqa: B018
+    new.close()
+    old.close()
+
+
+def test_search_during_migration_by_calibrated_score_on_milvus_lite(tmp_path, models):
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    from xbt.gallery.base import copy_gallery, open_gallery
+
+    with _old_gallery(tmp_path, models["old"]) as embedded:
+        copy_gallery(embedded, f"milvus:{tmp_path / 'm.db'}#photos")
+    with open_gallery(f"milvus:{tmp_path / 'm.db'}#photos") as old:
+        migration, new = _served_by_score(tmp_path, models, old, lambda m: open_gallery(m.new_gallery_ref))
+        assert migration.new_gallery_ref.startswith("milvus:")
+        new.close()
+
+
 def test_items_that_cannot_be_reembedded_block_the_cut_over(tmp_path, models):
     old = _old_gallery(tmp_path, models["old"], n=4)
     victim = old.get([old.ids()[1]])[old.ids()[1]]["payload"]["image"]
@@ -374,6 +444,61 @@ def test_cli_backfill_resumes_and_cuts_over(tmp_path, models):
     assert json.loads(rest.stdout)["status"] == "cut-over" and json.loads(rest.stdout)["new_size"] == 7
 
 
+def _pairs_file(path, n: int, seed: int):
+    images = make_images(path.parent / f"{path.stem}-img", n, seed=seed)
+    words = ["red", "blue", "green", "dark", "light", "grey", "warm", "cold"]
+    rows = [{"image": str(p), "caption": f"a {words[i % 8]} picture number {i}", "image_id": p.stem} for i, p in enumerate(images)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_backfill_with_the_score_merge(tmp_path, models):
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+    from xbt.data.datasets import open_dataset
+    from xbt.eval.backfill_curve import fit_score_calibration_pairs
+    from xbt.eval.embed import embed_pairs
+    from xbt.eval.runner import compatible_queries
+
+    runner = CliRunner()
+    root = tmp_path / "specs"
+    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
+    old, new = load_model(old_spec), load_model(new_spec)
+    torch.manual_seed(0)
+    CompatibleModel(new, Projection(32, 32, "linear"), old.space).save_pretrained(tmp_path / "compat")
+    compat = load_model(f"compat:{tmp_path / 'compat'}")
+    # The tiny towers are random: on these pairs both spaces' scores happen to rise with a match (on others, e.g.
+    # seed 7, they do not, and the fit is refused: checked below).
+    held_out = _pairs_file(tmp_path / "held_out.jsonl", 12, seed=10)
+    make_images(tmp_path / "photos", 7)
+    build = runner.invoke(app, ["gallery", "build", "--model", old_spec, "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "g")])
+    assert build.exit_code == 0, build.output
+    args = ["gallery", "backfill", "--state", str(tmp_path / "mig"), "--model", new_spec, "--gallery", str(tmp_path / "g"),
+            "--max-items", "3", "--calibrate-pairs", str(held_out)]
+    missing = runner.invoke(app, args)
+    assert missing.exit_code == 1 and "--compat and --old-model" in missing.output
+    models_args = ["--compat", f"compat:{tmp_path / 'compat'}", "--old-model", old_spec]
+    uninformative = [a if a != str(held_out) else str(_pairs_file(tmp_path / "other.jsonl", 12, seed=7)) for a in args]
+    refused = runner.invoke(app, uninformative + models_args)
+    assert refused.exit_code == 1 and "cannot be calibrated" in refused.output
+    assert not (tmp_path / "mig" / "migration.json").exists()
+    ok = runner.invoke(app, args + models_args)
+    assert ok.exit_code == 0, ok.output
+    assert "score merge calibrated on 12 pairs" in ok.output
+    migration = Migration(tmp_path / "mig")
+    pairs = open_dataset(str(held_out))
+    o, n = embed_pairs(old, pairs), embed_pairs(new, pairs)
+    expected = fit_score_calibration_pairs(o, n, compatible_queries(compat, pairs, n, o), "image")
+    got = migration.merge_calibration
+    assert migration.merge == "score" and got is not None and got.query_modality == "text"
+    np.testing.assert_allclose([*got.old, *got.new], [*expected.old, *expected.new], rtol=1e-4)
+    # Resumed without the options: the migration keeps its rule.
+    rest = runner.invoke(app, ["gallery", "backfill", "--state", str(tmp_path / "mig"), "--model", new_spec])
+    assert rest.exit_code == 0, rest.output
+    assert json.loads(rest.stdout)["status"] == "complete" and Migration(tmp_path / "mig").merge == "score"
+
+
 def test_cli_backfill_curve(tmp_path, models, xbt_home):
     from typer.testing import CliRunner
 
@@ -416,3 +541,15 @@ def test_cli_backfill_curve(tmp_path, models, xbt_home):
     wrong = CliRunner().invoke(app, ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat", new_spec,
                                      "--data", str(tmp_path / "pairs.jsonl")])
     assert wrong.exit_code == 1 and "same dimension" in wrong.output
+    # The score rule, calibrated on other pairs; it needs them.
+    held_out = _pairs_file(tmp_path / "held_out.jsonl", 12, seed=10)  # random towers: see the test above
+    base = ["gallery", "backfill-curve", "--old", old_spec, "--new", new_spec, "--compat", f"compat:{tmp_path / 'compat'}",
+            "--data", str(tmp_path / "pairs.jsonl"), "--steps", "2"]
+    scored = CliRunner().invoke(app, base + ["--merge", "score", "--calibrate-pairs", str(held_out), "--out",
+                                             str(tmp_path / "score.json")])
+    assert scored.exit_code == 0, scored.output
+    doc = json.loads((tmp_path / "score.json").read_text())
+    assert doc["protocol"]["merge"] == "score" and set(doc["score_calibration"]) == {"t2i", "i2t"}
+    assert doc["score_calibration"]["i2t"]["query_modality"] == "image"
+    uncalibrated = CliRunner().invoke(app, base + ["--merge", "score"])
+    assert uncalibrated.exit_code == 1 and "--calibrate-pairs" in uncalibrated.output

@@ -859,6 +859,34 @@ def _fit_benefit(runtime: _Runtime, old_spec: Optional[str], new_model, compat_s
     return scorer
 
 
+def _fit_merge_calibration(runtime: _Runtime, old_model, new_model, compat_model, pairs_source: str, modality: str,
+                           compat_name: str = ""):
+    """The score merge's calibration (`xbt.eval.backfill_curve.fit_score_calibration_pairs`) on `pairs_source`,
+    embedded by the old, new and compatible models; what it fitted goes to the console."""
+    from xbt.data.datasets import open_dataset
+    from xbt.eval.backfill_curve import fit_score_calibration_pairs
+    from xbt.eval.embed import embed_pairs
+    from xbt.eval.runner import compatible_queries
+
+    old_model.space.check(compat_model.space, f"the compatible model {compat_name!r}")
+    pairs = open_dataset(pairs_source)
+    old_fit, new_fit = embed_pairs(old_model, pairs, True), embed_pairs(new_model, pairs, True)
+    calibration = fit_score_calibration_pairs(old_fit, new_fit, compatible_queries(compat_model, pairs, new_fit, old_fit, True),
+                                              modality)
+    calibration.report["pairs"] = pairs_source
+    console.print(f"score merge calibrated on {len(pairs)} pairs ({pairs_source}): log-odds old {calibration.old[0]:.2f} s"
+                  f" {calibration.old[1]:+.2f}, new {calibration.new[0]:.2f} s {calibration.new[1]:+.2f}")
+    return calibration
+
+
+_CALIBRATE_HELP = ("Serve the migration's search by the calibrated score merge (measured to serve more R@1 during the"
+                   " migration than the rank-slot rule: docs/results/backfill-order-testbed.md): pairs (any source"
+                   " `xbt evaluate` reads) to fit each space's score -> P(match) map on. They must be pairs the NEW"
+                   " model was not trained on (e.g. testbed:val): on its own training pairs it looks surer than it is"
+                   " and the merge then serves less than either model. Needs --compat and --old-model. Without it: the"
+                   " rank-slot rule.")
+
+
 @gallery_app.command("backfill")
 def gallery_backfill(
     state: Path = typer.Option(..., help="Migration folder (created on the first run; resumed afterwards)."),
@@ -868,6 +896,7 @@ def gallery_backfill(
     compat: Optional[str] = typer.Option(None, help="--order benefit: the compatible model (new -> old space) whose queries the gallery serves meanwhile."),
     old_model: Optional[str] = typer.Option(None, help="--order benefit: the gallery's own (old) model, to embed --fit-pairs."),
     fit_pairs: Optional[str] = typer.Option(None, help="--order benefit: training pairs (any source `xbt evaluate` reads, e.g. testbed:xbt_train) on which the benefit estimate is chosen; never the evaluation items."),
+    calibrate_pairs: Optional[str] = typer.Option(None, help=_CALIBRATE_HELP),
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
     cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
@@ -893,11 +922,19 @@ def gallery_backfill(
             if order.startswith("@"):
                 priority = [line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
             with open_gallery(_gallery_ref(gallery)) as old:
-                scorer = None
+                scorer = calibration = None
+                runtime = _Runtime(device, precision, num_workers)
+                if calibrate_pairs:
+                    missing = [f for f, v in (("--compat", compat), ("--old-model", old_model)) if not v]
+                    if missing:
+                        raise ValueError(f"the score merge is calibrated with the models the migration serves by: give"
+                                         f" {' and '.join(missing)}")
+                    calibration = _fit_merge_calibration(runtime, runtime.load(old_model), new_model, runtime.load(compat),
+                                                         calibrate_pairs, old.modality or "image", compat or "")
                 if order == "benefit":
-                    runtime = _Runtime(device, precision, num_workers)
                     scorer = _fit_benefit(runtime, old_model, new_model, compat, fit_pairs, old.modality or "image")
-                Migration.start(state, old, new_model.space, priority, benefit=scorer)  # type: ignore[arg-type]
+                Migration.start(state, old, new_model.space, priority, benefit=scorer,  # type: ignore[arg-type]
+                                calibration=calibration)
         migration = Migration(state)
         if engine == "ray":
             from xbt.scale.ray_embed import RayOptions, backfill
@@ -974,6 +1011,8 @@ def gallery_backfill_curve(
     split: Optional[str] = typer.Option(None, help="Split of --data."),
     orders: str = typer.Option("random", help="Comma-separated backfill orders to compare: random, oldest (insertion order), newest, benefit (needs --fit-pairs)."),
     fit_pairs: Optional[str] = typer.Option(None, help="Training pairs the benefit order is estimated on (e.g. testbed:xbt_train); never the evaluation pairs."),
+    merge: str = typer.Option("slot", help="The merge rule measured: slot (rank slots) or score (calibrated scores: needs --calibrate-pairs)."),
+    calibrate_pairs: Optional[str] = typer.Option(None, help="--merge score: pairs the calibration is fitted on, never the evaluation pairs, and not the new model's training pairs (e.g. testbed:val)."),
     steps: int = typer.Option(10, help="Fractions measured: 0, 1/steps, ..., 1."),
     n_random: int = typer.Option(5, help="Random orders averaged for `random`."),
     seed: int = typer.Option(0, help="Seed of the random orders and the bootstrap."),
@@ -998,6 +1037,10 @@ def gallery_backfill_curve(
             raise ValueError(f"--orders takes random, oldest, newest and benefit, not {', '.join(unknown) or 'nothing'}")
         if steps < 1:
             raise ValueError("--steps must be at least 1")
+        if merge not in ("slot", "score"):
+            raise ValueError(f"--merge takes slot or score, not {merge!r}")
+        if (merge == "score") != bool(calibrate_pairs):
+            raise ValueError("--merge score needs --calibrate-pairs (and --calibrate-pairs is for --merge score)")
         pairs = open_dataset(data, split)
         runtime = _Runtime(device, precision, num_workers)
         old_model, new_model, compat_model = runtime.load(old), runtime.load(new), runtime.load(compat)
@@ -1020,8 +1063,14 @@ def gallery_backfill_curve(
                           for d, modality in (("t2i", "image"), ("i2t", "text"))}
                 chosen[name] = {"t2i": fitted["t2i"].order(old_eval.images), "i2t": fitted["i2t"].order(old_eval.texts)}
                 scorers = {d: sc.describe() for d, sc in fitted.items()}
+        calibrations = None
+        if merge == "score":
+            calibrations = {d: _fit_merge_calibration(runtime, old_model, new_model, compat_model, calibrate_pairs or "",
+                                                      modality, compat)
+                            for d, modality in (("t2i", "image"), ("i2t", "text"))}
         fractions = [i / steps for i in range(steps + 1)]
-        curves = order_curves(order_hits(old_eval, queries, new_eval, chosen, fractions, seed=seed), seed=seed)
+        curves = order_curves(order_hits(old_eval, queries, new_eval, chosen, fractions, seed=seed, merge=merge,
+                                         calibrations=calibrations), seed=seed)
     except (XbtError, ValueError) as exc:
         _fail(exc)
     if names == ["random"]:
@@ -1029,14 +1078,17 @@ def gallery_backfill_curve(
             print(format_curves(curves["random"], k) + "\n")
     print(format_orders(curves))
     result = {"protocol": {"old": old, "new": new, "compat": compat, "data": data, "split": split, "orders": names,
-                           "fit_pairs": fit_pairs, "n_random": n_random, "seed": seed, "fractions": fractions},
+                           "fit_pairs": fit_pairs, "merge": merge, "calibrate_pairs": calibrate_pairs, "n_random": n_random,
+                           "seed": seed, "fractions": fractions},
               **orders_to_dict(curves)}
+    if calibrations:
+        result["score_calibration"] = {d: c.to_dict() for d, c in calibrations.items()}
     if "benefit" in names:
         result["benefit_scorer"] = scorers
     if out:
         out.write_text(json.dumps(result, indent=2, default=str))
     if plot:
-        plot_orders(curves, plot, title=f"backfill order: {data} ({compat})")
+        plot_orders(curves, plot, title=f"backfill order: {data} ({compat}, {merge} merge)")
         console.print(f"plot written to {plot}")
 
 

@@ -1,7 +1,16 @@
 """Serving during a migration: the compatible model against the complete old gallery, merged with the new
-model against the growing new gallery by the rank-slot rule (`xbt.eval.backfill_curve.slot_merge`).
+model against the growing new gallery by the migration's merge rule (`xbt.eval.backfill_curve.merge_rankings`,
+the very function the offline curve measures): the calibrated score rule when the migration holds a
+calibration (`Migration.merge_calibration`), the rank-slot rule otherwise.
 
-Scores of two spaces are not comparable, so they are never compared. The old gallery is complete, so the
+Score rule: each space's inner products are mapped to P(match) by the calibration fitted when the
+migration started (on pairs the new model was not trained on); the result is the union of the old-gallery hits of items not yet backfilled and the new-gallery
+hits of backfilled items, by calibrated score. The old search deepens (x4 per round) until every query has
+k items that are not backfilled, or the whole old gallery (at most `MAX_OLD_DEPTH`) was searched: late in
+a migration, about k / (1 - fraction backfilled) old hits per query. Queries of another modality than the
+calibration's (e.g. image queries of an image gallery) are merged by the rank-slot rule.
+
+Rank-slot rule: scores of two spaces are not compared. The old gallery is complete, so the
 compatible model's ranking over it decides, depth by depth, whether a slot goes to a not-yet-backfilled
 item (kept as ranked, with its old-space score) or to a backfilled one; the backfilled slots are then
 filled, in order, with the new model's ranking over the new gallery. With nothing backfilled the result
@@ -21,18 +30,22 @@ import numpy as np
 
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
-from xbt.eval.backfill_curve import slot_merge
+from xbt.eval.backfill_curve import merge_rankings
 from xbt.gallery.base import GalleryBackend, open_gallery
 from xbt.gallery.ingest import check_model, model_name
 from xbt.gallery.migration import Migration
 from xbt.gallery.store import Hit, OnConflict
 from xbt.models.base import VLPModel
 
+#: The deepest old-gallery search of the score rule (Milvus's largest top-k).
+MAX_OLD_DEPTH = 16384
+
 
 class MigratingRetriever:
     """Answers queries during a backfill: the compatible model against the old gallery, merged with the
-    new model against the growing new gallery (`slot_merge`); after the cut-over, the new model alone.
-    Writes go to both galleries until the cut-over, so new items need no backfill."""
+    new model against the growing new gallery (`merge_rankings`: by calibrated score when the migration
+    holds a calibration, by rank slots otherwise); after the cut-over, the new model alone. Writes go to
+    both galleries until the cut-over, so new items need no backfill."""
 
     def __init__(self, migration: Migration, compat_model: VLPModel, new_model: VLPModel,
                  old: GalleryBackend | None = None, new: GalleryBackend | None = None):
@@ -42,6 +55,9 @@ class MigratingRetriever:
         check_model(self.old, compat_model)
         check_model(self.new, new_model)
         self.compat_model, self.new_model = compat_model, new_model
+        self.calibration = migration.merge_calibration
+        if self.calibration is not None:
+            self.calibration.check(self.old.space.id, self.new.space.id, "the galleries served")
         self.gallery = self.new  # what a service reports as "the" gallery after the cut-over
         self._model_lock = threading.Lock()
 
@@ -56,6 +72,9 @@ class MigratingRetriever:
         if self.migration.cut_over_done:
             return self.new.search(new_q, k, space=self.new_model.space)
         old_q = self._encode(self.compat_model, modality, inputs)
+        cal = self.calibration
+        if cal is not None and cal.query_modality in ("", modality):
+            return self._search_by_score(old_q, new_q, k)
         old_hits = self.old.search(old_q, k, space=self.compat_model.space)
         out = []
         for q, hits in enumerate(old_hits):
@@ -63,10 +82,27 @@ class MigratingRetriever:
             done = self.new.present(ids)
             n_slots = sum(i in done for i in ids)
             new_hits = self.new.search(new_q[q : q + 1], n_slots, space=self.new_model.space)[0] if n_slots else []
-            by_id = {h.id: h for h in hits} | {h.id: h for h in new_hits}
-            merged = slot_merge(ids, done, [h.id for h in new_hits])
-            out.append([by_id[i] for i, _ in merged])
+            out.append(self._merged(hits, done, new_hits, None))
         return out
+
+    def _search_by_score(self, old_q: np.ndarray, new_q: np.ndarray, k: int) -> list[list[Hit]]:
+        new_hits = self.new.search(new_q, k, space=self.new_model.space) if len(self.new) else [[] for _ in old_q]
+        size, depth = len(self.old), k
+        while True:
+            old_hits = self.old.search(old_q, depth, space=self.compat_model.space)
+            done = [self.new.present([h.id for h in hits]) for hits in old_hits]
+            short = any(sum(h.id not in d for h in hits) < k for hits, d in zip(old_hits, done))
+            if not short or depth >= min(size, MAX_OLD_DEPTH):
+                break
+            depth = min(size, MAX_OLD_DEPTH, depth * 4)
+        return [self._merged(hits, d, new, self.calibration)[:k] for hits, d, new in zip(old_hits, done, new_hits)]
+
+    @staticmethod
+    def _merged(old_hits: list[Hit], done: set[str], new_hits: list[Hit], calibration: Any) -> list[Hit]:
+        by_id = {h.id: h for h in old_hits} | {h.id: h for h in new_hits}
+        merged = merge_rankings([(h.id, h.score) for h in old_hits], done, [(h.id, h.score) for h in new_hits],
+                                calibration)
+        return [by_id[i] for i, _ in merged]
 
     def search_texts(self, texts: Sequence[str], k: int) -> list[list[Hit]]:
         return self._search("text", texts, k)
@@ -109,7 +145,8 @@ class MigratingRetriever:
             "new_gallery": self.new.info().to_dict(),
             "model": model_name(self.new_model if self.migration.cut_over_done else self.compat_model),
             "new_model": model_name(self.new_model),
-            "migration": {"status": state["status"], "position": state["position"], "plan_size": state["plan_size"]},
+            "migration": {"status": state["status"], "position": state["position"], "plan_size": state["plan_size"],
+                          "merge": self.migration.merge},
         }
 
     def close(self) -> None:

@@ -9,6 +9,10 @@ A migration lives in one folder::
                      field, a list, or "benefit": the estimated benefit of re-embedding each item,
                      `xbt.eval.benefit`, computed once from the old vectors; the state records its choice)
     gallery/         the new-space gallery being filled
+    merge_calibration.json   optional: the score calibration the served search merges by
+                     (`xbt.eval.backfill_curve.ScoreCalibration`, fitted when the migration starts on
+                     pairs the new model was not trained on, for its two spaces); without it the
+                     rank-slot rule
 
 Resuming after a kill: the new gallery itself is the ground truth of what is done (each batch is
 durable when added); `position` is written after each batch and only lets a restart skip ahead. A batch
@@ -32,7 +36,7 @@ import numpy as np
 
 from xbt.durable import atomic_write_bytes
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.backfill_curve import slot_merge
+from xbt.eval.backfill_curve import ScoreCalibration, slot_merge
 from xbt.eval.benefit import BenefitScorer
 from xbt.gallery.base import (
     GalleryBackend,
@@ -47,12 +51,14 @@ from xbt.gallery.store import Gallery, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
 
-__all__ = ["MIGRATION_FORMAT", "NEW_GALLERY", "ORDERS", "PLAN_NAME", "STATE_NAME", "Migration", "order_ids", "slot_merge"]
+__all__ = ["CALIBRATION_NAME", "MIGRATION_FORMAT", "NEW_GALLERY", "ORDERS", "PLAN_NAME", "STATE_NAME", "Migration",
+           "order_ids", "slot_merge"]
 
 MIGRATION_FORMAT = "xbt.migration/1"
 STATE_NAME = "migration.json"
 PLAN_NAME = "plan.jsonl"
 NEW_GALLERY = "gallery"
+CALIBRATION_NAME = "merge_calibration.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,6 +146,7 @@ class Migration:
         self._stat: tuple[int, int] | None = None
         self._state: dict[str, Any] = {}
         self._plan: list[str] | None = None
+        self._calibration: tuple[ScoreCalibration | None] | None = None
         self.state  # noqa: B018 - validate now
 
     # ---- state -------------------------------------------------------------------------------------
@@ -202,6 +209,26 @@ class Migration:
     def cut_over_done(self) -> bool:
         return self.status == "cut-over"
 
+    @property
+    def merge(self) -> str:
+        """The rule the served search merges by: "score" (the migration holds a calibration) or "slot"."""
+        return str(self.state.get("merge", "slot"))
+
+    @property
+    def merge_calibration(self) -> ScoreCalibration | None:
+        """The score calibration of a "score" migration (checked against its two spaces), else None."""
+        if self._calibration is None:
+            calibration = None
+            if self.merge == "score":
+                path = self.path / CALIBRATION_NAME
+                if not path.is_file():
+                    raise InputError(f"the migration at {self.path} merges by calibrated score but its {CALIBRATION_NAME}"
+                                     " is missing")
+                calibration = ScoreCalibration.from_dict(json.loads(path.read_text()))
+                calibration.check(self.old_space.id, self.new_space.id, f"the migration at {self.path}")
+            self._calibration = (calibration,)
+        return self._calibration[0]
+
     def plan(self) -> list[str]:
         if self._plan is None:
             with (self.path / PLAN_NAME).open() as f:
@@ -217,10 +244,15 @@ class Migration:
         order: str | Sequence[str] = "oldest",
         index: IndexConfig | None = None,
         benefit: BenefitScorer | None = None,
+        calibration: ScoreCalibration | None = None,
     ) -> Migration:
         """Fix the plan (priority order over the old gallery's ids) and create the empty new gallery: in the
         migration folder, or for a Milvus gallery a second collection (the cut-over then moves its alias).
-        `benefit`: the scorer of order "benefit" (`order_ids`); what it chose is recorded in the state."""
+        `benefit`: the scorer of order "benefit" (`order_ids`); what it chose is recorded in the state.
+        `calibration`: the served search merges by calibrated score with it (fitted for the gallery's space
+        and `new_space` on pairs the new model was not trained on:
+        `xbt.eval.backfill_curve.fit_score_calibration_pairs`; refused for other spaces or another query
+        modality); without it, by the rank-slot rule (docs/results/backfill-order-testbed.md measures both)."""
         path = Path(path).expanduser()
         if (path / STATE_NAME).exists():
             raise InputError(f"{path} already holds a migration; resume it (Migration(path).run) or choose another folder")
@@ -228,7 +260,15 @@ class Migration:
             raise InputError("the new model emits the gallery's own space: there is nothing to backfill")
         if old_gallery.modality not in ("image", "text"):
             raise InputError(f"the gallery at {old_gallery.path} has no modality, so its items cannot be re-embedded")
+        if calibration is not None:
+            calibration.check(old_gallery.space.id, new_space.id, f"a migration of {old_gallery.path}")
+            wanted = "text" if old_gallery.modality == "image" else "image"
+            if calibration.query_modality and calibration.query_modality != wanted:
+                raise InputError(f"the merge calibration was fitted for {calibration.query_modality} queries; a"
+                                 f" {old_gallery.modality} gallery is searched by {wanted}s: fit it on its own modality")
         path.mkdir(parents=True, exist_ok=True)
+        if calibration is not None:  # before the state: a migration whose state names it always has it
+            _write_json_atomic(path / CALIBRATION_NAME, calibration.to_dict())
         plan = order_ids(old_gallery, order, benefit)
         atomic_write_bytes(path / PLAN_NAME, "".join(json.dumps(i) + "\n" for i in plan).encode())
         extra = {"backfill_of": str(old_gallery.path), "old_space": old_gallery.space.id}
@@ -248,6 +288,7 @@ class Migration:
             "old_space": old_gallery.space.to_dict(), "new_space": new_space.to_dict(),
             "order": order if isinstance(order, str) else "ids", "plan_size": len(plan), "position": 0,
             **({"benefit": benefit.describe()} if order == "benefit" and benefit is not None else {}),
+            "merge": "slot" if calibration is None else "score",
             "status": "backfilling", "failed": {}, "started_at": time.time(), "updated_at": time.time(),
         })
         return cls(path)
