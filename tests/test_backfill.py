@@ -493,6 +493,12 @@ def test_cli_backfill_with_the_score_merge(tmp_path, models):
     got = migration.merge_calibration
     assert migration.merge == "score" and got is not None and got.query_modality == "text"
     np.testing.assert_allclose([*got.old, *got.new], [*expected.old, *expected.new], rtol=1e-4)
+    # With --order benefit the statistic is chosen under the rule the migration serves by.
+    train = _pairs_file(tmp_path / "train.jsonl", 48, seed=3)
+    benefit = runner.invoke(app, [a if a != str(tmp_path / "mig") else str(tmp_path / "mig2") for a in args] + models_args
+                            + ["--order", "benefit", "--fit-pairs", str(train)])
+    assert benefit.exit_code == 0, benefit.output
+    assert Migration(tmp_path / "mig2").state["benefit"]["fit_report"]["merge"] == "score"
     # Resumed without the options: the migration keeps its rule.
     rest = runner.invoke(app, ["gallery", "backfill", "--state", str(tmp_path / "mig"), "--model", new_spec])
     assert rest.exit_code == 0, rest.output

@@ -836,9 +836,10 @@ def gallery_delete(
 
 
 def _fit_benefit(runtime: _Runtime, old_spec: Optional[str], new_model, compat_spec: Optional[str], fit_pairs: Optional[str],
-                 modality: str, fit_split: Optional[str] = None, old_model=None, compat_model=None):
+                 modality: str, fit_split: Optional[str] = None, old_model=None, compat_model=None, calibration=None):
     """The benefit scorer of `--order benefit`: chosen on the training pairs' embeddings by the old, new and
-    compatible models (`xbt.eval.benefit.fit_benefit_pairs`); the fit report goes to the console."""
+    compatible models (`xbt.eval.benefit.fit_benefit_pairs`), under the score merge when a `calibration` is
+    given (the rule the migration will serve by); the fit report goes to the console."""
     from xbt.data.datasets import open_dataset
     from xbt.eval.benefit import describe_candidates, fit_benefit_pairs
     from xbt.eval.embed import embed_pairs
@@ -854,7 +855,8 @@ def _fit_benefit(runtime: _Runtime, old_spec: Optional[str], new_model, compat_s
     old_model.space.check(compat_model.space, f"the compatible model {compat_spec!r}")
     pairs = open_dataset(fit_pairs, fit_split)
     old_fit, new_fit = embed_pairs(old_model, pairs, True), embed_pairs(new_model, pairs, True)
-    scorer = fit_benefit_pairs(old_fit, new_fit, compatible_queries(compat_model, pairs, new_fit, old_fit, True), modality)
+    scorer = fit_benefit_pairs(old_fit, new_fit, compatible_queries(compat_model, pairs, new_fit, old_fit, True), modality,
+                               calibration=calibration)
     console.print(describe_candidates(scorer.fit_report))
     return scorer
 
@@ -932,7 +934,8 @@ def gallery_backfill(
                     calibration = _fit_merge_calibration(runtime, runtime.load(old_model), new_model, runtime.load(compat),
                                                          calibrate_pairs, old.modality or "image", compat or "")
                 if order == "benefit":
-                    scorer = _fit_benefit(runtime, old_model, new_model, compat, fit_pairs, old.modality or "image")
+                    scorer = _fit_benefit(runtime, old_model, new_model, compat, fit_pairs, old.modality or "image",
+                                          calibration=calibration)
                 Migration.start(state, old, new_model.space, priority, benefit=scorer,  # type: ignore[arg-type]
                                 calibration=calibration)
         migration = Migration(state)
