@@ -4,8 +4,9 @@ the very function the offline curve measures): the calibrated score rule when th
 calibration (`Migration.merge_calibration`), the rank-slot rule otherwise.
 
 Score rule: each space's inner products are mapped to P(match) by the calibration fitted when the
-migration started (on pairs the new model was not trained on); the result is the union of the old-gallery hits of items not yet backfilled and the new-gallery
-hits of backfilled items, by calibrated score. The old search deepens (x4 per round) until every query has
+migration started (on pairs the new model was not trained on); the result is the union of the
+old-gallery hits of items not yet backfilled and the new-gallery hits of backfilled items, by calibrated
+score. The old search deepens (x4 per round) until every query has
 k items that are not backfilled, or the whole old gallery (at most `MAX_OLD_DEPTH`) was searched: late in
 a migration, about k / (1 - fraction backfilled) old hits per query. Queries of another modality than the
 calibration's (e.g. image queries of an image gallery) are merged by the rank-slot rule.
