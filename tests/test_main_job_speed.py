@@ -133,6 +133,7 @@ def test_run_sh_keys_the_environment_on_the_lock_and_falls_back_to_pip():
     assert 'cat "$repo/requirements.lock" "$repo/requirements-nodeps.txt" | sha256sum' in text
     assert "install_with_uv" in text and "install_with_pip" in text
     assert "unsafe-best-match" in text  # pip's choice over every index, not uv's first-index default
+    assert '-m compileall -q -j 0 "$venv/lib"' in text and '"$venv/.bytecode"' in text  # compiled once, not per run
     subprocess.run(["bash", "-n", str(REPO / "run.sh")], check=True)
 
 
