@@ -97,3 +97,20 @@ def acknowledged_lines(proc, what: str = "the worker", timeout: float = 120.0) -
         proc.kill()
         raise AssertionError(f"{what} did not start: {proc.stderr.read() if proc.stderr else ''}")
     return lines, reader
+
+
+def tiny_upgrade(tmp_path: Path) -> tuple[str, str, object, object, object]:
+    """A tiny old and new open_clip model (seeds 0 and 1) and a linear compatible model of the new one into the
+    old space, saved and loaded back: (old_spec, new_spec, old, new, compat)."""
+    import torch
+
+    from xbt.compat.maps import Projection
+    from xbt.compat.model import CompatibleModel
+    from xbt.specs import load_model
+
+    root = tmp_path / "specs"
+    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
+    old, new = load_model(old_spec), load_model(new_spec)
+    torch.manual_seed(0)
+    CompatibleModel(new, Projection(32, 32, "linear"), old.space).save_pretrained(tmp_path / "compat")
+    return old_spec, new_spec, old, new, load_model(f"compat:{tmp_path / 'compat'}")

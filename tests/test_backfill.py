@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from gallery_support import make_images, save_tiny_openclip, unit_rows
+from gallery_support import make_images, save_tiny_openclip, tiny_upgrade, unit_rows
 
 from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
@@ -462,12 +462,7 @@ def test_cli_backfill_with_the_score_merge(tmp_path, models):
     from xbt.eval.runner import compatible_queries
 
     runner = CliRunner()
-    root = tmp_path / "specs"
-    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
-    old, new = load_model(old_spec), load_model(new_spec)
-    torch.manual_seed(0)
-    CompatibleModel(new, Projection(32, 32, "linear"), old.space).save_pretrained(tmp_path / "compat")
-    compat = load_model(f"compat:{tmp_path / 'compat'}")
+    old_spec, new_spec, old, new, compat = tiny_upgrade(tmp_path)
     # The tiny towers are random: on these pairs both spaces' scores happen to rise with a match (on others, e.g.
     # seed 7, they do not, and the fit is refused: checked below).
     held_out = _pairs_file(tmp_path / "held_out.jsonl", 12, seed=10)

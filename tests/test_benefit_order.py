@@ -9,11 +9,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from gallery_support import make_images, save_tiny_openclip, unit_rows
+from gallery_support import make_images, tiny_upgrade, unit_rows
 
-from xbt.compat.maps import Projection
-from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.eval.backfill_curve import (
     backfill_curve,
@@ -38,7 +35,6 @@ from xbt.eval.benefit import (
 from xbt.gallery.migration import Migration, order_ids
 from xbt.gallery.store import Gallery
 from xbt.models.base import EmbeddingSpace
-from xbt.specs import load_model
 
 FRACTIONS = [i / 20 for i in range(21)]
 
@@ -230,12 +226,7 @@ def test_cli_backfill_with_the_benefit_order(tmp_path, xbt_home):
     from xbt.eval.runner import compatible_queries
     from xbt.gallery.ingest import ingest, items_from_folder
 
-    root = tmp_path / "specs"
-    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
-    old, new = load_model(old_spec), load_model(new_spec)
-    torch.manual_seed(0)
-    CompatibleModel(new, Projection(32, 32, "linear"), old.space).save_pretrained(tmp_path / "compat")
-    compat = load_model(f"compat:{tmp_path / 'compat'}")
+    old_spec, new_spec, old, new, compat = tiny_upgrade(tmp_path)
     # Training pairs (their own images) and a gallery of other images.
     train_images = make_images(tmp_path / "train", 48, seed=3)
     words = ["red", "blue", "green", "dark", "light", "grey", "warm", "cold"]
