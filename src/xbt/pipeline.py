@@ -166,11 +166,50 @@ def deploy_commands(spec: str, old_images: Path, old_captions: Path, example_que
 
 # ----- step 5: pictures ------------------------------------------------------------------------------
 def example_grids(
-    rows: Sequence[tuple[str, Any]], queries: Sequence[Any], modality: str, truth: Sequence[set[str]], out: Path,
+    rows: Sequence[tuple[str, Any, Any, Any]], queries: Sequence[Any], modality: str, truth: Sequence[set[str]], out: Path,
     k: int = 5,
 ) -> list[Path]:
     """One PNG per query: a row per system (old, upgraded, ceiling), its top-k results left to right,
-    correct results framed in green. `rows` = (label, retriever), the retriever answering `modality` queries."""
+    correct results framed in green. `rows` = (label, gallery, vectors, space): the vectors of `queries` (a
+    row each) that the evaluation measured, in `space`, searched in that gallery (which checks the space).
+    A picture is drawn again only when what it shows changed (its digest is kept in out/.pictures.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamps_file = out / PICTURE_STAMPS
+    try:
+        stamps = json.loads(stamps_file.read_text())
+    except (OSError, ValueError):
+        stamps = {}
+    paths = []
+    for qi, query in enumerate(queries):
+        path = out / f"{modality}-query-{qi + 1}.png"
+        results = [(label, gallery.search(vectors[qi: qi + 1], k, space=space)[0]) for label, gallery, vectors, space in rows]
+        shown = [(label, [(h.id, f"{h.score:.2f}", h.payload.get("caption"), _file_stamp(h.payload.get("image")))
+                          for h in hits]) for label, hits in results]
+        digest = _digest(modality, _file_stamp(query) if modality == "image" else query, sorted(truth[qi]), k, shown)
+        if stamps.get(path.name) != digest or not path.exists():
+            _draw_example(path, results, query, modality, truth[qi], k)
+            stamps[path.name] = digest
+            tmp = stamps_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(stamps, indent=1, sort_keys=True))
+            tmp.replace(stamps_file)
+        paths.append(path)
+    return paths
+
+
+PICTURE_STAMPS = ".pictures.json"
+
+
+def _file_stamp(path: Any) -> Any:
+    """An image file by path, size and modification time (its picture is redrawn when it changes)."""
+    try:
+        st = Path(path).stat()
+    except (OSError, TypeError):
+        return path
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _draw_example(path: Path, results: Sequence[tuple[str, Any]], query: Any, modality: str, truth: set[str],
+                  k: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,42 +218,35 @@ def example_grids(
 
     from xbt.data.images import load_image
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for qi, query in enumerate(queries):
-        fig, axes = plt.subplots(len(rows), k + 1, figsize=(2.1 * (k + 1), 2.3 * len(rows)))
-        for ri, (label, retriever) in enumerate(rows):
-            hits = (retriever.search_texts([query], k) if modality == "text" else retriever.search_images([query], k))[0]
-            ax = axes[ri][0]
-            ax.axis("off")
+    fig, axes = plt.subplots(len(results), k + 1, figsize=(2.1 * (k + 1), 2.3 * len(results)))
+    for ri, (label, hits) in enumerate(results):
+        ax = axes[ri][0]
+        ax.axis("off")
+        if modality == "text":
+            ax.text(0.5, 0.5, f"{label}\n\n\u201c{query}\u201d", ha="center", va="center", wrap=True, fontsize=8)
+        else:
+            ax.imshow(load_image(query).resize((160, 160), Image.BICUBIC))
+            ax.set_title(label, fontsize=8)
+        for hi in range(k):
+            ax = axes[ri][hi + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if hi >= len(hits):
+                ax.axis("off")
+                continue
+            hit = hits[hi]
+            correct = hit.id in truth
             if modality == "text":
-                ax.text(0.5, 0.5, f"{label}\n\n\u201c{query}\u201d", ha="center", va="center", wrap=True, fontsize=8)
+                ax.imshow(load_image(hit.payload["image"]).resize((160, 160), Image.BICUBIC))
             else:
-                ax.imshow(load_image(query).resize((160, 160), Image.BICUBIC))
-                ax.set_title(label, fontsize=8)
-            for hi in range(k):
-                ax = axes[ri][hi + 1]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if hi >= len(hits):
-                    ax.axis("off")
-                    continue
-                hit = hits[hi]
-                correct = hit.id in truth[qi]
-                if modality == "text":
-                    ax.imshow(load_image(hit.payload["image"]).resize((160, 160), Image.BICUBIC))
-                else:
-                    ax.text(0.5, 0.5, hit.payload.get("caption", hit.id), ha="center", va="center", wrap=True, fontsize=7)
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("#1a9850" if correct else "#bbbbbb")
-                    spine.set_linewidth(4 if correct else 1)
-                ax.set_title(f"#{hi + 1}  {hit.score:.2f}", fontsize=7)
-        fig.tight_layout()
-        path = out / f"{modality}-query-{qi + 1}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+                ax.text(0.5, 0.5, hit.payload.get("caption", hit.id), ha="center", va="center", wrap=True, fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("#1a9850" if correct else "#bbbbbb")
+                spine.set_linewidth(4 if correct else 1)
+            ax.set_title(f"#{hi + 1}  {hit.score:.2f}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 # ----- phase times ------------------------------------------------------------------------------------
@@ -249,7 +281,6 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
     from xbt.eval.report import write_report
     from xbt.eval.runner import run_evaluation
-    from xbt.gallery import GalleryRetriever
     from xbt.models.device import describe
     from xbt.specs import load_model
 
@@ -319,7 +350,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     methods["XBT"] = compat
     run = run_evaluation(
         old, new, eval_pairs, methods, fit_texts=fit_texts, fit_pairs=fit_pairs, support_pairs=support,
-        seed=job.seed, skip_unfittable=True, show_progress=show_progress,
+        seed=job.seed, skip_unfittable=True, show_progress=show_progress, fit_cache=cache_dir("peers"),
         describe={"old": job.old, "new": job.new, "eval": job.eval_data, "fit_pairs": job.fit_pairs,
                   "fit_texts": job.fit_texts, "support": job.support, "xbt": str(xbt_dir)},
     )
@@ -339,12 +370,15 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     text_truth = [{eval_pairs[i].image_id} for i in picks]
     image_queries = [eval_pairs[i].image for i in picks]
     image_truth = [{f"{eval_pairs[i].image_id}#0"} for i in picks]
-    text_rows = [("old model, old gallery", GalleryRetriever(old_images, old)),
-                 ("XBT upgrade, old gallery", GalleryRetriever(old_images, compat)),
-                 ("new model, full backfill", GalleryRetriever(new_images, new))]
-    image_rows = [("old model, old captions", GalleryRetriever(old_captions, old)),
-                  ("XBT upgrade, old captions", GalleryRetriever(old_captions, compat)),
-                  ("new model, full backfill", GalleryRetriever(new_captions, new))]
+    # The queries' vectors as the evaluation computed them (nothing is encoded again for the pictures).
+    olds, news, upgraded = run.embeddings["old"], run.embeddings["new"], run.queries["XBT"]
+    rows_of = [olds.caption_image_index[i] for i in picks]  # each picked pair's image row
+    text_rows = [("old model, old gallery", old_images, olds.texts[picks], olds.space),
+                 ("XBT upgrade, old gallery", old_images, upgraded.texts[picks], upgraded.space),
+                 ("new model, full backfill", new_images, news.texts[picks], news.space)]
+    image_rows = [("old model, old captions", old_captions, olds.images[rows_of], olds.space),
+                  ("XBT upgrade, old captions", old_captions, upgraded.images[rows_of], upgraded.space),
+                  ("new model, full backfill", new_captions, news.images[rows_of], news.space)]
     pictures = example_grids(text_rows, text_queries, "text", text_truth, out / "examples")
     pictures += example_grids(image_rows, image_queries, "image", image_truth, out / "examples")
     stage("6 example pictures", t)

@@ -16,8 +16,11 @@ it was saved (or after a chain recorded it) is refused rather than silently serv
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from xbt.compat.lora import (
 from xbt.compat.maps import Projection, QueryMap, build_map
 from xbt.durable import file_sha256
 from xbt.errors import AssetMissingError, InputError, SpaceMismatchError
-from xbt.models.base import EmbeddingSpace, VLPModel, weights_fingerprint, write_json
+from xbt.models.base import EmbeddingSpace, VLPModel, tensors_fingerprint, weights_fingerprint, write_json
 from xbt.models.device import model_device
 
 CONFIG_NAME = "compat_config.json"
@@ -120,8 +123,21 @@ class CompatibleModel(VLPModel):
     def encoder_id(self) -> str:
         """Its own weights (map, adapters) and the new model's: never the old model's cache entries."""
         ensemble = f"-{self.old_space.fingerprint[:12]}" if self.old_model is not None else ""
-        return (f"compat-{weights_fingerprint(self.query_map)[:12]}-{weights_fingerprint(self.new_model)[:12]}"
+        return (f"compat-{weights_fingerprint(self.query_map)[:12]}-{self._new_encoder_fingerprint()[:12]}"
                 f"{ensemble}-{self.embed_dim}")
+
+    def _new_encoder_fingerprint(self) -> str:
+        """What the (adapted) new model computes: its space's fingerprint (a hash of its weights), then, for
+        each tower with LoRA adapters, a hash of the adapters' weights; for a chain, the inner model's id.
+        Read without building a tower whose adapters are still waiting for it (they are the saved ones)."""
+        if isinstance(self.new_model, CompatibleModel):
+            base = hashlib.sha256(self.new_model.encoder_id.encode()).hexdigest()
+        else:
+            base = self.new_model.space.fingerprint
+        if not self.lora_configs:
+            return base  # every peer: the plain new model, whose cached features the evaluation maps
+        adapters = {f"{tower}.{k}": v for tower in self.lora_configs for k, v in self.lora_state(tower).items()}
+        return tensors_fingerprint(adapters, extra=base)
 
     def map_features(self, new_vectors: Any, old_vectors: Any | None = None) -> np.ndarray:
         """Old-space queries from vectors the unadapted new model (and, for an ensemble, the old model)
@@ -222,17 +238,17 @@ class CompatibleModel(VLPModel):
         return params
 
     def lora_state(self, tower: str) -> dict[str, torch.Tensor]:
+        """The tower's adapter weights: read from the tower, or, while it waits to be built (a lit model's
+        towers are built on first use), the saved weights that will be loaded into it."""
+        saved = self.lora_configs.get(tower)
+        if isinstance(saved, SavedLora) and not self.new_model.tower_built(tower):
+            return {k: v.detach().contiguous().clone() for k, v in saved.state.items()}
         from peft import get_peft_model_state_dict
 
         return {k: v.detach().contiguous().clone() for k, v in get_peft_model_state_dict(self._lora_module(tower)).items()}
 
     def load_lora_state(self, tower: str, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self._lora_module(tower), state)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            raise SpaceMismatchError(f"LoRA weights do not fit the new model ({len(unexpected)} unexpected keys)")
+        _load_lora_state(self._lora_module(tower), state)
 
     # ----- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -246,7 +262,10 @@ class CompatibleModel(VLPModel):
         for tower, config in self.lora_configs.items():
             folder = path / f"lora_{tower}"
             folder.mkdir(exist_ok=True)
-            config.save_pretrained(str(folder))
+            if isinstance(config, SavedLora):  # loaded from a folder: its config file as it was
+                (folder / "adapter_config.json").write_text(config.config_json)
+            else:
+                config.save_pretrained(str(folder))
             save_file(self.lora_state(tower), str(folder / "adapter_model.safetensors"))
             weights += [f"lora_{tower}/adapter_model.safetensors", f"lora_{tower}/adapter_config.json"]
         config = {
@@ -279,8 +298,6 @@ class CompatibleModel(VLPModel):
         """Load a saved compatible model. `new_model` / `old_model`: already loaded models to use (they
         must be in the recorded spaces); otherwise they are loaded by their specs with `load` (the spec
         loader, xbt.specs.load_model, passed in by it)."""
-        from peft import LoraConfig
-
         path = Path(path).expanduser()
         config = read_config(path)
         if new_model is None or (config.get("needs_old_model_at_query_time") and old_model is None):
@@ -307,13 +324,48 @@ class CompatibleModel(VLPModel):
         model.provenance = {k: config[k] for k in ("chain", "fits_on", "details") if k in config}
         for tower in config.get("lora", []):
             folder = path / f"lora_{tower}"
-            saved = LoraConfig.from_pretrained(str(folder))
-            inject_lora(model._lora_module(tower), saved, tower)
+            saved = SavedLora((folder / "adapter_config.json").read_text(), load_file(str(folder / "adapter_model.safetensors")))
             model.lora_configs[tower] = saved
-            model.load_lora_state(tower, load_file(str(folder / "adapter_model.safetensors")))
+            # Injected into the tower when it is built: now for most backends; for a lit model on first use.
+            new_model.when_built(tower, functools.partial(_attach_lora, tower=tower, saved=saved), key="LoRA adapters")
         model.spec = f"compat:{path.resolve()}"  # resolvable from anywhere: a chain can name it as its new model
         model.eval()
         return model
+
+
+def _load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise SpaceMismatchError(f"LoRA weights do not fit the new model ({len(unexpected)} unexpected keys)")
+
+
+@dataclass(frozen=True)
+class SavedLora:
+    """A tower's adapters as read from a saved model (peft's adapter_config.json text and the weights), kept
+    until they are injected: peft (and transformers with it) is imported only when a tower is built."""
+
+    config_json: str
+    state: dict[str, torch.Tensor]
+
+    def peft_config(self) -> Any:
+        import tempfile
+
+        from peft import LoraConfig
+
+        with tempfile.TemporaryDirectory() as folder:  # peft's own reader, exactly as for a folder
+            (Path(folder) / "adapter_config.json").write_text(self.config_json)
+            return LoraConfig.from_pretrained(folder)
+
+
+def _attach_lora(new_model: VLPModel, tower: str, saved: SavedLora) -> None:
+    """Saved adapters into the new model's built tower (a function of the model alone, so a deep copy of a
+    compatible model attaches them to its own copy of the new model)."""
+    module = text_lora_target(new_model) if tower == "text" else image_lora_target(new_model)
+    inject_lora(module, saved.peft_config(), tower)
+    _load_lora_state(module, saved.state)
 
 
 def read_config(path: Path) -> dict[str, Any]:

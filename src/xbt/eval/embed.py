@@ -71,8 +71,9 @@ def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence
 
     from xbt.data.testbed import tower_image_features, tower_text_features
     from xbt.errors import InputError
+    from xbt.models.lit import LitModel
 
-    if not all(hasattr(model, a) for a in ("image_tower", "image_head", "text_tower", "text_head")):
+    if not isinstance(model, LitModel):  # its towers are built only if an item is missing from the cache
         raise InputError(f"{model.spec or model.space.name} is not a lit model (locked towers + heads): nothing to prime")
 
     def through(head, features: np.ndarray) -> np.ndarray:

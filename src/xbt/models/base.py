@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +61,13 @@ class EmbeddingSpace:
 
 def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
     """sha256 over parameter and buffer names, shapes and bytes: identical weights, identical id."""
+    return tensors_fingerprint(module.state_dict(), extra)
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor], extra: str = "") -> str:
+    """sha256 over named tensors' names, shapes, dtypes and bytes (in name order), after `extra`."""
     digest = hashlib.sha256(extra.encode())
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d: logit_scale
@@ -124,6 +129,17 @@ class VLPModel(nn.Module, ABC):
     def invalidate_space(self) -> None:
         """Call after changing weights (training) so the space is recomputed."""
         object.__setattr__(self, "_space_cache", None)
+
+    # ----- towers built on first use (lit models); every other backend builds everything at load --------
+    def tower_built(self, tower: str) -> bool:
+        """Whether the "image" or "text" tower's weights are loaded."""
+        return True
+
+    def when_built(self, tower: str, fn: Callable[[VLPModel], None], key: str = "") -> None:
+        """Run fn(self) once the tower is built: now, when it is (LoRA adapters loaded onto a model whose
+        towers are built on first use wait for it). A second waiting fn of the same non-empty `key` on the
+        same tower is refused (InputError): two sets of adapters would stack."""
+        fn(self)
 
     # ----- where and how it runs -------------------------------------------------------------
     @property

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import transforms
 
 from xbt.assets import efficientnet_lite_weights, resolve_text_tower
 from xbt.errors import AssetMissingError
@@ -91,10 +90,8 @@ class EfficientNetLiteTower(LockedTower):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        if variant not in EFFICIENTNET_LITE_SIZES:
-            raise AssetMissingError(f"unknown EfficientNet-Lite variant {variant!r}; use {sorted(EFFICIENTNET_LITE_SIZES)}")
+        path = _efficientnet_weights(variant, weights)
         self.variant = variant
-        path = Path(weights) if weights else efficientnet_lite_weights(variant)
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
             self.net = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(path))
         self.net._fc = nn.Identity()
@@ -102,8 +99,10 @@ class EfficientNetLiteTower(LockedTower):
         self.out_dim = int(self.net._conv_head.out_channels)
         self.eval()
         self.image_size = EFFICIENTNET_LITE_SIZES[variant]
-        self.cache_id = f"efficientnet-{variant}-{_file_digest(path)[:12]}-eval-{self.INFERENCE_FORM}"
+        self.cache_id = _efficientnet_cache_id(variant, path)
         self._inference: tuple[Any, nn.Module | None] | None = None  # (key, folded net); not a submodule
+        from torchvision import transforms  # here, not at import: torchvision's import pulls in torch._dynamo
+
         self.transform = transforms.Compose(
             [
                 PadToSquare(),
@@ -155,9 +154,7 @@ class SentenceTransformerTower(LockedTower):
         self.st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         dim = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
         self.out_dim = int(dim())
-        weights = next(iter(sorted(path.glob("*.safetensors"))), None) or next(iter(sorted(path.glob("*.bin"))), None)
-        ident = _file_digest(weights) if weights else hashlib.sha256(str(path).encode()).hexdigest()
-        self.cache_id = f"st-{path.name}-{ident[:12]}"
+        self.cache_id = _sentence_transformer_cache_id(path)
         # Gradient checkpointing of the encoder blocks (XBT stage 2's `gradient_checkpointing`): activation
         # memory of one block instead of all, for one more forward of each block in the backward pass.
         self.checkpoint_blocks = False
@@ -239,10 +236,40 @@ class _Checkpointed(nn.Module):
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
-def build_tower(config: dict[str, Any]) -> nn.Module:
+# ----- a tower from its config, and its identity without building it ---------------------------------------
+def _efficientnet_weights(variant: str, weights: str | Path | None) -> Path:
+    if variant not in EFFICIENTNET_LITE_SIZES:
+        raise AssetMissingError(f"unknown EfficientNet-Lite variant {variant!r}; use {sorted(EFFICIENTNET_LITE_SIZES)}")
+    return Path(weights) if weights else efficientnet_lite_weights(variant)
+
+
+def _efficientnet_cache_id(variant: str, path: Path) -> str:
+    return f"efficientnet-{variant}-{_file_digest(path)[:12]}-eval-{EfficientNetLiteTower.INFERENCE_FORM}"
+
+
+def _sentence_transformer_cache_id(path: Path) -> str:
+    weights = next(iter(sorted(path.glob("*.safetensors"))), None) or next(iter(sorted(path.glob("*.bin"))), None)
+    ident = _file_digest(weights) if weights else hashlib.sha256(str(path).encode()).hexdigest()
+    return f"st-{path.name}-{ident[:12]}"
+
+
+def _kind(config: dict[str, Any]) -> str:
     kind = config.get("kind")
-    if kind == "efficientnet-lite":
+    if kind not in ("efficientnet-lite", "sentence-transformers"):
+        raise AssetMissingError(f"unknown tower kind {kind!r} in model config; use efficientnet-lite or sentence-transformers")
+    return str(kind)
+
+
+def build_tower(config: dict[str, Any]) -> nn.Module:
+    if _kind(config) == "efficientnet-lite":
         return EfficientNetLiteTower(config.get("variant", "lite0"), config.get("weights"))
-    if kind == "sentence-transformers":
-        return SentenceTransformerTower(config["source"])
-    raise AssetMissingError(f"unknown tower kind {kind!r} in model config; use efficientnet-lite or sentence-transformers")
+    return SentenceTransformerTower(config["source"])
+
+
+def tower_cache_id(config: dict[str, Any]) -> str:
+    """The `cache_id` the tower of `config` has once built, from its weight files alone (their size, head and
+    tail: milliseconds, nothing loaded). A lit model checks its recorded space against these."""
+    if _kind(config) == "efficientnet-lite":
+        variant = config.get("variant", "lite0")
+        return _efficientnet_cache_id(variant, _efficientnet_weights(variant, config.get("weights")))
+    return _sentence_transformer_cache_id(resolve_text_tower(config["source"]))

@@ -22,7 +22,7 @@ from xbt.data.testbed import (
     tower_image_features,
     tower_text_features,
 )
-from xbt.models.lit import LitModel
+from xbt.models.lit import LitModel, record_space
 from xbt.progress import progress_bar
 from xbt.train.lit import LitTrainConfig, train_lit_heads
 
@@ -53,6 +53,7 @@ def build_testbed(models: Sequence[str] = ("old", "new"), force: bool = False, s
     for name in models:
         out = testbed_dir() / "models" / name
         if not force and (out / "config.json").exists():
+            record_space(out)  # a model built by an older xbt: its space recorded once, so loads build no tower
             continue
         t = time.perf_counter()
         train_lit_model(TESTBED_MODELS[name], load_split(TESTBED_MODELS[name].split), out, show_progress=show_progress)
@@ -76,6 +77,8 @@ def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
             pairs = fold.vlp_old if spec.split == "vlp_old" else fold.vlp_new
             config = LitTrainConfig(embed_dim=spec.embed_dim, seed=fold.seed)
             train_lit_model(spec, pairs, out, config=config, show_progress=show_progress)
+        else:
+            record_space(out)
         models[name] = load_model(f"lit:{out}")
         # The fold's items through the new heads from the towers' cached features: nothing is re-encoded.
         prime_lit_cache(models[name], fold.eval + fold.val + fold.train, fold.text_corpus)
