@@ -14,6 +14,7 @@ from PIL import Image
 from test_eval_runner import LATENT, ToyModel
 from xbt.compat.adapter import ResidualAdapter
 from xbt.compat.affine import AffineMap
+from xbt.compat import fit_cache
 from xbt.compat.base import CompatMethod
 from xbt.compat.maps import LinearMap
 from xbt.compat.model import CONFIG_NAME, MAP_NAME
@@ -179,7 +180,7 @@ def test_a_peer_whose_settings_have_no_digest_is_fitted_every_time(world, tmp_pa
 
 def test_a_run_killed_while_storing_leaves_no_entry_that_reads_as_a_hit(world, tmp_path, monkeypatch):
     cache = tmp_path / "peers"
-    real_fsync = runner.fsync_path
+    real_fsync = fit_cache.fsync_path
 
     def killed(path):
         if path.name.startswith(".tmp-adapter-"):  # every file written, not yet renamed into place
@@ -187,8 +188,8 @@ def test_a_run_killed_while_storing_leaves_no_entry_that_reads_as_a_hit(world, t
         real_fsync(path)
 
     with pytest.MonkeyPatch.context() as kill:  # as SIGKILL would: no clean-up runs either
-        kill.setattr(runner, "fsync_path", killed)
-        kill.setattr(runner.shutil, "rmtree", lambda *a, **k: None)
+        kill.setattr(fit_cache, "fsync_path", killed)
+        kill.setattr(fit_cache.shutil, "rmtree", lambda *a, **k: None)
         with pytest.raises(KeyboardInterrupt):
             evaluate(world, cache)
     leftover = [p for p in cache.iterdir() if p.name.startswith(".tmp-adapter-")]

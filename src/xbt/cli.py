@@ -1151,6 +1151,9 @@ def serve_command(
             old_gallery = retriever.gallery.gallery
         old_vlp = runtime.load(old_model) if old_model else None
         old = GalleryRetriever(QueryModelView(old_gallery, old_vlp), old_vlp) if old_vlp is not None else None
+        served = [retriever.compat_model, retriever.new_model] if migration is not None else [retriever.model]
+        for loaded in [*served, *([old_vlp] if old_vlp is not None else [])]:
+            loaded.build_towers()  # every weight loaded now, not on the first query
     except XbtError as exc:
         _fail(exc)
     console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} "

@@ -223,6 +223,12 @@ class CompatibleModel(VLPModel):
             new = new[[j for j in range(len(kept)) if j not in old_failed]]
         return torch.from_numpy(self.map_features(new.numpy(), old.numpy())), failed
 
+    def build_towers(self) -> CompatibleModel:
+        self.new_model.build_towers()  # adapters waiting for a tower are injected as it is built
+        if self.old_model is not None:
+            self.old_model.build_towers()
+        return self
+
     # ----- LoRA -----------------------------------------------------------------------------------
     def _lora_module(self, tower: str):
         return text_lora_target(self.new_model) if tower == "text" else image_lora_target(self.new_model)

@@ -135,6 +135,10 @@ class VLPModel(nn.Module, ABC):
         """Whether the "image" or "text" tower's weights are loaded."""
         return True
 
+    def build_towers(self) -> VLPModel:
+        """Load every tower now (a service does, so its first query does not wait for the weights). Returns self."""
+        return self
+
     def when_built(self, tower: str, fn: Callable[[VLPModel], None], key: str = "") -> None:
         """Run fn(self) once the tower is built: now, when it is (LoRA adapters loaded onto a model whose
         towers are built on first use wait for it). A second waiting fn of the same non-empty `key` on the
