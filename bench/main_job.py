@@ -72,6 +72,7 @@ def demo_run(clone: Path, home: Path, label: str, timeout_s: float) -> dict[str,
         summary = json.loads(summary_path.read_text())
         phases = {"setup": summary.get("setup_timings_s") or phases["setup"], "demo": summary.get("timings_s", {})}
         run["figures"] = _figures(summary)
+        run["demo_peak_rss_mb_after"] = summary.get("peak_rss_mb_after", {})  # the demo process, per phase
     run["phases_s"] = phases
     h.log(f"{label}: {run['wall_s']} s, peak RSS {run['peak_rss_mb']} MB, exit {run['exit_code']}")
     return run

@@ -129,3 +129,18 @@ def test_a_deep_copy_attaches_the_adapters_to_its_own_tower(lit_folder, tmp_path
     twin.encode_text(CORPUS[:2])
     assert twin.new_model.tower_built("text") and not loaded.new_model.tower_built("text")
     assert len(twin.lora_state("text")) == len(trained.lora_state("text"))
+
+
+def test_released_towers_are_built_again_from_their_files(lit_folder):
+    model = LitModel.from_pretrained(lit_folder)
+    texts = CORPUS[:4]
+    first = model.encode_text(texts)
+    space = model.space
+    model.release_towers()
+    assert not model.tower_built("text") and model.space == space
+    torch.testing.assert_close(model.encode_text(texts), first)
+    compat = CompatibleModel(model, LinearMap(model.embed_dim, 8), EmbeddingSpace("old-test", 8, "d" * 64))
+    compat.enable_lora("text", {"r": 2, "alpha": 4})
+    with pytest.raises(InputError, match="trainable weights"):
+        model.release_towers()  # adapters live in the built tower: it is not its files any more
+    assert model.tower_built("text")

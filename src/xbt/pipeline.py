@@ -9,7 +9,10 @@ model, in the crash-safe gallery store), XBT training, the peers, the evaluation
 method saved as a deployable compatible model (OUT/models/<method>, the recommended one linked as
 OUT/models/recommended), and pictures of what changed for a handful of queries. Models, the config and
 the data are loaded once; every embedding goes through the feature cache, so the galleries and the
-evaluation share them.
+evaluation share them, and the pictures show the evaluation's own vectors. A warm rerun (nothing changed)
+reads every step back: the peers' fits (XBT_HOME/peers), the XBT run, the vectors, the pictures (redrawn
+only when what they show changed), and builds no model tower (docs/architecture.md, "What a warm rerun
+loads").
 """
 
 from __future__ import annotations
@@ -264,6 +267,15 @@ def _setup_timings() -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float))}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
+
+
 def _training_timings(run_dir: Path) -> dict[str, float]:
     """Stage times from a training run's report (prepare, stage 1, stage 2), {} when it has none."""
     try:
@@ -288,9 +300,12 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
+    peak_mb: dict[str, float] = {}
+
     def stage(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
-        log(f"[{name}] {timings[name]:.1f} s")
+        peak_mb[name] = _peak_rss_mb()
+        log(f"[{name}] {timings[name]:.1f} s  (peak memory so far {peak_mb[name]:,.0f} MB)")
 
     def parts(name: str, seconds: dict[str, float]) -> None:
         """A phase's own breakdown, printed under it and kept in the summary (timings_s["NAME: PART"])."""
@@ -327,6 +342,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
         for model in (old, new):
             prime_lit_cache(model, [*eval_pairs, *fit_pairs, *(support or [])], fit_texts)
+            model.release_towers()  # every vector is cached now; XBT's training builds its own copy's tower
     stage("1b models and data" if job.build_testbed else "1 models and data", t)
 
     t = time.perf_counter()
@@ -396,6 +412,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         "deploy_commands": commands,
         "galleries": {"old_images": str(old_images.path), "old_captions": str(old_captions.path)},
         "timings_s": timings,
+        "peak_rss_mb_after": peak_mb,  # this process's peak resident memory at the end of each phase
         "setup_timings_s": setup,
         "runtime": describe(new),
         "recommendation": results.get("recommendation"),

@@ -139,6 +139,11 @@ class VLPModel(nn.Module, ABC):
         """Load every tower now (a service does, so its first query does not wait for the weights). Returns self."""
         return self
 
+    def release_towers(self) -> VLPModel:
+        """Free the towers' weights where they are built again from their files on next use (lit models);
+        elsewhere nothing. Returns self."""
+        return self
+
     def when_built(self, tower: str, fn: Callable[[VLPModel], None], key: str = "") -> None:
         """Run fn(self) once the tower is built: now, when it is (LoRA adapters loaded onto a model whose
         towers are built on first use wait for it). A second waiting fn of the same non-empty `key` on the

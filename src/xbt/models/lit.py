@@ -115,6 +115,21 @@ class LitModel(VLPModel):
             self._tower(tower)
         return self
 
+    def release_towers(self) -> LitModel:
+        """Drop the built towers (they are built again from their files on next use): the memory of a model
+        whose vectors are all cached. Refused (InputError) for a tower that is no longer its files: one with
+        trainable weights (LoRA adapters injected, unfrozen for training)."""
+        space = self.space  # kept: the weights it hashes are those the towers are rebuilt from
+        for tower in self.TOWERS:
+            module = self._modules.get(f"{tower}_tower")
+            if module is not None and any(p.requires_grad for p in module.parameters()):
+                raise InputError(f"the {tower} tower of {self.display_name} has trainable weights (adapters or"
+                                 " training): it is not its files any more, so it cannot be released")
+        for tower in self.TOWERS:
+            self._modules.pop(f"{tower}_tower", None)
+        object.__setattr__(self, "_space_cache", space)
+        return self
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self.build_towers()
         return super().state_dict(*args, **kwargs)
