@@ -59,21 +59,28 @@ def toy_compat(old: ToyModel, new: ToyModel) -> CompatibleModel:
     return CompatibleModel(new, Projection(new.dim, old.dim, "linear"), old.space)
 
 
-@pytest.fixture()
-def world(tmp_path, monkeypatch):
-    monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
-    rng = np.random.default_rng(0)
+def toy_items(folder, n: int, seed: int, two_captions: bool = True) -> tuple[dict, list[Pair]]:
+    """n toy images (their latent written into the pixels) with captions near the same latent; with
+    `two_captions`, every third image has two. Returns ({caption: latent}, pairs)."""
+    rng = np.random.default_rng(seed)
     latents, pairs = {}, []
-    for i in range(90):
+    for i in range(n):
         z = rng.integers(0, 256, LATENT)
         pixels = np.zeros((1, 8, 3), dtype=np.uint8)
         pixels[0, :LATENT, 0] = z
-        path = tmp_path / f"item{i}.png"
+        path = folder / f"item{i}.png"
         Image.fromarray(pixels).save(path)
-        for c in range(2 if i % 3 == 0 else 1):  # some images have two captions
+        for c in range(2 if two_captions and i % 3 == 0 else 1):
             caption = f"item {i} caption {c}"
             latents[caption] = z / 255.0 + rng.normal(0, 0.08, LATENT)
             pairs.append(Pair(str(path), caption, f"item{i}"))
+    return latents, pairs
+
+
+@pytest.fixture()
+def world(tmp_path, monkeypatch):
+    monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
+    latents, pairs = toy_items(tmp_path, 90, seed=0)
     old = ToyModel(latents, 8, seed=1, name="toy-old")
     new = ToyModel(latents, 12, seed=2, name="toy-new")
     by_item = lambda lo, hi: [p for p in pairs if lo <= int(p.image_id[4:]) < hi]  # noqa: E731

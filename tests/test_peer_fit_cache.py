@@ -9,19 +9,17 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from test_eval_runner import LATENT, ToyModel
+from test_eval_runner import ToyModel, toy_items
+from xbt.compat import fit_cache
 from xbt.compat.adapter import ResidualAdapter
 from xbt.compat.affine import AffineMap
-from xbt.compat import fit_cache
 from xbt.compat.base import CompatMethod
 from xbt.compat.maps import LinearMap
 from xbt.compat.model import CONFIG_NAME, MAP_NAME
 from xbt.compat.procrustes import Procrustes
 from xbt.compat.registry import PEER_METHODS
 from xbt.compat.slerp import Slerp
-from xbt.data.pairs import Pair
 from xbt.eval import runner
 from xbt.eval.runner import json_safe, run_evaluation
 
@@ -40,17 +38,7 @@ def quick_costs(monkeypatch):
 @pytest.fixture()
 def world(tmp_path, monkeypatch):
     monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
-    rng = np.random.default_rng(3)
-    latents, pairs = {}, []
-    for i in range(60):
-        z = rng.integers(0, 256, LATENT)
-        pixels = np.zeros((1, 8, 3), dtype=np.uint8)
-        pixels[0, :LATENT, 0] = z
-        path = tmp_path / f"item{i}.png"
-        Image.fromarray(pixels).save(path)
-        caption = f"item {i} caption"
-        latents[caption] = z / 255.0 + rng.normal(0, 0.08, LATENT)
-        pairs.append(Pair(str(path), caption, f"item{i}"))
+    latents, pairs = toy_items(tmp_path, 60, seed=3, two_captions=False)
     old, new = ToyModel(latents, 8, seed=1, name="toy-old"), ToyModel(latents, 12, seed=2, name="toy-new")
     return old, new, pairs[:25], pairs[25:45], pairs[45:]
 
