@@ -207,22 +207,25 @@ def test_xbt_serve_on_a_milvus_gallery(tmp_path, xbt_home):
     upload = io.BytesIO()
     Image.new("RGB", (30, 30), "purple").save(upload, format="PNG")
     args = ["--gallery", ref, "--model", spec, "--open-info"]
-    with serving(args, env={"XBT_SERVE_TOKEN": token}, log=tmp_path / "serve.log") as url:
-        info = httpx.get(f"{url}/info").json()
+    # Behaviour, not latency (a first search takes 0.4 s here when idle, over httpx's 5 s default on a loaded
+    # 2-core CI machine): a generous client timeout.
+    with serving(args, env={"XBT_SERVE_TOKEN": token}, log=tmp_path / "serve.log") as url, \
+            httpx.Client(timeout=60) as http:
+        info = http.get(f"{url}/info").json()
         assert info["gallery"]["backend"] == "milvus" and info["gallery"]["size"] == 6
-        hits = httpx.post(f"{url}/search/text", json={"text": "a picture", "k": 4}).json()["results"]
+        hits = http.post(f"{url}/search/text", json={"text": "a picture", "k": 4}).json()["results"]
         assert len(hits) == 4 and {h["space"] for h in hits} == {model.space.id}
         with images[2].open("rb") as f:
-            r = httpx.post(f"{url}/search/image", files={"file": ("q.png", f.read(), "image/png")}, data={"k": "1"})
+            r = http.post(f"{url}/search/image", files={"file": ("q.png", f.read(), "image/png")}, data={"k": "1"})
         assert r.json()["results"][0]["id"] == "img002.png"
-        r = httpx.post(f"{url}/items/image", headers=auth, files={"file": ("p.png", upload.getvalue(), "image/png")},
+        r = http.post(f"{url}/items/image", headers=auth, files={"file": ("p.png", upload.getvalue(), "image/png")},
                        data={"id": "up-1"})
         assert r.status_code == 200, r.text
-        r = httpx.post(f"{url}/search/image", files={"file": ("q.png", upload.getvalue(), "image/png")}, data={"k": "1"})
+        r = http.post(f"{url}/search/image", files={"file": ("q.png", upload.getvalue(), "image/png")}, data={"k": "1"})
         top = r.json()["results"][0]
         assert top["id"] == "up-1" and top["thumbnail"].startswith("/thumbnail?id=")
-        assert httpx.get(url + top["thumbnail"]).headers["content-type"] in ("image/png", "image/jpeg")
-        assert httpx.post(f"{url}/items/delete", headers=auth, json={"ids": ["img000.png"]}).json() == {"deleted": 1}
+        assert http.get(url + top["thumbnail"]).headers["content-type"] in ("image/png", "image/jpeg")
+        assert http.post(f"{url}/items/delete", headers=auth, json={"ids": ["img000.png"]}).json() == {"deleted": 1}
     with open_gallery(ref) as g:  # what the service wrote is in the engine
         assert len(g) == 6 and g.present(["up-1", "img000.png"]) == {"up-1"}
         stored = g.get(["up-1"])["up-1"]["payload"]["image"]
