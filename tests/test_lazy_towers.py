@@ -9,6 +9,8 @@ record that no longer describes the files is not trusted.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_xbt_v2 import build_tiny_lit
 
 from xbt.compat.maps import LinearMap
-from xbt.compat.model import CompatibleModel
+from xbt.compat.model import CompatibleModel, SavedLora
 from xbt.durable import file_sha256
 from xbt.errors import InputError
 from xbt.models.base import EmbeddingSpace, weights_fingerprint
@@ -102,7 +104,7 @@ def test_lora_adapters_wait_for_their_tower_and_change_nothing(lit_folder, tmp_p
 
     fresh = load_model(f"lit:{lit_folder}")
     loaded = CompatibleModel.from_pretrained(tmp_path / "xbt", new_model=fresh)
-    assert not fresh.tower_built("text") and "peft" in loaded.lora_configs["text"].config_json
+    assert not fresh.tower_built("text") and isinstance(loaded.lora_configs["text"], SavedLora)
     before = loaded.encoder_id  # from the saved adapters
     assert not fresh.tower_built("text")
     with pytest.raises(InputError, match="already waits for LoRA adapters"):
@@ -114,7 +116,19 @@ def test_lora_adapters_wait_for_their_tower_and_change_nothing(lit_folder, tmp_p
     torch.testing.assert_close(loaded.encode_text(texts), expected)  # builds the tower, attaches the adapters
     assert fresh.tower_built("text") and not fresh.tower_built("image")
     assert loaded.encoder_id == before == trained.encoder_id
-    assert "peft" in sys.modules
+
+    # In a fresh process (peft and sentence-transformers are imported by other tests in this one): loading the
+    # lit model and the compatible model, its id and a save import neither library and read no tower weights.
+    script = (
+        "import sys; from xbt.specs import load_compatible, load_model\n"
+        f"m = load_compatible({str(tmp_path / 'xbt')!r}, new_model=load_model({'lit:' + lit_folder!r}))\n"
+        f"m.encoder_id; m.save_pretrained({str(tmp_path / 'third')!r})\n"
+        "print(sorted(k for k in ('peft', 'sentence_transformers', 'torchvision') if k in sys.modules),"
+        " m.new_model.tower_built('text'), m.new_model.tower_built('image'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.split("\n")[-2] == "[] False False", out.stdout + out.stderr
 
 
 def test_a_deep_copy_attaches_the_adapters_to_its_own_tower(lit_folder, tmp_path):

@@ -36,7 +36,7 @@ from xbt.compat.model import CONFIG_NAME, CompatibleModel, read_config
 from xbt.durable import fsync_path
 from xbt.errors import InputError
 from xbt.eval.embed import PairEmbeddings
-from xbt.models.base import EmbeddingSpace, VLPModel
+from xbt.models.base import EmbeddingSpace, VLPModel, tensor_bytes
 
 PEER_FIT_FORMAT = "xbt.peer-fit/1"
 _STALE_S = 3600.0  # temporary folders of a killed run older than this are removed by the next store
@@ -65,9 +65,8 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"ndarray:{array.dtype.str}:{array.shape};".encode())
         digest.update(array.tobytes())
     elif isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"tensor:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(f"tensor:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(tensor_bytes(value))
     elif isinstance(value, (list, tuple)):
         digest.update(f"{type(value).__name__}[{len(value)}];".encode())
         for item in value:
@@ -135,7 +134,11 @@ class PeerFitCache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"the peer fit cache {self.root} cannot be created ({exc.strerror or exc}); give a"
+                             " writable folder, or no fit cache") from exc
 
     def key(self, method: CompatMethod, options: Mapping[str, Any], data_digest: str) -> str | None:
         """The entry's folder name, or None when the method's settings have no stable digest."""

@@ -68,10 +68,15 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor], extra: str = "") ->
     """sha256 over named tensors' names, shapes, dtypes and bytes (in name order), after `extra`."""
     digest = hashlib.sha256(extra.encode())
     for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d: logit_scale
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's values as raw bytes (CPU, contiguous; b"" when empty, a 0-d tensor's one value otherwise)."""
+    t = tensor.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 class VLPModel(nn.Module, ABC):
