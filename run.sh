@@ -45,6 +45,8 @@ setup_debian_data() {
     # The browser test of the service's page and the report (tests/test_serve_browser.py): headless Chromium.
     [ -x /usr/bin/chromium ] || need+=(chromium)
     [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+    # Kill tests that SIGKILL a process at its k-th system call (tests/test_gallery_create_kill.py).
+    [ -x /usr/bin/strace ] || need+=(strace)
   fi
   [ ${#need[@]} -eq 0 ] && return 0  # all there: no apt-get at all (not even update)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

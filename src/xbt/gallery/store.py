@@ -38,7 +38,10 @@ any other query as [q, 0] (plain q . g), so one index serves both, exactly.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -60,6 +63,7 @@ from xbt.models.base import EmbeddingSpace
 FORMAT = "xbt.gallery/1"
 DB_NAME = "gallery.db"
 SNAPSHOT_NAME = "index.snapshot"
+STAGING_NAME = ".creating"  # where `create` makes the database before renaming it into place
 MEDIA_DIR = "media"
 MAX_ID_CHARS = 512
 _SQL_CHUNK = 900  # bound on SQL parameters per statement
@@ -256,6 +260,31 @@ def _creation_interrupted(db: Path) -> bool:
         return False
 
 
+@contextmanager
+def _creation_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the gallery's folder (flock on the folder itself: no lock file to leave behind),
+    held while a gallery is created in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise InputError(f"{path} is not a folder; choose a new folder for the gallery") from exc
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove_creation_leftovers(path: Path) -> None:
+    """What an interrupted `create` alone writes: its staging folder, and (from an xbt that created the
+    database in place) a database whose creating transaction never committed, with SQLite's side files."""
+    shutil.rmtree(path / STAGING_NAME, ignore_errors=True)
+    if not is_gallery(path) or _creation_interrupted(path / DB_NAME):
+        for leftover in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal"):
+            (path / leftover).unlink(missing_ok=True)
+
+
 def is_gallery(path: str | Path) -> bool:
     return (Path(path) / DB_NAME).is_file()
 
@@ -332,32 +361,41 @@ class Gallery:
         path = Path(path).expanduser()
         if modality not in (None, "image", "text"):
             raise InputError(f"modality must be 'image' or 'text', not {modality!r}")
-        if is_gallery(path) and not _creation_interrupted(path / DB_NAME):
-            raise InputError(f"{path} already holds a gallery; open it, or choose another folder")
-        for leftover in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm"):  # a create killed before its commit
-            (path / leftover).unlink(missing_ok=True)
-        if path.exists() and any(path.iterdir()):
-            raise InputError(f"{path} exists and is not empty; choose a new folder for the gallery")
-        path.mkdir(parents=True, exist_ok=True)
         index = index or IndexConfig()
-        conn = cls._connect(path / DB_NAME)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _statements(_SCHEMA):
-                conn.execute(statement)
-            conn.execute("INSERT INTO spaces(key, name, dim, fingerprint) VALUES (1, ?, ?, ?)",
-                         (space.name, space.dim, space.fingerprint))
-            meta = {
-                "format": FORMAT, "space_key": "1", "modality": modality or "", "created_at": repr(time.time()),
-                "index": json.dumps(index.to_dict()), "extra": json.dumps(dict(extra or {})),
-            }
-            conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.close()
-            raise
-        fsync_path(path)
-        return cls(path, conn)
+        with _creation_lock(path):  # two creators of one folder: the second waits, then finds the first's gallery
+            if is_gallery(path) and not _creation_interrupted(path / DB_NAME):
+                raise InputError(f"{path} already holds a gallery; open it, or choose another folder")
+            _remove_creation_leftovers(path)
+            if any(path.iterdir()):
+                raise InputError(f"{path} exists and is not empty; choose a new folder for the gallery")
+            # The database is made in a staging folder and renamed into place once committed and closed, so
+            # every file SQLite writes before the first commit (journal, log, shared memory) lies in a folder
+            # that only an interrupted creation leaves behind, and that the next create removes whole.
+            staging = path / STAGING_NAME
+            staging.mkdir()
+            conn = cls._connect(staging / DB_NAME)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _statements(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO spaces(key, name, dim, fingerprint) VALUES (1, ?, ?, ?)",
+                             (space.name, space.dim, space.fingerprint))
+                meta = {
+                    "format": FORMAT, "space_key": "1", "modality": modality or "", "created_at": repr(time.time()),
+                    "index": json.dumps(index.to_dict()), "extra": json.dumps(dict(extra or {})),
+                }
+                conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(meta.items()))
+                conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every committed page into the database file
+            finally:
+                conn.close()
+            if (staging / (DB_NAME + "-wal")).is_file() and (staging / (DB_NAME + "-wal")).stat().st_size:
+                raise XbtError(f"SQLite kept a log beside the new gallery in {staging}; delete the folder, build again")
+            fsync_path(staging / DB_NAME)
+            os.replace(staging / DB_NAME, path / DB_NAME)
+            fsync_path(path)
+            shutil.rmtree(staging)
+        return cls.open(path, index)
 
     @classmethod
     def open(cls, path: str | Path, index: IndexConfig | None = None) -> Gallery:
