@@ -12,6 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# XBT_REQUIRE_ALL=1 (set by .ci/run): a test that skips is a failure, so that a missing package, Debian
+# package or built asset cannot let CI pass without testing. The one kind of skip allowed is a test marked
+# `gpu` on a machine without one (and a test marked `cpu_only` on a machine with one).
+REQUIRE_ALL = os.environ.get("XBT_REQUIRE_ALL", "") not in ("", "0")
+
 TINY_OPENCLIP = {
     "xbt-tiny-a": {"embed_dim": 32, "width": 32},
     "xbt-tiny-b": {"embed_dim": 48, "width": 48},
@@ -142,3 +147,17 @@ def tiny_setup(tiny_openclip_names, image_files, tmp_path, xbt_home):
     torch.manual_seed(1)
     new = load_model(cfg.new)
     return cfg, old, new
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not (REQUIRE_ALL and report.skipped) or item.get_closest_marker("gpu") or item.get_closest_marker("cpu_only"):
+        return
+    if hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under XBT_REQUIRE_ALL=1 ({reason}): install what the test needs (./run.sh setup does)"
+                       " or build it in a fixture; only tests marked gpu or cpu_only may skip")

@@ -33,6 +33,7 @@ def test_every_model_command_takes_device_and_precision(path):
     assert {"--device", "--precision"} <= options, f"xbt {' '.join(path)} lacks --device/--precision"
 
 
+@pytest.mark.cpu_only
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusals")
 def test_bad_device_or_precision_is_refused_before_any_work(tmp_path):
     runner = CliRunner()

@@ -38,6 +38,7 @@ def test_fp32_is_unchanged_and_bf16_trains_on_the_cpu(tiny_setup, tmp_path):  # 
     assert model.space == old.space
 
 
+@pytest.mark.cpu_only
 def test_fp16_training_is_refused_on_the_cpu(tiny_setup, tmp_path):  # noqa: F811
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal")

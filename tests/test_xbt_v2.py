@@ -225,11 +225,12 @@ def test_training_with_the_cache_is_training_without_it_and_resumes_exactly(lit_
 
 # ----- slow: the real tower, and two processes ---------------------------------------------------------------
 def _testbed_new() -> str:
-    from xbt.assets import cache_dir
+    """The testbed's new model, built here where no earlier test built it (cached: free when it was)."""
+    from xbt.train.testbed import build_testbed
 
-    folder = cache_dir("testbed") / "models" / "new"
-    if not (folder / "config.json").exists():
-        pytest.skip("the testbed is not built (xbt testbed build)")
+    info = build_testbed(("old", "new"), show_progress=False)
+    folder = Path(info["root"]) / "models" / "new"
+    assert (folder / "config.json").exists(), f"the testbed build left no model in {folder}"
     return f"lit:{folder}"
 
 
