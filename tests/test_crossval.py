@@ -52,7 +52,8 @@ def test_folds_are_seeded_written_once_and_read_back(fake_testbed):
     written = folds_module.testbed_folds(5, 0)
     read = folds_module.testbed_folds(5, 0)
     assert (folds_module.folds_dir(5, 0) / "manifest.json").exists()
-    for x, y in zip(written, read):
+    assert len(written) == len(read) == 5
+    for x, y in zip(written, read, strict=True):
         assert x == y
 
 

@@ -91,11 +91,14 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_setup, tmp_path, s
     with pytest.raises(StopTraining):
         train_xbt(cfg, tmp_path / "cut", old=old, new=_fresh_new(cfg, new), stop_after=stop, show_progress=False)
     resumed = train_xbt(cfg, tmp_path / "cut", old=old, new=_fresh_new(cfg, new), show_progress=False)
-    for a, b in zip(full.projection.state_dict().values(), resumed.projection.state_dict().values()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for (ka, a), (kb, b) in zip(sorted(full.lora_state("text").items()), sorted(resumed.lora_state("text").items())):
-        assert ka == kb
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    want, got = full.projection.state_dict(), resumed.projection.state_dict()
+    assert want.keys() == got.keys() and want
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
+    want, got = full.lora_state("text"), resumed.lora_state("text")
+    assert want.keys() == got.keys() and want
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_refuses_another_config(tiny_setup, tmp_path):
