@@ -48,6 +48,13 @@ class GalleryBackend(Protocol):
 
     def delete(self, ids: Sequence[str]) -> int: ...
 
+    def seal(self, reason: str) -> None: ...  # refuse later adds and deletes (a migration's cut-over)
+
+    def unseal(self) -> None: ...
+
+    @property
+    def sealed(self) -> str | None: ...
+
     def search(self, queries: Any, k: int, *, space: EmbeddingSpace, query_model: str | None = None) -> list[list[Hit]]: ...
 
     @property

@@ -32,7 +32,7 @@ import numpy as np
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
 from xbt.eval.backfill_curve import merge_rankings
-from xbt.gallery.base import GalleryBackend, open_gallery
+from xbt.gallery.base import GalleryBackend, calibration_status, describe_query_model, open_gallery
 from xbt.gallery.ingest import check_model, model_name
 from xbt.gallery.migration import Migration
 from xbt.gallery.store import Hit, OnConflict
@@ -68,29 +68,41 @@ class MigratingRetriever:
                 return model.encode_image(list(inputs)).numpy()
             return model.encode_text(list(inputs)).numpy()
 
+    def _search_new(self, queries: np.ndarray, k: int, calibrated: bool = True) -> list[list[Hit]]:
+        """The new model against the new gallery (its NNN calibration applies when made for the new model)."""
+        query_model = self.new_model.encoder_id if calibrated else None
+        return self.new.search(queries, k, space=self.new_model.space, query_model=query_model)
+
+    def _search_old(self, queries: np.ndarray, k: int, calibrated: bool = True) -> list[list[Hit]]:
+        """The compatible model against the old gallery: the gallery's NNN calibration applies when it was made
+        for the compatible model (as outside a migration), unless the scores feed the score merge, whose
+        calibration was fitted on plain inner products."""
+        query_model = self.compat_model.encoder_id if calibrated else None
+        return self.old.search(queries, k, space=self.compat_model.space, query_model=query_model)
+
     def _search(self, modality: str, inputs: Sequence[Any], k: int) -> list[list[Hit]]:
         new_q = self._encode(self.new_model, modality, inputs)
         if self.migration.cut_over_done:
-            return self.new.search(new_q, k, space=self.new_model.space)
+            return self._search_new(new_q, k)
         old_q = self._encode(self.compat_model, modality, inputs)
         cal = self.calibration
         if cal is not None and cal.query_modality in ("", modality):
             return self._search_by_score(old_q, new_q, k)
-        old_hits = self.old.search(old_q, k, space=self.compat_model.space)
+        old_hits = self._search_old(old_q, k)
         out = []
         for q, hits in enumerate(old_hits):
             ids = [h.id for h in hits]
             done = self.new.present(ids)
             n_slots = sum(i in done for i in ids)
-            new_hits = self.new.search(new_q[q : q + 1], n_slots, space=self.new_model.space)[0] if n_slots else []
+            new_hits = self._search_new(new_q[q : q + 1], n_slots)[0] if n_slots else []
             out.append(self._merged(hits, done, new_hits, None))
         return out
 
     def _search_by_score(self, old_q: np.ndarray, new_q: np.ndarray, k: int) -> list[list[Hit]]:
-        new_hits = self.new.search(new_q, k, space=self.new_model.space) if len(self.new) else [[] for _ in old_q]
+        new_hits = self._search_new(new_q, k, calibrated=False) if len(self.new) else [[] for _ in old_q]
         size, depth = len(self.old), k
         while True:
-            old_hits = self.old.search(old_q, depth, space=self.compat_model.space)
+            old_hits = self._search_old(old_q, depth, calibrated=False)
             done = [self.new.present([h.id for h in hits]) for hits in old_hits]
             short = any(sum(h.id not in d for h in hits) < k for hits, d in zip(old_hits, done))
             if not short or depth >= min(size, MAX_OLD_DEPTH):
@@ -148,7 +160,18 @@ class MigratingRetriever:
             "new_model": model_name(self.new_model),
             "migration": {"status": state["status"], "position": state["position"], "plan_size": state["plan_size"],
                           "merge": self.migration.merge},
+            "nnn": self._nnn_status(),
         }
+
+    def _nnn_status(self) -> dict[str, Any]:
+        """Whether the old gallery's NNN calibration applies to the searches served now, and why."""
+        if self.migration.cut_over_done:
+            return calibration_status(self.new.calibration, describe_query_model(self.new_model))
+        status = calibration_status(self.old.calibration, describe_query_model(self.compat_model))
+        if status["applies"] and self.calibration is not None:
+            return {"applies": False, "message": "the migration merges by calibrated score, fitted on plain inner"
+                    " products: the old gallery's NNN calibration is not applied while it runs"}
+        return status
 
     def close(self) -> None:
         self.old.close()

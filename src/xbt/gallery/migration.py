@@ -20,15 +20,25 @@ re-done after a kill is detected (its ids are present) and skipped, so nothing i
 the gallery. Items added to (or deleted from) the old gallery during the backfill are caught by a final
 sweep; `MigratingRetriever.add` writes to both galleries so the sweep has little left to do.
 
-Cut-over: once every old item is in the new gallery (plan done, sweep clean), `cut_over` flips the state
-file's status in one atomic rename; retrievers watching the migration switch to the new gallery alone.
+Cut-over: once every old item is in the new gallery (plan done, sweep clean), `cut_over` seals the old
+gallery (every later add or delete to it is refused, from any process), then compares the two galleries'
+ids: an item added to or deleted from the old gallery after the last run (`xbt gallery add --gallery OLD`,
+`xbt gallery delete`, an add whose second write was killed) makes it unseal and refuse, until a run sweeps
+it. Only when the two agree does it flip the state file's status in one atomic rename; retrievers watching
+the migration switch to the new gallery alone.
+
+One process at a time runs a migration (`run`, `cut_over`): each holds an exclusive lock on
+`runner.lock` in the migration folder, and a second one is refused with a message that says so.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +69,7 @@ STATE_NAME = "migration.json"
 PLAN_NAME = "plan.jsonl"
 NEW_GALLERY = "gallery"
 CALIBRATION_NAME = "merge_calibration.json"
+LOCK_NAME = "runner.lock"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,13 +305,42 @@ class Migration:
         return cls(path)
 
     # ---- the work --------------------------------------------------------------------------------
+    @contextmanager
+    def _runner(self) -> Iterator[None]:
+        """The one runner of this migration: an exclusive, non-blocking lock on runner.lock (released by the
+        kernel when the process dies, so a killed runner never blocks the next)."""
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(f"another process is running the migration at {self.path} (a backfill or a cut-over);"
+                                 " wait for it to finish, or stop it, then run this again") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _seal_reason(self) -> str:
+        return (f"cut over to the new space ({self.new_space.id}) by the migration at {self.path}; add to and delete"
+                f" from {self.new_gallery_ref} instead")
+
     def _galleries(self, old: GalleryBackend | None,
-                   new: GalleryBackend | None) -> tuple[GalleryBackend, GalleryBackend, bool]:
-        owned = old is None or new is None
-        old = old or open_gallery(self.old_gallery_ref)
-        new = new or open_gallery(self.new_gallery_ref)
-        self.old_space.check(old.space, f"the gallery at {old.path}")
-        self.new_space.check(new.space, f"the gallery at {new.path}")
+                   new: GalleryBackend | None) -> tuple[GalleryBackend, GalleryBackend, list[GalleryBackend]]:
+        """The two galleries (those not given are opened) and the ones opened here, for the caller to close."""
+        owned = []
+        if old is None:
+            old = open_gallery(self.old_gallery_ref)
+            owned.append(old)
+        if new is None:
+            new = open_gallery(self.new_gallery_ref)
+            owned.append(new)
+        try:
+            self.old_space.check(old.space, f"the gallery at {old.path}")
+            self.new_space.check(new.space, f"the gallery at {new.path}")
+        except BaseException:
+            for gallery in owned:
+                gallery.close()
+            raise
         return old, new, owned
 
     def run(
@@ -318,8 +358,17 @@ class Migration:
         if self.cut_over_done:
             return self.progress()
         self.new_space.check(new_model.space, f"the vectors of the new model {model_name(new_model)!r}")
+        with self._runner():
+            return self._run(new_model, batch_size, max_items, old, new, show_progress)
+
+    def _run(self, new_model: VLPModel, batch_size: int, max_items: int | None, old: GalleryBackend | None,
+             new: GalleryBackend | None, show_progress: bool) -> dict[str, Any]:
+        if self.cut_over_done:  # another runner cut over while this one waited
+            return self.progress()
         old, new, owned = self._galleries(old, new)
         try:
+            if old.sealed == self._seal_reason():  # a cut-over killed between its seal and its verdict
+                old.unseal()
             plan = self.plan()
             position = int(self.state["position"])
             budget = max_items if max_items is not None else len(plan) + len(old)
@@ -334,9 +383,8 @@ class Migration:
             if position >= len(plan) and budget > 0:
                 self._sweep(old, new, new_model, batch_size, failed)
         finally:
-            if owned:
-                old.close()
-                new.close()
+            for gallery in owned:
+                gallery.close()
         return self.progress()
 
     def _backfill_batch(self, ids: Sequence[str], old: GalleryBackend, new: GalleryBackend, model: VLPModel,
@@ -387,24 +435,52 @@ class Migration:
             "fraction": (new_n / old_n) if old_n else 1.0, "old_space": self.old_space.id, "new_space": self.new_space.id,
         }
 
-    def cut_over(self, force: bool = False) -> dict[str, Any]:
+    def cut_over(self, force: bool = False, old: GalleryBackend | None = None,
+                 new: GalleryBackend | None = None) -> dict[str, Any]:
         """Switch serving to the new space, atomically. Refused until the backfill is complete, unless
-        `force` (items that could not be re-embedded then leave the served gallery)."""
+        `force` (items that could not be re-embedded then leave the served gallery); refused, too, while
+        the old gallery holds items the new one lacks or the other way round (changed since the last run)."""
         if self.cut_over_done:
             return self.progress()
-        state = self.state
-        if state["status"] != "complete" and not force:
-            raise InputError(
-                f"the backfill is not complete ({state['position']}/{state['plan_size']} planned items done);"
-                " run it to the end (`xbt gallery backfill`), or force the cut-over"
-            )
-        if state.get("failed") and not force:
-            raise InputError(
-                f"{len(state['failed'])} item(s) could not be re-embedded (e.g. {next(iter(state['failed']))!r});"
-                " fix their sources and run the backfill again, or force the cut-over without them"
-            )
-        if state.get("serve_as"):  # Milvus: move the served name to the new collection first (idempotent),
-            with open_gallery(self.new_gallery_ref) as new:  # so a kill before the save only repeats it
-                new.serve_as(state["serve_as"])  # type: ignore[attr-defined]
-        self._save(status="cut-over", cut_over_at=time.time())
+        with self._runner():
+            if self.cut_over_done:
+                return self.progress()
+            state = self.state
+            if state["status"] != "complete" and not force:
+                raise InputError(
+                    f"the backfill is not complete ({state['position']}/{state['plan_size']} planned items done);"
+                    " run it to the end (`xbt gallery backfill`), or force the cut-over"
+                )
+            if state.get("failed") and not force:
+                raise InputError(
+                    f"{len(state['failed'])} item(s) could not be re-embedded (e.g. {next(iter(state['failed']))!r});"
+                    " fix their sources and run the backfill again, or force the cut-over without them"
+                )
+            old, new, owned = self._galleries(old, new)
+            try:
+                self._verdict(old, new, force)
+            finally:
+                for gallery in owned:
+                    gallery.close()
+            self._save(status="cut-over", cut_over_at=time.time())
         return self.progress()
+
+    def _verdict(self, old: GalleryBackend, new: GalleryBackend, force: bool) -> None:
+        """Seal the old gallery, then check that the new one holds exactly its items (less those that could
+        not be re-embedded, when forced); unseal and refuse otherwise. Then move a Milvus alias."""
+        old.seal(self._seal_reason())
+        old_ids, new_ids = set(old.ids()), set(new.ids())
+        failed = {i for i in self.state.get("failed", {}) if i in old_ids} if force else set()
+        missing, extra = old_ids - new_ids - failed, new_ids - old_ids
+        if missing or extra:
+            old.unseal()
+            self._save(status="backfilling")
+            changed = []
+            if missing:
+                changed.append(f"{len(missing)} item(s) of the old gallery are not in the new one (e.g. {min(missing)!r})")
+            if extra:
+                changed.append(f"{len(extra)} item(s) of the new gallery are no longer in the old one (e.g. {min(extra)!r})")
+            raise InputError(f"the old gallery changed after the last backfill run: {'; '.join(changed)}. Run the"
+                             f" backfill again (`xbt gallery backfill --state {self.path}`: it sweeps them), then cut over")
+        if self.state.get("serve_as"):  # Milvus: move the served name to the new collection first (idempotent),
+            new.serve_as(self.state["serve_as"])  # type: ignore[attr-defined]  # so a kill before the save only repeats it

@@ -59,6 +59,7 @@ from xbt.gallery.store import (
     CONFLICT_HINT,
     Gallery,
     GalleryInfo,
+    GallerySealedError,
     Hit,
     OnConflict,
     _check_ids,
@@ -79,6 +80,7 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,180}$")
 _ID_CHUNK = 512  # ids per filter expression / get call
 _ROW_CHUNK = 2048  # rows per insert call (512-d: 4 MiB of vectors, well under gRPC's message limit)
 _MAX_K = 16384  # Milvus's largest top-k
+SEALED_PROPERTY = "xbt.sealed"  # why the collection refuses writes (a migration's cut-over)
 
 
 class MilvusError(XbtError):
@@ -422,6 +424,7 @@ class MilvusGallery:
             raise InputError(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
         docs = [json.loads(_payload_json(p, i)) for p, i in zip(payloads, ids)]
         with self._lock:
+            self._refuse_if_sealed()
             existing = self.present(ids)
             if existing and on_conflict == "error":
                 shown = ", ".join(sorted(existing)[:5])
@@ -442,10 +445,30 @@ class MilvusGallery:
         """Remove items by id (unknown ids are ignored); returns how many went."""
         ids = _check_ids(ids, unique=False)
         with self._lock:
+            self._refuse_if_sealed()
             there = sorted(self.present(ids))
             for start in range(0, len(there), _ID_CHUNK):
                 self._call(self._db().delete, self.collection, ids=there[start : start + _ID_CHUNK])
             return len(there)
+
+    # ---- sealing (a migration's cut-over) -----------------------------------------------------------
+    def seal(self, reason: str) -> None:
+        """Refuse later adds and deletes with `reason` (a collection property every write reads first).
+        Milvus has no transactions: a write that read the property just before the seal may still land;
+        the cut-over's comparison after sealing catches it (`xbt.gallery.migration`)."""
+        self._set_props({SEALED_PROPERTY: reason})
+
+    def unseal(self) -> None:
+        self._db().drop_collection_properties(self.collection, [SEALED_PROPERTY])
+
+    @property
+    def sealed(self) -> str | None:
+        return self._describe()["properties"].get(SEALED_PROPERTY) or None
+
+    def _refuse_if_sealed(self) -> None:
+        reason = self.sealed
+        if reason:
+            raise GallerySealedError(f"the gallery at {self.ref} takes no more writes: {reason}")
 
     # ---- calibration -----------------------------------------------------------------------------
     @property

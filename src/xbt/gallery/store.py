@@ -74,6 +74,10 @@ OnConflict = Literal["error", "skip", "replace"]
 CONFLICT_HINT = "on_conflict='skip' (keep the stored items) or 'replace' (CLI: --on-conflict skip, --on-conflict replace)"
 
 
+class GallerySealedError(InputError):
+    """A write to a gallery that a migration's cut-over sealed: the items live in the new gallery now."""
+
+
 class GalleryCorruptError(XbtError):
     """The gallery's files are not a consistent xbt gallery (or not one at all)."""
 
@@ -201,6 +205,7 @@ CREATE TABLE IF NOT EXISTS calibration_bias(
 CREATE TABLE IF NOT EXISTS calibration_bank(row INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
 CALIBRATION_META = "calibration"
+SEALED_META = "sealed"  # why the gallery refuses writes (a migration's cut-over), absent while it takes them
 
 
 def calibration_applies(calibration: Mapping[str, Any] | None, query_model: str | None) -> bool:
@@ -441,6 +446,30 @@ class Gallery:
         if self._conn is None:
             raise InputError(f"the gallery at {self.path} is closed; open it again")
         return self._conn
+
+    # ---- sealing (a migration's cut-over) -----------------------------------------------------------
+    def seal(self, reason: str) -> None:
+        """Refuse every later add and delete, from any process, with `reason`. Checked inside each write's
+        transaction, after SQLite's write lock: a write either committed before the seal (and whoever sealed
+        sees it) or is refused; none is lost in between."""
+        with self._lock, self._transaction(write=True):
+            self._set_meta(SEALED_META, reason)
+
+    def unseal(self) -> None:
+        with self._lock, self._transaction(write=True) as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (SEALED_META,))
+
+    @property
+    def sealed(self) -> str | None:
+        """Why the gallery refuses writes, or None while it takes them."""
+        with self._lock:
+            row = self._db().execute("SELECT value FROM meta WHERE key = ?", (SEALED_META,)).fetchone()
+            return str(row[0]) if row else None
+
+    def _refuse_if_sealed(self, db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (SEALED_META,)).fetchone()
+        if row:
+            raise GallerySealedError(f"the gallery at {self.path} takes no more writes: {row[0]}")
 
     def _set_meta(self, key: str, value: str) -> None:
         self._db().execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
@@ -709,6 +738,7 @@ class Gallery:
         rows_json = [_payload_json(p, i) for p, i in zip(payloads, ids)]
         with self._lock:
             with self._transaction(write=True) as db:  # the write lock first, then catch up, then write
+                self._refuse_if_sealed(db)
                 now = time.time()
                 existing = self._existing(ids)
                 if existing and on_conflict == "error":
@@ -773,7 +803,8 @@ class Gallery:
         """Remove items by id (unknown ids are ignored). Durable on return; returns how many went."""
         ids = _check_ids(ids, unique=False)
         with self._lock:
-            with self._transaction(write=True):
+            with self._transaction(write=True) as db:
+                self._refuse_if_sealed(db)
                 labels = self._delete_rows(ids)
             self._apply_own_write(labels, [], None)
             idx = self._index
