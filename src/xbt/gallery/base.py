@@ -23,6 +23,7 @@ import numpy as np
 
 from xbt.errors import InputError
 from xbt.gallery.index import IndexConfig
+from xbt.gallery.media import adopt_media
 from xbt.gallery.store import Gallery, GalleryInfo, Hit, OnConflict, count_items, is_gallery
 from xbt.models.base import EmbeddingSpace
 
@@ -222,12 +223,18 @@ def copy_gallery(source: GalleryBackend, target: str | Path, *, batch: int = 102
             stored = source.get(todo, with_vectors=True)
             todo = [i for i in todo if i in stored]  # deleted from the source meanwhile
             if todo:
-                dest.add(np.stack([stored[i]["vector"] for i in todo]), todo, [stored[i]["payload"] for i in todo],
-                         space=source.space, on_conflict="skip")
+                payloads = adopt_media([stored[i]["payload"] for i in todo], source, dest)  # images follow items
+                dest.add(np.stack([stored[i]["vector"] for i in todo]), todo, payloads, space=source.space,
+                         on_conflict="skip")
         calibration, bank = source.calibration, source.calibration_bank()
-        if calibration and bank is not None and (dest.calibration or {}).get("query_model") != calibration["query_model"]:
-            dest.calibrate(bank, alpha=calibration["alpha"], k=calibration["k"], query_model=calibration["query_model"],
-                           space=source.space, source=calibration.get("bank_source"))
+        if calibration and bank is not None:
+            # A resumed copy may hold an earlier calibration of the source: the copy's records which one it is.
+            copied = f"{calibration.get('bank_source') or 'a query bank'} (copied: calibration {calibration['id']})"
+            if (dest.calibration or {}).get("bank_source") != copied:
+                dest.calibrate(bank, alpha=calibration["alpha"], k=calibration["k"],
+                               query_model=calibration["query_model"], space=source.space, source=copied)
+        elif dest.calibration:
+            dest.clear_calibration()  # the source's calibration was cleared since the copy began
         dest.compact()
         return dest.info()
     finally:

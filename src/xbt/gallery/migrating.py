@@ -34,6 +34,7 @@ from xbt.errors import InputError
 from xbt.eval.backfill_curve import merge_rankings
 from xbt.gallery.base import GalleryBackend, calibration_status, describe_query_model, open_gallery
 from xbt.gallery.ingest import check_model, model_name
+from xbt.gallery.media import adopt_media
 from xbt.gallery.migration import Migration
 from xbt.gallery.store import Hit, OnConflict
 from xbt.models.base import VLPModel
@@ -134,8 +135,8 @@ class MigratingRetriever:
                              space=self.compat_model.space, on_conflict=on_conflict)
         added_set = set(added)
         keep = [j for j, i in enumerate(ids) if i in added_set]
-        if keep:
-            self.new.add(new_vecs[keep], [ids[j] for j in keep], [payloads[j] for j in keep],
+        if keep:  # an upload stored under the old gallery's media/ is copied under the new one's
+            self.new.add(new_vecs[keep], [ids[j] for j in keep], adopt_media([payloads[j] for j in keep], self.old, self.new),
                          space=self.new_model.space, on_conflict="replace")
         return added
 

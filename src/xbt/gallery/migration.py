@@ -57,6 +57,7 @@ from xbt.gallery.base import (
 )
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
+from xbt.gallery.media import adopt_media
 from xbt.gallery.store import Gallery, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
@@ -404,8 +405,9 @@ class Migration:
         for i, why in bad.items():
             failed[ok[i].id] = why
         good = [it for i, it in enumerate(ok) if i not in bad]
-        if good:
-            new.add(vectors, [it.id for it in good], [it.payload for it in good], space=model.space, on_conflict="skip")
+        if good:  # the images an item names under the old gallery's media/ follow it into the new gallery's
+            new.add(vectors, [it.id for it in good], adopt_media([it.payload for it in good], old, new), space=model.space,
+                    on_conflict="skip")
         return len(items)
 
     def _sweep(self, old: GalleryBackend, new: GalleryBackend, model: VLPModel, batch_size: int, failed: dict[str, str]) -> None:

@@ -55,6 +55,7 @@ import numpy as np
 
 from xbt.errors import InputError, XbtError
 from xbt.gallery.index import IndexConfig
+from xbt.gallery.media import prune_media
 from xbt.gallery.store import (
     CONFLICT_HINT,
     Gallery,
@@ -732,10 +733,12 @@ class MilvusGallery:
 
     def compact(self) -> None:
         """Flush the log; re-choose the index kind by size (as the embedded store does at compact) and
-        rebuild the index when it changes (IVF: always, to re-train its lists on the data now there)."""
+        rebuild the index when it changes (IVF: always, to re-train its lists on the data now there); remove
+        media no item names (`prune_media`)."""
         with self._lock:
             db = self._db()
             self._call(db.flush, self.collection)
+            prune_media(self)
             n = len(self)
             kind = self.index_config.choose(n)
             if kind == self.index_kind and kind != "ivf":

@@ -58,6 +58,7 @@ from xbt.durable import atomic_write_bytes, fsync_path
 from xbt.errors import InputError, XbtError
 from xbt.eval.calibration import top_k_mean
 from xbt.gallery.index import IndexConfig, VectorIndex
+from xbt.gallery.media import prune_media
 from xbt.models.base import EmbeddingSpace
 
 FORMAT = "xbt.gallery/1"
@@ -697,11 +698,12 @@ class Gallery:
 
     def compact(self) -> None:
         """Rebuild the index (drops tombstones, re-picks the kind by size, retrains IVF), snapshot it,
-        and fold SQLite's log into the database file."""
+        fold SQLite's log into the database file, and remove media no item names (`prune_media`)."""
         with self._lock:
             self.rebuild_index()
             self.save_index()
             self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            prune_media(self)
 
     def refresh(self) -> None:
         """Pick up commits made by other processes (cheap when there are none)."""
