@@ -60,3 +60,23 @@ def test_feature_cache_computes_once_and_survives_reopen(xbt_home):
     calls.clear()
     again = FeatureCache("enc").get_or_compute(keys, compute)
     assert calls == [] and np.array_equal(out, again)
+
+
+def test_svgs_that_fail_to_render_are_counted_not_dropped_in_silence(tmp_path, xbt_home):
+    """Before the fix, a broken SVG simply vanished from the testbed (`except Exception: return None`)."""
+    import warnings
+
+    from xbt.data import testbed
+
+    good = tmp_path / "good.svg"
+    good.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"'
+                    ' fill="red"/></svg>')
+    bad = tmp_path / "bad.svg"
+    bad.write_text("<svg this is not xml")
+    testbed.RENDER_FAILURES.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        done = testbed.render_svgs([good, bad], show_progress=False)
+    assert set(done) == {good}
+    assert list(testbed.RENDER_FAILURES) == [str(bad)] and testbed.RENDER_FAILURES[str(bad)]
+    assert any("1 of 2 SVGs could not be rendered" in str(w.message) for w in caught)

@@ -54,6 +54,30 @@ def test_a_truncated_shard_is_quarantined_and_recomputed(tmp_path):
         assert len(FeatureCache("enc", tmp_path)) == 30
 
 
+def test_a_shard_that_cannot_be_read_now_is_kept_not_quarantined(tmp_path, monkeypatch):
+    """A transient OSError (too many open files, an I/O error) says nothing about a shard's content: it is
+    left in place (before the fix it was moved to quarantine/ for good), its items are computed again in
+    this run, and the next open reads it."""
+    import errno
+
+    _fill(tmp_path, 20, chunk=10)
+    shards = sorted((tmp_path / "enc").glob("shard-*.npz"))
+    real_load = np.load
+
+    def flaky(path, *args, **kwargs):
+        if Path(path) == shards[0]:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", flaky)
+    with pytest.warns(UserWarning, match="could not read shard"):
+        cache = FeatureCache("enc", tmp_path)
+    assert len(cache) == 10 and cache.quarantined == [] and cache.unreadable == [shards[0]]
+    assert shards[0].is_file() and not (tmp_path / "enc" / QUARANTINE).exists()
+    monkeypatch.setattr(np, "load", real_load)
+    assert len(FeatureCache("enc", tmp_path)) == 20
+
+
 @pytest.mark.parametrize("leftover", [
     "shard-0123456789abcdef.tmp.npz",  # what an older xbt's killed write left (it matched the shard glob)
     "shard-garbage.npz",

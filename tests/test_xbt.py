@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xbt.compat.maps import Projection
+from xbt.data.pairs import Pair
 from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.specs import load_model
@@ -145,3 +146,14 @@ def test_chained_upgrade_serves_the_first_space(tiny_setup, tmp_path):
     torch.testing.assert_close(reloaded.encode_text(texts), expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(SpaceMismatchError):
         chain(c21, c21)  # c21 emits v1 vectors, but c21 expects v2 input
+
+
+def test_an_enabled_stage_without_its_data_is_refused_not_skipped(tiny_setup, tmp_path):
+    """Before the fix, stage 1 with an empty corpus (or stage 2 with fewer than 2 pairs) was skipped in silence
+    and the run saved a model that had never trained; max_pairs 0 (a data-efficiency point) is on purpose."""
+    cfg, old, new = tiny_setup
+    with pytest.raises(InputError, match="stage 1 .* text corpus is empty"):
+        train_xbt(cfg, tmp_path / "a", old=old, new=_fresh_new(cfg, new), show_progress=False, text_corpus=[])
+    with pytest.raises(InputError, match="stage 2 .* 1 image-text pairs"):
+        train_xbt(cfg, tmp_path / "b", old=old, new=_fresh_new(cfg, new), show_progress=False, train_pairs=[Pair("x.png", "one", "x")])
+    assert not (tmp_path / "a" / "compat_config.json").exists() and not (tmp_path / "b" / "compat_config.json").exists()

@@ -108,6 +108,9 @@ def testbed_build(
         _fail(exc)
     console.print(f"testbed ready under {info['root']} in {time.perf_counter() - t0:.0f} s")
     console.print("split sizes: " + ", ".join(f"{k}={v}" for k, v in info["sizes"].items()))
+    if info["left_out"].get("svgs_not_rendered"):
+        console.print(f"[yellow]left out[/] {info['left_out']['svgs_not_rendered']} SVGs that could not be rendered"
+                      f" (examples in {info['root']}/splits/manifest.json)")
 
 
 @testbed_app.command("evaluate")

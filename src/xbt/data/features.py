@@ -43,11 +43,15 @@ STALE_TMP_S = 3600.0  # a temporary file this old belongs to a writer that died:
 
 
 def _read_shard(shard: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, vectors) of a shard; ValueError if it is not a whole, well-formed one."""
+    """(keys, vectors) of a shard; ValueError if it is not a whole, well-formed one. An OSError (the file
+    could not be read now: too many open files, an I/O error, a permission) is raised as it is: it says
+    nothing about the shard's content, so the shard is not quarantined for it."""
     try:
         with np.load(shard, allow_pickle=False) as data:
             keys, vectors = data["keys"], data["vectors"]
-    except Exception as exc:  # noqa: BLE001 - zipfile, zlib, numpy and OS errors alike: unreadable
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy errors alike: a damaged file
         raise ValueError(f"{type(exc).__name__}: {exc}") from exc
     if keys.ndim != 1 or vectors.ndim != 2 or len(keys) != len(vectors) or vectors.dtype != np.float32:
         raise ValueError(f"keys {keys.shape} and vectors {vectors.shape} {vectors.dtype} do not make a shard")
@@ -60,6 +64,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, np.ndarray] = {}
         self.quarantined: list[Path] = []
+        self.unreadable: list[Path] = []  # shards an OSError kept from being read (left in place)
         for shard in sorted(self.dir.glob(SHARD_GLOB)):
             if shard.name.endswith(".tmp.npz"):  # an older xbt's temporary name: never a finished shard
                 self._quarantine(shard, "an unfinished temporary file")
@@ -68,6 +73,13 @@ class FeatureCache:
                 keys, vectors = _read_shard(shard)
             except ValueError as exc:
                 self._quarantine(shard, str(exc))
+                continue
+            except FileNotFoundError:
+                continue  # another process opening the cache quarantined it meanwhile
+            except OSError as exc:  # not the shard's fault: keep it, compute its items this time, say so
+                self.unreadable.append(shard)
+                warnings.warn(f"feature cache {self.dir}: could not read shard {shard.name} now ({exc}); it is kept,"
+                              " and its items are computed again in this run", stacklevel=2)
                 continue
             for key, vec in zip(keys, vectors):
                 self._index[str(key)] = vec

@@ -26,6 +26,7 @@ import json
 import random
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,14 +139,19 @@ def openclipart_items(root: Path) -> list[tuple[Path, str]]:
     return [(Path(p), c) for p, c in cap_copies(found, max_copies=2)]
 
 
-def _render_one(args: tuple[str, str]) -> str | None:
+def _render_one(args: tuple[str, str]) -> tuple[str | None, str]:
+    """(the PNG written, "") or (None, why the SVG could not be rendered)."""
     src, dst = args
     try:
         load_image(src).save(dst + ".tmp.png")
         Path(dst + ".tmp.png").replace(dst)
-        return dst
-    except Exception:
-        return None
+        return dst, ""
+    except Exception as exc:  # noqa: BLE001 - cairosvg and Pillow raise many kinds for a bad SVG: each is counted
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+#: SVGs that failed to render in this process (path -> why): counted in the splits' manifest and warned about.
+RENDER_FAILURES: dict[str, str] = {}
 
 
 def render_svgs(paths: Sequence[Path], show_progress: bool = True) -> dict[Path, Path]:
@@ -165,12 +171,19 @@ def render_svgs(paths: Sequence[Path], show_progress: bool = True) -> dict[Path,
         advance(len(done))
         if jobs:
             with ProcessPoolExecutor(max_workers=2) as pool:
-                for (src, dst), result in zip(jobs, pool.map(_render_one, [(str(s), str(d)) for s, d in jobs], chunksize=16)):
+                for (src, dst), (result, why) in zip(jobs, pool.map(_render_one, [(str(s), str(d)) for s, d in jobs],
+                                                                    chunksize=16)):
                     if result:
                         done[src] = dst
+                    else:
+                        RENDER_FAILURES[str(src)] = why
                     advance()
     if jobs:
         STEP_TIMINGS[f"render {len(jobs)} SVGs"] = time.perf_counter() - t0
+    failed = [str(s) for s, _ in jobs if str(s) in RENDER_FAILURES]
+    if failed:
+        warnings.warn(f"{len(failed)} of {len(paths)} SVGs could not be rendered and are left out (e.g. {failed[0]}:"
+                      f" {RENDER_FAILURES[failed[0]]}); the testbed's manifest counts them", stacklevel=2)
     return done
 
 
@@ -230,7 +243,9 @@ def build_splits(seed: int = SPLIT_SEED, show_progress: bool = True) -> dict[str
     corpus = sorted({p.caption for p in splits["vlp_new"]})
     (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n")
     sizes = {name: len(pairs) for name, pairs in splits.items()} | {"text_corpus": len(corpus)}
-    (out / "manifest.json").write_text(json.dumps({"seed": seed, "version": TESTBED_VERSION, "sizes": sizes}, indent=2))
+    left_out = {"svgs_not_rendered": len(RENDER_FAILURES), "examples": dict(list(RENDER_FAILURES.items())[:5])}
+    (out / "manifest.json").write_text(json.dumps({"seed": seed, "version": TESTBED_VERSION, "sizes": sizes,
+                                                   "left_out": left_out}, indent=2))
     return sizes
 
 

@@ -572,6 +572,16 @@ def train_xbt(
     corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if needs_corpus else []
     all_pairs = list(train_pairs) if train_pairs is not None else resolve_pairs(cfg.train_pairs)
     pairs = subsample_pairs(all_pairs, cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
+    skipped: dict[str, str] = {}
+    if cfg.stage1.enabled and not corpus:
+        raise InputError("stage 1 (text-only) is enabled but the text corpus is empty: give texts (text_corpus in the"
+                         " config, or --set text_corpus=FILE), or turn the stage off with --set stage1.enabled=false")
+    skip_stage2 = cfg.stage2.enabled and cfg.max_pairs == 0  # a data-efficiency point of zero pairs, on purpose
+    if skip_stage2:
+        skipped["stage2_skipped"] = "max_pairs is 0: no image-text pairs, on purpose"
+    elif cfg.stage2.enabled and len(pairs) < 2:
+        raise InputError(f"stage 2 (pairs) is enabled but there are {len(pairs)} image-text pairs (it needs at least 2):"
+                         " give training pairs (train_pairs in the config, or --set train_pairs=SOURCE), or turn it off with --set stage2.enabled=false")
     ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
     if not ctx.is_main:
         ctx.barrier()  # rank 0 embeds into the feature cache first; the others then read it
@@ -598,14 +608,15 @@ def train_xbt(
     penalty = ProjectionPenalty(model.projection, p)  # the pull's target: the closed-form start, never a checkpoint
     report: dict[str, Any] = {"config": cfg.to_dict(), "n_pairs": len(pairs), "n_corpus": len(corpus),
                               "runtime": {"device": str(ctx.device), "precision": model.placement.precision}}
+    report.update(skipped)
     if ctx.distributed:
         report["processes"] = ctx.world_size
     stop1, stop2 = stop_after or (None, None)
-    if cfg.stage1.enabled and corpus:
+    if cfg.stage1.enabled:
         t = time.perf_counter()
         report["stage1"], report["noise_std"] = run_stage1(model, data, cfg, out, stop1, show_progress, ctx, penalty)
         timings["stage1_s"] = time.perf_counter() - t
-    if cfg.stage2.enabled and len(pairs) >= 2:
+    if cfg.stage2.enabled and not skip_stage2:
         t = time.perf_counter()
         notes: dict[str, Any] = {}
         report["stage2"] = run_stage2(model, data, cfg, out, stop2, show_progress, ctx, notes, penalty)

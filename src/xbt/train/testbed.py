@@ -58,8 +58,9 @@ def build_testbed(models: Sequence[str] = ("old", "new"), force: bool = False, s
         t = time.perf_counter()
         train_lit_model(TESTBED_MODELS[name], load_split(TESTBED_MODELS[name].split), out, show_progress=show_progress)
         timings[f"model_{name}_s"] = time.perf_counter() - t
-    sizes = json.loads(manifest.read_text())["sizes"]
-    return {"sizes": sizes, "timings": timings, "root": str(testbed_dir())}
+    recorded = json.loads(manifest.read_text())
+    return {"sizes": recorded["sizes"], "left_out": recorded.get("left_out", {}), "timings": timings,
+            "root": str(testbed_dir())}
 
 
 def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
