@@ -142,3 +142,21 @@ def test_the_committed_cross_validated_page_renders_its_protocol_spread_and_diff
     assert "| xbt-nolora+nnn - procrustes-both+nnn |" in text
     spread = results["crossval"]["seed_spread"]["methods"]["xbt-nolora"]["mean_gain"]
     assert len(spread["values"]) == 3 and spread["sd"] > 0
+
+
+def test_a_single_seed_page_says_its_seed_spread_is_not_available():
+    """Before the fix, a one-seed page printed a spread of 0.0, as if three seeds had agreed exactly."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from xbt.eval.report import report_blocks, to_markdown
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "docs/results/testbed-cv/results.json").read_text())
+    one = copy.deepcopy(results)
+    one["crossval"]["seeds"] = [0]
+    for entry in one["crossval"]["seed_spread"]["methods"].values():
+        entry["mean_gain"] = {"mean": entry["mean_gain"]["values"][0], "sd": 0.0, "values": entry["mean_gain"]["values"][:1]}
+    row = next(line for line in to_markdown(report_blocks(one, {"heatmap": "h", "recall": "r"})).splitlines()
+               if line.startswith("| xbt-nolora+nnn |"))
+    assert "| n/a |" in row and "| 0.0 |" not in row

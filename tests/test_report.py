@@ -143,3 +143,16 @@ def test_cli_recommend(tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     result = CliRunner().invoke(app, ["recommend", str(tmp_path / "junk.json")])
     assert result.exit_code == 1
+
+
+def test_the_emoji_pages_query_cost_sentence_is_xbts_own_figure():
+    """The page quoted another method's cost (no-adaptation's 4.7 us) as XBT's; the sentence must match the JSON."""
+    import json
+    import re
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "docs/results/domain-emoji"
+    results = json.loads((folder / "results.json").read_text())
+    xbt = next(m for name, m in results["methods"].items() if name.startswith("xbt"))
+    quoted = re.search(r"XBT's query map costs ([0-9.]+) us per query at batch 256", (folder / "README.md").read_text())
+    assert quoted and float(quoted.group(1)) == round(xbt["query_cost_us"]["256"], 1)

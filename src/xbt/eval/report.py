@@ -249,7 +249,8 @@ def crossval_tables(results: dict[str, Any]) -> list[Block]:
     gain = {name: matrix.mean_gain(name) for name in matrix.methods}
     for name in sorted(matrix.methods, key=lambda m: -gain[m] if math.isfinite(gain[m]) else math.inf):
         per_seed = spread.get(name, {}).get("mean_gain", {})
-        rows.append([name, f"{_num(matrix.mean_gain(name), 1)}%", f"{_num(per_seed.get('sd'), 1)}",
+        one_seed = len(per_seed.get("values", [])) < 2  # a spread over one seed is not a figure: n/a, not 0.0
+        rows.append([name, f"{_num(matrix.mean_gain(name), 1)}%", "n/a" if one_seed else f"{_num(per_seed.get('sd'), 1)}",
                      ", ".join(_num(v, 1) for v in per_seed.get("values", [])),
                      f"{matrix.n_passing(name, confidently=True)} / {matrix.n_passing(name)} of {len(matrix.cells(name))}"])
     blocks.append(Block("table", (header, rows)))

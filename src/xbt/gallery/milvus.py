@@ -454,10 +454,13 @@ class MilvusGallery:
 
     # ---- sealing (a migration's cut-over) -----------------------------------------------------------
     def seal(self, reason: str) -> None:
-        """Refuse later adds and deletes with `reason` (a collection property every write reads first).
-        Milvus has no transactions: a write that read the property just before the seal may still land;
-        the cut-over's comparison after sealing catches it (`xbt.gallery.migration`)."""
-        self._set_props({SEALED_PROPERTY: reason})
+        """Refuse later adds and deletes with `reason` (a collection property every write reads first, under
+        this object's write lock, which the seal takes too: no write of this process is in flight once it
+        returns). Milvus has no transactions: a write by another process that read the property just before
+        the seal may still land after the cut-over compared the two collections; run one writer process per
+        Milvus collection during a cut-over."""
+        with self._lock:
+            self._set_props({SEALED_PROPERTY: reason})
 
     def unseal(self) -> None:
         self._db().drop_collection_properties(self.collection, [SEALED_PROPERTY])
