@@ -165,7 +165,7 @@ def export_model(model: CompatibleModel, out: str | Path, fmt: str = "onnx", *, 
         query_map = copy.deepcopy(model.query_map_for(tower)).cpu().eval()
         meta = _metadata(model, manifest, tower, query_map)
         if fmt == "onnx":
-            entry = {"map": _export_map_onnx(query_map, out / f"{tower}_map.onnx", meta)}
+            entry = {"map": export_map_onnx(query_map, out / f"{tower}_map.onnx", meta)}
             if encoders:
                 entry["encoder"] = _export_encoder_onnx(model, tower, out / f"{tower}_encoder.onnx", meta)
         else:
@@ -210,7 +210,9 @@ def _export_arrays(query_map: QueryMap, out: Path, tower: str, fmt: str, meta: d
     return {"file": file.name, "description": f"{tower}_map.json", "arrays": sorted(arrays)}
 
 
-def _export_map_onnx(query_map: QueryMap, file: Path, meta: dict[str, str]) -> dict[str, Any]:
+def export_map_onnx(query_map: QueryMap, file: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """One map as an ONNX graph at `file` with `meta` as its metadata, checked in onnxruntime (refused below
+    cosine MIN_COSINE); what the manifest records of it."""
     graph = MapGraph(query_map).eval()
     names = ["new", "old"] if query_map.needs_old_query else ["new"]
     dims = [query_map.in_dim, query_map.out_dim][: len(names)]
