@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 import _harness as h
+from query_cost import measure
 
 KINDS = ("procrustes", "adapter", "xbt-mlp", "slerp")
+BATCHES = (1, 256)
 
 
 def build_map(kind: str, new_dim: int, old_dim: int, hidden: int):
@@ -50,23 +52,16 @@ def export_graph(query_map, folder: Path, kind: str) -> Path:
     return file
 
 
-def measure(fn, batch: int, repeats: int, target_s: float, clock=time.perf_counter) -> tuple[float, float]:
-    t = h.repeat_fast(fn, repeats, target_s, clock)
-    return t.median / batch * 1e6, t.min / batch * 1e6
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
     new_dim, old_dim, hidden = args.new_dim, args.old_dim, args.hidden
-    batches = (1, 256)
-    target_s = 0.02 if args.quick else 0.1
-    rng = np.random.default_rng(1)
-    new = rng.standard_normal((max(batches), new_dim)).astype(np.float32)
-    old = rng.standard_normal((max(batches), old_dim)).astype(np.float32)
+    rng = np.random.default_rng(1)  # the new (and, for SLERP, old) embeddings of 256 queries, any scale
+    new, old = (rng.standard_normal((max(BATCHES), dim)).astype(np.float32) for dim in (new_dim, old_dim))
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if set(kinds) - set(KINDS):
         raise SystemExit(f"--kinds: choose from {', '.join(KINDS)}")
+    target_s = 0.02 if args.quick else 0.1
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     rows = []
@@ -76,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             session = ort.InferenceSession(str(export_graph(query_map, Path(tmp), kind)), options,
                                            providers=["CPUExecutionProvider"])
             ensemble = query_map.needs_old_query
-            for batch in batches:
+            for batch in BATCHES:
                 feeds = {"new": new[:batch]} | ({"old": old[:batch]} if ensemble else {})
                 got = session.run(["query"], feeds)[0]
                 want = query_map.apply(new[:batch], old[:batch] if ensemble else None)
@@ -86,8 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        "load_average": h.load_average()}
                 for name, fn in runners.items():
                     h.log(f"{kind}, batch {batch}, {name}")
-                    row[f"{name}_us"], row[f"{name}_min_us"] = measure(fn, batch, args.repeats, target_s)
-                    row[f"{name}_cpu_us"], _ = measure(fn, batch, args.repeats, target_s, time.thread_time)
+                    wall = measure(fn, batch, args.repeats, target_s)
+                    row[f"{name}_us"], row[f"{name}_min_us"] = wall["us_per_query"], wall["min_us_per_query"]
+                    row[f"{name}_cpu_us"] = measure(fn, batch, args.repeats, target_s, time.thread_time)["us_per_query"]
                 row["speedup"] = row["torch_us"] / row["onnxruntime_us"]
                 rows.append(row)
     return {
@@ -97,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f" {old_dim}-d old, median (min) of n timed runs of many back-to-back calls, one thread."
                         " torch: QueryMap.apply as xbt runs it; onnxruntime: the graph `xbt export` writes."
                         " max_abs_diff: the two outputs' largest difference on the timed batch."),
-        "params": {"new_dim": new_dim, "old_dim": old_dim, "hidden": hidden, "batches": list(batches),
+        "params": {"new_dim": new_dim, "old_dim": old_dim, "hidden": hidden, "batches": list(BATCHES),
                    "onnxruntime": ort.__version__, "torch": torch.__version__, "machine": h.machine_info()},
         "columns": [h.column("map", "map"), h.column("batch", "batch"),
                     h.column("torch_us", "torch µs/query: median (min)", "{torch_us:.2f} ({torch_min_us:.2f})"),
@@ -117,9 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--new-dim", type=int, default=512)
-    parser.add_argument("--old-dim", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden width of XBT's mlp projection")
+    h.add_map_dimensions(parser)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {', '.join(KINDS)}")
 
 

@@ -242,3 +242,32 @@ def test_xbt_export_command(openclip_linear, tmp_path):
     assert (tmp_path / "o" / "text_map.onnx").exists() and not (tmp_path / "o" / "text_encoder.onnx").exists()
     bad = CliRunner().invoke(app, ["export", openclip_linear, "--format", "pickle", "--out", str(tmp_path / "o")])
     assert bad.exit_code != 0 and "--format" in bad.output
+
+
+@pytest.mark.slow
+def test_testbed_peers_export_and_onnxruntime_reproduces_them(tmp_path):
+    """On the testbed's lit models (needs `xbt testbed build`): a residual adapter (non-linear) and SLERP (an
+    ensemble) fitted on testbed data, exported; the map graphs reproduce encode_text / encode_image on eval
+    items. The lit towers' whole encoders are exported where they trace, else the reason is recorded."""
+    from xbt.compat.export import export_model
+    from xbt.compat.fit import fit_peer
+    from xbt.data.datasets import open_dataset
+    from xbt.specs import load_model
+
+    old, new = load_model("testbed:old"), load_model("testbed:new")
+    pairs = list(open_dataset("testbed:xbt_train"))[:96]
+    support = list(open_dataset("testbed:val"))[:48]
+    evaluation = list(open_dataset("testbed:eval"))[:16]
+    texts, images = [p.caption for p in evaluation], [p.image for p in evaluation]
+    for method in ("adapter", "slerp"):
+        options = {"epochs": 2} if method == "adapter" else {}
+        model = fit_peer(method, old, new, [p.caption for p in pairs], pairs, support, **options)
+        model.save_pretrained(tmp_path / method)
+        model = load_model(f"compat:{tmp_path / method}")
+        manifest = export_model(model, tmp_path / f"{method}-onnx", "onnx")
+        for tower, want, encode in (("text", model.encode_text(texts).numpy(), lambda m: m.encode_text(texts)),
+                                    ("image", model.encode_image(images).numpy(), lambda m: m.encode_image(images))):
+            feeds = {"new": encode(new).numpy()} | ({"old": encode(old).numpy()} if method == "slerp" else {})
+            assert_close(ort_run(tmp_path / f"{method}-onnx" / f"{tower}_map.onnx", feeds), want)
+            encoder = manifest["towers"][tower]["encoder"]
+            assert encoder["exported"] or encoder["why"]

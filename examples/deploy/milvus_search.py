@@ -10,11 +10,9 @@ Prints one JSON list of ids per query.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from pymilvus import MilvusClient
-from query_map import mapped_queries, recipe_arguments
+from query_map import recipe_arguments, search_and_print
 
 
 def search(client: MilvusClient, collection: str, queries: np.ndarray, k: int) -> list[list[str]]:
@@ -31,13 +29,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--uri", required=True, help="a Milvus Lite file (.db) or a server, e.g. http://localhost:19530")
     parser.add_argument("--collection", required=True, help="the collection or alias (an xbt gallery's NAME)")
     args = parser.parse_args(argv)
-    client = MilvusClient(uri=args.uri)
-    try:
-        hits = search(client, args.collection, mapped_queries(args), args.k)
-    finally:
-        client.close()
-    print(json.dumps(hits))
-    return hits
+    return search_and_print(MilvusClient(uri=args.uri), search, args.collection, args)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ vectors; the xbt id in each point's payload); later runs only search. Prints one
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from qdrant_client import QdrantClient, models
 from old_gallery import read_gallery
-from query_map import mapped_queries, recipe_arguments
+from query_map import recipe_arguments, search_and_print
 
 
 def load_gallery(client: QdrantClient, collection: str, gallery: str) -> None:
@@ -39,16 +37,12 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--gallery", help="the old xbt gallery to create the collection from, if it does not exist")
     args = parser.parse_args(argv)
     client = QdrantClient(url=args.url) if args.url else QdrantClient(path=args.qdrant_path)
-    try:
-        if not client.collection_exists(args.collection):
-            if not args.gallery:
-                parser.error(f"no collection {args.collection!r}: give --gallery to create it from the old gallery")
-            load_gallery(client, args.collection, args.gallery)
-        hits = search(client, args.collection, mapped_queries(args), args.k)
-    finally:
-        client.close()
-    print(json.dumps(hits))
-    return hits
+    if not client.collection_exists(args.collection):
+        if not args.gallery:
+            client.close()
+            parser.error(f"no collection {args.collection!r}: give --gallery to create it from the old gallery")
+        load_gallery(client, args.collection, args.gallery)
+    return search_and_print(client, search, args.collection, args)
 
 
 if __name__ == "__main__":

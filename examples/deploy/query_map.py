@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -35,3 +38,14 @@ def recipe_arguments(description: str) -> argparse.ArgumentParser:
 def mapped_queries(args: argparse.Namespace) -> np.ndarray:
     old = np.load(args.old_queries) if args.old_queries else None
     return map_queries(args.map, np.load(args.queries), old)
+
+
+def search_and_print(client: Any, search: Callable[..., list[list[str]]], collection: str,
+                     args: argparse.Namespace) -> list[list[str]]:
+    """Map the queries, search the database's collection, close the client, print the ids as JSON."""
+    try:
+        hits = search(client, collection, mapped_queries(args), args.k)
+    finally:
+        client.close()
+    print(json.dumps(hits))
+    return hits
