@@ -286,7 +286,7 @@ def fit_command(
 @app.command("export")
 def export_command(
     model: str = typer.Argument(..., help="The compatible model to export: compat:DIR."),
-    format: str = typer.Option("onnx", "--format", help="onnx (graphs, checked in onnxruntime), npz or safetensors (the map as plain arrays + JSON)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (graphs, checked in onnxruntime), npz or safetensors (the map as plain arrays + JSON)."),
     out: Path = typer.Option(..., "--out", help="Folder to write to (one file set per tower, and export.json)."),
     encoders: bool = typer.Option(True, "--encoders/--no-encoders", help="With onnx: also the whole query encoder of each tower, where the backend traces."),
 ) -> None:
@@ -296,7 +296,7 @@ def export_command(
     from xbt.specs import load_model
 
     try:
-        manifest = export_model(load_model(model if model.startswith("compat:") else f"compat:{model}"), out, format,
+        manifest = export_model(load_model(model if model.startswith("compat:") else f"compat:{model}"), out, fmt,
                                 encoders=encoders)
     except XbtError as exc:
         _fail(exc)
