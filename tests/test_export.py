@@ -177,14 +177,17 @@ def test_plain_arrays_of_every_map_kind_through_the_documented_numpy(specs, tmp_
             assert_close(ort_run(out / "image_map.onnx", {"new": new}), model.map_features(new))
 
 
-def test_hf_clip_text_encoder_and_map(tiny_hf_clip, specs, tmp_path, xbt_home):
+def test_hf_clip_encoders_and_map(tiny_hf_clip, specs, image_files, tmp_path, xbt_home):
     from xbt.compat.export import export_model
     from xbt.compat.maps import ResidualMap
     from xbt.specs import load_model
 
     model = load_model(save_compat(tmp_path / "hf", f"hf:{tiny_hf_clip}", specs[0], ResidualMap(24, 32, 16)))
     out = tmp_path / "out"
-    manifest = export_model(model, out, "onnx", towers=["text"])
+    manifest = export_model(model, out, "onnx")
+    assert manifest["towers"]["image"]["encoder"]["exported"], manifest["towers"]["image"]["encoder"]
+    assert_close(ort_run(out / "image_encoder.onnx", {"pixels": model.new_model.preprocess(image_files).numpy()}),
+                 model.encode_image(image_files).numpy())
     assert manifest["towers"]["text"]["encoder"]["exported"], manifest["towers"]["text"]["encoder"]
     want = model.encode_text(CORPUS).numpy()
     assert_close(ort_run(out / "text_map.onnx", {"new": model.new_model.encode_text(CORPUS).numpy()}), want)
@@ -209,6 +212,24 @@ def test_lora_adapted_tower_is_marked_and_its_encoder_carries_the_adapters(specs
     assert manifest["towers"]["text"]["encoder"]["exported"]
     assert_close(ort_run(out / "text_encoder.onnx", {"tokens": model.tokenize(CORPUS).numpy()}),
                  model.encode_text(CORPUS).numpy())
+
+
+def test_an_encoder_that_does_not_trace_is_recorded_with_the_reason(openclip_linear, tmp_path, monkeypatch):
+    import xbt.compat.export as export
+    from xbt.specs import load_model
+
+    real = torch.onnx.export
+
+    def refuse_encoders(graph, *args, **kwargs):
+        if isinstance(graph, export.EncoderGraph):
+            raise RuntimeError("this backend cannot be traced")
+        return real(graph, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", refuse_encoders)
+    manifest = export.export_model(load_model(openclip_linear), tmp_path / "o", "onnx")
+    encoder = manifest["towers"]["text"]["encoder"]
+    assert not encoder["exported"] and "this backend cannot be traced" in encoder["why"] and "text_map.onnx" in encoder["why"]
+    assert (tmp_path / "o" / "text_map.onnx").exists() and not (tmp_path / "o" / "text_encoder.onnx").exists()
 
 
 def test_export_refuses_what_it_cannot_export(openclip_linear, tmp_path):

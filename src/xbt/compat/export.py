@@ -35,6 +35,7 @@ from xbt.compat.maps import LinearMap, OldQueryBlend, Projection, QueryMap, Resi
 from xbt.compat.model import CompatibleModel, artifact_digest
 from xbt.errors import InputError, XbtError
 from xbt.models.base import write_json
+from xbt.models.device import model_device
 
 FORMATS = ("onnx", "npz", "safetensors")
 TOWERS = ("text", "image")
@@ -233,7 +234,9 @@ def _export_encoder_onnx(model: CompatibleModel, tower: str, file: Path, meta: d
     if model.needs_old_model_at_query_time:
         return {"exported": False, "why": f"{model.method} is an ensemble: a query runs two encoders with their own"
                 " tokenizers and preprocessing; deploy both encoders and the map graph (inputs new, old)"}
+    device = model_device(model.new_model)  # traced where the model runs; the graph itself has no device
     example = _example_inputs(model, tower)
+    example = example.to(device) if isinstance(example, torch.Tensor) else {k: v.to(device) for k, v in example.items()}
     names = ["pixels"] if tower == "image" else (["tokens"] if isinstance(example, torch.Tensor) else list(example))
     tensors = (example,) if isinstance(example, torch.Tensor) else tuple(example[n] for n in names)
     axes = {n: ({0: "batch"} if tower == "image" or names == ["tokens"] else {0: "batch", 1: "sequence"}) for n in names}
@@ -280,8 +283,8 @@ def verify_onnx(file: Path, torch_fn: Callable[..., torch.Tensor], feeds: dict[s
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    got = session.run(["query"], {k: v.numpy() for k, v in feeds.items()})[0]
+    got = session.run(["query"], {k: v.detach().cpu().numpy() for k, v in feeds.items()})[0]
     with torch.inference_mode():
-        want = torch_fn(*feeds.values()).float().numpy()
+        want = torch_fn(*feeds.values()).float().cpu().numpy()
     cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     return {"max_abs_diff": float(np.abs(got - want).max()), "min_cosine": float(cosine.min()), "rows": len(got)}
