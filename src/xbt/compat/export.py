@@ -75,15 +75,15 @@ class MapGraph(nn.Module):
 class EncoderGraph(nn.Module):
     """Token ids (or pixels) -> the (LoRA-adapted) new model -> the map -> normalised old-space query."""
 
-    def __init__(self, model: CompatibleModel, tower: str, input_names: Sequence[str]):
+    def __init__(self, model: CompatibleModel, tower: str, input_names: Sequence[str], constants: dict[str, Any]):
         super().__init__()
-        self.model, self.tower, self.input_names = model, tower, list(input_names)
+        self.model, self.tower, self.input_names, self.constants = model, tower, list(input_names), constants
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.tower == "image":
             new = self.model.new_image(inputs[0])
         else:
-            tokens = inputs[0] if self.input_names == ["tokens"] else dict(zip(self.input_names, inputs))
+            tokens = inputs[0] if self.input_names == ["tokens"] else dict(zip(self.input_names, inputs)) | self.constants
             new = self.model.new_text(tokens)
         return F.normalize(_map_forward(self.model.query_map_for(self.tower), new, None).float(), dim=-1)
 
@@ -230,22 +230,19 @@ def export_map_onnx(query_map: QueryMap, file: Path, meta: dict[str, str]) -> di
 
 
 def _export_encoder_onnx(model: CompatibleModel, tower: str, file: Path, meta: dict[str, str]) -> dict[str, Any]:
-    """The whole query encoder of `tower`, or why not (kept in the manifest and the command's output)."""
+    """The whole query encoder of `tower`, or why not (kept in the manifest and the command's output). Traced
+    on one batch, checked on another of another size (and, for texts, other lengths): the axes are dynamic."""
     if model.needs_old_model_at_query_time:
         return {"exported": False, "why": f"{model.method} is an ensemble: a query runs two encoders with their own"
                 " tokenizers and preprocessing; deploy both encoders and the map graph (inputs new, old)"}
-    device = model_device(model.new_model)  # traced where the model runs; the graph itself has no device
-    example = _example_inputs(model, tower)
-    example = example.to(device) if isinstance(example, torch.Tensor) else {k: v.to(device) for k, v in example.items()}
-    names = ["pixels"] if tower == "image" else (["tokens"] if isinstance(example, torch.Tensor) else list(example))
-    tensors = (example,) if isinstance(example, torch.Tensor) else tuple(example[n] for n in names)
-    axes = {n: ({0: "batch"} if tower == "image" or names == ["tokens"] else {0: "batch", 1: "sequence"}) for n in names}
-    graph = EncoderGraph(model, tower, names).eval()
     try:
+        names, traced, constants = _encoder_inputs(model, tower, 0)
+        _, probe, _ = _encoder_inputs(model, tower, 1)
+        axes = {n: {0: "batch"} if tower == "image" or names == ["tokens"] else {0: "batch", 1: "sequence"} for n in names}
+        graph = EncoderGraph(model, tower, names, constants).eval()
         with torch.no_grad():
-            _onnx_export(graph, tensors, names, axes, file, {**meta, "xbt.graph": "encoder",
-                                                             "xbt.inputs": ",".join(names)})
-            check = verify_onnx(file, lambda *x: graph(*x), dict(zip(names, tensors)))
+            _onnx_export(graph, traced, names, axes, file, {**meta, "xbt.graph": "encoder", "xbt.inputs": ",".join(names)})
+            check = verify_onnx(file, lambda *x: graph(*x), dict(zip(names, probe)))
     except Exception as exc:  # noqa: BLE001 - any backend that torch cannot trace: recorded, not fatal
         file.unlink(missing_ok=True)
         return {"exported": False, "why": f"the {tower} tower of {model.new_spec} did not export to ONNX"
@@ -255,15 +252,30 @@ def _export_encoder_onnx(model: CompatibleModel, tower: str, file: Path, meta: d
         file.unlink()
         return {"exported": False, "why": f"onnxruntime's {tower} encoder differs from torch's (cosine"
                 f" {check['min_cosine']:.7f}); use {tower}_map.onnx behind your own encoder of the new model"}
-    return {"exported": True, "file": file.name, "inputs": names, "output": "query", "opset": OPSET, "check": check}
+    return {"exported": True, "file": file.name, "inputs": names, "output": "query", "opset": OPSET, "check": check,
+            **({"constant_inputs": constants} if constants else {})}
 
 
-def _example_inputs(model: CompatibleModel, tower: str) -> Any:
-    if tower == "text":
-        return model.tokenize(["a photo of a dog on the grass", "a red car"])
-    from PIL import Image
+_EXAMPLES = {"text": (["a photo of a dog on the grass", "a red car"],
+                      ["three birds", "an old wooden house with a green door and two windows", "a cat"]),
+             "image": (("white", "navy"), ("red", "black", "olive"))}
 
-    return torch.stack([model.image_transform(Image.new("RGB", (64, 48), c)) for c in ("white", "navy")])
+
+def _encoder_inputs(model: CompatibleModel, tower: str, which: int
+                    ) -> tuple[list[str], tuple[torch.Tensor, ...], dict[str, Any]]:
+    """(input names, tensors on the model's device, constant entries) of example batch `which` (0: traced,
+    1: checked). A tokenizer's non-tensor entries (sentence-transformers' `modality`) stay constants."""
+    device = model_device(model.new_model)  # traced where the model runs; the graph itself has no device
+    if tower == "image":
+        from PIL import Image
+
+        pixels = torch.stack([model.image_transform(Image.new("RGB", (64, 48), c)) for c in _EXAMPLES["image"][which]])
+        return ["pixels"], (pixels.to(device),), {}
+    tokens = model.tokenize(_EXAMPLES["text"][which])
+    if isinstance(tokens, torch.Tensor):
+        return ["tokens"], (tokens.to(device),), {}
+    names = [k for k, v in tokens.items() if isinstance(v, torch.Tensor)]
+    return names, tuple(tokens[k].to(device) for k in names), {k: v for k, v in tokens.items() if k not in names}
 
 
 def _onnx_export(graph: nn.Module, example: tuple[torch.Tensor, ...], names: list[str],
