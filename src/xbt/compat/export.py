@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,8 +251,9 @@ def _export_encoder_onnx(model: CompatibleModel, tower: str, file: Path, meta: d
                 " behind your own encoder of the new model"}
     if check["min_cosine"] < MIN_COSINE:
         file.unlink()
-        return {"exported": False, "why": f"onnxruntime's {tower} encoder differs from torch's (cosine"
-                f" {check['min_cosine']:.7f}); use {tower}_map.onnx behind your own encoder of the new model"}
+        return {"exported": False, "why": f"the traced {tower} encoder of {model.new_spec} does not reproduce torch's on"
+                f" a batch of another size (cosine {check['min_cosine']:.4f}: the trace fixed a shape or a branch);"
+                f" use {tower}_map.onnx behind your own encoder of the new model"}
     return {"exported": True, "file": file.name, "inputs": names, "output": "query", "opset": OPSET, "check": check,
             **({"constant_inputs": constants} if constants else {})}
 
@@ -282,8 +284,11 @@ def _onnx_export(graph: nn.Module, example: tuple[torch.Tensor, ...], names: lis
                  axes: dict[str, dict[int, str]], file: Path, meta: dict[str, str]) -> None:
     import onnx
 
-    torch.onnx.export(graph, example, str(file), dynamo=False, opset_version=OPSET, input_names=names,
-                      output_names=["query"], dynamic_axes={**axes, "query": {0: "batch"}})
+    with warnings.catch_warnings():  # the tracer's notes on Python branches: the check below is what decides
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(graph, example, str(file), dynamo=False, opset_version=OPSET, input_names=names,
+                          output_names=["query"], dynamic_axes={**axes, "query": {0: "batch"}})
     proto = onnx.load(str(file))
     onnx.helper.set_model_props(proto, {"xbt.graph": "map", **meta})
     onnx.checker.check_model(proto, full_check=True)
