@@ -268,8 +268,8 @@ def test_xbt_export_command(openclip_linear, tmp_path):
 @pytest.mark.slow
 def test_testbed_peers_export_and_onnxruntime_reproduces_them(tmp_path):
     """On the testbed's lit models (needs `xbt testbed build`): a residual adapter (non-linear) and SLERP (an
-    ensemble) fitted on testbed data, exported; the map graphs reproduce encode_text / encode_image on eval
-    items. The lit towers' whole encoders are exported where they trace, else the reason is recorded."""
+    ensemble) fitted on testbed data, exported; the map graphs, and for the adapter the whole lit encoders,
+    reproduce encode_text / encode_image on eval items in onnxruntime."""
     from xbt.compat.export import export_model
     from xbt.compat.fit import fit_peer
     from xbt.data.datasets import open_dataset
@@ -291,4 +291,11 @@ def test_testbed_peers_export_and_onnxruntime_reproduces_them(tmp_path):
             feeds = {"new": encode(new).numpy()} | ({"old": encode(old).numpy()} if method == "slerp" else {})
             assert_close(ort_run(tmp_path / f"{method}-onnx" / f"{tower}_map.onnx", feeds), want)
             encoder = manifest["towers"][tower]["encoder"]
-            assert encoder["exported"] or encoder["why"]
+            if method == "slerp":  # an ensemble: two encoders, never one graph
+                assert not encoder["exported"] and "ensemble" in encoder["why"]
+                continue
+            # the lit towers (sentence-transformers text, EfficientNet-Lite image) export whole
+            assert encoder["exported"], encoder
+            inputs = ({n: t.numpy() for n, t in model.tokenize(texts).items() if n in encoder["inputs"]} if tower == "text"
+                      else {"pixels": new.preprocess(images).numpy()})
+            assert_close(ort_run(tmp_path / f"{method}-onnx" / f"{tower}_encoder.onnx", inputs), want)

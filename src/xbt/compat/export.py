@@ -242,6 +242,7 @@ def _export_encoder_onnx(model: CompatibleModel, tower: str, file: Path, meta: d
         axes = {n: {0: "batch"} if tower == "image" or names == ["tokens"] else {0: "batch", 1: "sequence"} for n in names}
         graph = EncoderGraph(model, tower, names, constants).eval()
         with torch.no_grad():
+            graph(*traced)  # one run first: lazy state (a tower's folded inference copy) is built outside the trace
             _onnx_export(graph, traced, names, axes, file, {**meta, "xbt.graph": "encoder", "xbt.inputs": ",".join(names)})
             check = verify_onnx(file, lambda *x: graph(*x), dict(zip(names, probe)))
     except Exception as exc:  # noqa: BLE001 - any backend that torch cannot trace: recorded, not fatal
