@@ -239,6 +239,9 @@ def test_export_refuses_what_it_cannot_export(openclip_linear, tmp_path):
     from xbt.specs import load_model
 
     model = load_model(openclip_linear)
+    assert model.query_map_for("text") is model.query_map_for("image") is model.query_map  # one map until issue 24
+    with pytest.raises(InputError, match="tower"):
+        model.query_map_for("audio")
     with pytest.raises(InputError, match="--format"):
         export_model(model, tmp_path / "x", "tflite")
     unsaved = CompatibleModel(model.new_model, model.query_map, model.old_space)

@@ -292,6 +292,8 @@ def export_command(
 ) -> None:
     """Export the query side for a search stack that does not run xbt (docs/deploy.md): new-model embedding
     in, old-space query vector out, for each tower; every ONNX graph is checked against the model."""
+    from rich.markup import escape
+
     from xbt.compat.export import export_model
     from xbt.specs import load_model
 
@@ -305,7 +307,7 @@ def export_command(
         console.print(f"{tower}: {out / entry['map']['file']}" + (f" (onnxruntime: max |diff| {check['max_abs_diff']:.1e})" if check else ""))
         encoder = entry.get("encoder")
         if encoder:
-            console.print(f"{tower} encoder: {out / encoder['file']}" if encoder["exported"] else f"[yellow]{tower} encoder not exported:[/] {encoder['why']}")
+            console.print(f"{tower} encoder: {out / encoder['file']}" if encoder["exported"] else f"[yellow]{tower} encoder not exported:[/] {escape(encoder['why'])}")
     console.print(f"{out / 'export.json'}: spaces {manifest['new_space']} -> {manifest['old_space']}, digest {manifest['artifact_digest'][:12]}")
 
 
