@@ -358,6 +358,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_map_dimensions(parser: argparse.ArgumentParser) -> None:
+    """The query map's shape, as on the testbed (512-d new -> 256-d old; XBT's mlp projection 1024 wide)."""
+    parser.add_argument("--new-dim", type=int, default=512)
+    parser.add_argument("--old-dim", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden width of XBT's mlp projection")
+
+
 def cli(run: Callable[[argparse.Namespace], dict[str, Any]], description: str,
         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
         argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -209,9 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--new-dim", type=int, default=512)
-    parser.add_argument("--old-dim", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden width of the mlp projection")
+    h.add_map_dimensions(parser)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
 
 

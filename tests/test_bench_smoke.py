@@ -93,3 +93,19 @@ def test_gallery_helpers(bench):
     assert (config.hnsw_m, config.hnsw_ef_construction) == g.HNSW_LADDER[2]
     config, notes = g.budgeted_config(1_000_000, previous, budget_s=10_000)
     assert config == IndexConfig() and notes == []
+
+
+def test_export_figure_times_torch_and_onnxruntime(bench, tmp_path):
+    """bench/export.py on a tiny map: both runtimes timed at batch 1 and 256, the outputs agree, load recorded."""
+    import export
+
+    out = tmp_path / "export.json"
+    figure = bench.cli(export.run, "smoke", export.add_arguments,
+                       ["--quick", "--repeats", "1", "--new-dim", "16", "--old-dim", "8", "--hidden", "8",
+                        "--kinds", "adapter,slerp", "--out", str(out)])
+    assert json.loads(out.read_text()) == figure
+    assert [(r["map"], r["batch"]) for r in figure["rows"]] == [("adapter", 1), ("adapter", 256), ("slerp", 1), ("slerp", 256)]
+    for row in figure["rows"]:
+        assert row["torch_us"] > 0 and row["onnxruntime_us"] > 0 and row["max_abs_diff"] <= 1e-5
+        assert len(row["load_average"]) == 3
+    assert figure["goal"]["met"] and figure["load_average"]["start"]

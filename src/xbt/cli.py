@@ -286,6 +286,34 @@ def fit_command(
     console.print(f"saved {out}: use it as --model compat:{out.resolve()} (space {model.space.id})")
 
 
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help="The compatible model to export: compat:DIR."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (graphs, checked in onnxruntime), npz or safetensors (the map as plain arrays + JSON)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write to (one file set per tower, and export.json)."),
+    encoders: bool = typer.Option(True, "--encoders/--no-encoders", help="With onnx: also the whole query encoder of each tower, where the backend traces."),
+) -> None:
+    """Export the query side for a search stack that does not run xbt (docs/deploy.md): new-model embedding
+    in, old-space query vector out, for each tower; every ONNX graph is checked against the model."""
+    from rich.markup import escape
+
+    from xbt.compat.export import export_model
+    from xbt.specs import load_model
+
+    try:
+        manifest = export_model(load_model(model if model.startswith("compat:") else f"compat:{model}"), out, fmt,
+                                encoders=encoders)
+    except XbtError as exc:
+        _fail(exc)
+    for tower, entry in manifest["towers"].items():
+        check = entry["map"].get("check")
+        console.print(f"{tower}: {out / entry['map']['file']}" + (f" (onnxruntime: max |diff| {check['max_abs_diff']:.1e})" if check else ""))
+        encoder = entry.get("encoder")
+        if encoder:
+            console.print(f"{tower} encoder: {out / encoder['file']}" if encoder["exported"] else f"[yellow]{tower} encoder not exported:[/] {escape(encoder['why'])}")
+    console.print(f"{out / 'export.json'}: spaces {manifest['new_space']} -> {manifest['old_space']}, digest {manifest['artifact_digest'][:12]}")
+
+
 @app.command("embed")
 def embed_command(
     model: str = typer.Option(..., help="Model spec, e.g. openclip:ViT-B-32@openai, testbed:old, compat:PATH."),

@@ -115,9 +115,10 @@ class ResidualMap(QueryMap):
         return self.mlp(self.rotation(new))
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
-    """Row-wise spherical interpolation between unit vectors a (weight 0) and b (weight 1)."""
-    a, b = F.normalize(a.double(), dim=-1), F.normalize(b.double(), dim=-1)
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Row-wise spherical interpolation between unit vectors a (weight 0) and b (weight 1), computed in
+    `dtype` (float64 by default; the ONNX export computes in float32, which onnxruntime's arccos needs)."""
+    a, b = F.normalize(a.to(dtype), dim=-1), F.normalize(b.to(dtype), dim=-1)
     cos = (a * b).sum(-1, keepdim=True).clamp(-1.0, 1.0)
     theta = torch.arccos(cos)
     sin = torch.sin(theta)

@@ -113,6 +113,13 @@ class CompatibleModel(VLPModel):
         """The query map (XBT's training code calls it the projection)."""
         return self.query_map
 
+    def query_map_for(self, tower: str) -> QueryMap:
+        """The map that carries `tower`'s ("text" or "image") queries into the old space; one map serves both
+        towers until per-tower maps land (issue 24), so exports and callers already ask per tower."""
+        if tower not in ("text", "image"):
+            raise InputError(f"tower must be 'text' or 'image', not {tower!r}")
+        return self.query_map
+
     def runs_unadapted(self, tower: str, new_space: EmbeddingSpace) -> bool:
         """True when this model's `tower` ("image" or "text") is the plain new model of `new_space` (no
         LoRA adapters on it, not a chain): that model's cached features of the tower can simply be mapped."""
