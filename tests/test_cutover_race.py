@@ -30,6 +30,7 @@ from xbt.specs import load_model
 
 OLD_SPACE = EmbeddingSpace("race-old", 32, "0" * 16)
 N_START = 16
+MAX_WRITES = 12
 
 _RUNNER = """
 import sys
@@ -39,6 +40,7 @@ from xbt.specs import load_model
 
 model = load_model(sys.argv[2])
 migration = Migration(sys.argv[1])
+print("ready", flush=True)  # the kill clock starts here: start-up is not what the test races
 while not migration.cut_over_done:
     migration.run(model, batch_size=2)
     try:
@@ -61,7 +63,9 @@ class Writer:
         self.n = 0
 
     def step(self) -> None:
-        if self.sealed:
+        """One write, at most MAX_WRITES per migration (a writer that never pauses would, rightly, keep the
+        cut-over refusing for ever: writes meant for a migrating gallery go through MigratingRetriever)."""
+        if self.sealed or len(self.added) + len(self.deleted) >= MAX_WRITES:
             return
         try:
             if self.rng.random() < 0.7:
@@ -111,15 +115,21 @@ def test_migration_killed_and_raced_by_writers_loses_and_resurrects_nothing(tmp_
         start = set(old.ids())
         Migration.start(folder / "mig", old, new_space)
         writer = Writer(old, images, seed=rounds)
-        done = False
+        done, kills_here = False, 0
         while not done:
             proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(folder / "mig"), spec], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            deadline = time.monotonic() + rng.uniform(1.0, 6.0)
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert first.strip() == "ready", first + proc.stdout.read()[-3000:]
+            # a few kills per migration at random moments of its work, then one run to the end
+            limit = rng.uniform(0.05, 2.0) if kills_here < 6 else 600.0
+            deadline = time.monotonic() + limit
             while proc.poll() is None and time.monotonic() < deadline:
                 writer.step()
                 time.sleep(rng.uniform(0.0, 0.05))
             if proc.poll() is None:
+                kills_here += 1
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(60)
                 kills += 1
@@ -127,8 +137,7 @@ def test_migration_killed_and_raced_by_writers_loses_and_resurrects_nothing(tmp_
             output = proc.stdout.read() if proc.stdout else ""
             assert proc.returncode == 0, output[-3000:]
             done = True
-        writer.step()  # after the cut-over the old gallery refuses every write
-        assert writer.sealed or Migration(folder / "mig").cut_over_done
+        assert Migration(folder / "mig").cut_over_done
         with pytest.raises(GallerySealedError):
             old.add(unit_rows(1, 32, seed=999), ["after"], [{"image": str(images[0])}], space=OLD_SPACE)
         with Gallery.open(folder / "mig" / "gallery") as new:
