@@ -21,8 +21,10 @@ import inspect
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,6 +128,12 @@ class DistContext:
             else:
                 dist.barrier()
 
+    def wait_for_file(self, path: Path, poll_s: float = 1.0) -> None:
+        """Wait, outside any collective (so without the process group's timeout), until `path` exists: for
+        rank 0's long work (embedding the training data). If rank 0 fails, torchrun stops this process."""
+        while not Path(path).exists():
+            time.sleep(poll_s)
+
     def check_same(self, value: Any, what: str) -> None:
         """Refuse to train when the ranks disagree (e.g. another model or config on one of them): their
         updates would silently average two different problems."""
@@ -145,14 +153,20 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto": this rank's GPU when CUDA is available, else the CPU."""
+def resolve_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """"auto": this rank's GPU when CUDA is available, else the CPU. One GPU per process: more processes
+    on this machine than GPUs is refused (two ranks on one GPU: NCCL stops with "Duplicate GPU detected")."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise InputError("--device cuda, but torch sees no CUDA device; use --device cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if max(local_world_size, local_rank + 1) > gpus:
+            raise InputError(
+                f"{local_world_size} training processes on this machine but {gpus} GPU(s): each process needs a GPU"
+                f" of its own. Use --nproc {gpus} (or fewer), or --device cpu for CPU processes")
+        return torch.device("cuda", local_rank)
     if device != "cpu":
         raise InputError(f"device must be auto, cpu or cuda, not {device!r}")
     return torch.device("cpu")
@@ -168,7 +182,7 @@ def process_group(device: str = "auto", backend: str | None = None, timeout_s: f
         yield DistContext.local(resolve_device(device))
         return
     local_rank = int(os.environ["LOCAL_RANK"])
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")

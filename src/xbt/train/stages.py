@@ -525,6 +525,10 @@ def _caption_cache(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, c
     return cache
 
 
+#: The file rank 0 writes under the run's folder once the training data is embedded (and removes after).
+DATA_READY = ".training-data-ready"
+
+
 def train_xbt(
     cfg: XBTConfig,
     out: str | Path,
@@ -536,11 +540,13 @@ def train_xbt(
     precision: str | None = None,
     train_pairs: Sequence[Pair] | None = None,
     text_corpus: Sequence[str] | None = None,
+    num_workers: int | None = None,
 ) -> CompatibleModel:
     """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`.
 
     `precision` (fp32, bf16, fp16 on CUDA): autocast in embedding the training data and in every training
     step, recorded in training_report.json; None keeps the new model's own (`configure`; fp32 by default).
+    `num_workers`: DataLoader workers decoding the training images while they are embedded (None: the models' own).
 
     `distributed`: this process's place in a data-parallel run (`xbt.train.distributed.process_group`); rank 0
     writes every file, all ranks return the same trained model."""
@@ -556,6 +562,8 @@ def train_xbt(
             " Pick a new output folder, or delete that one to start over."
         )
     ctx.check_same(cfg.to_dict(), "the XBT config")
+    if ctx.is_main:
+        (out / DATA_READY).unlink(missing_ok=True)  # a killed run's marker: not this run's data
     ctx.barrier()  # every rank has read the saved config before rank 0 rewrites it
     if ctx.is_main:
         atomic_write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a kill never leaves half a config
@@ -564,20 +572,28 @@ def train_xbt(
     t0 = time.perf_counter()
     old = old or load_model(cfg.old)
     new = new or load_model(cfg.new)
-    if precision is not None:  # both models embed the training data on this process's device, at this precision
-        new.configure(ctx.device, precision, new.placement.num_workers)
-        old.configure(ctx.device, precision, old.placement.num_workers)
+    if precision is not None or num_workers is not None:  # both models embed the training data on this device
+        for vlp in (new, old):
+            vlp.configure(ctx.device, precision or vlp.placement.precision,
+                          vlp.placement.num_workers if num_workers is None else num_workers)
     # `train_pairs` / `text_corpus`: what cfg.train_pairs / cfg.text_corpus name, already read by the caller
     needs_corpus = cfg.stage1.enabled or cfg.projection.init == "procrustes"  # the peer's rotation fits on it too
     corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if needs_corpus else []
     all_pairs = list(train_pairs) if train_pairs is not None else resolve_pairs(cfg.train_pairs)
     pairs = subsample_pairs(all_pairs, cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
     ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
+    # Rank 0 embeds into the feature cache first; the others then read it. They wait on a file, not in a
+    # collective: at scale the embedding outlasts the process group's timeout (30 min), and torchrun stops
+    # every rank if rank 0 fails.
+    ready = out / DATA_READY
     if not ctx.is_main:
-        ctx.barrier()  # rank 0 embeds into the feature cache first; the others then read it
+        ctx.wait_for_file(ready)
     data = prepare_data(old, new, corpus, pairs, show_progress and ctx.is_main)
     if ctx.is_main:
-        ctx.barrier()
+        atomic_write_text(ready, "done\n")
+    ctx.barrier()  # every rank has its data: the marker can go
+    if ctx.is_main:
+        ready.unlink(missing_ok=True)
     old_space = old.space
     del old  # from here on, only cached old-model embeddings are used
     timings["prepare_s"] = time.perf_counter() - t0
