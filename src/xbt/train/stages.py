@@ -212,7 +212,7 @@ def subsample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
 def prepare_data(old: VLPModel, new: VLPModel, corpus: list[str], pairs: list[Pair], show_progress: bool = True) -> TrainingData:
     """Embed the training data with both models once (through the feature cache): afterwards the old
     model is never needed again."""
-    empty = torch.zeros(0, 1)
+    empty = torch.zeros(0, 1)  # cpu-only: the data is made on the host; train_xbt moves it to the device
     if pairs:
         old_emb, new_emb = embed_pairs(old, pairs, show_progress), embed_pairs(new, pairs, show_progress)
         images = (torch.from_numpy(new_emb.images), torch.from_numpy(old_emb.images))
@@ -251,6 +251,7 @@ def add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> 
     """Gaussian noise whose expected norm is `noise_std`, then back to the unit sphere."""
     if noise_std <= 0:
         return x
+    # cpu-only: drawn from the step's CPU generator (the same noise on every device and rank), then moved
     noise = torch.randn(x.shape, generator=generator) * (noise_std / math.sqrt(x.shape[1]))
     return F.normalize(x + noise.to(x.device), dim=-1)
 
@@ -376,7 +377,7 @@ class CaptionCache:
             if limit_bytes is not None and int(self.lengths.sum()) * hidden[0, 0].nbytes > limit_bytes:
                 self.too_large, self.estimated_bytes = True, int(self.lengths.sum()) * hidden[0, 0].nbytes
                 return
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.lengths, 0)])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=self.lengths.device), torch.cumsum(self.lengths, 0)])
         self.states = torch.cat(pieces)  # type: ignore[arg-type]
 
     @property
