@@ -123,6 +123,39 @@ def test_tower_outputs_move_pixels_and_tokens_to_the_tower():
     assert run_on_meta(lambda: tower_outputs(text_tower, tokens)).device == META
 
 
+class _StandInTower(nn.Module):
+    """A locked tower with the interface the testbed's feature functions use (cache_id, out_dim, transform,
+    tokenize), tiny and without weights files."""
+
+    cache_id, out_dim = "stand-in-tower", 5
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, self.out_dim))
+        self.text = _TextTower()
+
+    def transform(self, image):
+        return torch.from_numpy(np.asarray(image.convert("RGB").resize((4, 4)), dtype=np.float32)).permute(2, 0, 1)
+
+    def tokenize(self, texts):
+        ids = torch.tensor([[1 + len(t) % 9, 2, 3] for t in texts])  # cpu-only: a tokenizer's output is on the host
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def forward(self, inputs):
+        return self.text(inputs) if isinstance(inputs, dict) else self.image(inputs)
+
+
+def test_testbed_tower_features_feed_the_towers_device(xbt_home, image_files):
+    """tower_text_features / tower_image_features (the testbed's and prime_lit_cache's tower pass) with the
+    tower on the device: CPU token ids and pixels go there; the cache takes host vectors (item 3)."""
+    from xbt.data.testbed import tower_image_features, tower_text_features
+
+    tower = _StandInTower().to(META)
+    run_on_meta(lambda: tower_text_features(tower, ["a red apple", "two dogs"], show_progress=False), ends_on_host=True)
+    run_on_meta(lambda: tower_image_features(tower, [str(p) for p in image_files[:2]], show_progress=False),
+                ends_on_host=True)
+
+
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_a_vlp_models_encoders_feed_its_device(modality, tiny_openclip_names):
     """encode_image / encode_text: the pixels and token ids go to the model's device; the CPU output buffer
