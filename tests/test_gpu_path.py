@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
-import time
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,14 +49,46 @@ def test_more_training_processes_than_gpus_is_refused(monkeypatch):
 
 
 # ----- item 7: the other ranks wait outside the process group; xbt train --num-workers -----------------------------
-def test_waiting_for_rank_0_is_a_file_not_a_collective(tmp_path):
-    from xbt.train.distributed import DistContext
+WAITING_RANKS = """
+import sys, time
+from xbt.train.distributed import process_group
+with process_group("cpu", timeout_s=2) as ctx:  # a 2 s process-group timeout stands for torch's 30 min
+    if ctx.is_main:
+        time.sleep(6)  # rank 0 embeds the training data
+    (ctx.wait_for_main if sys.argv[1] == "wait_for_main" else ctx.barrier)()
+    print(f"rank {ctx.rank} went on", flush=True)
+"""
 
-    marker = tmp_path / "ready"
-    threading.Timer(0.3, marker.write_text, args=("done",)).start()
-    t0 = time.perf_counter()
-    DistContext(1, 2, torch.device("cpu"), True).wait_for_file(marker, poll_s=0.05)
-    assert marker.exists() and time.perf_counter() - t0 >= 0.25
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(tmp_path, how: str) -> list[subprocess.CompletedProcess]:
+    script = tmp_path / "ranks.py"
+    script.write_text(WAITING_RANKS)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script), how], env=base | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outs)]
+
+
+@pytest.mark.slow
+def test_the_other_ranks_outwait_the_process_groups_timeout(tmp_path):
+    """While rank 0 embeds the training data longer than the process group's timeout, the other ranks wait on
+    a barrier of their own (wait_for_main) and all go on; a plain barrier (the old wait) times out."""
+    waited = _two_ranks(tmp_path, "wait_for_main")
+    assert [r.returncode for r in waited] == [0, 0], [r.stdout[-1500:] for r in waited]
+    assert "rank 1 went on" in waited[1].stdout
+    plain = _two_ranks(tmp_path, "barrier")
+    assert plain[1].returncode != 0 and "rank 1 went on" not in plain[1].stdout
 
 
 def test_xbt_train_passes_num_workers_to_training_and_to_torchrun(tmp_path, monkeypatch):

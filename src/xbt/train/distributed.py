@@ -21,10 +21,8 @@ import inspect
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +32,8 @@ from torch import nn
 from xbt.errors import InputError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: How long the other ranks wait for rank 0's embedding of the training data (`DistContext.wait_for_main`).
+LONG_WAIT_S = 24 * 3600.0
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:
@@ -80,6 +80,7 @@ class DistContext:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     distributed: bool = False
+    wait_group: Any = field(default=None, compare=False)  # the long-timeout gloo group of `wait_for_main`
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> DistContext:
@@ -128,11 +129,13 @@ class DistContext:
             else:
                 dist.barrier()
 
-    def wait_for_file(self, path: Path, poll_s: float = 1.0) -> None:
-        """Wait, outside any collective (so without the process group's timeout), until `path` exists: for
-        rank 0's long work (embedding the training data). If rank 0 fails, torchrun stops this process."""
-        while not Path(path).exists():
-            time.sleep(poll_s)
+    def wait_for_main(self) -> None:
+        """A barrier for rank 0's long work (embedding the training data while the others wait): on a gloo
+        group of its own whose timeout is LONG_WAIT_S, not the process group's (30 min, which an embedding at
+        COCO scale outlasts). The others call it before, rank 0 after the work. If rank 0 fails, torchrun
+        stops the others."""
+        if self.distributed:
+            dist.barrier(group=self.wait_group)
 
     def check_same(self, value: Any, what: str) -> None:
         """Refuse to train when the ranks disagree (e.g. another model or config on one of them): their
@@ -188,7 +191,8 @@ def process_group(device: str = "auto", backend: str | None = None, timeout_s: f
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        yield DistContext(dist.get_rank(), dist.get_world_size(), dev, True)
+        waits = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, LONG_WAIT_S)))
+        yield DistContext(dist.get_rank(), dist.get_world_size(), dev, True, waits)
     finally:
         dist.destroy_process_group()
 

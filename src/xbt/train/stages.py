@@ -526,10 +526,6 @@ def _caption_cache(model: CompatibleModel, data: TrainingData, cfg: XBTConfig, c
     return cache
 
 
-#: The file rank 0 writes under the run's folder once the training data is embedded (and removes after).
-DATA_READY = ".training-data-ready"
-
-
 def train_xbt(
     cfg: XBTConfig,
     out: str | Path,
@@ -563,8 +559,6 @@ def train_xbt(
             " Pick a new output folder, or delete that one to start over."
         )
     ctx.check_same(cfg.to_dict(), "the XBT config")
-    if ctx.is_main:
-        (out / DATA_READY).unlink(missing_ok=True)  # a killed run's marker: not this run's data
     ctx.barrier()  # every rank has read the saved config before rank 0 rewrites it
     if ctx.is_main:
         atomic_write_text(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a kill never leaves half a config
@@ -583,18 +577,13 @@ def train_xbt(
     all_pairs = list(train_pairs) if train_pairs is not None else resolve_pairs(cfg.train_pairs)
     pairs = subsample_pairs(all_pairs, cfg.max_pairs, cfg.seed) if cfg.max_pairs != 0 else []
     ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
-    # Rank 0 embeds into the feature cache first; the others then read it. They wait on a file, not in a
-    # collective: at scale the embedding outlasts the process group's timeout (30 min), and torchrun stops
-    # every rank if rank 0 fails.
-    ready = out / DATA_READY
+    # Rank 0 embeds into the feature cache first; the others then read it. They wait on a barrier without the
+    # process group's 30-minute timeout, which an embedding at scale outlasts (DistContext.wait_for_main).
     if not ctx.is_main:
-        ctx.wait_for_file(ready)
+        ctx.wait_for_main()
     data = prepare_data(old, new, corpus, pairs, show_progress and ctx.is_main)
     if ctx.is_main:
-        atomic_write_text(ready, "done\n")
-    ctx.barrier()  # every rank has its data: the marker can go
-    if ctx.is_main:
-        ready.unlink(missing_ok=True)
+        ctx.wait_for_main()
     old_space = old.space
     del old  # from here on, only cached old-model embeddings are used
     timings["prepare_s"] = time.perf_counter() - t0
