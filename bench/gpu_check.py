@@ -8,8 +8,10 @@ ones), at fp32 / bf16 / fp16 through xbt's own encoders (`VLPModel.configure` + 
 `encode_text`): images/s (preprocessed pixels, and PNG files decoded by DataLoader workers), texts/s and
 peak GPU memory; GPU vectors against CPU fp32 vectors of the same weights (cosine, max |difference|, the
 embedding space unchanged), a compatible model's map on the GPU, and a few XBT training steps on the GPU
-(steps/s, peak memory). Without CUDA it writes {"measured": false, "reason": "not measured: no GPU was
-available"} and exits 0: no figure is ever made up. `--smoke-on-cpu` runs the measuring code on the CPU with
+(steps/s, peak memory). The figure is written after every step, and a step that fails (out of memory, a
+crash) is recorded with its error while the next steps run: a run cut short keeps what it finished
+(`"complete": false` until the end). Without CUDA it writes {"measured": false, "reason": "not measured: no GPU
+was lent"} and exits 0: no figure is ever made up. `--smoke-on-cpu` runs the measuring code on the CPU with
 tiny sizes (to check the script itself); its output is marked `"smoke": true` and is not a GPU figure.
 """
 
@@ -22,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ import torch  # noqa: E402
 
 from _harness import load_average, machine_info  # noqa: E402
 
-NOT_MEASURED = "not measured: no GPU was available"
+NOT_MEASURED = "not measured: no GPU was lent"
 CAPTIONS = ["a red apple on a wooden table", "two dogs playing in the snow", "a city street at night with lights",
             "a bowl of soup", "an old man reading a newspaper", "a small boat on a calm lake", "a cat asleep", "a kite"]
 # Agreement with CPU fp32 vectors expected of each precision (cosine of the same input's two vectors).
@@ -183,6 +186,32 @@ def training_figures(device: torch.device, old_name: str, new_name: str, precisi
     }
 
 
+def run_step(figure: dict[str, Any], out: Path, section: str, label: dict[str, Any], measure) -> None:
+    """One step of the check: measure() appended to figure[section] (or, when it raises, `label` with the
+    error: the next steps still run), and the figure written at once, so a run cut short (out of memory, a
+    timeout, a kill) keeps every step it finished."""
+    t0 = time.perf_counter()
+    try:
+        entry = measure()
+    except Exception as exc:  # noqa: BLE001 - recorded in the figure; the run goes on with the next step
+        entry = label | {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                         "traceback": traceback.format_exc().splitlines()[-6:]}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    entry["step_seconds"] = round(time.perf_counter() - t0, 2)
+    figure.setdefault(section, []).append(entry)
+    figure["steps_done"] = figure.get("steps_done", 0) + 1
+    _write(out, figure)
+
+
+def within_tolerance(figure: dict[str, Any]) -> bool | None:
+    """Every measured precision within its cosine tolerance with the space unchanged (None: none measured)."""
+    entries = [e for row in figure.get("encoding", []) for e in row.get("precisions", {}).values()]
+    if not entries:
+        return None
+    return all(e["vs_cpu_fp32"]["within_tolerance"] and e["space_unchanged"] for e in entries)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "gpu.json")
@@ -207,30 +236,30 @@ def main(argv: list[str] | None = None) -> int:
     precisions = ["fp32", "bf16"] if smoke else ["fp32", "bf16", "fp16"]
     n_images, n_texts = (8, 16) if smoke else (args.images, args.texts)
     workers = 2 if smoke else args.workers
-    figure |= {"measured": not smoke, "smoke": smoke, "device": str(device),
+    figure |= {"measured": not smoke, "smoke": smoke, "device": str(device), "complete": False,
                "gpu": None if smoke else torch.cuda.get_device_name(0)}
+    _write(args.out, figure)  # from the first second on, the file says what ran where
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["XBT_HOME"] = str(work / "xbt_home")  # the feature cache of the training figure stays here
         files = _png_files(work / "png", 4 if smoke else 512)
-        figure["encoding"] = [encode_figures(name, device, precisions, n_images, n_texts, 4 if smoke else 64, workers,
-                                             files, 1 if smoke else 3) for name in names]
-        if not args.skip_training:
-            figure["training"] = []
-            for p in (["bf16"] if smoke else ["fp32", "bf16", "fp16"]):
-                _write(args.out, figure)  # the encoding figures survive a failure below (one run on a lent GPU)
-                try:
-                    figure["training"].append(training_figures(device, "ViT-B-32", names[-1], p, 8 if smoke else 512,
-                                                               4 if smoke else 128, work / f"train-{p}"))
-                except Exception as exc:  # noqa: BLE001 - recorded in the figure, the run goes on
-                    figure["training"].append({"precision": p, "error": f"{type(exc).__name__}: {exc}"})
+        for name in names:
+            run_step(figure, args.out, "encoding", {"model": f"openclip:{name}"},
+                     lambda: encode_figures(name, device, precisions, n_images, n_texts, 4 if smoke else 64, workers,
+                                            files, 1 if smoke else 3))
+        for p in ([] if args.skip_training else ["bf16"] if smoke else ["fp32", "bf16", "fp16"]):
+            run_step(figure, args.out, "training", {"precision": p},
+                     lambda: training_figures(device, "ViT-B-32", names[-1], p, 8 if smoke else 512,
+                                              4 if smoke else 128, work / f"train-{p}"))
     figure["seconds"] = round(time.perf_counter() - t0, 1)
     figure["load_average_end"] = load_average()
-    figure["all_within_tolerance"] = all(e["vs_cpu_fp32"]["within_tolerance"] and e["space_unchanged"]
-                                         for row in figure["encoding"] for e in row["precisions"].values())
+    figure["all_within_tolerance"] = within_tolerance(figure)
+    figure["errors"] = sum("error" in e for section in ("encoding", "training") for e in figure.get(section, []))
+    figure["complete"] = True
     _write(args.out, figure)
-    print(json.dumps({"out": str(args.out), "seconds": figure["seconds"], "all_within_tolerance": figure["all_within_tolerance"]}))
+    print(json.dumps({"out": str(args.out), "seconds": figure["seconds"], "errors": figure["errors"],
+                      "all_within_tolerance": figure["all_within_tolerance"]}))
     return 0
 
 

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs on the CPU by design, also on a GPU host: its figures and tolerances are the CPU's. Tests
+# marked `gpu` (the GPU path, compared by cosine) run only with XBT_TEST_GPU=1 (bench/gpu_first_run.sh).
+GPU_TESTS = os.environ.get("XBT_TEST_GPU") == "1"
+if not GPU_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -161,3 +166,16 @@ def pytest_runtest_makereport(item, call):
     report.outcome = "failed"
     report.longrepr = (f"skipped under XBT_REQUIRE_ALL=1 ({reason}): install what the test needs (./run.sh setup does)"
                        " or build it in a fixture; only tests marked gpu or cpu_only may skip")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need XBT_TEST_GPU=1 and a CUDA GPU; elsewhere they are reported as skipped, with the reason."""
+    import torch
+
+    if GPU_TESTS and torch.cuda.is_available():
+        return
+    reason = ("the GPU path: run with XBT_TEST_GPU=1 on a CUDA machine (bench/gpu_first_run.sh)" if not GPU_TESTS
+              else "XBT_TEST_GPU=1, but torch sees no CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

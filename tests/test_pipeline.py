@@ -27,7 +27,8 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
     config["stage2"]["epochs"] = 1
     config["max_pairs"] = 64
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(config))
-    job = UpgradeJob.testbed(xbt_config=str(tmp_path / "quick.yaml"), peers=["procrustes-text", "slerp"], n_example_queries=2)
+    job = UpgradeJob.testbed(xbt_config=str(tmp_path / "quick.yaml"), peers=["procrustes-text", "slerp"], n_example_queries=2,
+                              device="cpu")  # the CPU by design: a GPU host runs the GPU path in tests/test_gpu_path.py
     logs: list[str] = []
     summary = run_upgrade(job, tmp_path / "out", show_progress=False, log=logs.append)
     results = json.loads(open(summary["results"]).read())
@@ -79,7 +80,8 @@ def test_the_printed_serve_command_serves_the_recommended_model(tmp_path):
     config["stage1"]["epochs"] = 2
     config["stage2"]["enabled"] = False
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(config))
-    job = UpgradeJob.testbed(xbt_config=str(tmp_path / "quick.yaml"), peers=["procrustes-both", "slerp"], n_example_queries=1)
+    job = UpgradeJob.testbed(xbt_config=str(tmp_path / "quick.yaml"), peers=["procrustes-both", "slerp"], n_example_queries=1,
+                              device="cpu")
     summary = run_upgrade(job, tmp_path / "out", show_progress=False, log=lambda line: None)
     assert summary["models"]["method"] is not None, summary["recommendation"]
     serve_line = next(line for line in summary["deploy_commands"] if line.startswith("xbt serve"))

@@ -117,7 +117,7 @@ def test_two_processes_train_the_single_process_model(ddp_setup, tmp_path, xbt_h
     src = str(Path(xbt.__file__).parents[1])
     env = {**os.environ, "XBT_HOME": str(xbt_home), "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "xbt.cli", "train", "--config", str(ddp_setup), "--out", str(tmp_path / "ddp"),
-                          "--nproc", "2"], env=env, capture_output=True, text=True, timeout=600)
+                          "--nproc", "2", "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "ddp" / "training_report.json").read_text())
     single = json.loads((tmp_path / "single" / "training_report.json").read_text())

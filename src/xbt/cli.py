@@ -184,6 +184,7 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (launches torchrun; one per GPU)."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when torch sees one), cpu (gloo between processes) or cuda (one GPU per process, NCCL)."),
     precision: Precision = "fp32",
+    num_workers: Workers = 0,
 ) -> None:
     """Train a compatible model (XBT: text-only projection pretraining, then LoRA + projection on pairs).
 
@@ -195,7 +196,8 @@ def train(
     from xbt.train.stages import XBTConfig, train_xbt
 
     if nproc > 1 and not under_torchrun():
-        args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device, "--precision", precision]
+        args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device, "--precision", precision,
+                "--num-workers", str(num_workers)]
         args += ["--max-pairs", str(max_pairs)] if max_pairs is not None else []
         args += ["--seed", str(seed)] if seed is not None else []
         args += [x for item in set_ or [] for x in ("--set", item)]
@@ -219,7 +221,8 @@ def train(
             cfg.seed = seed
         t0 = time.perf_counter()
         with process_group(device) as ctx:
-            model = train_xbt(cfg, out, show_progress=ctx.is_main, distributed=ctx, precision=precision)
+            model = train_xbt(cfg, out, show_progress=ctx.is_main, distributed=ctx, precision=precision,
+                              num_workers=num_workers)
     except XbtError as exc:
         _fail(exc)
     if ctx.is_main:

@@ -12,6 +12,7 @@ a small training set cannot make the adapter worse than the rotation it starts f
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import numpy as np
@@ -120,7 +121,9 @@ class ResidualAdapter(CompatMethod):
 
     def to_map(self) -> ResidualMap:
         self._require_fitted(self.mlp, self.rotation)
-        query_map = ResidualMap(self.new_space.dim, self.old_space.dim, self.hidden, self.dropout, mlp=self.mlp)
+        # A copy: the map is moved to the new model's device in place (CompatibleModel, configure), and the
+        # fitted adapter must stay where it was fitted (the CPU), for its own transform and for the next map.
+        query_map = ResidualMap(self.new_space.dim, self.old_space.dim, self.hidden, self.dropout, mlp=copy.deepcopy(self.mlp))
         query_map.rotation = LinearMap.from_arrays(self.rotation)
         return query_map.eval()
 

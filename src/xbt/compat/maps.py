@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xbt.errors import InputError
+from xbt.models.device import model_device
 
 
 class QueryMap(nn.Module):
@@ -44,9 +45,11 @@ class QueryMap(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            new_t = F.normalize(torch.as_tensor(np.asarray(new, dtype=np.float32)), dim=-1)
-            old_t = F.normalize(torch.as_tensor(np.asarray(old, dtype=np.float32)), dim=-1) if self.needs_old_query else None
-            return F.normalize(self(new_t, old_t).float(), dim=-1).numpy()
+            device = model_device(self)
+            new_t = F.normalize(torch.as_tensor(np.asarray(new, dtype=np.float32), device=device), dim=-1)
+            old_t = (F.normalize(torch.as_tensor(np.asarray(old, dtype=np.float32), device=device), dim=-1)
+                     if self.needs_old_query else None)
+            return F.normalize(self(new_t, old_t).float(), dim=-1).cpu().numpy()
         finally:
             self.train(was_training)
 
@@ -60,8 +63,9 @@ class LinearMap(QueryMap):
     def __init__(self, in_dim: int, out_dim: int, bias: bool = False):
         super().__init__(in_dim, out_dim)
         self.has_bias = bool(bias)
+        # cpu-only: built on the CPU like every nn.Module parameter, moved with the module (.to / configure)
         self.weight = nn.Parameter(torch.zeros(in_dim, out_dim), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_dim), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_dim), requires_grad=False) if bias else None  # cpu-only: as above
 
     @classmethod
     def from_arrays(cls, weight: np.ndarray, bias: np.ndarray | None = None) -> LinearMap:
@@ -175,9 +179,10 @@ class Projection(QueryMap):
     @torch.no_grad()
     def init_least_squares(self, new: torch.Tensor, old: torch.Tensor, ridge: float = 1e-2) -> None:
         """Closed-form ridge fit of the linear part on paired (new, old) vectors, e.g. a text corpus."""
-        x = torch.cat([new, torch.ones(new.shape[0], 1)], dim=1).double()
-        gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
-        w = torch.linalg.solve(gram, x.T @ old.double())
+        x = torch.cat([new, torch.ones(new.shape[0], 1, dtype=new.dtype, device=new.device)], dim=1).double()
+        gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+        w = torch.linalg.solve(gram, x.T @ old.to(x.device).double())
+        w = w.to(self.linear.weight.device)
         self.linear.weight.copy_(w[:-1].T.float())
         self.linear.bias.copy_(w[-1].float())
 
@@ -185,11 +190,13 @@ class Projection(QueryMap):
     def init_linear(self, weight: torch.Tensor | np.ndarray, bias: torch.Tensor | np.ndarray | None = None) -> None:
         """Set the linear part to x W (+ b), W given as (in_dim, out_dim) like the closed-form fits produce
         (e.g. a Procrustes rotation, `xbt.compat.procrustes`); no bias: zero."""
-        weight = torch.as_tensor(np.asarray(weight, dtype=np.float32))
+        device = self.linear.weight.device
+        weight = torch.as_tensor(np.asarray(weight, dtype=np.float32), device=device)
         if tuple(weight.shape) != (self.in_dim, self.out_dim):
             raise InputError(f"projection init: a ({self.in_dim}, {self.out_dim}) matrix is needed, not {tuple(weight.shape)}")
         self.linear.weight.copy_(weight.T)
-        self.linear.bias.copy_(torch.as_tensor(np.asarray(bias, dtype=np.float32)) if bias is not None else torch.zeros(self.out_dim))
+        self.linear.bias.copy_(torch.as_tensor(np.asarray(bias, dtype=np.float32), device=device) if bias is not None
+                               else torch.zeros(self.out_dim, device=device))
 
     def orthogonality_gap(self) -> torch.Tensor:
         """||G - I||_F^2 / k for the linear part's k x k Gram matrix over its smaller side (k = min(in, out)):

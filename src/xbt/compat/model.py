@@ -150,23 +150,7 @@ class CompatibleModel(VLPModel):
         """Old-space queries from vectors the unadapted new model (and, for an ensemble, the old model)
         already computed: the evaluation's fast path. Valid for a tower without LoRA adapters. NumPy in
         and out; a map on a GPU (the model was configured there) computes there."""
-        device = model_device(self.query_map)
-        if device.type == "cpu":
-            return self.query_map.apply(new_vectors, old_vectors)
-        if self.query_map.needs_old_query and old_vectors is None:
-            raise InputError(f"{self.method} is an ensemble: it needs the old model's vectors of the same queries")
-
-        def tensor(v: Any) -> torch.Tensor:
-            return F.normalize(torch.as_tensor(np.asarray(v, dtype=np.float32), device=device), dim=-1)
-
-        was_training = self.query_map.training
-        self.query_map.eval()
-        try:
-            with torch.inference_mode():
-                old = tensor(old_vectors) if self.query_map.needs_old_query else None
-                return F.normalize(self.query_map(tensor(new_vectors), old).float(), dim=-1).cpu().numpy()
-        finally:
-            self.query_map.train(was_training)
+        return self.query_map.apply(new_vectors, old_vectors)
 
     @property
     def image_transform(self):

@@ -36,6 +36,20 @@ def file_key(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def device_cache_tag(device) -> str:
+    """What a feature cache key adds for vectors made on `device` (a torch.device): nothing on the CPU (so
+    caches made before devices were told apart stay valid); on a GPU its kind and whether TF32 matmuls /
+    convolutions were allowed, since fp32 vectors made there differ from the CPU's beyond float rounding."""
+    if device.type == "cpu":
+        return ""
+    import torch
+
+    if device.type != "cuda":
+        return f"-{device.type}"
+    tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return "-cuda-tf32" if tf32 else "-cuda"
+
+
 SHARD_GLOB = "shard-*.npz"
 TMP_PREFIX = ".tmp-"
 QUARANTINE = "quarantine"

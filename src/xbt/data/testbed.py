@@ -38,7 +38,7 @@ import torch
 
 from xbt.assets import minilm_path, openclipart_root, tuxpaint_root
 from xbt.data.captions import DICTIONARY, cap_copies, clean_title, english_vocabulary
-from xbt.data.features import cached_image_features, cached_text_features
+from xbt.data.features import cached_image_features, cached_text_features, device_cache_tag
 from xbt.data.images import load_image
 from xbt.data.pairs import Pair, read_pairs, write_pairs
 from xbt.errors import AssetMissingError
@@ -250,6 +250,21 @@ def build_splits(seed: int = SPLIT_SEED, show_progress: bool = True) -> dict[str
 
 
 # ----- tower features and models --------------------------------------------------------------
+def tower_outputs(tower, inputs: torch.Tensor | dict[str, Any]) -> torch.Tensor:
+    """tower(inputs) on the tower's device (pixels, or a tokenizer's dict, moved there), float32, no grad;
+    the result stays on that device."""
+    device = next(iter(tower.parameters())).device
+    moved = inputs.to(device) if isinstance(inputs, torch.Tensor) else {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with torch.inference_mode():
+        return tower(moved).float()
+
+
+def tower_device_tag(tower) -> str:
+    """The feature-cache suffix of the device the tower runs on ("" on the CPU: the keys of earlier runs)."""
+    return device_cache_tag(next(iter(tower.parameters())).device)
+
+
 def tower_image_features(tower, images: Sequence[str], show_progress: bool = True) -> np.ndarray:
     """The tower's features of `images`, cached. Decoding and preprocessing of the next batch (PIL, which
     releases the GIL) run in a thread while the tower encodes the current one; the values are those of
@@ -266,11 +281,12 @@ def tower_image_features(tower, images: Sequence[str], show_progress: bool = Tru
                 batch = ahead.result()
                 if i + 1 < len(chunks):
                     ahead = decoder.submit(pixels, chunks[i + 1])
-                out.append(tower(batch).float().numpy())
+                out.append(tower_outputs(tower, batch).cpu().numpy())
         return np.concatenate(out)
 
+    cache_id = tower.cache_id + tower_device_tag(tower)
     return _timed(f"{tower.cache_id} images", len(images),
-                  lambda: cached_image_features(tower.cache_id, encode, images, label=f"{tower.cache_id} images",
+                  lambda: cached_image_features(cache_id, encode, images, label=f"{tower.cache_id} images",
                                                 show_progress=show_progress))
 
 
@@ -289,10 +305,10 @@ def tower_text_features(tower, texts: Sequence[str], show_progress: bool = True)
         with torch.inference_mode():
             for start in range(0, len(order), TEXT_BATCH):
                 rows = order[start : start + TEXT_BATCH]
-                out[rows] = tower(tower.tokenize([batch_texts[i] for i in rows])).float().numpy()
+                out[rows] = tower_outputs(tower, tower.tokenize([batch_texts[i] for i in rows])).cpu().numpy()
         return out
 
-    cache_id = f"{tower.cache_id}-{TEXT_BATCHING}"
+    cache_id = f"{tower.cache_id}-{TEXT_BATCHING}" + tower_device_tag(tower)
     return _timed(f"{cache_id} texts", len(texts),
                   lambda: cached_text_features(cache_id, encode, texts, label=f"{tower.cache_id} texts",
                                                show_progress=show_progress))

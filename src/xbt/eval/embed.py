@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from xbt.data.features import cached_image_features, cached_text_features
+from xbt.data.features import cached_image_features, cached_text_features, device_cache_tag
 from xbt.data.pairs import Pair, unique_images
 from xbt.models.base import EmbeddingSpace, VLPModel
 
@@ -24,10 +25,12 @@ class PairEmbeddings:
 
 
 def encoder_cache_id(model: VLPModel, modality: str) -> str:
-    """The feature cache's key: what the encoder computes, and its precision when not fp32 (bf16 / fp16
-    vectors are cached apart; fp32 ones are shared across devices, equal to float tolerance)."""
+    """The feature cache's key: what the encoder computes, its precision when not fp32 (bf16 / fp16 vectors
+    are cached apart), and the device kind when not the CPU (GPU fp32 vectors, TF32 by default on recent
+    GPUs, are cached apart from the CPU's; CPU keys are those of earlier xbt versions)."""
     precision = model.placement.precision
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model.encoder_id}-{modality}" + ("" if precision == "fp32" else f"-{precision}"))
+    key = f"{model.encoder_id}-{modality}" + ("" if precision == "fp32" else f"-{precision}") + device_cache_tag(model.device)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
 def caption_image_index(pairs: Sequence[Pair]) -> list[int]:
@@ -61,14 +64,20 @@ def embed_texts(model: VLPModel, texts: Sequence[str], show_progress: bool = Fal
     )
 
 
+def head_vectors(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Unit vectors of a lit model's linear head over tower features, computed where the head is (the
+    features are moved there); float32, on the head's device."""
+    device = next(iter(head.parameters())).device
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(head(features.to(device)), dim=-1).float()
+
+
 def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence[str] = (), show_progress: bool = False) -> None:
     """Fill the vector cache of a lit model (locked towers + linear heads) from its towers' cached
     features: the heads run in milliseconds, so a newly trained head (e.g. one per cross-validation fold)
     over items the towers have already seen encodes no image and no caption again. Afterwards
     `embed_pairs` / `embed_texts` of those items read the cache. Vectors equal the encoder's to float
     tolerance (same towers, same inputs, another batching)."""
-    import torch
-
     from xbt.data.testbed import tower_image_features, tower_text_features
     from xbt.errors import InputError
     from xbt.models.lit import LitModel
@@ -77,8 +86,7 @@ def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence
         raise InputError(f"{model.spec or model.space.name} is not a lit model (locked towers + heads): nothing to prime")
 
     def through(head, features: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.nn.functional.normalize(head(torch.from_numpy(features)), dim=-1).float().numpy()
+        return head_vectors(head, torch.from_numpy(features)).cpu().numpy()
 
     images = [p.image for p in unique_images(pairs)]
     if images:

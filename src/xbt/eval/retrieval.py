@@ -81,11 +81,11 @@ def best_positive_rank(
         rows = torch.from_numpy(np.repeat(np.arange(stop - start), counts[start:stop]))
         cols = torch.from_numpy(indices[offsets[start] : offsets[stop]])
         pos_scores = scores[rows, cols]
-        best = torch.full((stop - start,), -torch.inf).scatter_reduce(0, rows, pos_scores, "amax")
+        best = torch.full((stop - start,), -torch.inf, device=scores.device).scatter_reduce(0, rows, pos_scores, "amax")
         # above + tied negatives = (at or above the best positive) - (positives tied with it, itself included);
         # one comparison pass, summed in int32 (summing bools in int64 is twice as slow).
         at_or_above = (scores >= best[:, None]).sum(1, dtype=torch.int32)
-        tied_positives = torch.zeros(stop - start, dtype=torch.int32).scatter_add(0, rows, (pos_scores == best[rows]).int())
+        tied_positives = torch.zeros(stop - start, dtype=torch.int32, device=scores.device).scatter_add(0, rows, (pos_scores == best[rows]).int())
         ranks[start:stop] = (at_or_above - tied_positives).numpy()
     return ranks
 

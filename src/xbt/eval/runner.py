@@ -40,7 +40,7 @@ from xbt.eval.embed import PairEmbeddings, embed_images, embed_pairs, embed_text
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
 from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
 from xbt.models.base import EmbeddingSpace, VLPModel
-from xbt.models.device import describe
+from xbt.models.device import describe, model_device, synchronize
 from xbt.specs import load_model
 
 RESULTS_SCHEMA = "xbt.results/1"
@@ -148,15 +148,19 @@ def time_per_query_us(fn: Callable[[int], Any], batch_size: int, budget_s: float
 def map_query_cost(query_map: QueryMap, batch_sizes: Sequence[int] = COST_BATCH_SIZES, seed: int = 0) -> dict[int, float]:
     """Microseconds per query a compatible model adds on top of its encoder(s): its query map + normalise
     (LoRA, if any, can be merged into the encoder's weights at no cost), at each batch size."""
-    generator = torch.Generator().manual_seed(seed)
+    device = model_device(query_map)  # the inputs are made where the map runs (a GPU, after configure)
+    generator = torch.Generator().manual_seed(seed)  # a CPU generator: the same inputs on every device
     largest = max(batch_sizes)
-    new = torch.nn.functional.normalize(torch.randn(largest, query_map.in_dim, generator=generator), dim=-1)
-    old = torch.nn.functional.normalize(torch.randn(largest, query_map.out_dim, generator=generator), dim=-1)
+    new = torch.randn(largest, query_map.in_dim, generator=generator).to(device)  # cpu-only: drawn on the CPU, moved
+    old = torch.randn(largest, query_map.out_dim, generator=generator).to(device)  # cpu-only: as above
+    new, old = torch.nn.functional.normalize(new, dim=-1), torch.nn.functional.normalize(old, dim=-1)
     ensemble = old if query_map.needs_old_query else None
 
     @torch.inference_mode()
     def run(n: int) -> torch.Tensor:
-        return torch.nn.functional.normalize(query_map(new[:n], None if ensemble is None else ensemble[:n]), dim=-1)
+        out = torch.nn.functional.normalize(query_map(new[:n], None if ensemble is None else ensemble[:n]), dim=-1)
+        synchronize(device)  # a GPU runs asynchronously: the timer must wait for the result
+        return out
 
     was_training = query_map.training
     query_map.eval()

@@ -16,7 +16,7 @@ from torch import nn
 
 from xbt.data.images import ImageInput, load_image
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.models.device import Placement, autocast, configure, default_batch_size, model_device, to_device
+from xbt.models.device import Placement, autocast, configure, default_batch_size, model_device, split_on_oom, to_device
 from xbt.progress import progress_bar
 
 
@@ -213,7 +213,7 @@ class VLPModel(nn.Module, ABC):
         device = self.device
         size = batch_size or default_batch_size(device, "image")
         workers = self.placement.num_workers if num_workers is None else num_workers
-        out = torch.empty(len(images), self.embed_dim, dtype=torch.float32)
+        out = torch.empty(len(images), self.embed_dim, dtype=torch.float32)  # cpu-only: outputs are CPU float32 by contract
         good: list[int] = []
         failed: dict[int, str] = {}
         was_training = self.training
@@ -227,7 +227,8 @@ class VLPModel(nn.Module, ABC):
                         break
                     if positions:
                         with self.autocast():
-                            y = self.forward_image(to_device(pixels, device, non_blocking=True))
+                            y = split_on_oom(lambda a, b, p=pixels: self.forward_image(to_device(p[a:b], device, non_blocking=True)),
+                                             len(positions), device)
                         out[len(good): len(good) + len(positions)] = nn.functional.normalize(y.float(), dim=-1)
                         good += positions
                     advance(len(positions) + len(bad))
@@ -252,13 +253,13 @@ class VLPModel(nn.Module, ABC):
         was_training = self.training
         self.eval()
         device = self.device
-        out = torch.empty(n, self.embed_dim, dtype=torch.float32)
+        out = torch.empty(n, self.embed_dim, dtype=torch.float32)  # cpu-only: outputs are CPU float32 by contract
         try:
             with progress_bar(n, f"encoding {what}", show_progress) as advance:
                 for start in range(0, n, batch_size):
                     s = slice(start, min(n, start + batch_size))
-                    with self.autocast():
-                        y = fn(s, device)
+                    with self.autocast():  # halves the batch while the device is out of memory
+                        y = split_on_oom(lambda a, b, s=s: fn(slice(s.start + a, s.start + b), device), s.stop - s.start, device)
                     out[s] = nn.functional.normalize(y.float(), dim=-1)
                     advance(s.stop - s.start)
         finally:

@@ -12,7 +12,7 @@ vectors. `num_workers` > 0 decodes and preprocesses images in DataLoader worker 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,44 @@ def model_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a timer must wait); a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an accelerator running out of memory (torch.OutOfMemoryError, or the RuntimeError
+    some backends raise instead)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Give the caching allocator's unused blocks back after an out-of-memory error (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def split_on_oom(run: Callable[[int, int], torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """run(0, n), the rows of one batch; when the device runs out of memory, the two halves one after the
+    other (and so on down to one row), so a batch size chosen for a larger GPU still finishes. The same
+    rows come back; only their grouping into forward passes changes (equal to float tolerance)."""
+    try:
+        return run(0, n)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        failed = str(exc).splitlines()[0]
+    free_cached_memory(device)
+    if n <= 1:
+        raise InputError(f"one item does not fit in the memory of {device} ({failed}): free the device (other"
+                         " processes, other models on it) or use --device cpu")
+    half = n // 2
+    first = split_on_oom(run, half, device)
+    second = split_on_oom(lambda a, b: run(half + a, half + b), n - half, device)
+    return torch.cat([first, second.to(first.device)])
 
 
 def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:

@@ -15,6 +15,7 @@ weights are frozen either way); `state_dict()` builds both.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ class Head(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
+        # cpu-only: buffers are built on the CPU like parameters and moved with the module (.to / configure)
         self.register_buffer("mean", torch.zeros(in_dim))
-        self.register_buffer("std", torch.ones(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))  # cpu-only: as above
         self.proj = nn.Linear(in_dim, out_dim, bias=False)
 
     def fit_standardisation(self, features: torch.Tensor) -> None:
@@ -64,7 +66,7 @@ class LitModel(VLPModel):
             tower_dims = (self.image_tower.out_dim, self.text_tower.out_dim)
         self.image_head = Head(int(tower_dims[0]), embed_dim)
         self.text_head = Head(int(tower_dims[1]), embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # cpu-only: a parameter, moved with the module
         self._embed_dim = embed_dim
         self.name = name
         self.space_name = f"lit:{name}"  # stable wherever the folder lives

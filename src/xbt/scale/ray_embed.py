@@ -83,6 +83,25 @@ class RayOptions:
             options["num_gpus"] = self.gpus_per_actor
         return options
 
+    def actor_device(self, device: str) -> str:
+        """The device an actor's model is configured on, for the driver's `--device`. An actor that reserves
+        no GPU runs on the CPU: Ray (since 2.49) no longer hides the GPUs from actors that request none, so
+        `auto` would put every CPU actor's model copy on cuda:0, with nothing reserved. An actor that reserves
+        a GPU sees only its own, as cuda:0, so `cuda:N` cannot name it."""
+        name = (device or "auto").strip().lower()
+        if self.gpus_per_actor <= 0:
+            if name.startswith("cuda"):
+                raise InputError(f"--device {device} with Ray actors that reserve no GPU: give --gpus-per-actor"
+                                 " (e.g. 1, or 0.5 for two actors per GPU), or use --device cpu / auto")
+            return "cpu"
+        if name == "cpu":
+            raise InputError("--gpus-per-actor reserves GPUs for the actors: use --device auto or cuda, not cpu")
+        if name.startswith("cuda:"):
+            raise InputError(f"--device {device} with --gpus-per-actor: Ray gives each actor its own GPU, which"
+                             " the actor sees as cuda:0; use --device cuda (or auto), and choose the GPUs with"
+                             " CUDA_VISIBLE_DEVICES when Ray starts")
+        return name
+
 
 @dataclass
 class EmbedReport:
@@ -279,8 +298,8 @@ def embed_items(
     out.mkdir(parents=True, exist_ok=True)
     tasks = plan_shards(items, modality, shard_size, sort=sort)
     runtime = {"device": device, "precision": precision, "num_workers": num_workers}
-    if engine == "ray" and ray_options is not None and ray_options.gpus_per_actor > 0 and device == "cpu":
-        raise InputError("--gpus-per-actor reserves GPUs for the actors: use --device auto or cuda, not cpu")
+    if engine == "ray":  # checked before Ray starts; the actors get a device they can use
+        runtime["device"] = (ray_options or RayOptions()).actor_device(device)
     report = EmbedReport(str(out), engine, model, {}, modality, len(items), len(tasks))
     env = worker_env()
     t0 = time.perf_counter()

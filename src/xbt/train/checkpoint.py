@@ -85,8 +85,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def save_checkpoint(out: Path, model: Any, opt: torch.optim.Optimizer, sched: Any, ckpt: Checkpoint) -> Path:
+def save_checkpoint(out: Path, model: Any, opt: torch.optim.Optimizer, sched: Any, ckpt: Checkpoint,
+                    scaler: Any = None) -> Path:
     """Write the checkpoint of `ckpt.stage` at `ckpt.step` under `out`; durable and complete on return.
+    `scaler`: fp16 training's GradScaler, whose loss scale and growth count a resumed run must continue from.
 
     `model` is a CompatibleModel (its projection and the LoRA adapters of each adapted tower are saved)."""
     folder = _stage_dir(out, ckpt.stage)
@@ -109,7 +111,8 @@ def save_checkpoint(out: Path, model: Any, opt: torch.optim.Optimizer, sched: An
     save_file(tensors, str(tmp / STATE_TENSORS))
     fsync_path(tmp / STATE_TENSORS)
     meta = {"stage": ckpt.stage, "step": ckpt.step, "history": ckpt.history, "optimizer": opt_meta,
-            "scheduler": sched.state_dict() if sched else None, "tensors_sha256": file_sha256(tmp / STATE_TENSORS)}
+            "scheduler": sched.state_dict() if sched else None,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None, "tensors_sha256": file_sha256(tmp / STATE_TENSORS)}
     with open(tmp / STATE_JSON, "w") as f:
         f.write(json.dumps(meta))
         f.flush()
@@ -165,7 +168,7 @@ def find_checkpoint(out: Path, stage: int) -> Path | None:
 
 
 def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: Any, opt: torch.optim.Optimizer,
-             sched: Any) -> Checkpoint:
+             sched: Any, scaler: Any = None) -> Checkpoint:
     projection = {k.removeprefix("projection."): v for k, v in tensors.items() if k.startswith("projection.")}
     model.projection.load_state_dict(projection)
     for tower in model.lora_configs:
@@ -174,6 +177,8 @@ def _restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: Any,
     _unflatten_optimizer(opt, {k: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
     if sched and meta.get("scheduler"):
         sched.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta.get("grad_scaler"):  # (none: an fp32 / bf16 run, or an earlier xbt's checkpoint)
+        scaler.load_state_dict(meta["grad_scaler"])
     if "rng.torch" in tensors:  # (checkpoints of earlier xbt versions have none)
         torch.set_rng_state(tensors["rng.torch"])
         devices = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
@@ -188,7 +193,8 @@ def load_checkpoint(folder: Path, model: Any, opt: torch.optim.Optimizer, sched:
     return _restore(*_read(folder), model, opt, sched)
 
 
-def resume(out: Path, stage: int, model: Any, opt: torch.optim.Optimizer, sched: Any) -> Checkpoint | None:
+def resume(out: Path, stage: int, model: Any, opt: torch.optim.Optimizer, sched: Any,
+           scaler: Any = None) -> Checkpoint | None:
     """Restore the newest loadable checkpoint of `stage` (None: there is none, start from step 0). A damaged
     one is passed over for the one before it; nothing is restored from a checkpoint that does not verify."""
     for folder in _candidates(out, stage):
@@ -196,5 +202,5 @@ def resume(out: Path, stage: int, model: Any, opt: torch.optim.Optimizer, sched:
             tensors, meta = _read(folder)
         except ValueError:
             continue
-        return _restore(tensors, meta, model, opt, sched)
+        return _restore(tensors, meta, model, opt, sched, scaler)
     return None

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,8 @@ from torch import nn
 from xbt.errors import InputError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: How long the other ranks wait for rank 0's embedding of the training data (`DistContext.wait_for_main`).
+LONG_WAIT_S = 24 * 3600.0
 
 
 def shard_sizes(n: int, world_size: int) -> list[int]:
@@ -78,6 +80,7 @@ class DistContext:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     distributed: bool = False
+    wait_group: Any = field(default=None, compare=False)  # the long-timeout gloo group of `wait_for_main`
 
     @classmethod
     def local(cls, device: str | torch.device = "cpu") -> DistContext:
@@ -126,6 +129,14 @@ class DistContext:
             else:
                 dist.barrier()
 
+    def wait_for_main(self) -> None:
+        """A barrier for rank 0's long work (embedding the training data while the others wait): on a gloo
+        group of its own whose timeout is LONG_WAIT_S, not the process group's (30 min, which an embedding at
+        COCO scale outlasts). The others call it before, rank 0 after the work. If rank 0 fails, torchrun
+        stops the others."""
+        if self.distributed:
+            dist.barrier(group=self.wait_group)
+
     def check_same(self, value: Any, what: str) -> None:
         """Refuse to train when the ranks disagree (e.g. another model or config on one of them): their
         updates would silently average two different problems."""
@@ -145,14 +156,20 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto": this rank's GPU when CUDA is available, else the CPU."""
+def resolve_device(device: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """"auto": this rank's GPU when CUDA is available, else the CPU. One GPU per process: more processes
+    on this machine than GPUs is refused (two ranks on one GPU: NCCL stops with "Duplicate GPU detected")."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise InputError("--device cuda, but torch sees no CUDA device; use --device cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if max(local_world_size, local_rank + 1) > gpus:
+            raise InputError(
+                f"{local_world_size} training processes on this machine but {gpus} GPU(s): each process needs a GPU"
+                f" of its own. Use --nproc {gpus} (or fewer), or --device cpu for CPU processes")
+        return torch.device("cuda", local_rank)
     if device != "cpu":
         raise InputError(f"device must be auto, cpu or cuda, not {device!r}")
     return torch.device("cpu")
@@ -168,13 +185,14 @@ def process_group(device: str = "auto", backend: str | None = None, timeout_s: f
         yield DistContext.local(resolve_device(device))
         return
     local_rank = int(os.environ["LOCAL_RANK"])
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        yield DistContext(dist.get_rank(), dist.get_world_size(), dev, True)
+        waits = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, LONG_WAIT_S)))
+        yield DistContext(dist.get_rank(), dist.get_world_size(), dev, True, waits)
     finally:
         dist.destroy_process_group()
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from xbt.models.device import autocast
+from xbt.errors import InputError
+from xbt.models.device import autocast, is_out_of_memory
 from xbt.progress import progress_bar
 from xbt.train.checkpoint import Checkpoint, resume, save_checkpoint
 from xbt.train.distributed import DistContext
@@ -97,7 +98,7 @@ def train_loop(
     total, steps_per_epoch = schedule.total, schedule.steps_per_epoch
     sched = cosine_schedule(opt, total)
     start, history = 0, []
-    restored = resume(out, schedule.stage, model, opt, sched)
+    restored = resume(out, schedule.stage, model, opt, sched, scaler)
     if restored is not None:
         start, history = restored.step, restored.history
     step_fn = make_step()
@@ -108,21 +109,29 @@ def train_loop(
             epoch, within = divmod(step, steps_per_epoch)
             batch = schedule.epoch_batches(epoch)[within]
             generator = step_generator(schedule.seed, schedule.stage, step)
-            with autocast(ctx.device, precision):
-                loss, parts = step_fn(step, batch, generator)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:  # fp16: scale the loss so small gradients survive, unscale before the step (skipped on inf/nan)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            try:
+                with autocast(ctx.device, precision):
+                    loss, parts = step_fn(step, batch, generator)
+                opt.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:  # fp16: scale the loss so small gradients survive, unscale before the step (skipped on inf/nan)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise InputError(
+                    f"{label}: step {step + 1} ran out of memory on {ctx.device} (batch {len(batch)}). Lower the stage's"
+                    f" batch_size (--set stage{schedule.stage}.batch_size=...), train at --precision bf16, or"
+                    " --set stage2.gradient_checkpointing=true; the run resumes from its last checkpoint") from exc
             sched.step()
             history.append({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
             advance(1, loss=loss.item())
             if ctx.is_main and ((step + 1) % checkpoint_every == 0 or step + 1 == total):
-                save_checkpoint(out, model, opt, sched, Checkpoint(schedule.stage, step + 1, history))
+                save_checkpoint(out, model, opt, sched, Checkpoint(schedule.stage, step + 1, history), scaler)
             if stop_after_step is not None and step + 1 >= stop_after_step:
                 raise StopTraining(f"stopped after stage {schedule.stage} step {step + 1}")
     model.eval()

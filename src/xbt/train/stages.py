@@ -212,7 +212,7 @@ def subsample_pairs(pairs: list[Pair], n: int | None, seed: int) -> list[Pair]:
 def prepare_data(old: VLPModel, new: VLPModel, corpus: list[str], pairs: list[Pair], show_progress: bool = True) -> TrainingData:
     """Embed the training data with both models once (through the feature cache): afterwards the old
     model is never needed again."""
-    empty = torch.zeros(0, 1)
+    empty = torch.zeros(0, 1)  # cpu-only: the data is made on the host; train_xbt moves it to the device
     if pairs:
         old_emb, new_emb = embed_pairs(old, pairs, show_progress), embed_pairs(new, pairs, show_progress)
         images = (torch.from_numpy(new_emb.images), torch.from_numpy(old_emb.images))
@@ -251,6 +251,7 @@ def add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator) -> 
     """Gaussian noise whose expected norm is `noise_std`, then back to the unit sphere."""
     if noise_std <= 0:
         return x
+    # cpu-only: drawn from the step's CPU generator (the same noise on every device and rank), then moved
     noise = torch.randn(x.shape, generator=generator) * (noise_std / math.sqrt(x.shape[1]))
     return F.normalize(x + noise.to(x.device), dim=-1)
 
@@ -376,7 +377,7 @@ class CaptionCache:
             if limit_bytes is not None and int(self.lengths.sum()) * hidden[0, 0].nbytes > limit_bytes:
                 self.too_large, self.estimated_bytes = True, int(self.lengths.sum()) * hidden[0, 0].nbytes
                 return
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.lengths, 0)])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=self.lengths.device), torch.cumsum(self.lengths, 0)])
         self.states = torch.cat(pieces)  # type: ignore[arg-type]
 
     @property
@@ -536,11 +537,13 @@ def train_xbt(
     precision: str | None = None,
     train_pairs: Sequence[Pair] | None = None,
     text_corpus: Sequence[str] | None = None,
+    num_workers: int | None = None,
 ) -> CompatibleModel:
     """The whole program: prepare (cache old embeddings), stage 1, stage 2, save. Resumes from `out`.
 
     `precision` (fp32, bf16, fp16 on CUDA): autocast in embedding the training data and in every training
     step, recorded in training_report.json; None keeps the new model's own (`configure`; fp32 by default).
+    `num_workers`: DataLoader workers decoding the training images while they are embedded (None: the models' own).
 
     `distributed`: this process's place in a data-parallel run (`xbt.train.distributed.process_group`); rank 0
     writes every file, all ranks return the same trained model."""
@@ -564,9 +567,10 @@ def train_xbt(
     t0 = time.perf_counter()
     old = old or load_model(cfg.old)
     new = new or load_model(cfg.new)
-    if precision is not None:  # both models embed the training data on this process's device, at this precision
-        new.configure(ctx.device, precision, new.placement.num_workers)
-        old.configure(ctx.device, precision, old.placement.num_workers)
+    if precision is not None or num_workers is not None:  # both models embed the training data on this device
+        for vlp in (new, old):
+            vlp.configure(ctx.device, precision or vlp.placement.precision,
+                          vlp.placement.num_workers if num_workers is None else num_workers)
     # `train_pairs` / `text_corpus`: what cfg.train_pairs / cfg.text_corpus name, already read by the caller
     needs_corpus = cfg.stage1.enabled or cfg.projection.init == "procrustes"  # the peer's rotation fits on it too
     corpus = (list(text_corpus) if text_corpus is not None else resolve_corpus(cfg.text_corpus)) if needs_corpus else []
@@ -583,11 +587,13 @@ def train_xbt(
         raise InputError(f"stage 2 (pairs) is enabled but there are {len(pairs)} image-text pairs (it needs at least 2):"
                          " give training pairs (train_pairs in the config, or --set train_pairs=SOURCE), or turn it off with --set stage2.enabled=false")
     ctx.check_same((old.space.id, new.space.id, len(corpus), len(pairs)), "the models and the training data")
+    # Rank 0 embeds into the feature cache first; the others then read it. They wait on a barrier without the
+    # process group's 30-minute timeout, which an embedding at scale outlasts (DistContext.wait_for_main).
     if not ctx.is_main:
-        ctx.barrier()  # rank 0 embeds into the feature cache first; the others then read it
+        ctx.wait_for_main()
     data = prepare_data(old, new, corpus, pairs, show_progress and ctx.is_main)
     if ctx.is_main:
-        ctx.barrier()
+        ctx.wait_for_main()
     old_space = old.space
     del old  # from here on, only cached old-model embeddings are used
     timings["prepare_s"] = time.perf_counter() - t0
