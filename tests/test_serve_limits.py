@@ -74,6 +74,9 @@ class SlowSearches:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def close(self):
+        pass  # the module's retriever stays open for the other tests
+
 
 def _upload(url: str, data: bytes) -> httpx.Response:
     return httpx.post(f"{url}/search/image", files={"file": ("q.png", data, "image/png")}, data={"k": "2"}, timeout=60)
@@ -236,13 +239,22 @@ def test_no_docs_page_from_a_cdn(world):
         assert "/search/text" in httpx.get(f"{url}/openapi.json").json()["paths"]
 
 
-def test_a_non_loopback_address_needs_expose(world, tmp_path):
+def test_a_non_loopback_address_needs_expose(world, tmp_path, monkeypatch):
+    import uvicorn
+
+    def listen(app, host, **kwargs):
+        raise AssertionError(f"the service started listening on {host}")
+
+    monkeypatch.setattr(uvicorn, "run", listen)
+    with pytest.raises(InputError, match="--expose"):
+        serve(SlowSearches(world["retriever"], 0), ServeConfig(), host="0.0.0.0")
+    with pytest.raises(AssertionError, match="listening on 0.0.0.0"):  # the operator said so
+        serve(SlowSearches(world["retriever"], 0), ServeConfig(), host="0.0.0.0", expose=True)
+
     from xbt.serve.hosts import check_listen_host, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
-    with pytest.raises(InputError, match="--expose"):
-        serve(world["retriever"], ServeConfig(), host="0.0.0.0")
     check_listen_host("0.0.0.0", expose=True)  # the operator said so
     check_listen_host("127.0.0.1", expose=False)
     with pytest.raises(RuntimeError, match="--expose"):
