@@ -215,8 +215,6 @@ def test_search_hits_show_no_server_path(world):
 
 # ----- item 11: loopback hardening --------------------------------------------------------------------
 def test_only_the_service_own_host_names_are_answered(world):
-    from xbt.serve.hosts import allowed_hosts
-
     with running_server(create_app(world["retriever"])) as url:
         port = httpx.URL(url).port
         for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
@@ -224,6 +222,8 @@ def test_only_the_service_own_host_names_are_answered(world):
         for host in ("evil.example.com", f"evil.example.com:{port}", "127.0.0.1.evil.example.com", "0.0.0.0"):
             r = httpx.post(f"{url}/search/text", json={"text": "a picture"}, headers={"Host": host})
             assert r.status_code == 400, host
+    from xbt.serve.hosts import allowed_hosts
+
     assert allowed_hosts("0.0.0.0") == ("localhost", "127.0.0.1", "[::1]")
     assert allowed_hosts("10.1.2.3", ["Search.Example.org"]) == ("localhost", "127.0.0.1", "[::1]", "10.1.2.3",
                                                                    "search.example.org")
