@@ -213,6 +213,19 @@ def test_search_hits_show_no_server_path(world):
         assert hit["thumbnail"] == f"/thumbnail?id={hit['id']}"  # still shown: decided on the real path
 
 
+def test_hits_keep_the_payload_fields_that_are_content(world, tmp_path):
+    import numpy as np
+
+    model = world["model"]
+    fields = {"caption": "a map of /usr/share/doc", "link": "https://example.org/a/b.png", "tags": ["/x"]}
+    with Gallery.create(tmp_path / "g", model.space, modality="image") as g:
+        vector = np.ones((1, model.space.dim), np.float32) / np.sqrt(model.space.dim)
+        g.add(vector, ["one"], [{"image": str(world["photos"] / "img001.png"), **fields}], space=model.space)
+        with running_server(create_app(GalleryRetriever(g, model))) as url:
+            hit = httpx.post(f"{url}/search/text", json={"text": "a map", "k": 1}).json()["results"][0]
+    assert hit["payload"] == {"image": "img001.png", **fields}
+
+
 # ----- item 11: loopback hardening --------------------------------------------------------------------
 def test_only_the_service_own_host_names_are_answered(world):
     with running_server(create_app(world["retriever"])) as url:

@@ -1165,6 +1165,9 @@ def serve_command(
         _fail(exc)
     console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} "
                   f"(search page at /, API schema at /openapi.json)")
+    if expose:
+        console.print(f"[yellow]warning:[/] reachable from other machines; requests are answered only when their Host "
+                      f"names one of {', '.join(config.allowed_hosts)} (add --allowed-host NAME for each name clients use)")
     serve(retriever, config, host=host, port=port, media_roots=roots, old=old, expose=expose)
 
 

@@ -164,6 +164,14 @@ def public_info(value: Any) -> Any:
     return _strip_paths(value) if isinstance(value, str) else value
 
 
+def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """An item's payload as a client sees it: the image path xbt stored (the reserved "image" key: a file on
+    the server) reduced to its name; every other field as it was given (captions and client fields are
+    content, not server paths, and are not rewritten)."""
+    image = payload.get("image")
+    return {**payload, "image": _strip_paths(image)} if isinstance(image, str) else payload
+
+
 def _galleries(retriever: Any) -> list[Any]:
     """The Gallery objects a retriever serves: `.gallery` (one gallery) or `.old`/`.new` (a migration)."""
     found = [getattr(retriever, name, None) for name in ("new", "old", "gallery")]
@@ -355,11 +363,11 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
         return data
 
     def _hits(results: list[list[Hit]]) -> dict[str, Any]:
-        """Hits as the API shows them: like /info, with no absolute server path (payload image paths and
-        space ids reduced to their last component); whether an image is shown is decided on the real path."""
+        """Hits as the API shows them: like /info, with no absolute server path (the payload's image path and
+        the space id reduced to their last component); whether an image is shown is decided on the real path."""
         hits = results[0]
         shown = thumbnails.image_paths([h.payload for h in hits])
-        return {"results": [{**h.to_dict(), "payload": public_info(h.payload), "space": public_info(h.space),
+        return {"results": [{**h.to_dict(), "payload": public_payload(h.payload), "space": public_info(h.space),
                              "thumbnail": f"/thumbnail?id={quote(h.id, safe='')}" if path else None,
                              "gallery": origin.get(h.space)} for h, path in zip(hits, shown, strict=True)]}
 
