@@ -142,7 +142,7 @@ def test_every_peer_is_served_over_http(world, saved, tmp_path):
         ingest(gallery, old, items_from_folder(world["root"] / "images"))
     for name in ("procrustes-both", "slerp", "adapter"):
         retriever = GalleryRetriever(Gallery.open(tmp_path / "g"), load_model(f"compat:{saved[name]}"))
-        with TestClient(create_app(retriever)) as client:
+        with TestClient(create_app(retriever), base_url="http://127.0.0.1") as client:  # a Host the service answers
             r = client.post("/search/text", json={"text": "a blue bird", "k": 3})
             assert r.status_code == 200, r.text
             assert len(r.json()["results"]) == 3

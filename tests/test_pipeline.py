@@ -103,7 +103,13 @@ def test_the_printed_serve_command_serves_the_recommended_model(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
         r = httpx.post(f"{url}/search/text", json={"text": "a red apple", "k": 5}, timeout=60)
         assert r.status_code == 200, r.text
-        assert len(r.json()["results"]) == 5
+        hits = r.json()["results"]
+        assert len(hits) == 5
+        # The page shows pictures: the testbed's images lie outside the gallery's media/, and the printed
+        # command names their folders (--media-root), so every hit has a thumbnail the page can fetch.
+        assert all(h["thumbnail"] for h in hits), serve_line
+        thumb = httpx.get(url + hits[0]["thumbnail"], timeout=60)
+        assert thumb.status_code == 200 and thumb.headers["content-type"] in ("image/png", "image/jpeg")
     finally:
         proc.terminate()
         proc.wait(30)

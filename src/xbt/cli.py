@@ -1137,7 +1137,9 @@ def serve_command(
     new_model: Optional[str] = typer.Option(None, help="The new model, for --migration."),
     old_model: Optional[str] = typer.Option(None, help="The old gallery's own model: the page can show its results beside the served model's."),
     media_root: list[Path] = typer.Option([], "--media-root", help="A folder whose images may be shown as thumbnails (repeatable); uploads in the gallery's media/ always may."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; any other needs --expose)."),
+    expose: bool = typer.Option(False, "--expose", help="Allow a --host other machines can reach (the search is open to them unless --closed-read)."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A name clients may use in the Host header besides localhost, 127.0.0.1, [::1] and --host (repeatable; '*.example.org', or '*' for any). Other names are refused (DNS rebinding)."),
     port: int = typer.Option(8000),
     token: Optional[str] = typer.Option(None, envvar="XBT_SERVE_TOKEN", help="Bearer token for writing (and closed reading); prefer the XBT_SERVE_TOKEN variable or --token-file: a command line is visible to every user of the machine. Without a token the service is read-only."),
     token_file: Optional[Path] = typer.Option(None, help="Read the bearer token from this file (first line; not readable by group or others)."),
@@ -1145,6 +1147,7 @@ def serve_command(
     open_info: bool = typer.Option(False, "--open-info/--closed-info", help="Whether /info (models, index, limits) is readable without the token."),
     max_k: int = typer.Option(100, help="Largest k a client may ask for."),
     max_upload_mb: float = typer.Option(8.0, help="Largest image upload, in MiB."),
+    max_image_pixels: Optional[int] = typer.Option(None, help="Largest image (width x height) decoded, uploads and thumbnails alike (default 16,000,000); each takes up to 4 bytes a pixel while decoded."),
     device: Device = "auto",
     precision: Precision = "fp32",
 ) -> None:
@@ -1156,10 +1159,12 @@ def serve_command(
     from xbt.gallery.migrating import MigratingRetriever
     from xbt.gallery.migration import Migration
     from xbt.serve.app import ServeConfig, read_token_file, serve
+    from xbt.serve.hosts import allowed_hosts, check_listen_host
     from xbt.serve.media import resolve_roots
 
     token = token or None  # an empty XBT_SERVE_TOKEN is no token
     try:
+        check_listen_host(host, expose)  # before any model is loaded
         if token_file is not None:
             if token is not None:
                 raise InputError("give the token one way: --token-file, or XBT_SERVE_TOKEN (or --token), not both")
@@ -1168,7 +1173,9 @@ def serve_command(
             console.print("[yellow]warning:[/] --token on the command line is visible to every user of this machine "
                           "(ps, /proc) and stays in shell history; prefer XBT_SERVE_TOKEN or --token-file")
         config = ServeConfig(token=token, open_read=open_read, open_info=open_info, max_k=max_k,
-                             default_k=min(10, max_k), max_upload_bytes=int(max_upload_mb * (1 << 20)))
+                             default_k=min(10, max_k), max_upload_bytes=int(max_upload_mb * (1 << 20)),
+                             allowed_hosts=allowed_hosts(host, allowed_host),
+                             **({"max_image_pixels": max_image_pixels} if max_image_pixels is not None else {}))
         roots = resolve_roots(media_root)
         runtime = _Runtime(device, precision)
         if migration is not None:
@@ -1191,8 +1198,11 @@ def serve_command(
     except XbtError as exc:
         _fail(exc)
     console.print(f"serving {retriever.info()['gallery']['space_id']} on http://{host}:{port} "
-                  f"(search page at /, API docs at /docs)")
-    serve(retriever, config, host=host, port=port, media_roots=roots, old=old)
+                  f"(search page at /, API schema at /openapi.json)")
+    if expose:
+        console.print(f"[yellow]warning:[/] reachable from other machines; requests are answered only when their Host "
+                      f"names one of {', '.join(config.allowed_hosts)} (add --allowed-host NAME for each name clients use)")
+    serve(retriever, config, host=host, port=port, media_roots=roots, old=old, expose=expose)
 
 
 def main() -> None:

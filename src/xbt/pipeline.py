@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -154,12 +155,18 @@ def _mean_gain(results: dict[str, Any], method: str) -> float | None:
     return round(sum(cells) / len(cells), 1) if cells else None
 
 
-def deploy_commands(spec: str, old_images: Path, old_captions: Path, example_query: str, model_needs_old: bool) -> list[str]:
-    """The exact commands that put the recommended model to work on the old galleries."""
+def deploy_commands(spec: str, old_images: Path, old_captions: Path, example_query: str, model_needs_old: bool,
+                    image_files: Sequence[str | Path] = ()) -> list[str]:
+    """The exact commands that put the recommended model to work on the old galleries. `image_files`: the
+    image gallery's pictures; the service shows only images under folders it is given, so the serve command
+    names the folders that hold them (`--media-root`), and its page shows every item's picture."""
+    from xbt.serve.media import covering_folders
+
+    roots = "".join(f" --media-root {shlex.quote(str(root))}" for root in covering_folders(image_files))
     lines = [
         f'xbt gallery search --gallery {old_images} --model {spec} --text "{example_query}" -k 5',
         f"xbt gallery add --gallery {old_images} --model {spec} --data NEW_IMAGES_FOLDER_OR_PAIRS",
-        f"xbt serve --gallery {old_images} --model {spec} --port 8000   # then open http://127.0.0.1:8000/",
+        f"xbt serve --gallery {old_images} --model {spec}{roots} --port 8000   # then open http://127.0.0.1:8000/",
     ]
     if model_needs_old:
         lines.append("# this model is an ensemble: it loads and runs the old model for every query too")
@@ -402,7 +409,8 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     commands = []
     if deployed.get("spec"):
         commands = deploy_commands(deployed["spec"], old_images.path, old_captions.path, text_queries[0] if text_queries
-                                   else "a query", bool(deployed.get("needs_old_model_at_query_time")))
+                                   else "a query", bool(deployed.get("needs_old_model_at_query_time")),
+                                   image_files=[p.image for p in eval_pairs])
     summary = {
         "results": str(report_files["results"]),
         "report": {k: str(v) for k, v in report_files.items()},

@@ -8,8 +8,11 @@ open or needs the same token, by configuration; `/info` needs the token whenever
 as raster images only (no SVG: a vector file can reference local files), and no client-supplied path is
 ever opened; item payloads may not set the reserved keys ("image", "caption") that backfill reads from
 disk; thumbnails are served by item id, only from allowed roots (`xbt.serve.media`).
-`GET /` is a small search page (static files shipped in the package, nothing fetched from elsewhere).
-The server listens on 127.0.0.1 unless told otherwise.
+`GET /` is a small search page (static files shipped in the package, nothing fetched from elsewhere); the
+API is described by /openapi.json (no /docs page: FastAPI's loads its scripts from a CDN).
+The server listens on 127.0.0.1 unless told otherwise (another address needs `expose`), and answers only
+requests whose Host header names it (`xbt.serve.hosts`: against DNS rebinding). Decoding images, uploads and
+thumbnails alike, is bounded in pixels and in how many run at once (`xbt.serve.decode_slots`).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at runtime, and
@@ -31,11 +34,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from xbt.errors import InputError, SpaceMismatchError, XbtError
 from xbt.gallery.ingest import RESERVED_PAYLOAD_KEYS
 from xbt.gallery.store import MAX_ID_CHARS, Hit
-from xbt.serve.media import NoThumbnail, ThumbnailStore, open_raster
+from xbt.serve.decode_slots import DecodeSlots, ServiceBusy, release_large_buffers_at_once
+from xbt.serve.hosts import LOOPBACK_HOSTS, check_listen_host
+from xbt.serve.media import DEFAULT_MAX_IMAGE_PIXELS, THUMBNAIL_SIZES, NoThumbnail, ThumbnailStore, open_raster
 
 log = logging.getLogger("xbt.serve")
 
@@ -60,7 +66,10 @@ class Retriever(Protocol):
 class ServeConfig:
     """Limits and access. `token=None` disables every writing endpoint. `/info` (model specs, index
     settings, limits: what an operator needs, not a searcher) needs the token whenever there is one,
-    unless `open_info`; a service without a token has nothing to require, so its /info is open."""
+    unless `open_info`; a service without a token has nothing to require, so its /info is open.
+    `max_concurrent_decodes` images are held decoded at once (uploads and thumbnails together; a request
+    that waits `decode_wait_s` for a slot gets 503);
+    `allowed_hosts`: the Host header names answered (`xbt.serve.hosts.allowed_hosts`)."""
 
     token: str | None = None
     open_read: bool = True
@@ -68,7 +77,10 @@ class ServeConfig:
     max_k: int = 100
     default_k: int = 10
     max_upload_bytes: int = 8 << 20
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_concurrent_decodes: int = 4
+    decode_wait_s: float = 60.0
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     max_text_chars: int = 1000
     max_batch: int = 64
     max_payload_bytes: int = 16 << 10
@@ -80,6 +92,12 @@ class ServeConfig:
             raise InputError("the bearer token must have at least 8 characters")
         if not self.open_read and self.token is None:
             raise InputError("closed reading needs a token (XBT_SERVE_TOKEN or --token-file); without one nobody could search")
+        if self.max_image_pixels < 64 * 64:
+            raise InputError(f"--max-image-pixels {self.max_image_pixels} is too small to take any useful image; give at least 4096")
+        if self.max_concurrent_decodes < 1:
+            raise InputError("max_concurrent_decodes must be at least 1")
+        if not self.allowed_hosts:
+            raise InputError("allowed_hosts is empty: no request could be answered; allow at least 127.0.0.1")
         if self.open_info and not self.open_read:
             raise InputError("--open-info with --closed-read would show the gallery to whoever cannot search it; choose one")
 
@@ -146,6 +164,14 @@ def public_info(value: Any) -> Any:
     return _strip_paths(value) if isinstance(value, str) else value
 
 
+def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """An item's payload as a client sees it: the image path xbt stored (the reserved "image" key: a file on
+    the server) reduced to its name; every other field as it was given (captions and client fields are
+    content, not server paths, and are not rewritten)."""
+    image = payload.get("image")
+    return {**payload, "image": _strip_paths(image)} if isinstance(image, str) else payload
+
+
 def _galleries(retriever: Any) -> list[Any]:
     """The Gallery objects a retriever serves: `.gallery` (one gallery) or `.old`/`.new` (a migration)."""
     found = [getattr(retriever, name, None) for name in ("new", "old", "gallery")]
@@ -170,7 +196,8 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
     folders whose images may be shown as thumbnails. `old`: the same old gallery searched by the old
     model, so the page can show the served model's results beside the old model's (`"model": "old"`)."""
     config = config or ServeConfig()
-    thumbnails = ThumbnailStore(_galleries(retriever), list(media_roots), config.max_image_pixels)
+    decodes = DecodeSlots(config.max_concurrent_decodes, config.decode_wait_s)
+    thumbnails = ThumbnailStore(_galleries(retriever), list(media_roots), config.max_image_pixels, slots=decodes)
     page_html = (_static("index.html").decode()
                  .replace("__XBT_READ__", "open" if config.open_read else "token")
                  .replace("__XBT_INFO__", "token" if config.info_needs_token else "open")).encode()
@@ -252,12 +279,13 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
         title="xbt gallery service",
         version="1",
         description="Search a stamped image/caption gallery by text or image; add and delete items.",
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; the schema stays at /openapi.json
     )
     bearer = HTTPBearer(auto_error=False, description="the token given to `xbt serve --token`")
     errors = {400: {"description": "bad input"}, 401: {"description": "missing or wrong token"},
               403: {"description": "writing disabled"}, 409: {"description": "embedding space mismatch"},
               411: {"description": "length required"}, 413: {"description": "too large"},
-              415: {"description": "not a supported image"}}
+              415: {"description": "not a supported image"}, 503: {"description": "busy decoding images: retry"}}
 
     def _token_ok(credentials: HTTPAuthorizationCredentials | None) -> bool:
         return (
@@ -292,6 +320,10 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
                           (XbtError, 400)):
         app.add_exception_handler(error, _status_handler(status))
 
+    @app.exception_handler(ServiceBusy)
+    async def _busy(request: Request, exc: ServiceBusy) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
@@ -321,6 +353,9 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
                     return JSONResponse({"detail": f"request body of {n} bytes; at most {limit} accepted"}, status_code=413)
         return await call_next(request)
 
+    # Outermost: a request naming a host this service is not (DNS rebinding) gets 400 before anything else.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.allowed_hosts), www_redirect=False)
+
     def _read_upload(file: UploadFile) -> bytes:
         data = file.file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
@@ -328,10 +363,13 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
         return data
 
     def _hits(results: list[list[Hit]]) -> dict[str, Any]:
+        """Hits as the API shows them: like /info, with no absolute server path (the payload's image path and
+        the space id reduced to their last component); whether an image is shown is decided on the real path."""
         hits = results[0]
         shown = thumbnails.image_paths([h.payload for h in hits])
-        return {"results": [{**h.to_dict(), "thumbnail": f"/thumbnail?id={quote(h.id, safe='')}" if path else None,
-                             "gallery": origin.get(h.space)} for h, path in zip(hits, shown)]}
+        return {"results": [{**h.to_dict(), "payload": public_payload(h.payload), "space": public_info(h.space),
+                             "thumbnail": f"/thumbnail?id={quote(h.id, safe='')}" if path else None,
+                             "gallery": origin.get(h.space)} for h, path in zip(hits, shown, strict=True)]}
 
     def _searcher(via: str) -> Retriever:
         if via == "old":
@@ -370,16 +408,18 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
         extra = {"old_model": old.info()["model"]} if old is not None else {}
         return public_info({**retriever.info(), **extra, "limits": {
             "max_k": config.max_k, "default_k": config.default_k, "max_upload_bytes": config.max_upload_bytes,
-            "max_text_chars": config.max_text_chars, "open_read": config.open_read, "writable": config.token is not None,
+            "max_text_chars": config.max_text_chars, "max_image_pixels": config.max_image_pixels,
+            "thumbnail_sizes": list(THUMBNAIL_SIZES), "open_read": config.open_read, "writable": config.token is not None,
             "compare_old_model": old is not None}})
 
     @app.get("/thumbnail", dependencies=[Depends(require_read)], tags=["search"],
              responses={**errors, 200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "a thumbnail"},
                         404: {"description": "no image this service may show"}})
     def thumbnail(id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS)],
-                  size: Annotated[int, Query(ge=16, le=512)] = 256) -> Response:
-        """A small PNG/JPEG of an item's image, by item id. Only images under a served gallery's media
-        folder or an operator's --media-root are shown; the request never names a path."""
+                  size: Annotated[int, Query(ge=16, le=512, description=f"snapped up to one of {list(THUMBNAIL_SIZES)}")] = 256,
+                  ) -> Response:
+        """A small PNG/JPEG of an item's image, by item id, at one of a few fixed sizes. Only images under a
+        served gallery's media folder or an operator's --media-root are shown; the request never names a path."""
         thumb = thumbnails.thumbnail(id, size)
         return Response(thumb.data, media_type=thumb.media_type,
                         headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})
@@ -394,8 +434,12 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
               tags=["search"])
     def search_image(form: Annotated[ImageSearch, Form()]) -> dict[str, Any]:
         """The k gallery items nearest to an uploaded image (PNG, JPEG, GIF, WebP, BMP, TIFF)."""
-        img, _ = decode_upload(_read_upload(form.file), config.max_image_pixels)
-        return _hits(_searcher(form.model).search_images([img], form.k))
+        data = _read_upload(form.file)
+        with decodes.slot():  # held until the pixels are embedded
+            img, _ = decode_upload(data, config.max_image_pixels)
+            results = _searcher(form.model).search_images([img], form.k)
+            del img
+        return _hits(results)
 
     @app.post("/items/text", response_model=AddOut, dependencies=[Depends(require_write)], responses=errors,
               tags=["items"])
@@ -424,9 +468,11 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         data = _read_upload(form.file)
-        img, fmt = decode_upload(data, config.max_image_pixels)
-        path = retriever.store_media(data, fmt)
-        added = retriever.add("image", [form.id], [img], [{**payload, "image": str(path)}], form.on_conflict)
+        with decodes.slot():  # held until the pixels are embedded
+            img, fmt = decode_upload(data, config.max_image_pixels)
+            path = retriever.store_media(data, fmt)
+            added = retriever.add("image", [form.id], [img], [{**payload, "image": str(path)}], form.on_conflict)
+            del img
         return {"added": added, "skipped": [i for i in [form.id] if i not in added]}
 
     @app.post("/items/delete", response_model=DeleteOut, dependencies=[Depends(require_write)], responses=errors,
@@ -439,11 +485,14 @@ def create_app(retriever: Retriever, config: ServeConfig | None = None, media_ro
 
 
 def serve(retriever: Retriever, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", media_roots: Sequence[Path] = (), old: Retriever | None = None) -> None:
-    """Run the service with uvicorn until interrupted."""
+          log_level: str = "info", media_roots: Sequence[Path] = (), old: Retriever | None = None,
+          expose: bool = False) -> None:
+    """Run the service with uvicorn until interrupted. A non-loopback `host` needs `expose=True`."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    check_listen_host(host, expose)
+    release_large_buffers_at_once()  # decoded images' memory goes back to the system when freed
+    if expose:
         log.warning("listening on %s: the service is reachable from other machines", host)
     try:
         uvicorn.run(create_app(retriever, config, media_roots, old), host=host, port=port, log_level=log_level)

@@ -7,6 +7,10 @@ it stored itself) or a folder the operator named at start-up (`xbt serve --media
 opened without following a final symlink, must be a regular file of bounded size, and is decoded as a
 raster image (no SVG: a vector file can reference other files) and re-encoded as a small thumbnail, so
 the bytes sent are always a fresh PNG or JPEG, never the stored file itself.
+
+Memory: thumbnails come in a few fixed sizes (a request snaps to one), so a client cannot make the server
+decode one image again for every size it names; a JPEG is decoded at a reduced scale (PIL's draft mode)
+when the thumbnail is much smaller than the image; and each decode holds one of the service's decode slots.
 """
 
 from __future__ import annotations
@@ -24,10 +28,19 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from xbt.errors import InputError
+from xbt.serve.decode_slots import DecodeSlots
 
 RASTER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"}
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 MAX_SOURCE_BYTES = 64 << 20
+# 16 MP: a 12 MP phone photo or a 4096 x 4096 picture passes; decoded it is at most 64 MB (RGBA).
+DEFAULT_MAX_IMAGE_PIXELS = 16_000_000
+THUMBNAIL_SIZES = (64, 128, 256, 512)
+
+
+def thumbnail_size(requested: int) -> int:
+    """The fixed size a request snaps to: the smallest at least as large as asked for (else the largest)."""
+    return next((s for s in THUMBNAIL_SIZES if s >= requested), THUMBNAIL_SIZES[-1])
 
 
 class NoThumbnail(InputError):
@@ -80,9 +93,12 @@ def _read_regular_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def open_raster(data: bytes, max_pixels: int, error: type[InputError], what: str) -> tuple[Image.Image, str]:
+def open_raster(data: bytes, max_pixels: int, error: type[InputError], what: str,
+                draft: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
     """A decoded PIL image and its lower-case format from bytes: raster formats only, the pixel count checked
-    before decoding; anything else raises `error` (a 4xx for the service), never a decoder's own exception."""
+    before decoding; anything else raises `error` (a 4xx for the service), never a decoder's own exception.
+    `draft`: the caller needs no more than this size, so a JPEG may be decoded at a reduced scale (at least
+    this large); other formats decode in full."""
     if not data:
         raise error(f"{what} is empty")
     try:
@@ -92,6 +108,8 @@ def open_raster(data: bytes, max_pixels: int, error: type[InputError], what: str
             raise error(f"{what} must be a {', '.join(sorted(RASTER_FORMATS))} image, not {fmt or 'unknown'}")
         if img.width * img.height > max_pixels:
             raise error(f"{what} is {img.width}x{img.height}; at most {max_pixels} pixels are accepted")
+        if draft is not None and fmt == "JPEG":
+            img.draft("RGB" if img.mode == "RGB" else None, draft)
         img.load()
     except error:
         raise
@@ -104,7 +122,7 @@ def open_raster(data: bytes, max_pixels: int, error: type[InputError], what: str
 
 def make_thumbnail(data: bytes, size: int, max_pixels: int) -> Thumbnail:
     """A PNG (images with transparency) or JPEG of at most size x size pixels, from raster bytes."""
-    img, _ = open_raster(data, max_pixels, NoThumbnail, "the item's image")
+    img, _ = open_raster(data, max_pixels, NoThumbnail, "the item's image", draft=(size, size))
     img.thumbnail((size, size))
     alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     img = img.convert("RGBA" if alpha else "RGB")
@@ -118,12 +136,15 @@ def make_thumbnail(data: bytes, size: int, max_pixels: int) -> Thumbnail:
 
 class ThumbnailStore:
     """Finds an item's image in the served galleries, checks it against the roots, and caches thumbnails
-    (keyed by real path, size and modification time, so a replaced file is seen)."""
+    (keyed by real path, fixed size and modification time, so a replaced file is seen). Decodes take a slot
+    of `slots` (shared with the service's uploads)."""
 
-    def __init__(self, galleries: Sequence[Any], media_roots: Sequence[Path], max_pixels: int, cache_items: int = 512):
+    def __init__(self, galleries: Sequence[Any], media_roots: Sequence[Path], max_pixels: int, cache_items: int = 512,
+                 slots: DecodeSlots | None = None):
         self.galleries = list(galleries)
         self.media_roots = list(media_roots)
         self.max_pixels = max_pixels
+        self.slots = slots or DecodeSlots(4)
         self._cache: OrderedDict[tuple[str, int, int, int], Thumbnail] = OrderedDict()
         self._cache_items = cache_items
         self._lock = threading.Lock()
@@ -152,6 +173,8 @@ class ThumbnailStore:
         return None
 
     def thumbnail(self, item_id: str, size: int) -> Thumbnail:
+        """The item's thumbnail at the fixed size `size` snaps to (`thumbnail_size`)."""
+        size = thumbnail_size(size)
         payload = self._payload(item_id)
         if payload is None:
             raise NoThumbnail(f"no item {item_id!r} in this gallery")
@@ -165,7 +188,8 @@ class ThumbnailStore:
                 if key in self._cache:
                     self._cache.move_to_end(key)
                     return self._cache[key]
-            thumb = make_thumbnail(_read_regular_file(path), size, self.max_pixels)
+            with self.slots.slot():
+                thumb = make_thumbnail(_read_regular_file(path), size, self.max_pixels)
         except OSError as exc:
             raise NoThumbnail(f"the image of item {item_id!r} cannot be read ({exc.strerror or type(exc).__name__})") from exc
         with self._lock:
@@ -173,3 +197,22 @@ class ThumbnailStore:
             while len(self._cache) > self._cache_items:
                 self._cache.popitem(last=False)
         return thumb
+
+
+def covering_folders(files: Iterable[str | Path], min_depth: int = 3) -> list[Path]:
+    """A few folders that together hold every file (by real path): what `xbt serve --media-root` must name
+    for a gallery whose images live outside its media/ folder. Files under one folder at least `min_depth`
+    levels below / share it; a common folder shallower than that (such as / for /usr/share/... and
+    /home/...) is split by its next level instead, so no root opens more of the machine than it must."""
+    folders = sorted({Path(f).expanduser().resolve().parent for f in files if f})
+
+    def cover(group: list[Path]) -> list[Path]:
+        common = Path(os.path.commonpath(group))
+        if len(common.parts) - 1 >= min_depth or common in group:
+            return [common]
+        by_next: dict[tuple[str, ...], list[Path]] = {}
+        for folder in group:
+            by_next.setdefault(folder.parts[: len(common.parts) + 1], []).append(folder)
+        return [root for part in by_next.values() for root in cover(part)]
+
+    return cover(folders) if folders else []
