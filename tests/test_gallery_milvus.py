@@ -214,7 +214,9 @@ def test_xbt_serve_on_a_milvus_gallery(tmp_path, xbt_home):
         info = http.get(f"{url}/info").json()
         assert info["gallery"]["backend"] == "milvus" and info["gallery"]["size"] == 6
         hits = http.post(f"{url}/search/text", json={"text": "a picture", "k": 4}).json()["results"]
-        assert len(hits) == 4 and {h["space"] for h in hits} == {model.space.id}
+        from xbt.serve.app import public_info
+
+        assert len(hits) == 4 and {h["space"] for h in hits} == {public_info(model.space.id)}  # no server path
         with images[2].open("rb") as f:
             r = http.post(f"{url}/search/image", files={"file": ("q.png", f.read(), "image/png")}, data={"k": "1"})
         assert r.json()["results"][0]["id"] == "img002.png"
@@ -346,3 +348,36 @@ def test_backfill_killed_mid_run_resumes_with_nothing_acknowledged_lost(tmp_path
         proc.wait(30)
     with open_gallery(_ref(tmp_path)) as served:
         assert set(acked) <= served.present(acked + ["never"]) and served.verify() == []
+
+
+def test_calibrate_neither_reverts_a_concurrent_replace_nor_resurrects_a_concurrent_delete(tmp_path, monkeypatch):
+    """A Milvus Lite file admits one process, so the interleaving is made directly: while `calibrate` computes
+    the biases of the rows it read, a writer deletes one of them and replaces another. Before the fix,
+    calibrate rewrote every row it had read (the deleted item came back, the replaced one got its old vector
+    back) and read the whole collection into memory first."""
+    from xbt.gallery import milvus as milvus_module
+
+    x = unit_rows(30, 16, 0)
+    ids = [f"item{i:02d}" for i in range(30)]
+    fresh = unit_rows(1, 16, 7)
+    qm = {"encoder_id": "enc", "spec": "m", "space_id": SPACE.id}
+    with MilvusGallery.create(_ref(tmp_path), SPACE, modality="image") as g:
+        g.add(x, ids, [{"n": i} for i in range(30)], space=SPACE)
+        real = milvus_module.item_biases
+        raced = []
+
+        def racing_biases(vectors, bank, alpha, k):
+            if not raced:  # the writer strikes once, after the rows were read and before they are rewritten
+                raced.append(True)
+                g.delete(["item03"])
+                g.add(fresh, ["item05"], [{"n": "new"}], space=SPACE, on_conflict="replace")
+            return real(vectors, bank, alpha, k)
+
+        monkeypatch.setattr(milvus_module, "item_biases", racing_biases)
+        g.calibrate(unit_rows(20, 16, 3), alpha=0.5, k=3, query_model=qm, space=SPACE, batch=8)
+        assert raced
+        assert "item03" not in g.ids(), "a concurrent delete was resurrected"
+        got = g.get(["item05"], with_vectors=True)["item05"]
+        assert got["payload"] == {"n": "new"}
+        np.testing.assert_allclose(got["vector"], fresh[0], atol=1e-6)  # not reverted
+        assert len(g) == 29 and g.verify() == []

@@ -558,22 +558,43 @@ class MilvusGallery:
                 self._call(db.insert, bank_name, [{"row": start + i, "vector": v}
                                                   for i, v in enumerate(bank[start : start + _ROW_CHUNK])])
             self._call(db.flush, bank_name)
-            rows = self._scan(["vector", "space", "added_at", "payload"], batch)
-            vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), -1)[:, : self.space.dim]
-            biases = item_biases(vectors, bank, alpha, k) if len(rows) else np.zeros(0, np.float32)
-            for start in range(0, len(rows), batch):
-                chunk = [{"id": r["id"], "vector": np.append(v, np.float32(b)).astype(np.float32), "space": r["space"],
-                          "seq": int(r["seq"]), "added_at": float(r["added_at"]), "payload": r.get("payload") or {},
-                          "calib": new_id}
-                         for r, v, b in zip(rows[start : start + batch], vectors[start : start + batch],
-                                            biases[start : start + batch])]
-                self._call(db.upsert, self.collection, chunk)
+            biases = self._rewrite_biases(bank, alpha, k, new_id, batch)
             stamp = {**calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model,
                                          source=source, bias=biases), "id": new_id}
             self._set_props({"xbt.calibration": json.dumps(stamp)})  # the commit point
             self._calibration, self._bank = stamp, bank
             self._drop_banks(keep=bank_name)
             return dict(stamp)
+
+    def _rewrite_biases(self, bank: np.ndarray, alpha: float, k: int, calibration_id: str, batch: int) -> np.ndarray:
+        """Rewrite each row as [vector, bias] under `calibration_id`, a page of rows at a time (memory bounded
+        by the page, not the collection). Just before a page is written, its rows are read again: a row
+        deleted or replaced (another seq) since the scan is left as its writer made it, so a concurrent
+        delete is never resurrected nor a replace reverted (a replaced row is given its bias by the writer
+        once the stamp commits, or searched uncalibrated until then). Returns the biases written."""
+        written: list[np.ndarray] = []
+        it = self._call(self._db().query_iterator, self.collection, batch_size=batch, filter="",
+                        output_fields=["id", "seq", "vector"])
+        try:
+            while True:
+                page = it.next()
+                if not page:
+                    break
+                vectors = np.asarray([r["vector"] for r in page], dtype=np.float32).reshape(len(page), -1)[:, : self.space.dim]
+                biases = item_biases(vectors, bank, alpha, k)
+                now = {str(r["id"]): r for r in self._call(self._db().get, self.collection, ids=[r["id"] for r in page],
+                                                           output_fields=["id", "seq", "space", "added_at", "payload"])}
+                chunk = [{"id": r["id"], "vector": np.append(v, np.float32(b)).astype(np.float32),
+                          "space": now[r["id"]]["space"], "seq": int(r["seq"]), "added_at": float(now[r["id"]]["added_at"]),
+                          "payload": now[r["id"]].get("payload") or {}, "calib": calibration_id}
+                         for r, v, b in zip(page, vectors, biases)
+                         if r["id"] in now and int(now[r["id"]]["seq"]) == int(r["seq"])]
+                if chunk:
+                    self._call(self._db().upsert, self.collection, chunk)
+                written.append(biases)
+        finally:
+            it.close()
+        return np.concatenate(written) if written else np.zeros(0, np.float32)
 
     def _drop_banks(self, keep: str | None) -> None:
         """Drop this collection's bank collections but `keep` (left by earlier or interrupted calibrations)."""
