@@ -128,12 +128,58 @@ def test_no_pip_configuration_gives_uv_its_defaults(tmp_path):
     assert _pip_sources(tmp_path, "[global]\nno-index = true\nfind-links = /w\n", {}) == ["--find-links", "/w", "--no-index"]
 
 
-def test_run_sh_keys_the_environment_on_the_lock_and_falls_back_to_pip():
-    text = (REPO / "run.sh").read_text()
-    assert 'cat "$repo/requirements.lock" "$repo/requirements-nodeps.txt" | sha256sum' in text
-    assert "install_with_uv" in text and "install_with_pip" in text
-    assert "unsafe-best-match" in text  # pip's choice over every index, not uv's first-index default
-    assert '-m compileall -q -j 0 "$venv/lib"' in text and '"$venv/.bytecode"' in text  # compiled once, not per run
+_FAKE_PYTHON = r"""#!/bin/bash
+# Stands in for python3 while run.sh's setup_venv runs: `-m venv DIR` makes a venv of stubs that log their calls.
+echo "python3 $*" >> "$CALLS"
+if [ "$1 $2" = "-m venv" ]; then
+  mkdir -p "$3/bin"
+  printf '#!/bin/bash\necho "python $*" >> "$CALLS"\n' > "$3/bin/python"
+  printf '#!/bin/bash\necho "pip $*" >> "$CALLS"\ncase "$*" in *uv==*) exit 1;; esac\n' > "$3/bin/pip"
+  chmod +x "$3/bin/python" "$3/bin/pip"
+fi
+"""
+
+
+def _setup_venv(tmp_path: Path, repo: Path, home: Path) -> list[str]:
+    """Run run.sh's own setup_venv (its functions, as written) with stub interpreters; the calls it made."""
+    fake = tmp_path / "python3"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    calls.write_text("")
+    functions = " ".join(['"/^log() /p"'] + [f'"/^{name}() {{/,/^}}/p"' for name in
+                                             ("phase_done", "pip_sources", "install_with_uv", "install_with_pip", "setup_venv")])
+    script = (f'set -euo pipefail; for f in {functions}; do eval "$(sed -n "$f" {REPO / "run.sh"})"; done; '
+              f'UV_VERSION=0; repo={repo}; XBT_HOME={home}; python_bin={fake}; setup_venv; echo "VENV=$venv"')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "CALLS": str(calls), "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    venv = next(line[5:] for line in done.stdout.splitlines() if line.startswith("VENV="))
+    return [f"VENV {venv}", *calls.read_text().splitlines()]
+
+
+def test_run_sh_keys_the_environment_on_the_lock_builds_it_once_and_falls_back_to_pip(tmp_path):
+    """run.sh's set-up, run: the environment's folder is keyed on the two pinned files only (not pyproject),
+    built once (a second run installs and compiles nothing), installed with pip when uv cannot be had, and
+    its modules compiled once."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "requirements.lock").write_text("numpy==2.0.0\n")
+    (repo / "requirements-nodeps.txt").write_text("open-clip-torch==3.0\n")
+    (repo / "pyproject.toml").write_text("[project]\nname='x'\n")
+    home = tmp_path / "home"
+    first = _setup_venv(tmp_path, repo, home)
+    venv = first[0].split()[1]
+    assert any(c.startswith("pip install") and "uv==" in c for c in first)  # uv tried first, unavailable
+    assert any(c == f"pip install -q -r {repo}/requirements.lock" for c in first)  # then pip, from the lock
+    assert any(c == f"pip install -q --no-deps -r {repo}/requirements-nodeps.txt" for c in first)
+    assert sum("-m compileall" in c for c in first) == 1
+    (repo / "pyproject.toml").write_text("[project]\nname='y'\n")  # not part of the key
+    again = _setup_venv(tmp_path, repo, home)
+    assert again[0].split()[1] == venv and not any("install" in c or "compileall" in c for c in again[1:])
+    (repo / "requirements.lock").write_text("numpy==2.1.0\n")  # a new lock: a new environment
+    other = _setup_venv(tmp_path, repo, home)
+    assert other[0].split()[1] != venv and any("requirements.lock" in c for c in other)
     subprocess.run(["bash", "-n", str(REPO / "run.sh")], check=True)
 
 
