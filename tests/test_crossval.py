@@ -160,3 +160,34 @@ def test_a_single_seed_page_says_its_seed_spread_is_not_available():
     row = next(line for line in to_markdown(report_blocks(one, {"heatmap": "h", "recall": "r"})).splitlines()
                if line.startswith("| xbt-nolora+nnn |"))
     assert "| n/a |" in row and "| 0.0 |" not in row
+
+
+def test_code_digest_follows_the_source(tmp_path, monkeypatch):
+    """Caches keyed on code (issue 27, item 6): editing a module changes the digest of every package that holds it."""
+    import sys
+
+    from xbt.durable import code_digest
+
+    pkg = tmp_path / "digestpkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "fit.py").write_text("ALPHA = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before, module_before = code_digest("digestpkg"), code_digest("digestpkg.sub.fit")
+    (pkg / "sub" / "fit.py").write_text("ALPHA = 2\n")
+    code_digest.cache_clear()
+    assert code_digest("digestpkg") != before and code_digest("digestpkg.sub.fit") != module_before
+    sys.modules.pop("digestpkg", None)
+    sys.modules.pop("digestpkg.sub", None)
+
+
+def test_a_folds_saved_hits_are_keyed_on_the_code_that_made_them(monkeypatch):
+    """Before the fix the key held the config only: hits saved by older code were reused after a code fix."""
+    from xbt.eval import crossval
+
+    cfg = crossval.CrossValConfig(xbt_config="xbt-testbed")
+    monkeypatch.setattr(crossval, "fold_code_digest", lambda: "code-a")
+    key_a = cfg.fold_key()
+    monkeypatch.setattr(crossval, "fold_code_digest", lambda: "code-b")
+    assert cfg.fold_key() != key_a

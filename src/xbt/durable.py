@@ -3,7 +3,10 @@ primitives that the gallery store, the feature cache, training checkpoints and s
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -40,4 +43,24 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest(*modules: str) -> str:
+    """sha256 of the source of these modules or packages (dotted names; a package counts every .py file
+    under it) and of numpy's and torch's versions: the key of a cached result that this code produced, so a
+    rerun after a code change computes it again instead of serving the older code's result."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"no module {name!r} to digest")
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for file in files:
+            digest.update(f"{name}/{file.relative_to(origin.parent).as_posix()}:".encode())
+            digest.update(file.read_bytes())
+    for package in ("numpy", "torch"):
+        digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
     return digest.hexdigest()

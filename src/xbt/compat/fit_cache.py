@@ -12,9 +12,7 @@ peer back instead of fitting it again (the residual adapter trains for seconds; 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -29,11 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-import xbt.compat
-import xbt.eval.retrieval
 from xbt.compat.base import CompatMethod, FitData
 from xbt.compat.model import CONFIG_NAME, CompatibleModel, read_config
-from xbt.durable import fsync_path
+from xbt.durable import code_digest, fsync_path
 from xbt.errors import InputError
 from xbt.eval.embed import PairEmbeddings
 from xbt.models.base import EmbeddingSpace, VLPModel, tensor_bytes
@@ -95,18 +91,10 @@ def fit_data_digest(data: FitData | None) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
 def fit_code_digest() -> str:
     """sha256 of the code a peer's fit runs (the xbt.compat package, the retrieval its support scores use)
     and of the numeric libraries' versions: a changed fit is never served from an older one's entry."""
-    digest = hashlib.sha256()
-    files = sorted(Path(xbt.compat.__file__).parent.glob("*.py")) + [Path(xbt.eval.retrieval.__file__)]
-    for file in files:
-        digest.update(f"{file.name}:".encode())
-        digest.update(file.read_bytes())
-    for package in ("numpy", "torch"):
-        digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
-    return digest.hexdigest()
+    return code_digest("xbt.compat", "xbt.eval.retrieval")
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import yaml
 
 from xbt.compat.registry import PEER_METHODS
 from xbt.data.folds import Fold, testbed_folds
-from xbt.durable import atomic_write_bytes, atomic_write_text
+from xbt.durable import atomic_write_bytes, atomic_write_text, code_digest
 from xbt.errors import InputError
 from xbt.eval.embed import embed_pairs
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, matrix_from_hits, system_hits
@@ -62,8 +62,19 @@ class CrossValConfig:
         base = yaml.safe_load(resolve_config(self.xbt_config).read_text())
         doc = {"format": CV_FORMAT, "k": self.k, "peers": list(self.peers), "base": base,
                "xbt": {n: dict(o) for n, o in self.xbt.items()}, "calibrate": self.calibrate,
-               "old_query": list(self.old_query), "ks": [int(k) for k in self.ks]}
+               "old_query": list(self.old_query), "ks": [int(k) for k in self.ks], "code": fold_code_digest()}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fold_code_digest() -> str:
+    """The code a fold's hits come from (models, data, methods, training, evaluation): part of the fold's key,
+    so hits saved by older code are computed again, never mixed into a page made by newer code."""
+    return code_digest("xbt.compat", "xbt.data", "xbt.eval", "xbt.models", "xbt.specs", "xbt.train")
+
+
+def xbt_code_digest() -> str:
+    """The code a fold's XBT run comes from: part of its folder's key under XBT_HOME/runs/cv-xbt."""
+    return code_digest("xbt.compat", "xbt.data", "xbt.models", "xbt.train")
 
 
 def xbt_config_for(cfg: CrossValConfig, variant: str, seed: int) -> dict[str, Any]:
@@ -84,7 +95,8 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
 
     doc = xbt_config_for(cfg, variant, fold.seed) | {"old": old.spec, "new": new.spec,
                                                       "train_pairs": f"{fold.name}/train", "text_corpus": f"{fold.name}/text_corpus"}
-    digest = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    keyed = doc | {"code": xbt_code_digest()}  # a run by older code is trained again, not reused
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = cache_dir("runs", "cv-xbt") / f"{fold.name.replace('/', '-')}-{digest}"
     lora = doc["stage2"]["enabled"] and doc["stage2"]["lora"]["enabled"]
     adapted = copy.deepcopy(new) if lora else new  # LoRA goes into a copy; `new` stays the plain new model
@@ -163,7 +175,7 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
             if OLD_QUERY in name:
                 records[name]["needs_old_model_at_query_time"] = True
     meta = {
-        "key": key, "fold": fold.name, "seed": fold.seed, "index": fold.index,
+        "key": key, "code": fold_code_digest(), "fold": fold.name, "seed": fold.seed, "index": fold.index,
         "query_ids": [p.image_id for p in fold.eval],
         "sizes": {"eval": len(fold.eval), "val": len(fold.val), "train": len(fold.train), "text_corpus": len(fold.text_corpus)},
         "models": {n: {"spec": m.spec, "space_id": m.space.id} for n, m in models.items()},
@@ -298,7 +310,9 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
             "gallery_per_fold": [m["sizes"]["eval"] for m in fold_meta if m["seed"] == cfg.seeds[0]],
             "config": {"peers": list(cfg.peers), "xbt": {k: dict(v) for k, v in cfg.xbt.items()}, "xbt_config": cfg.xbt_config,
                        "calibrate": cfg.calibrate, "old_query": list(cfg.old_query)},
-            "folds_detail": [{k: m[k] for k in ("fold", "sizes", "choices", "timings_s")} for m in fold_meta],
+            "folds_detail": [{k: m.get(k) for k in ("fold", "sizes", "choices", "timings_s", "code")} for m in fold_meta],
+            # the code every fold's hits came from (one digest: fold hits saved by other code are recomputed)
+            "code": sorted({m.get("code") or "unknown" for m in fold_meta}),
             "seed_spread": seed_spread(per_seed_matrix),
             "differences": [differences_vs(mean_hits, a, b, cfg.ks, cfg.n_resamples) for a, b in compare],
         },

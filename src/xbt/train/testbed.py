@@ -4,6 +4,7 @@ its heads trained on cached tower features. Data definitions stay in data/; trai
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from xbt.data.testbed import (
     tower_image_features,
     tower_text_features,
 )
+from xbt.durable import atomic_write_text, code_digest
 from xbt.models.lit import LitModel, record_space
 from xbt.progress import progress_bar
 from xbt.train.lit import LitTrainConfig, train_lit_heads
@@ -63,6 +65,11 @@ def build_testbed(models: Sequence[str] = ("old", "new"), force: bool = False, s
             "root": str(testbed_dir())}
 
 
+def lit_code_digest() -> str:
+    """The code that trains a testbed lit model and computes its tower features."""
+    return code_digest("xbt.data", "xbt.models", "xbt.train.lit", "xbt.train.testbed")
+
+
 def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
     """A cross-validation fold's old and new testbed models (xbt.data.folds): the same recipe as the
     testbed's, trained without the fold's evaluation (and val) items, seeded by the fold seed; built once
@@ -71,14 +78,19 @@ def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
     from xbt.specs import load_model
 
     models = {}
+    code = lit_code_digest()
     for name in ("old", "new"):
         spec = TESTBED_MODELS[name]
         out = fold.root / "models" / name
+        made_by = out / "code.txt"  # the code that trained it; another code's model is trained again
+        if (out / "config.json").exists() and made_by.exists() and made_by.read_text().strip() != code:
+            shutil.rmtree(out)
         if not (out / "config.json").exists():
             pairs = fold.vlp_old if spec.split == "vlp_old" else fold.vlp_new
             config = LitTrainConfig(embed_dim=spec.embed_dim, seed=fold.seed)
             train_lit_model(spec, pairs, out, config=config, show_progress=show_progress)
-        else:
+            atomic_write_text(made_by, code + "\n")
+        else:  # a model without code.txt predates the record: kept (its fold hits' key names the code anyway)
             record_space(out)
         models[name] = load_model(f"lit:{out}")
         # The fold's items through the new heads from the towers' cached features: nothing is re-encoded.
