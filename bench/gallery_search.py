@@ -215,7 +215,7 @@ def bench_size(n: int, n_queries: int, n_single: int, repeats: int, build_thread
             "search_timings_s": {"wall": {k: v.to_dict() for k, v in wall.items()},
                                  "cpu": {k: v.to_dict() for k, v in cpu.items()}},
         })
-        del index
+        index = None  # freed before the next kind is built (the timed lambdas above hold the name)
     result = {"n": n, "vectors_mib": vectors.nbytes / 2**20, "rows": rows}
     if calibrate and n >= CALIBRATION_N:
         result["hnsw_calibration"] = calibrate_hnsw(vectors, build_threads)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers for the PNG-file figure")
     parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args(argv)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     figure: dict[str, Any] = {"schema": "xbt.gpu_check/1", "created": started, "machine": machine_info(),
                               "load_average_start": load_average(), "script": "bench/gpu_check.py"}
     if not torch.cuda.is_available() and not args.smoke_on_cpu:

@@ -117,7 +117,9 @@ def markdown(record: dict[str, Any]) -> str:
     for name in list(dict.fromkeys([*cold, *warm])):
         c, w = cold.get(name), warm.get(name)
         lines.append(f"| {name} | | {'' if c is None else f'{c:.1f} s'} | {'' if w is None else f'{w:.1f} s'} |")
-    fmt = lambda v: "–" if v is None else f"{v:.0f}"
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.0f}"
+
     lines.append(f"| **whole process** (/usr/bin/time) | {BEFORE['cold_s']} s | {fmt(record.get('cold_s'))} s |"
                  f" {fmt(record.get('warm_s'))} s (before: {BEFORE['warm_s']} s) |")
     lines.append(f"| peak RSS | {BEFORE['peak_rss_mb']} MB | {fmt((record.get('cold') or {}).get('peak_rss_mb'))} MB |"

@@ -149,8 +149,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     default = next((v for v in verdicts if "mlp" in v[0]), verdicts[0])
     details = []
     for label, cost, ok, row in verdicts:
+        threads_note = f", {row['us_all']:.1f} µs on {cores}" if "us_all" in row else ""
         text = (f"{label}: {cost:.1f} µs/query at batch 256 (CPU time on one thread, median; wall time "
-                f"{row['us_1t']:.1f} µs on one thread{', %.1f µs on %d' % (row['us_all'], cores) if 'us_all' in row else ''}"
+                f"{row['us_1t']:.1f} µs on one thread{threads_note}"
                 f") — {'met' if ok else 'not met'}")
         if not ok:
             achieved = row["mflop_per_query"] * 1e3 / cost  # GFLOP/s on one thread

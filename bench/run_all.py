@@ -54,7 +54,7 @@ def run_figures(keys: list[str], figures_dir: Path, quick: bool, threads: int, r
 
 def merge(figures_dir: Path, errors: dict[str, str], quick: bool, threads: int, command: str, wall_s: float) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    for key, script in FIGURES.items():
+    for key in FIGURES:
         path = figures_dir / f"{key}.json"
         if key in errors:
             figures[key] = {"figure": key, "title": key, "error": errors[key]}

@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from gallery_support import make_images, save_tiny_openclip, unit_rows
 

@@ -131,7 +131,7 @@ def _fp16_run(out, stop_after_step=None):
     from xbt.train.loop import Schedule, train_loop
 
     model = _Tiny("fp16")
-    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)), torch.randn(16, 4)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
 
     def make_step():
         def step(_, idx, gen):

@@ -34,8 +34,8 @@ def test_the_wheel_ships_configs_and_static_files_and_works_from_elsewhere(tmp_p
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
     script = ("import xbt, xbt.paths\n"
-              "assert xbt.__file__.startswith(%r), xbt.__file__\n"
-              "print(xbt.paths.resolve_config('xbt-testbed'))\n") % str(tmp_path / "site")
+              f"assert xbt.__file__.startswith({str(tmp_path / 'site')!r}), xbt.__file__\n"
+              "print(xbt.paths.resolve_config('xbt-testbed'))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr

@@ -130,7 +130,7 @@ def test_backfill_through_shards_fills_the_new_gallery_like_the_model(tiny, tmp_
     assert progress["status"] == "complete" and progress["new_size"] == 11 and progress["position"] == 11
     with Gallery.open(migration.new_gallery_path) as new:
         got = new.get(new.ids(), with_vectors=True)
-    for item_id, entry in got.items():
+    for entry in got.values():
         expected = new_model.encode_image([entry["payload"]["image"]]).numpy()[0]
         np.testing.assert_allclose(entry["vector"], expected, atol=1e-5)
     # The shards follow the migration's priority order (newest first), not the id order.

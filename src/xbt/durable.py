@@ -46,7 +46,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_digest(*modules: str) -> str:
     """sha256 of the source of these modules or packages (dotted names; a package counts every .py file
     under it) and of numpy's and torch's versions: the key of a cached result that this code produced, so a

@@ -24,8 +24,11 @@ def progress_bar(total: int | None, label: str, enabled: bool = True) -> Iterato
     with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total, info="")
 
-        def advance(k: int = 1, **fields) -> None:
+        def advance(k: int = 1, **fields: object) -> None:
             info = " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in fields.items())
-            bar.update(task, advance=k, **({"info": info} if fields else {}))
+            if fields:
+                bar.update(task, advance=k, info=info)
+            else:
+                bar.update(task, advance=k)
 
         yield advance

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,7 @@ class PeerFitCache:
         try:
             model.save_pretrained(tmp, extra={"peer_fit": {
                 "format": PEER_FIT_FORMAT, "key": key, "fit_seconds": fit_seconds,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
+                "created": datetime.now(UTC).isoformat(timespec="seconds")}})
             for file in tmp.rglob("*"):
                 fsync_path(file)
             fsync_path(tmp)

@@ -265,7 +265,7 @@ def format_matrix(matrix: UpgradeMatrix) -> str:
     for d in DIRECTIONS:
         for k in matrix.ks:
             row = [d, f"R@{k}", str(matrix.old_old[d][k]), str(matrix.new_new[d][k]), str(matrix.new_vs_old[d][k])]
-            for m, cells in matrix.methods.items():
+            for cells in matrix.methods.values():
                 c = cells[d][k]
                 mark = "PASS" if c.passes_confidently else ("pass" if c.passes else "FAIL")
                 row.append(f"{c.recall} ({c.vs_old.value:+.1f} {mark}; {c.gain.value:.0f}%)")

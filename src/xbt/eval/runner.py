@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, Union
 
@@ -100,7 +100,7 @@ class EvaluationRun:
         method, reason = recommend(self.matrix)
         results = {
             "schema": RESULTS_SCHEMA,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "models": self.models,
             "data": self.data,
             "protocol": self.protocol,
