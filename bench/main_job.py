@@ -32,6 +32,37 @@ import _harness as h
 
 OUT = h.BENCH_DIR / "results" / "main_job.json"
 GOALS = {"cold_s": 15 * 60, "warm_s": 60, "peak_rss_mb": 4096}
+SCHEMA = "xbt.bench.main_job/2"  # {"schema", "runs": [every run, oldest first]}; /1 was one run alone
+
+
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    """Every run recorded in `path`, oldest first (a file of the first schema is its one run)."""
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    return [doc] if doc.get("schema") == "xbt.bench.main_job/1" else list(doc.get("runs", []))
+
+
+def write_runs(path: Path, runs: list[dict[str, Any]]) -> None:
+    h.write_json(path, {"schema": SCHEMA, "runs": runs})
+
+
+def runs_table(runs: list[dict[str, Any]]) -> str:
+    """One row per recorded run: when, commit, what changed before it, cold, warm, peak, load, goals."""
+    def num(v: Any, unit: str) -> str:
+        return "–" if v is None else f"{v:,.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}"
+
+    lines = ["| run | commit | what changed before it | cold | warm | peak RSS | load (cold start / end) | goals met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, run in enumerate(runs, 1):
+        load = (run.get("load_average") or {}).get("cold") or [None, None]
+        start, end = (x[0] if isinstance(x, list) else x for x in load)
+        met = run.get("goals_met") or {}
+        lines.append(f"| {i}, {str(run.get('created', '?'))[:16].replace('T', ' ')} | {str(run.get('commit', '?'))[:7]} |"
+                     f" {run.get('note', '')}{' (transcribed)' if run.get('transcribed') else ''} | {num(run.get('cold_s'), 's')} | {num(run.get('warm_s'), 's')} |"
+                     f" {num(run.get('peak_rss_mb'), 'MB')} | {'–' if start is None else f'{start:.2f}'} /"
+                     f" {'–' if end is None else f'{end:.2f}'} | {'all' if met and all(met.values()) else ', '.join(k for k, v in met.items() if v) or '–'} |")
+    return "\n".join(lines)
 
 
 def time_v(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path, timeout_s: float) -> dict[str, Any]:
@@ -159,20 +190,22 @@ def main() -> None:
     parser.add_argument("--warm-only", action="store_true", help="only a warm run, against --home and --clone")
     parser.add_argument("--home", type=Path, help="with --warm-only: the XBT_HOME a cold run filled")
     parser.add_argument("--clone", type=Path, help="with --warm-only: the clone the cold run used")
-    parser.add_argument("--markdown", action="store_true", help="print the table of --out (no run)")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of --out (no run)")
+    parser.add_argument("--note", default="", help="what changed before this run (kept with it in the history)")
     args = parser.parse_args()
+    runs = read_runs(args.out)
     if args.markdown:
-        print(markdown(json.loads(args.out.read_text())))
+        print(runs_table(runs) + "\n\n" + (markdown(runs[-1]) if runs else ""))
         return
     commit = subprocess.run(["git", "-C", str(h.REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip()
-    record: dict[str, Any] = {"schema": "xbt.bench.main_job/1", "created": h.now_iso(), "commit": commit,
-                              "machine": h.machine_info(), "goals": GOALS}
+    record: dict[str, Any] = {"created": h.now_iso(), "commit": commit, "machine": h.machine_info(), "goals": GOALS,
+                              "note": args.note}
     if args.warm_only:
         if not (args.home and args.clone):
             parser.error("--warm-only needs --home and --clone (the cold run's XBT_HOME and clone)")
         warm = demo_run(args.clone, args.home, "warm", args.timeout)
-        previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+        previous = runs.pop() if runs else {}  # the warm rerun completes the latest run
         record = previous | {"warm": warm, "warm_s": warm["wall_s"],
                              "peak_rss_mb": max(filter(None, [previous.get("peak_rss_mb"), warm["peak_rss_mb"]]), default=None)}
     else:
@@ -193,8 +226,8 @@ def main() -> None:
                                         "warm": [warm["load_before"], warm["load_after"]]}}
     if "cold_s" in record:
         record["goals_met"] = {k: (record.get(k) is not None and record[k] <= v) for k, v in GOALS.items()}
-    h.write_json(args.out, record)
-    h.log(f"wrote {args.out}")
+    write_runs(args.out, [*runs, record])  # every run is kept: the page renders the history from here
+    h.log(f"wrote {args.out} (run {len(runs) + 1})")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Render docs/benchmarks.md from bench/results.json, and from nothing else.
+"""Render docs/benchmarks.md from bench/results.json, bench/results/gpu.json and bench/results/main_job.json,
+and from nothing else.
 
     python bench/report.py                                  # bench/results.json -> docs/benchmarks.md
     python bench/report.py RESULTS.json OUT.md
 
-Every number in the page comes from the results file, so the page can be regenerated at any time and
-always matches the data committed beside it.
+Every number in the page comes from those files, so the page can be regenerated at any time and always
+matches the data committed beside it (the main job's history is every run bench/main_job.py recorded).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import _harness as h
+import main_job
 
 ORDER = ("encode", "query_cost", "gallery", "training", "evaluation")
 _NAMED_FIELD = re.compile(r"\{[A-Za-z_]")
@@ -82,7 +84,46 @@ def figure_section(number: int, fig: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, Any]) -> str:
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def gpu_section(number: int, gpu: dict[str, Any] | None) -> list[str]:
+    """The GPU check (bench/gpu_check.py -> bench/results/gpu.json): its figures, or why there are none."""
+    lines = [f"## {number}. GPU check (bench/gpu_check.py)", ""]
+    if not gpu:
+        return lines + ["No bench/results/gpu.json: the check has not been run.", ""]
+    if not gpu.get("measured"):
+        return lines + [f"**Not measured: {gpu.get('reason', 'no reason recorded').removeprefix('not measured: ')}**"
+                        f" (bench/results/gpu.json, {gpu.get('created', '?')}). The first GPU run is prepared:"
+                        " `bash bench/gpu_first_run.sh OUTDIR` runs this check and the GPU-marked tests (README, \"On a GPU\").", ""]
+    lines += [f"Measured on {(gpu.get('machine') or {}).get('gpu', '?')}, {gpu.get('created', '?')}. Each step's figures"
+              " (or its error) as bench/gpu_check.py recorded them:", ""]
+    for name, step in (gpu.get("steps") or {}).items():
+        lines.append(f"- **{name}**: " + json.dumps(step, sort_keys=True)[:600])
+    return lines + [""]
+
+
+def main_job_section(number: int, runs: list[dict[str, Any]]) -> list[str]:
+    """The main job (bench/main_job.py -> bench/results/main_job.json): every recorded run, then the latest run's
+    phases. The story of what changed between runs is docs/main-job.md (written by hand)."""
+    lines = [f"## {number}. The main job: `./run.sh demo` cold and warm (bench/main_job.py)", ""]
+    if not runs:
+        return lines + ["No bench/results/main_job.json: run `python bench/main_job.py`.", ""]
+    goals = runs[-1].get("goals") or main_job.GOALS
+    lines += ["Each run: a fresh clone of the commit named and an empty XBT_HOME (cold), then the same command again"
+              f" (warm), each timed as a whole process. Goals: cold at most {goals['cold_s']} s, warm at most"
+              f" {goals['warm_s']} s, peak RSS at most {goals['peak_rss_mb']:,} MB. Runs marked transcribed were recorded"
+              " before the file kept every run (their source is in the JSON). What changed between runs, and why:"
+              " docs/main-job.md.", "", main_job.runs_table(runs), ""]
+    latest = next((r for r in reversed(runs) if r.get("cold") or r.get("warm")), None)
+    if latest:
+        lines += [f"Phases of run {runs.index(latest) + 1} ({str(latest.get('commit', '?'))[:7]}) against the code before"
+                  " the main-job work (\"before\"):", "", main_job.markdown(latest), ""]
+    return lines
+
+
+def render(results: dict[str, Any], gpu: dict[str, Any] | None = None, runs: list[dict[str, Any]] | None = None) -> str:
     machine = results.get("machine", {})
     figures = results.get("figures", {})
     keys = [k for k in ORDER if k in figures] + [k for k in figures if k not in ORDER]
@@ -128,6 +169,9 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "The details, and the cause of every gap, are under each figure.", ""]
     for i, key in enumerate(keys, 1):
         lines += figure_section(i, figures[key])
+    gpu = gpu if gpu is not None else _read(h.BENCH_DIR / "results" / "gpu.json")
+    runs = runs if runs is not None else main_job.read_runs(main_job.OUT)
+    lines += gpu_section(len(keys) + 1, gpu) + main_job_section(len(keys) + 2, runs)
     lines += [
         "## Reproducing",
         "",

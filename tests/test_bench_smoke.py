@@ -109,3 +109,32 @@ def test_export_figure_times_torch_and_onnxruntime(bench, tmp_path):
         assert row["torch_us"] > 0 and row["onnxruntime_us"] > 0 and row["max_abs_diff"] <= 1e-5
         assert len(row["load_average"]) == 3
     assert figure["goal"]["met"] and figure["load_average"]["start"]
+
+
+def test_the_benchmarks_page_is_rendered_from_its_json_files(bench):
+    """docs/benchmarks.md is exactly what bench/report.py makes of the committed JSON files: no hand-written section
+    that `make bench` would erase, no figure the files do not hold."""
+    import report
+
+    repo = Path(__file__).resolve().parents[1]
+    page = report.render(json.loads((repo / "bench" / "results.json").read_text()))
+    assert page == (repo / "docs" / "benchmarks.md").read_text()
+
+
+def test_the_main_job_keeps_every_run_and_the_page_shows_them(bench, tmp_path):
+    import main_job
+    import report
+
+    out = tmp_path / "main_job.json"
+    out.write_text(json.dumps({"schema": "xbt.bench.main_job/1", "commit": "a" * 40, "cold_s": 700.0, "warm_s": 8.0,
+                               "peak_rss_mb": 3900.0, "created": "2026-12-01T00:00"}))
+    runs = main_job.read_runs(out)  # a file of the first schema is its one run
+    main_job.write_runs(out, [*runs, {"commit": "b" * 40, "cold_s": 950.0, "warm_s": 7.0, "peak_rss_mb": 3000.0,
+                                      "note": "second", "goals_met": {"cold_s": False, "warm_s": True, "peak_rss_mb": True}}])
+    runs = main_job.read_runs(out)
+    assert [r["commit"][0] for r in runs] == ["a", "b"]
+    section = "\n".join(report.main_job_section(7, runs))
+    assert "| 1, 2026-12-01 00:00 | aaaaaaa |" in section and "| second | 950 s | 7.0 s | 3,000 MB |" in section
+    assert "warm_s, peak_rss_mb |" in section  # the goals the second run met
+    gpu = "\n".join(report.gpu_section(6, {"measured": False, "reason": "not measured: no GPU was lent"}))
+    assert "Not measured: no GPU was lent" in gpu
