@@ -114,3 +114,21 @@ def tiny_upgrade(tmp_path: Path) -> tuple[str, str, object, object, object]:
     torch.manual_seed(0)
     CompatibleModel(new, Projection(32, 32, "linear"), old.space).save_pretrained(tmp_path / "compat")
     return old_spec, new_spec, old, new, load_model(f"compat:{tmp_path / 'compat'}")
+
+
+def photo_gallery(root: Path, n: int = 4, extra_images=None):
+    """A tiny open_clip model (seed 0) and an image gallery of `n` photos under root/photos (plus whatever
+    `extra_images(photos)` writes there first): (spec, model, photos, gallery); the caller closes the gallery."""
+    from xbt.gallery.ingest import ingest, items_from_folder
+    from xbt.gallery.store import Gallery
+    from xbt.specs import load_model
+
+    spec = save_tiny_openclip(root / "model", seed=0)
+    model = load_model(spec)
+    photos = root / "photos"
+    make_images(photos, n)
+    if extra_images is not None:
+        extra_images(photos)
+    gallery = Gallery.create(root / "gallery", model.space, modality="image")
+    ingest(gallery, model, items_from_folder(photos))
+    return spec, model, photos, gallery

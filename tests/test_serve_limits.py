@@ -12,17 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from gallery_support import make_images, running_server, save_tiny_openclip
+from gallery_support import photo_gallery, running_server
 from PIL import Image
 from serve_support import serving
 
 from xbt.errors import InputError
-from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
+from xbt.gallery.ingest import GalleryRetriever
 from xbt.gallery.store import Gallery
 from xbt.serve import media
 from xbt.serve.app import ServeConfig, create_app, serve
 from xbt.serve.media import ThumbnailStore, open_raster, resolve_roots
-from xbt.specs import load_model
 
 # What these tests need from the new code is imported inside them, so that on the code before these fixes
 # each test fails for its own reason rather than the whole module failing to import.
@@ -33,13 +32,8 @@ TOKEN = "limits-token-123"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    spec = save_tiny_openclip(root / "model", seed=0)
-    model = load_model(spec)
-    photos = root / "photos"
-    make_images(photos, 4)
-    Image.new("RGB", (1000, 800), "orange").save(photos / "large.jpg", quality=90)
-    gallery = Gallery.create(root / "gallery", model.space, modality="image")
-    ingest(gallery, model, items_from_folder(photos))
+    spec, model, photos, gallery = photo_gallery(
+        root, extra_images=lambda photos: Image.new("RGB", (1000, 800), "orange").save(photos / "large.jpg", quality=90))
     yield {"root": root, "spec": spec, "model": model, "photos": photos, "gallery": gallery,
            "retriever": GalleryRetriever(gallery, model)}
     gallery.close()

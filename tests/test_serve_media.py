@@ -16,12 +16,11 @@ import re
 import httpx
 import numpy as np
 import pytest
-from gallery_support import make_images, running_server, save_tiny_openclip
+from gallery_support import photo_gallery, running_server, save_tiny_openclip
 from PIL import Image
 
 from xbt.errors import InputError
-from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
-from xbt.gallery.store import Gallery
+from xbt.gallery.ingest import GalleryRetriever
 from xbt import load_model
 from xbt.serve.app import ServeConfig, create_app, public_info
 from xbt.serve.media import resolve_roots
@@ -41,12 +40,7 @@ def _png_bytes(colour: str = "red", size: tuple[int, int] = (60, 40), mode: str 
 def world(tmp_path_factory):
     """A gallery of images under photos/ (the media root), plus items whose payloads point elsewhere."""
     root = tmp_path_factory.mktemp("media")
-    spec = save_tiny_openclip(root / "model", seed=0)
-    model = load_model(spec)
-    photos = root / "photos"
-    make_images(photos, 4)
-    gallery = Gallery.create(root / "gallery", model.space, modality="image")
-    ingest(gallery, model, items_from_folder(photos))  # before the traps below are laid
+    spec, model, photos, gallery = photo_gallery(root)  # the gallery is made before the traps below are laid
     outside = root / "outside"
     outside.mkdir()
     secret_png = outside / "secret.png"
