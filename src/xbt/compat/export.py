@@ -218,10 +218,14 @@ def export_map_onnx(query_map: QueryMap, file: Path, meta: dict[str, str]) -> di
     graph = MapGraph(query_map).eval()
     names = ["new", "old"] if query_map.needs_old_query else ["new"]
     dims = [query_map.in_dim, query_map.out_dim][: len(names)]
-    example = tuple(F.normalize(torch.randn(3, d, generator=torch.Generator().manual_seed(i)), dim=-1)
-                    for i, d in enumerate(dims))
+    device = model_device(query_map)  # traced and checked where the map's weights are
+
+    def draw(n: int, d: int, seed: int) -> torch.Tensor:
+        return torch.randn(n, d, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+    example = tuple(F.normalize(draw(3, d, i), dim=-1) for i, d in enumerate(dims))
     _onnx_export(graph, example, names, {n: {0: "batch"} for n in names}, file, meta)
-    probe = tuple(torch.randn(7, d, generator=torch.Generator().manual_seed(10 + i)) for i, d in enumerate(dims))
+    probe = tuple(draw(7, d, 10 + i) for i, d in enumerate(dims))
     check = verify_onnx(file, lambda *x: graph(*x), dict(zip(names, probe)))
     if check["min_cosine"] < MIN_COSINE:
         file.unlink()
