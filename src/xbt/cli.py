@@ -833,6 +833,7 @@ def gallery_info(
     needs the old model at query time) after the space guard accepted it."""
     from xbt.gallery.base import QueryModelView, open_gallery
     from xbt.gallery.ingest import check_model, describe_model
+    from xbt.gallery.transform import transform_status
     from xbt.models.device import describe
 
     try:
@@ -843,6 +844,9 @@ def gallery_info(
                 check_model(g, query_model)
                 info = QueryModelView(g, query_model).info().to_dict()  # says whether the calibration applies
                 info["model"] = describe_model(query_model) | {"runtime": describe(query_model)}
+            transformed = transform_status(g)  # a transformed gallery: how many rows are still transformed
+            if transformed is not None:
+                info["transform"] = transformed
             problems = g.verify() if verify else None
     except XbtError as exc:
         _fail(exc)
@@ -990,6 +994,53 @@ def gallery_backfill(
     except (XbtError, OSError, ValueError) as exc:
         _fail(exc)
     _print_json(progress)
+
+
+@gallery_app.command("transform")
+def gallery_transform(
+    gallery: str = typer.Option(..., help="The old-space gallery: a folder, or milvus:URI#NAME."),
+    out: str = typer.Option(..., help="The new-space gallery to write: a new folder or milvus:URI#NAME (an interrupted run's: resumed)."),
+    map_model: Optional[str] = typer.Option(None, "--map", help="A compatible model (compat:DIR) whose query map is orthogonal (Procrustes): its transpose maps old -> new."),
+    fit: Optional[str] = typer.Option(None, help="Or fit an old->new map: procrustes-text, procrustes-image, procrustes-both or affine (needs --old, --new, --fit-pairs and/or --fit-texts)."),
+    old: Optional[str] = typer.Option(None, help="--fit: the gallery's (old) model."),
+    new: Optional[str] = typer.Option(None, help="--fit: the new model."),
+    fit_pairs: Optional[str] = typer.Option(None, help="--fit: training pairs (images and captions) both models embed, e.g. testbed:xbt_train; never the evaluation items."),
+    fit_split: Optional[str] = typer.Option(None, help="Split of --fit-pairs."),
+    fit_texts: Optional[Path] = typer.Option(None, help="--fit: a text file of unlabeled texts (one a line) both models embed."),
+    batch_size: int = typer.Option(1024, help="Vectors read, mapped and written per batch (bounds the memory)."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+) -> None:
+    """Move a gallery into the new space without re-encoding: map every stored vector old -> new into a new
+    gallery, payloads and media carried over, each row marked transformed (with the map's digest). Resumable
+    and kill-safe: run it again after an interruption."""
+    from xbt.compat.model import CompatibleModel
+    from xbt.data.datasets import open_dataset
+    from xbt.errors import InputError
+    from xbt.gallery.base import open_gallery
+    from xbt.gallery.transform import fitted_map, query_tower, transform_gallery, transposed_query_map
+
+    try:
+        if (map_model is None) == (fit is None):
+            raise InputError("give --map compat:DIR (an orthogonal query map, transposed) or --fit METHOD (an old->new map fitted here)")
+        runtime = _Runtime(device, precision)
+        with open_gallery(_gallery_ref(gallery)) as g:
+            if map_model is not None:
+                model = runtime.load(map_model)
+                if not isinstance(model, CompatibleModel):
+                    raise InputError(f"--map {map_model} is not a compatible model; give compat:DIR, or fit a map with --fit")
+                gmap = transposed_query_map(model, query_tower(g.modality))
+            else:
+                if old is None or new is None or (fit_pairs is None and fit_texts is None):
+                    raise InputError("--fit needs --old, --new and --fit-pairs and/or --fit-texts")
+                pairs = open_dataset(fit_pairs, fit_split) if fit_pairs is not None else []
+                texts = [t.strip() for t in fit_texts.read_text().splitlines() if t.strip()] if fit_texts else []
+                gmap = fitted_map(fit, runtime.load(old), runtime.load(new), fit_texts=texts, fit_pairs=pairs,
+                                  show_progress=True)
+            report = transform_gallery(g, _gallery_ref(out), gmap, batch=batch_size, show_progress=True)
+    except (XbtError, OSError) as exc:
+        _fail(exc)
+    _print_json(report)
 
 
 @gallery_app.command("export")

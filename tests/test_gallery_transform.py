@@ -1,0 +1,243 @@
+"""`xbt gallery transform` (issue 26, part 1): an old-space gallery carried into the new space by an old->new
+map. At 0% backfilled a gallery transformed by the transpose of an orthogonal query map ranks exactly as
+the old gallery searched through that query map; maps of the wrong shape or spaces are refused; payloads,
+media and provenance follow the rows; an interrupted transform resumes, and a SIGKILL before any of its
+steps loses and duplicates nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gallery_support import unit_rows
+from torch import nn
+
+from xbt.compat.maps import LinearMap
+from xbt.compat.model import CompatibleModel
+from xbt.compat.procrustes import orthogonal_procrustes
+from xbt.errors import InputError, SpaceMismatchError
+from xbt.gallery.index import IndexConfig
+from xbt.gallery.store import Gallery
+from xbt.gallery.transform import (
+    PROVENANCE_KEY,
+    GalleryMap,
+    fitted_map,
+    transform_gallery,
+    transform_status,
+    transposed_query_map,
+)
+from xbt.models.base import EmbeddingSpace, VLPModel
+
+OLD_DIM, NEW_DIM, N = 16, 24, 150
+OLD_SPACE = EmbeddingSpace("old-model", OLD_DIM, "f" * 64)
+
+
+class LinearModel(VLPModel):
+    """Both towers one fixed linear map of a latent vector (texts and images given as latent vectors)."""
+
+    def __init__(self, dim: int, seed: int, name: str):
+        super().__init__()
+        self.dim, self.spec = dim, name
+        self.proj = nn.Linear(8, dim, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.from_numpy(np.random.default_rng(seed).standard_normal((dim, 8))))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dim
+
+    @property
+    def image_transform(self):
+        return lambda img: torch.zeros(8)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(8)).float()
+                            for t in texts])
+
+    def forward_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels)
+
+    def forward_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens)
+
+
+def _procrustes_model(new_model: VLPModel, old_space: EmbeddingSpace = OLD_SPACE) -> CompatibleModel:
+    """A Procrustes query map new -> old (fitted on random pairs: any rotation will do here)."""
+    x, y = unit_rows(64, NEW_DIM, 1), unit_rows(64, old_space.dim, 2)
+    rotation = orthogonal_procrustes(x, y)[:NEW_DIM, : old_space.dim]
+    return CompatibleModel(new_model, LinearMap.from_arrays(rotation), old_space, method="procrustes-text")
+
+
+def _old_gallery(folder: Path, n: int = N, space: EmbeddingSpace = OLD_SPACE) -> Gallery:
+    g = Gallery.create(folder, space, IndexConfig(kind="flat"), "image")
+    g.add(unit_rows(n, space.dim, 3), [f"item{i:04d}" for i in range(n)], [{"caption": f"c{i}"} for i in range(n)],
+          space=space)
+    return g
+
+
+def _ranking(hits) -> list[list[str]]:
+    return [[h.id for h in row] for row in hits]
+
+
+def test_transposed_orthogonal_map_ranks_as_the_query_side_map(tmp_path):
+    new_model = LinearModel(NEW_DIM, 0, "new")
+    compat = _procrustes_model(new_model)
+    gmap = transposed_query_map(compat, "text")
+    with _old_gallery(tmp_path / "old") as old:
+        report = transform_gallery(old, tmp_path / "new", gmap, batch=40)
+        assert report["written"] == N and report["already_present"] == 0
+        queries = unit_rows(30, NEW_DIM, 7)  # native new-model query vectors
+        query_side = compat.query_map.apply(queries)  # what the old gallery is searched with today
+        expected = old.search(query_side, 10, space=OLD_SPACE)
+    with Gallery.open(tmp_path / "new") as new:
+        assert new.space == new_model.space and len(new) == N
+        got = new.search(queries, 10, space=new_model.space)
+        stored = new.get(["item0003"], with_vectors=True)["item0003"]
+    assert _ranking(got) == _ranking(expected)
+    # <q, R^T g> = <q R, g>: the query side normalises q R (shorter than q where the new space is the
+    # larger), so its scores are these divided by |q R|, one factor per query, which leaves each ranking
+    scale = np.linalg.norm(queries @ compat.query_map.weight.numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose([[h.score for h in r] for r in got],
+                               scale * np.array([[h.score for h in r] for r in expected]), atol=1e-5)
+    assert abs(np.linalg.norm(stored["vector"]) - 1) < 1e-5  # renormalised
+    assert stored["payload"]["caption"] == "c3"
+    assert stored["payload"][PROVENANCE_KEY] == {"kind": "transformed", "map": gmap.digest}
+
+
+def test_info_counts_transformed_and_native_rows_and_media_follow(tmp_path):
+    new_model = LinearModel(NEW_DIM, 0, "new")
+    gmap = transposed_query_map(_procrustes_model(new_model), "text")
+    with _old_gallery(tmp_path / "old", n=5) as old:
+        image = old.store_media(b"\x89PNG fake bytes", "png")
+        old.add(unit_rows(1, OLD_DIM, 9), ["with-image"], [{"image": str(image)}], space=OLD_SPACE)
+        assert transform_status(old) is None  # no transform made it
+        transform_gallery(old, tmp_path / "new", gmap)
+    with Gallery.open(tmp_path / "new") as new:
+        assert transform_status(new) == {"transformed": 6, "native": 0, "map": gmap.digest, "made_by": gmap.made_by,
+                                         "source": str((tmp_path / "old").resolve())}
+        new.add(unit_rows(1, NEW_DIM, 4), ["native-1"], [{"caption": "new"}], space=new_model.space)
+        assert transform_status(new)["native"] == 1  # type: ignore[index]
+        moved = Path(new.get(["with-image"])["with-image"]["payload"]["image"])
+        assert moved.parent == new.media_dir and moved.read_bytes() == b"\x89PNG fake bytes"
+
+
+def test_maps_of_the_wrong_shape_or_spaces_are_refused(tmp_path):
+    new_model = LinearModel(NEW_DIM, 0, "new")
+    with pytest.raises(SpaceMismatchError, match="must map 16-d vectors"):
+        GalleryMap(LinearMap.from_arrays(np.zeros((OLD_DIM, NEW_DIM + 1), np.float32)), OLD_SPACE, new_model.space, "x")
+    other = EmbeddingSpace("another-old-model", OLD_DIM, "e" * 64)
+    gmap = transposed_query_map(_procrustes_model(new_model, other), "text")
+    with _old_gallery(tmp_path / "old", n=3) as old, pytest.raises(SpaceMismatchError, match="use a map made for"):
+        transform_gallery(old, tmp_path / "new", gmap)
+    assert not (tmp_path / "new").exists()
+    # an affine (non-orthogonal) query map cannot be transposed; nor can a map with a bias
+    skew = CompatibleModel(new_model, LinearMap.from_arrays(2 * np.eye(NEW_DIM, OLD_DIM, dtype=np.float32)), OLD_SPACE)
+    with pytest.raises(InputError, match="not orthogonal"):
+        transposed_query_map(skew, "text")
+    biased = CompatibleModel(new_model, LinearMap.from_arrays(np.eye(NEW_DIM, OLD_DIM, dtype=np.float32),
+                                                              np.ones(OLD_DIM, np.float32)), OLD_SPACE)
+    with pytest.raises(InputError, match="with a bias"):
+        transposed_query_map(biased, "text")
+
+
+def test_a_rerun_resumes_and_another_map_is_refused(tmp_path, monkeypatch):
+    new_model = LinearModel(NEW_DIM, 0, "new")
+    gmap = transposed_query_map(_procrustes_model(new_model), "text")
+    with _old_gallery(tmp_path / "old") as old:
+        import xbt.gallery.transform as transform
+
+        real, calls = transform._transform_batch, []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(transform, "_transform_batch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            transform_gallery(old, tmp_path / "new", gmap, batch=40)
+        monkeypatch.setattr(transform, "_transform_batch", real)
+        assert len(Gallery.open(tmp_path / "new")) == 80
+        report = transform_gallery(old, tmp_path / "new", gmap, batch=40)
+        assert (report["written"], report["already_present"]) == (N - 80, 80)
+        assert report["info"]["size"] == N
+        refit = GalleryMap(LinearMap.from_arrays(-gmap.linear.weight.numpy()), OLD_SPACE, new_model.space, "flipped")
+        with pytest.raises(InputError, match="choose a new --out, or rerun with the map that made it"):
+            transform_gallery(old, tmp_path / "new", refit)
+
+
+def test_an_old_to_new_map_fitted_with_compat_procrustes(tmp_path):
+    old_model, new_model = LinearModel(OLD_DIM, 5, "old"), LinearModel(NEW_DIM, 6, "new")
+    texts = [f"text {i}" for i in range(80)]
+    gmap = fitted_map("procrustes-text", old_model, new_model, fit_texts=texts)
+    assert (gmap.old_space, gmap.new_space) == (old_model.space, new_model.space)
+    old_vectors = old_model.encode_text(texts[:10]).numpy()
+    new_vectors = new_model.encode_text(texts[:10]).numpy()
+    mapped = gmap.apply(old_vectors)
+    # a rotation of an 8-d latent world: the map carries each text's old vector close to its new one
+    assert np.mean(np.sum(mapped * new_vectors, axis=1)) > 0.9
+    with pytest.raises(InputError, match="--fit must be one of"):
+        fitted_map("slerp", old_model, new_model, fit_texts=texts)
+
+
+# ----- kill safety: a real SIGKILL before each of the transform's writing steps ----------------------------
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path[:0] = {paths!r}
+from test_gallery_transform import LinearModel, _procrustes_model
+from xbt.gallery.store import Gallery
+from xbt.gallery.transform import transform_gallery, transposed_query_map
+
+kill_at, calls = int(sys.argv[1]), [0]
+def step(real):
+    def wrapped(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, *args, **kwargs)
+    return wrapped
+Gallery.add, Gallery.compact = step(Gallery.add), step(Gallery.compact)
+gmap = transposed_query_map(_procrustes_model(LinearModel(24, 0, "new")), "text")
+with Gallery.open(sys.argv[2]) as old:
+    transform_gallery(old, sys.argv[3], gmap, batch=40)
+"""
+
+
+def _run_transform(script: Path, kill_at: int, old: Path, new: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), str(kill_at), str(old), str(new)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ})
+
+
+@pytest.mark.slow
+def test_a_transform_killed_before_each_step_resumes_without_loss_or_duplicates(tmp_path):
+    _old_gallery(tmp_path / "old").close()
+    new_model = LinearModel(NEW_DIM, 0, "new")
+    gmap = transposed_query_map(_procrustes_model(new_model), "text")
+    with Gallery.open(tmp_path / "old") as old:
+        transform_gallery(old, tmp_path / "clean", gmap, batch=40)  # the uninterrupted run, to compare with
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT.format(paths=[str(Path(__file__).parent), *sys.path]))
+    batches = -(-N // 40)
+    for kill_at in range(1, batches + 2):  # SIGKILL before each batch's add, then before the compaction
+        target = tmp_path / f"new{kill_at}"
+        killed = _run_transform(script, kill_at, tmp_path / "old", target)
+        assert killed.returncode == -9, killed.stderr
+        with Gallery.open(target) as new:
+            ids = new.ids()
+            assert len(ids) == len(set(ids)) == min(40 * (kill_at - 1), N)  # every acknowledged batch, once
+            assert new.verify() == []
+        rerun = _run_transform(script, 0, tmp_path / "old", target)  # the same command, no manual step
+        assert rerun.returncode == 0, rerun.stderr
+        with Gallery.open(target) as new, Gallery.open(tmp_path / "clean") as clean:
+            assert new.ids() == clean.ids() and transform_status(new)["transformed"] == N  # type: ignore[index]
+            a, b = new.get(new.ids(), with_vectors=True), clean.get(clean.ids(), with_vectors=True)
+            for i in a:
+                np.testing.assert_array_equal(a[i]["vector"], b[i]["vector"])
+                assert a[i]["payload"] == b[i]["payload"]
