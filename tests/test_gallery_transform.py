@@ -241,3 +241,45 @@ def test_a_transform_killed_before_each_step_resumes_without_loss_or_duplicates(
             for i in a:
                 np.testing.assert_array_equal(a[i]["vector"], b[i]["vector"])
                 assert a[i]["payload"] == b[i]["payload"]
+
+
+# ----- the command line ------------------------------------------------------------------------------------
+def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
+    import json
+
+    from gallery_support import save_tiny_openclip
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+    from xbt.specs import load_model
+
+    old_spec, new_spec = save_tiny_openclip(tmp_path / "old", seed=0), save_tiny_openclip(tmp_path / "new", seed=1)
+    old, new = load_model(old_spec), load_model(new_spec)
+    rotation = orthogonal_procrustes(unit_rows(64, 32, 1), unit_rows(64, 32, 2))
+    CompatibleModel(new, LinearMap.from_arrays(rotation), old.space).save_pretrained(tmp_path / "compat")
+    _old_gallery(tmp_path / "g", n=20, space=old.space).close()
+    runner = CliRunner()
+
+    def cli(*args: str, ok: bool = True) -> str:
+        result = runner.invoke(app, list(args))
+        assert (result.exit_code == 0) == ok, f"{args}: {result.output}"
+        return result.stdout if ok else result.output
+
+    common = ["gallery", "transform", "--gallery", str(tmp_path / "g"), "--device", "cpu"]
+    assert "give --map compat:DIR" in " ".join(cli(*common, "--out", str(tmp_path / "t"), ok=False).split())
+    out = json.loads(cli(*common, "--out", str(tmp_path / "t"), "--map", f"compat:{tmp_path / 'compat'}"))
+    assert out["written"] == 20 and out["info"]["space"] == new.space.to_dict()
+    again = json.loads(cli(*common, "--out", str(tmp_path / "t"), "--map", f"compat:{tmp_path / 'compat'}"))
+    assert (again["written"], again["already_present"]) == (0, 20)
+    info = json.loads(cli("gallery", "info", "--gallery", str(tmp_path / "t")))
+    assert (info["transform"]["transformed"], info["transform"]["native"]) == (20, 0)
+    hits = json.loads(cli("gallery", "search", "--gallery", str(tmp_path / "t"), "--model", new_spec, "--text", "a red",
+                          "--k", "3", "--device", "cpu"))
+    assert len(hits) == 3 and all(h["payload"][PROVENANCE_KEY]["kind"] == "transformed" for h in hits)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"a photo of thing {i}\n" for i in range(40)))
+    fit = ["--fit", "procrustes-text", "--old", old_spec, "--new", new_spec, "--fit-texts", str(texts)]
+    refused = cli(*common, "--out", str(tmp_path / "t"), *fit, ok=False)  # another map than the one that made t
+    assert "choose a new --out, or rerun with the map that made it" in " ".join(refused.split())
+    fitted = json.loads(cli(*common, "--out", str(tmp_path / "f"), *fit))
+    assert fitted["written"] == 20 and "procrustes-text fitted old->new on 40 texts" in fitted["made_by"]
