@@ -292,7 +292,7 @@ def _release(target: str) -> None:
 def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
     import json
 
-    from gallery_support import save_tiny_openclip
+    from gallery_support import make_images, save_tiny_openclip
     from typer.testing import CliRunner
 
     from xbt.cli import app
@@ -328,3 +328,8 @@ def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
     assert "choose a new --out, or rerun with the map that made it" in " ".join(refused.split())
     fitted = json.loads(cli(*common, "--out", str(tmp_path / "f"), *fit))
     assert fitted["written"] == 20 and "procrustes-text fitted old->new on 40 texts" in fitted["made_by"]
+    make_images(tmp_path / "unlabeled", 40)
+    by_images = json.loads(cli(*common, "--out", str(tmp_path / "i"), "--fit", "procrustes-image", "--old", old_spec,
+                               "--new", new_spec, "--fit-images", str(tmp_path / "unlabeled")))
+    assert by_images["written"] == 20 and "on 0 texts and 40 images" in by_images["made_by"]
+    assert by_images["map"] != fitted["map"]

@@ -1007,6 +1007,7 @@ def gallery_transform(
     fit_pairs: Optional[str] = typer.Option(None, help="--fit: training pairs (images and captions) both models embed, e.g. testbed:xbt_train; never the evaluation items."),
     fit_split: Optional[str] = typer.Option(None, help="Split of --fit-pairs."),
     fit_texts: Optional[Path] = typer.Option(None, help="--fit: a text file of unlabeled texts (one a line) both models embed."),
+    fit_images: Optional[Path] = typer.Option(None, help="--fit: a folder of unlabeled images both models embed."),
     batch_size: int = typer.Option(1024, help="Vectors read, mapped and written per batch (bounds the memory)."),
     device: Device = "auto",
     precision: Precision = "fp32",
@@ -1018,6 +1019,7 @@ def gallery_transform(
     from xbt.data.datasets import open_dataset
     from xbt.errors import InputError
     from xbt.gallery.base import open_gallery
+    from xbt.gallery.ingest import items_from_folder
     from xbt.gallery.transform import fitted_map, query_tower, transform_gallery, transposed_query_map
 
     try:
@@ -1031,12 +1033,13 @@ def gallery_transform(
                     raise InputError(f"--map {map_model} is not a compatible model; give compat:DIR, or fit a map with --fit")
                 gmap = transposed_query_map(model, query_tower(g.modality))
             else:
-                if old is None or new is None or (fit_pairs is None and fit_texts is None):
-                    raise InputError("--fit needs --old, --new and --fit-pairs and/or --fit-texts")
+                if old is None or new is None or (fit_pairs, fit_texts, fit_images) == (None, None, None):
+                    raise InputError("--fit needs --old, --new and data both embed: --fit-pairs, --fit-texts and/or --fit-images")
                 pairs = open_dataset(fit_pairs, fit_split) if fit_pairs is not None else []
                 texts = [t.strip() for t in fit_texts.read_text().splitlines() if t.strip()] if fit_texts else []
+                images = [it.payload["image"] for it in items_from_folder(fit_images)] if fit_images else []
                 gmap = fitted_map(fit, runtime.load(old), runtime.load(new), fit_texts=texts, fit_pairs=pairs,
-                                  show_progress=True)
+                                  fit_images=images, show_progress=True)
             report = transform_gallery(g, _gallery_ref(out), gmap, batch=batch_size, show_progress=True)
     except (XbtError, OSError) as exc:
         _fail(exc)

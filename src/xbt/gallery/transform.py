@@ -37,6 +37,7 @@ from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import build_method
 from xbt.data.pairs import Pair
 from xbt.errors import InputError, SpaceMismatchError
+from xbt.eval.embed import embed_images
 from xbt.gallery.base import GalleryBackend, create_gallery, gallery_exists, gallery_ref, open_gallery
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.media import adopt_media
@@ -120,13 +121,21 @@ def transposed_query_map(model: CompatibleModel, tower: str) -> GalleryMap:
 
 
 def fitted_map(method: str, old_model: VLPModel, new_model: VLPModel, *, fit_texts: Sequence[str] = (),
-               fit_pairs: Sequence[Pair] = (), show_progress: bool = False, **options: Any) -> GalleryMap:
+               fit_pairs: Sequence[Pair] = (), fit_images: Sequence[str] = (), show_progress: bool = False,
+               **options: Any) -> GalleryMap:
     """An old->new map fitted in closed form by one of `xbt.compat`'s linear methods with the two models'
-    roles swapped: the old model's vectors are the inputs, the new model's the targets."""
+    roles swapped: the old model's vectors are the inputs, the new model's the targets. It fits on texts,
+    on image-caption pairs (their images and captions) and on unlabeled images, each embedded by both."""
     if method not in FITTED_METHODS:
         raise InputError(f"--fit must be one of {', '.join(FITTED_METHODS)}, not {method!r}")
     swapped = build_method(method, old_model.space, new_model.space, **options)  # "new" = the map's input
     data: FitData = fit_data(new_model, old_model, fit_texts, fit_pairs, None, show_progress)
+    if fit_images:  # unlabeled: only the images are embedded (by both models, through the feature cache)
+        unlabeled = [Pair(image=str(path), caption="", image_id=str(path)) for path in fit_images]
+        inputs, targets = (embed_images(old_model, unlabeled, show_progress),
+                           embed_images(new_model, unlabeled, show_progress))
+        data.new_image = inputs if data.new_image is None else np.concatenate([data.new_image, inputs])
+        data.old_image = targets if data.old_image is None else np.concatenate([data.old_image, targets])
     linear = swapped.fit(data).to_map()
     assert isinstance(linear, LinearMap)  # every FITTED_METHODS fit is one
     made_by = f"{method} fitted old->new on {len(data.new_text)} texts and {0 if data.new_image is None else len(data.new_image)} images"
