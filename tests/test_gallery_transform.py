@@ -303,7 +303,10 @@ def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
     old, new = load_model(old_spec), load_model(new_spec)
     rotation = orthogonal_procrustes(unit_rows(64, 32, 1), unit_rows(64, 32, 2))
     CompatibleModel(new, LinearMap.from_arrays(rotation), old.space).save_pretrained(tmp_path / "compat")
-    _old_gallery(tmp_path / "g", n=20, space=old.space).close()
+    images = make_images(tmp_path / "images", 20, seed=3)
+    with Gallery.create(tmp_path / "g", old.space, modality="image") as g:
+        g.add(old.encode_image(images).numpy(), [f"item{i:04d}" for i in range(20)],
+              [{"image": str(p), "caption": f"c{i}"} for i, p in enumerate(images)], space=old.space)
     runner = CliRunner()
 
     def cli(*args: str, ok: bool = True) -> str:
@@ -322,6 +325,15 @@ def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
     hits = json.loads(cli("gallery", "search", "--gallery", str(tmp_path / "t"), "--model", new_spec, "--text", "a red",
                           "--k", "3", "--device", "cpu"))
     assert len(hits) == 3 and all(h["payload"][PROVENANCE_KEY]["kind"] == "transformed" for h in hits)
+    backfill = ["gallery", "backfill", "--in-place", "--gallery", str(tmp_path / "t"), "--model", new_spec, "--device", "cpu"]
+    assert "no --state" in " ".join(cli(*backfill, "--state", str(tmp_path / "mig"), ok=False).split())
+    half = json.loads(cli(*backfill, "--order", "id", "--max-items", "5", "--batch-size", "4"))
+    assert (half["replaced"], half["transformed"], half["native"], half["failed"]) == (5, 15, 5, {})
+    info = json.loads(cli("gallery", "info", "--gallery", str(tmp_path / "t")))
+    assert (info["transform"]["transformed"], info["transform"]["native"]) == (15, 5)
+    with Gallery.open(tmp_path / "t") as t:
+        stored = t.get(["item0000"], with_vectors=True)["item0000"]
+    np.testing.assert_allclose(stored["vector"], new.encode_image([images[0]]).numpy()[0], atol=1e-5)
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(f"a photo of thing {i}\n" for i in range(40)))
     fit = ["--fit", "procrustes-text", "--old", old_spec, "--new", new_spec, "--fit-texts", str(texts)]
@@ -329,7 +341,7 @@ def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
     assert "choose a new --out, or rerun with the map that made it" in " ".join(refused.split())
     fitted = json.loads(cli(*common, "--out", str(tmp_path / "f"), *fit))
     assert fitted["written"] == 20 and "procrustes-text fitted old->new on 40 texts" in fitted["made_by"]
-    make_images(tmp_path / "unlabeled", 40)
+    make_images(tmp_path / "unlabeled", 40, seed=9)
     by_images = json.loads(cli(*common, "--out", str(tmp_path / "i"), "--fit", "procrustes-image", "--old", old_spec,
                                "--new", new_spec, "--fit-images", str(tmp_path / "unlabeled")))
     assert by_images["written"] == 20 and "on 0 texts and 40 images" in by_images["made_by"]

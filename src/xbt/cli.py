@@ -929,7 +929,8 @@ _CALIBRATE_HELP = ("Serve the migration's search by the calibrated score merge (
 
 @gallery_app.command("backfill")
 def gallery_backfill(
-    state: Path = typer.Option(..., help="Migration folder (created on the first run; resumed afterwards)."),
+    state: Optional[Path] = typer.Option(None, help="Migration folder (created on the first run; resumed afterwards); not with --in-place."),
+    in_place: bool = typer.Option(False, "--in-place", help="In a gallery `xbt gallery transform` made (--gallery): replace transformed rows by native ones, same ids, no second gallery and no cut-over (--order, --batch-size, --max-items apply)."),
     model: str = typer.Option(..., help="The new model (its own space: the gallery being built)."),
     gallery: Optional[str] = typer.Option(None, help="The old gallery (needed on the first run only); on Milvus the new vectors go to a second collection, and the cut-over moves the gallery's alias to it."),
     order: str = typer.Option("oldest", help="Priority: oldest, newest, id, field:NAME, -field:NAME, benefit (the largest estimated benefit first: needs --compat, --old-model and --fit-pairs), or @FILE of ids (one a line)."),
@@ -949,11 +950,26 @@ def gallery_backfill(
     precision: Precision = "fp32",
     num_workers: Workers = 0,
 ) -> None:
-    """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
+    """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order
+    (or, --in-place, replace a transformed gallery's rows by native ones)."""
     from xbt.gallery.base import open_gallery
+    from xbt.gallery.inplace import backfill_in_place
     from xbt.gallery.migration import STATE_NAME, Migration
 
     try:
+        if in_place:
+            if gallery is None or state is not None or cut_over or engine != "local":
+                raise ValueError("--in-place works on --gallery (a transformed gallery) alone: no --state, --cut-over"
+                                 " or --engine ray")
+            new_model = _Runtime(device, precision, num_workers).load(model)
+            ids = ([line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
+                   if order.startswith("@") else order)
+            with open_gallery(_gallery_ref(gallery)) as g:
+                _print_json(backfill_in_place(g, new_model, ids, batch_size=batch_size, max_items=max_items,
+                                              show_progress=True))
+            return
+        if state is None:
+            raise ValueError("give --state DIR (the migration folder), or --in-place for a transformed gallery")
         new_model = _Runtime(device, precision, num_workers).load(model)
         if not (state / STATE_NAME).exists():
             if gallery is None:
