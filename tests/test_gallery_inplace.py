@@ -16,6 +16,7 @@ from test_gallery_transform import LinearModel
 
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.gallery.index import IndexConfig
+from xbt.gallery.ingest import GalleryRetriever
 from xbt.gallery.inplace import backfill_in_place
 from xbt.gallery.store import Gallery
 from xbt.gallery.transform import PROVENANCE_KEY, fitted_map, transform_gallery, transform_status
@@ -50,6 +51,8 @@ def test_backfilled_rows_become_native_in_order_and_a_rerun_finishes(tmp_path):
         by_id = {h.id: h.score for h in hits}
         for i, vector in zip(done, native):  # each backfilled item's score is now the native one
             assert abs(by_id[i] - float(queries[0] @ vector)) < 1e-5
+        served = GalleryRetriever(g, new_model).info()["transform"]  # what the service's /info shows
+        assert (served["transformed"], served["native"]) == (N - 10, 10)
         rest = backfill_in_place(g, new_model, order="-field:n", batch_size=4)
         assert rest["replaced"] == N - 10 and (rest["transformed"], rest["native"]) == (0, N) and len(g) == N
         assert backfill_in_place(g, new_model)["replaced"] == 0

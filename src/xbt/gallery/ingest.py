@@ -14,6 +14,7 @@ import numpy as np
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
 from xbt.gallery.store import CONFLICT_HINT, Gallery, Hit, OnConflict
+from xbt.gallery.transform import transform_status
 from xbt.models.base import VLPModel
 from xbt.progress import progress_bar
 
@@ -240,5 +241,7 @@ class GalleryRetriever:
         self.gallery.close()
 
     def info(self) -> dict[str, Any]:
-        return {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model),
+        info = {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model),
                 "query_model": describe_model(self.model), "mode": "single"}
+        transformed = transform_status(self.gallery)  # a transformed gallery: how many rows are not native yet
+        return info if transformed is None else {**info, "transform": transformed}
