@@ -73,43 +73,63 @@ _KILL_SCRIPT = """
 import os, signal, sys
 sys.path[:0] = {paths!r}
 from test_gallery_transform import LinearModel
-from xbt.gallery.store import Gallery
+from xbt.gallery.base import open_gallery
 from xbt.gallery.inplace import backfill_in_place
+from xbt.gallery.store import Gallery as backend
 
-kill_at, calls, real = int(sys.argv[1]), [0], Gallery.add
+if sys.argv[2].startswith("milvus:"):
+    from xbt.gallery.milvus import MilvusGallery as backend
+kill_at, calls, real = int(sys.argv[1]), [0], backend.add
 def add(self, *args, **kwargs):
     calls[0] += 1
     if calls[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, *args, **kwargs)
-Gallery.add = add
-with Gallery.open(sys.argv[2]) as g:
+backend.add = add
+with open_gallery(sys.argv[2]) as g:
     backfill_in_place(g, LinearModel(24, 6, "new"), order="id", batch_size=8)
 """
 
 
 @pytest.mark.slow
-def test_an_in_place_backfill_killed_before_each_replace_resumes(tmp_path):
+@pytest.mark.parametrize("backend", ["embedded", "milvus"])
+def test_an_in_place_backfill_killed_before_each_replace_resumes(tmp_path, backend):
     import shutil
 
+    from xbt.gallery.base import copy_gallery, open_gallery
+
+    if backend == "milvus":
+        pytest.importorskip("pymilvus")
+        pytest.importorskip("milvus_lite")
+        from xbt.gallery.milvus import release_lite
     new_model, path = _transformed(tmp_path)
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT.format(paths=[str(Path(__file__).parent), *sys.path]))
+
+    def run(kill_at: int, target: str) -> subprocess.CompletedProcess:
+        if backend == "milvus":
+            release_lite(target[len("milvus:"):].split("#")[0])  # Milvus Lite admits one process at a time
+        return subprocess.run([sys.executable, str(script), str(kill_at), target], capture_output=True, text=True,
+                              timeout=300, env={**os.environ})
+
     for kill_at in range(1, -(-N // 8) + 1):
-        target = tmp_path / f"g{kill_at}"
-        shutil.copytree(path, target)
-        run = subprocess.run([sys.executable, str(script), str(kill_at), str(target)], capture_output=True, text=True,
-                             timeout=300, env={**os.environ})
-        assert run.returncode == -9, run.stderr
-        with Gallery.open(target) as g:
+        if backend == "milvus":
+            target = f"milvus:{tmp_path / f'g{kill_at}.db'}#transformed"
+            with Gallery.open(path) as transformed:
+                copy_gallery(transformed, target)  # the stamp and the marked payloads travel with the rows
+        else:
+            target = str(tmp_path / f"g{kill_at}")
+            shutil.copytree(path, target)
+        killed = run(kill_at, target)
+        assert killed.returncode == -9, killed.stderr
+        with open_gallery(target) as g:
             status = transform_status(g)
             assert len(g) == N and g.verify() == [] and status is not None
             assert status["native"] == min(8 * (kill_at - 1), N)  # every acknowledged replace, no row lost
-        rerun = subprocess.run([sys.executable, str(script), "0", str(target)], capture_output=True, text=True,
-                               timeout=300, env={**os.environ})
+        rerun = run(0, target)
         assert rerun.returncode == 0, rerun.stderr
-        with Gallery.open(target) as g:
-            assert len(g) == N and transform_status(g)["native"] == N  # type: ignore[index]
+        with open_gallery(target) as g:
+            assert len(g) == N and sorted(g.ids()) == sorted(set(g.ids())) and transform_status(g)["native"] == N  # type: ignore[index]
             rows = g.get(sorted(g.ids()), with_vectors=True)
             native = new_model.encode_text([r["payload"]["caption"] for r in rows.values()]).numpy()
             np.testing.assert_allclose(np.stack([r["vector"] for r in rows.values()]), native, atol=1e-6)
