@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gallery_support import unit_rows
-from test_gallery_transform import LinearModel
+from test_gallery_transform import LinearModel, skip_without_milvus
 
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.gallery.index import IndexConfig
@@ -72,7 +72,7 @@ def test_in_place_refuses_what_it_cannot_do(tmp_path):
 _KILL_SCRIPT = """
 import os, signal, sys
 sys.path[:0] = {paths!r}
-from test_gallery_transform import LinearModel
+from test_gallery_transform import LinearModel, skip_without_milvus
 from xbt.gallery.base import open_gallery
 from xbt.gallery.inplace import backfill_in_place
 from xbt.gallery.store import Gallery as backend
@@ -98,16 +98,15 @@ def test_an_in_place_backfill_killed_before_each_replace_resumes(tmp_path, backe
 
     from xbt.gallery.base import copy_gallery, open_gallery
 
-    if backend == "milvus":
-        pytest.importorskip("pymilvus")
-        pytest.importorskip("milvus_lite")
-        from xbt.gallery.milvus import release_lite
+    skip_without_milvus(backend)
     new_model, path = _transformed(tmp_path)
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT.format(paths=[str(Path(__file__).parent), *sys.path]))
 
     def run(kill_at: int, target: str) -> subprocess.CompletedProcess:
         if backend == "milvus":
+            from xbt.gallery.milvus import release_lite
+
             release_lite(target[len("milvus:"):].split("#")[0])  # Milvus Lite admits one process at a time
         return subprocess.run([sys.executable, str(script), str(kill_at), target], capture_output=True, text=True,
                               timeout=300, env={**os.environ})

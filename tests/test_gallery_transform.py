@@ -240,6 +240,13 @@ with Gallery.open(sys.argv[2]) as old:
 """
 
 
+def skip_without_milvus(backend: str) -> None:
+    """The Milvus variant of a test needs pymilvus and Milvus Lite (pinned in the lock)."""
+    if backend == "milvus":
+        pytest.importorskip("pymilvus")
+        pytest.importorskip("milvus_lite")
+
+
 def _run_transform(script: Path, kill_at: int, old: Path, new: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), str(kill_at), str(old), new], capture_output=True,
                           text=True, timeout=300, env={**os.environ})
@@ -250,9 +257,7 @@ def _run_transform(script: Path, kill_at: int, old: Path, new: str) -> subproces
 def test_a_transform_killed_before_each_step_resumes_without_loss_or_duplicates(tmp_path, backend):
     from xbt.gallery.base import open_gallery
 
-    if backend == "milvus":
-        pytest.importorskip("pymilvus")
-        pytest.importorskip("milvus_lite")
+    skip_without_milvus(backend)
     _old_gallery(tmp_path / "old").close()
     new_model = LinearModel(NEW_DIM, 0, "new")
     gmap = transposed_query_map(_procrustes_model(new_model), "text")

@@ -19,7 +19,7 @@ from typing import Any
 
 from xbt.errors import InputError
 from xbt.gallery.base import GalleryBackend
-from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source
+from xbt.gallery.ingest import GalleryItem, embed_items
 from xbt.gallery.migration import order_ids
 from xbt.gallery.transform import PROVENANCE_KEY, TRANSFORM_META, provenance_of, transform_status
 from xbt.models.base import VLPModel
@@ -43,7 +43,7 @@ def backfill_in_place(gallery: GalleryBackend, model: VLPModel, order: str | Seq
         raise InputError("batch_size must be at least 1")
     modality = gallery.modality or "image"
     plan = order_ids(gallery, order)
-    replaced, failed = 0, {}
+    replaced, failed = 0, dict[str, str]()
     with progress_bar(len(plan), "backfill in place", show_progress) as advance:
         for start in range(0, len(plan), batch_size):
             if max_items is not None and replaced >= max_items:
@@ -54,20 +54,11 @@ def backfill_in_place(gallery: GalleryBackend, model: VLPModel, order: str | Seq
                      if i in stored and provenance_of(stored[i]["payload"]) == "transformed"]
             if max_items is not None:
                 items = items[: max_items - replaced]
-            sources, ok = [], []
-            for it in items:
-                try:
-                    sources.append(item_source(it, modality))
-                    ok.append(it)
-                except InputError as exc:
-                    failed[it.id] = str(exc)
-            if ok:
-                vectors, bad = embed_inputs(model, sources, modality, batch_size)
-                failed.update({ok[i].id: why for i, why in bad.items()})
-                good = [it for i, it in enumerate(ok) if i not in bad]
-                if good:
-                    native = [{k: v for k, v in it.payload.items() if k != PROVENANCE_KEY} for it in good]
-                    gallery.add(vectors, [it.id for it in good], native, space=model.space, on_conflict="replace")
-                    replaced += len(good)
+            good, vectors, bad = embed_items(model, items, modality, batch_size)
+            failed.update(bad)
+            if good:
+                native = [{k: v for k, v in it.payload.items() if k != PROVENANCE_KEY} for it in good]
+                gallery.add(vectors, [it.id for it in good], native, space=model.space, on_conflict="replace")
+                replaced += len(good)
             advance(len(chunk))
     return {"replaced": replaced, "failed": failed, **(transform_status(gallery) or {})}
