@@ -206,6 +206,30 @@ def test_the_page_searches_by_text_and_by_image(pictures, browser, shots):
         _leave(browser)
 
 
+def test_the_page_says_how_many_rows_are_still_transformed(pictures, browser, shots, tmp_path):
+    """A gallery `xbt gallery transform` made (here by the identity map, the served model's space on both
+    sides): the facts say how many of its rows are not native yet."""
+    import numpy as np
+
+    from xbt.compat.maps import LinearMap
+    from xbt.gallery.store import Gallery
+    from xbt.gallery.transform import GalleryMap, transform_gallery
+
+    space = pictures["model"].space
+    identity = GalleryMap(LinearMap.from_arrays(np.eye(space.dim, dtype=np.float32)), space, space, "identity")
+    transform_gallery(pictures["gallery"], tmp_path / "transformed", identity)
+    with Gallery.open(tmp_path / "transformed") as transformed:
+        transformed.delete([transformed.ids()[0]])
+        app = create_app(GalleryRetriever(transformed, pictures["model"]), ServeConfig(token=TOKEN, open_info=True),
+                         resolve_roots([pictures["photos"]]))
+        with running_server(app) as url:
+            browser.get(f"{url}/")
+            _wait(browser, lambda d: _fact(d, "items") == "23", "the gallery's facts")
+            assert _fact(browser, "transformed") == "23 of 23"
+            assert _console_errors(browser) == []
+            _leave(browser)
+
+
 def test_the_page_with_the_default_access_searches_without_the_token(pictures, browser, shots):
     """The default: a token for writing, open reading, /info closed. The page searches without asking and
     makes no request that would be refused (a refused request is a console error)."""

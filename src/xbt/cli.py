@@ -833,6 +833,7 @@ def gallery_info(
     needs the old model at query time) after the space guard accepted it."""
     from xbt.gallery.base import QueryModelView, open_gallery
     from xbt.gallery.ingest import check_model, describe_model
+    from xbt.gallery.transform import transform_status
     from xbt.models.device import describe
 
     try:
@@ -843,6 +844,9 @@ def gallery_info(
                 check_model(g, query_model)
                 info = QueryModelView(g, query_model).info().to_dict()  # says whether the calibration applies
                 info["model"] = describe_model(query_model) | {"runtime": describe(query_model)}
+            transformed = transform_status(g)  # a transformed gallery: how many rows are still transformed
+            if transformed is not None:
+                info["transform"] = transformed
             problems = g.verify() if verify else None
     except XbtError as exc:
         _fail(exc)
@@ -925,7 +929,8 @@ _CALIBRATE_HELP = ("Serve the migration's search by the calibrated score merge (
 
 @gallery_app.command("backfill")
 def gallery_backfill(
-    state: Path = typer.Option(..., help="Migration folder (created on the first run; resumed afterwards)."),
+    state: Optional[Path] = typer.Option(None, help="Migration folder (created on the first run; resumed afterwards); not with --in-place."),
+    in_place: bool = typer.Option(False, "--in-place", help="In a gallery `xbt gallery transform` made (--gallery): replace transformed rows by native ones, same ids, no second gallery and no cut-over (--order, --batch-size, --max-items apply)."),
     model: str = typer.Option(..., help="The new model (its own space: the gallery being built)."),
     gallery: Optional[str] = typer.Option(None, help="The old gallery (needed on the first run only); on Milvus the new vectors go to a second collection, and the cut-over moves the gallery's alias to it."),
     order: str = typer.Option("oldest", help="Priority: oldest, newest, id, field:NAME, -field:NAME, benefit (the largest estimated benefit first: needs --compat, --old-model and --fit-pairs), or @FILE of ids (one a line)."),
@@ -945,11 +950,26 @@ def gallery_backfill(
     precision: Precision = "fp32",
     num_workers: Workers = 0,
 ) -> None:
-    """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order."""
+    """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order
+    (or, --in-place, replace a transformed gallery's rows by native ones)."""
     from xbt.gallery.base import open_gallery
+    from xbt.gallery.inplace import backfill_in_place
     from xbt.gallery.migration import STATE_NAME, Migration
 
     try:
+        if in_place:
+            if gallery is None or state is not None or cut_over or engine != "local":
+                raise ValueError("--in-place works on --gallery (a transformed gallery) alone: no --state, --cut-over"
+                                 " or --engine ray")
+            new_model = _Runtime(device, precision, num_workers).load(model)
+            ids = ([line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
+                   if order.startswith("@") else order)
+            with open_gallery(_gallery_ref(gallery)) as g:
+                _print_json(backfill_in_place(g, new_model, ids, batch_size=batch_size, max_items=max_items,
+                                              show_progress=True))
+            return
+        if state is None:
+            raise ValueError("give --state DIR (the migration folder), or --in-place for a transformed gallery")
         new_model = _Runtime(device, precision, num_workers).load(model)
         if not (state / STATE_NAME).exists():
             if gallery is None:
@@ -990,6 +1010,56 @@ def gallery_backfill(
     except (XbtError, OSError, ValueError) as exc:
         _fail(exc)
     _print_json(progress)
+
+
+@gallery_app.command("transform")
+def gallery_transform(
+    gallery: str = typer.Option(..., help="The old-space gallery: a folder, or milvus:URI#NAME."),
+    out: str = typer.Option(..., help="The new-space gallery to write: a new folder or milvus:URI#NAME (an interrupted run's: resumed)."),
+    map_model: Optional[str] = typer.Option(None, "--map", help="A compatible model (compat:DIR) whose query map is orthogonal (Procrustes): its transpose maps old -> new."),
+    fit: Optional[str] = typer.Option(None, help="Or fit an old->new map: procrustes-text, procrustes-image, procrustes-both or affine (needs --old, --new, --fit-pairs and/or --fit-texts)."),
+    old: Optional[str] = typer.Option(None, help="--fit: the gallery's (old) model."),
+    new: Optional[str] = typer.Option(None, help="--fit: the new model."),
+    fit_pairs: Optional[str] = typer.Option(None, help="--fit: training pairs (images and captions) both models embed, e.g. testbed:xbt_train; never the evaluation items."),
+    fit_split: Optional[str] = typer.Option(None, help="Split of --fit-pairs."),
+    fit_texts: Optional[Path] = typer.Option(None, help="--fit: a text file of unlabeled texts (one a line) both models embed."),
+    fit_images: Optional[Path] = typer.Option(None, help="--fit: a folder of unlabeled images both models embed."),
+    batch_size: int = typer.Option(1024, help="Vectors read, mapped and written per batch (bounds the memory)."),
+    device: Device = "auto",
+    precision: Precision = "fp32",
+) -> None:
+    """Move a gallery into the new space without re-encoding: map every stored vector old -> new into a new
+    gallery, payloads and media carried over, each row marked transformed (with the map's digest). Resumable
+    and kill-safe: run it again after an interruption."""
+    from xbt.compat.model import CompatibleModel
+    from xbt.data.datasets import open_dataset
+    from xbt.errors import InputError
+    from xbt.gallery.base import open_gallery
+    from xbt.gallery.ingest import items_from_folder
+    from xbt.gallery.transform import fitted_map, query_tower, transform_gallery, transposed_query_map
+
+    try:
+        if (map_model is None) == (fit is None):
+            raise InputError("give --map compat:DIR (an orthogonal query map, transposed) or --fit METHOD (an old->new map fitted here)")
+        runtime = _Runtime(device, precision)
+        with open_gallery(_gallery_ref(gallery)) as g:
+            if map_model is not None:
+                model = runtime.load(map_model)
+                if not isinstance(model, CompatibleModel):
+                    raise InputError(f"--map {map_model} is not a compatible model; give compat:DIR, or fit a map with --fit")
+                gmap = transposed_query_map(model, query_tower(g.modality))
+            else:
+                if old is None or new is None or (fit_pairs, fit_texts, fit_images) == (None, None, None):
+                    raise InputError("--fit needs --old, --new and data both embed: --fit-pairs, --fit-texts and/or --fit-images")
+                pairs = open_dataset(fit_pairs, fit_split) if fit_pairs is not None else []
+                texts = [t.strip() for t in fit_texts.read_text().splitlines() if t.strip()] if fit_texts else []
+                images = [it.payload["image"] for it in items_from_folder(fit_images)] if fit_images else []
+                gmap = fitted_map(fit, runtime.load(old), runtime.load(new), fit_texts=texts, fit_pairs=pairs,
+                                  fit_images=images, show_progress=True)
+            report = transform_gallery(g, _gallery_ref(out), gmap, batch=batch_size, show_progress=True)
+    except (XbtError, OSError) as exc:
+        _fail(exc)
+    _print_json(report)
 
 
 @gallery_app.command("export")

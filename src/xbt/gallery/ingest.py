@@ -14,6 +14,7 @@ import numpy as np
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
 from xbt.gallery.store import CONFLICT_HINT, Gallery, Hit, OnConflict
+from xbt.gallery.transform import transform_status
 from xbt.models.base import VLPModel
 from xbt.progress import progress_bar
 
@@ -125,6 +126,24 @@ def item_source(item: GalleryItem, modality: str) -> str:
 
 
 # ----- embedding --------------------------------------------------------------------------------------
+def embed_items(model: VLPModel, items: Sequence[GalleryItem], modality: str,
+                batch_size: int = 64) -> tuple[list[GalleryItem], np.ndarray, dict[str, str]]:
+    """Embed items by their payload's image or caption: (the items embedded, their vectors, {id: why} for
+    those without an input or whose input could not be embedded)."""
+    sources, ok, failed = [], [], {}
+    for it in items:
+        try:
+            sources.append(item_source(it, modality))
+            ok.append(it)
+        except InputError as exc:
+            failed[it.id] = str(exc)
+    if not ok:
+        return [], np.zeros((0, model.embed_dim), np.float32), failed
+    vectors, bad = embed_inputs(model, sources, modality, batch_size)
+    failed.update({ok[i].id: why for i, why in bad.items()})
+    return [it for i, it in enumerate(ok) if i not in bad], vectors, failed
+
+
 def embed_inputs(
     model: VLPModel, inputs: Sequence[Any], modality: str, batch_size: int = 64
 ) -> tuple[np.ndarray, dict[int, str]]:
@@ -240,5 +259,7 @@ class GalleryRetriever:
         self.gallery.close()
 
     def info(self) -> dict[str, Any]:
-        return {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model),
+        info = {"gallery": self.gallery.info().to_dict(), "model": model_name(self.model),
                 "query_model": describe_model(self.model), "mode": "single"}
+        transformed = transform_status(self.gallery)  # a transformed gallery: how many rows are not native yet
+        return info if transformed is None else {**info, "transform": transformed}

@@ -56,7 +56,7 @@ from xbt.gallery.base import (
     open_gallery,
 )
 from xbt.gallery.index import IndexConfig
-from xbt.gallery.ingest import GalleryItem, embed_inputs, item_source, model_name
+from xbt.gallery.ingest import GalleryItem, embed_items, model_name
 from xbt.gallery.media import adopt_media
 from xbt.gallery.store import Gallery, is_gallery
 from xbt.models.base import EmbeddingSpace, VLPModel
@@ -394,17 +394,8 @@ class Migration:
         todo = [i for i in ids if i not in present and i not in failed]
         stored = old.get(todo)  # ids deleted from the old gallery meanwhile are simply gone
         items = [GalleryItem(i, stored[i]["payload"]) for i in todo if i in stored]
-        sources, ok = [], []
-        for it in items:
-            try:
-                sources.append(item_source(it, new.modality or "image"))
-                ok.append(it)
-            except InputError as exc:
-                failed[it.id] = str(exc)
-        vectors, bad = embed_inputs(model, sources, new.modality or "image", batch_size)
-        for i, why in bad.items():
-            failed[ok[i].id] = why
-        good = [it for i, it in enumerate(ok) if i not in bad]
+        good, vectors, bad = embed_items(model, items, new.modality or "image", batch_size)
+        failed.update(bad)
         if good:  # the images an item names under the old gallery's media/ follow it into the new gallery's
             new.add(vectors, [it.id for it in good], adopt_media([it.payload for it in good], old, new), space=model.space,
                     on_conflict="skip")

@@ -90,6 +90,8 @@
     facts.append(fact("space", g.space_id), fact("items", g.size.toLocaleString("en")),
                   fact("model", info.model), fact("index", g.index_kind));
     if (info.mode !== "single") facts.append(fact("mode", info.mode));
+    const t = info.transform; // a gallery `xbt gallery transform` made: rows not re-embedded natively yet
+    if (t) facts.append(fact("transformed", `${t.transformed.toLocaleString("en")} of ${(t.transformed + t.native).toLocaleString("en")}`));
     if (info.mode === "migrating" && info.new_gallery) {
       facts.append(fact("new space", info.new_gallery.space_id), fact("new model", info.new_model));
     }
