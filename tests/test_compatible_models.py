@@ -46,7 +46,7 @@ def world(tmp_path_factory):
 
 def _fit(world, name: str, old_spec: str | None = None) -> CompatibleModel:
     specs = world["specs"]
-    options = {"epochs": 3, "hidden": 16} if name == "adapter" else {}
+    options = {"epochs": 3, "hidden": 16} if name.startswith("adapter") else {}
     return fit_peer(name, load_model(old_spec or specs["old"]), load_model(specs["new"]), world["texts"],
                     world["train"], world["support"], **options)
 
@@ -67,10 +67,14 @@ def test_every_peer_saves_and_loads_in_a_fresh_process_with_the_same_vectors(wor
         model = load_model(f"compat:{folder}")
         assert model.space == load_model(world["specs"]["old"]).space and model.method == name
         config = json.loads((folder / "compat_config.json").read_text())
-        assert set(os.listdir(folder)) <= {"compat_config.json", "map.safetensors"}  # no pickle anywhere
-        assert config["weights_sha256"]["map.safetensors"]
-        assert config["needs_old_model_at_query_time"] == (name == "slerp")
-        assert ("old_model" in config) == (name == "slerp")
+        per_tower = name.endswith("-gallery")  # a map per query tower (format 3), else one shared map
+        files = {"map_text.safetensors", "map_image.safetensors"} if per_tower else {"map.safetensors"}
+        assert set(os.listdir(folder)) == {"compat_config.json", *files}  # no pickle anywhere
+        assert set(config["weights_sha256"]) == files and config["format"] == "xbt.compat/3"
+        assert model.shares_query_map != per_tower
+        ensemble = name.startswith("slerp")
+        assert config["needs_old_model_at_query_time"] == ensemble
+        assert ("old_model" in config) == ensemble
         expected[name] = (model.encode_text(world["queries"]).numpy(), model.encode_image(world["query_images"]).numpy())
     script = (
         "import json, sys, numpy as np\n"
