@@ -141,3 +141,19 @@ def test_the_committed_cross_validated_page_renders_its_protocol_spread_and_diff
     assert "| xbt-nolora+nnn - procrustes-both+nnn |" in text
     spread = results["crossval"]["seed_spread"]["methods"]["xbt-nolora"]["mean_gain"]
     assert len(spread["values"]) == 3 and spread["sd"] > 0
+
+
+def test_the_cv_config_fits_unlabeled_images_from_training_splits_only():
+    import yaml
+
+    from xbt.eval.crossval import CrossValConfig
+    from xbt.paths import resolve_config
+
+    doc = yaml.safe_load(resolve_config("cv-testbed").read_text())
+    doc.pop("compare")
+    cfg = CrossValConfig(**doc)
+    assert list(cfg.fit_images) == ["vlp_old"] and "procrustes-gallery" in cfg.peers
+    assert cfg.fold_key() != CrossValConfig(**(doc | {"fit_images": []})).fold_key()
+    for leaky in ("eval", "val", "nope"):
+        with pytest.raises(InputError, match="fit_images"):
+            CrossValConfig(fit_images=[leaky])

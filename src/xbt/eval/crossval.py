@@ -33,14 +33,13 @@ from xbt.compat.registry import PEER_METHODS
 from xbt.data.folds import Fold, testbed_folds
 from xbt.durable import atomic_write_bytes, atomic_write_text
 from xbt.errors import InputError
-from xbt.eval.embed import embed_pairs
+from xbt.eval.calibrated import CALIBRATED, calibrated_queries
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, matrix_from_hits, system_hits
 from xbt.eval.retrieval import DEFAULT_KS, estimate, resampled_means, update_gain
 from xbt.eval.runner import RESULTS_SCHEMA, compatible_queries, json_safe, run_evaluation
 from xbt.paths import cache_dir, resolve_config
 
 CV_FORMAT = "xbt.crossval/1"
-CALIBRATED = "+nnn"
 OLD_QUERY = "+old-query"
 
 
@@ -107,17 +106,11 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
                      train_pairs=fold.train, text_corpus=fold.text_corpus)
 
 
-def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, float]:
+def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, dict[str, float]]:
     """The method's evaluation queries searched with NNN calibration; alpha chosen on the fold's val split
     (the bank: the method's queries of the fold's training pairs)."""
-    from xbt.eval.calibration import calibrate_queries, choose_alpha
-
-    def queries_of(pairs):
-        return compatible_queries(model, pairs, embed_pairs(new, pairs), embed_pairs(old, pairs))
-
-    bank, val_queries = queries_of(fold.train), queries_of(fold.val)
-    alpha = choose_alpha(val_queries, embed_pairs(old, fold.val), bank).alpha  # per direction
-    return calibrate_queries(queries, eval_old, bank, alpha), alpha
+    calibrated, choice = calibrated_queries(model, queries, eval_old, old, new, fold.train, fold.val)
+    return calibrated, choice.alpha  # per direction
 
 
 def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = False) -> dict[str, Any]:
