@@ -174,3 +174,28 @@ def test_unlabeled_fit_images_feed_the_image_side_fits_and_leaks_are_reported(wo
     leaky = run_evaluation(old, new, eval_pairs, ["procrustes-image"], fit_pairs=train, n_resamples=20,
                            fit_images=eval_pairs[:3], cost_batch_sizes=(8,))
     assert any("unlabeled fit images" in w for w in leaky.warnings)
+
+
+def test_unlabeled_images_come_from_a_plain_folder_a_path_list_or_any_dataset(world, tmp_path):
+    from xbt.data.datasets import open_images
+    from xbt.data.pairs import write_pairs
+
+    _, _, eval_pairs, *_ = world
+    folder = tmp_path / "unlabeled"
+    (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(eval_pairs[:3]):
+        (folder / ("sub" if i else "") / f"x{i}.png").write_bytes(open(p.image, "rb").read())
+    (folder / "notes.md").write_text("not an image")
+    assert sorted(p.image for p in open_images(folder)) == sorted(str(f) for f in folder.rglob("*.png"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("unlabeled/x0.png\n\nunlabeled/sub/x1.png\n")
+    assert [p.image for p in open_images(listing)] == [str(tmp_path / "unlabeled/x0.png"), str(tmp_path / "unlabeled/sub/x1.png")]
+    write_pairs(tmp_path / "pairs.jsonl", eval_pairs[:4])
+    from_pairs = open_images(tmp_path / "pairs.jsonl")
+    assert [p.image for p in from_pairs] == [p.image for p in eval_pairs[:4]] and all(p.caption == "" for p in from_pairs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        open_images(tmp_path / "empty")
+    listing.write_text("unlabeled/missing.png\n")
+    with pytest.raises(InputError):
+        open_images(listing)

@@ -492,6 +492,7 @@ def _refit_copy(name: str, template: CompatMethod, data: FitData, options: Mappi
 TESTBED_DEFAULTS: dict[str, Any] = {
     "old": "testbed:old", "new": "testbed:new", "data": "testbed:eval",
     "fit_text": ["testbed:text_corpus"], "fit_pairs": ["testbed:xbt_train"], "support": "testbed:val",
+    "fit_images": ["testbed:vlp_old"],  # the openclipart renders, unlabeled: never an eval or val item
     "data_efficiency": [25, 50, 100, 200],
 }
 
@@ -517,12 +518,15 @@ def evaluate_from_specs(
     device: str = "auto",
     precision: str = "fp32",
     num_workers: int = 0,
+    fit_images: Sequence[str] = (),
 ) -> EvaluationRun:
     """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes); both models (and
-    any compat: method) run on `device` at `precision`."""
-    from xbt.data.datasets import open_dataset
+    any compat: method) run on `device` at `precision`. `fit_images`: sources of unlabeled images for the
+    image-side fits (their captions, if any, are not used)."""
+    from xbt.data.datasets import open_dataset, open_images
 
     eval_pairs = open_dataset(data, split, image_root)
+    unlabeled = [p for source in fit_images for p in open_images(source, image_root)]
     texts = [t for source in fit_text for t in load_texts(source, fit_split, image_root)]
     train_pairs = [p for source in fit_pairs for p in open_dataset(source, fit_split, image_root)]
     support_pairs = open_dataset(support, support_split, image_root) if support else None
@@ -532,9 +536,10 @@ def evaluate_from_specs(
         load_model(old).configure(device, precision, num_workers), load_model(new).configure(device, precision, num_workers),
         eval_pairs, list(methods), texts, train_pairs, support_pairs,
         ks=ks, n_resamples=n_resamples, seed=seed, data_efficiency=data_efficiency,
-        skip_unfittable=skip_unfittable, show_progress=show_progress,
+        skip_unfittable=skip_unfittable, show_progress=show_progress, fit_images=unlabeled,
         describe={
             "old": old, "new": new, "eval": _source(data, split), "fit_texts": ", ".join(fit_text) or None,
+            "fit_images": ", ".join(fit_images) or None,
             "fit_pairs": ", ".join(_source(s, fit_split) for s in fit_pairs) or None,
             "support": _source(support, support_split) if support else None,
         },
