@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_eval_runner import ToyModel, toy_items
+from test_eval_runner import toy_world
 
 from xbt.errors import InputError
 from xbt.eval.calibrated import add_calibrated, calibration_commands
@@ -14,12 +14,7 @@ from xbt.eval.runner import run_evaluation
 
 @pytest.fixture()
 def world(tmp_path, monkeypatch):
-    monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
-    latents, pairs = toy_items(tmp_path, 90, seed=0)
-    old = ToyModel(latents, 8, seed=1, name="toy-old")
-    new = ToyModel(latents, 12, seed=2, name="toy-new")
-    by_item = lambda lo, hi: [p for p in pairs if lo <= int(p.image_id[4:]) < hi]  # noqa: E731
-    return old, new, by_item(0, 40), by_item(40, 70), by_item(70, 90)
+    return toy_world(tmp_path, monkeypatch)[:5]
 
 
 def test_every_method_gets_a_calibrated_twin_chosen_on_val(world):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_eval_runner import ToyModel, toy_items
+from test_eval_runner import toy_world
 
 from xbt.compat.base import FitData
 from xbt.compat.fit import fit_image_items
@@ -27,12 +27,7 @@ from xbt.gallery.ingest import describe_model
 
 @pytest.fixture()
 def world(tmp_path, monkeypatch):
-    monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
-    latents, pairs = toy_items(tmp_path, 90, seed=0)
-    old = ToyModel(latents, 8, seed=1, name="toy-old")
-    new = ToyModel(latents, 12, seed=2, name="toy-new")
-    by_item = lambda lo, hi: [p for p in pairs if lo <= int(p.image_id[4:]) < hi]  # noqa: E731
-    return old, new, by_item(0, 40), by_item(40, 70), by_item(70, 90), latents
+    return toy_world(tmp_path, monkeypatch)
 
 
 def _two_map_model(old, new, seed: int = 0) -> CompatibleModel:
