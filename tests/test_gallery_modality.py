@@ -194,3 +194,29 @@ def test_unlabeled_images_come_from_a_plain_folder_a_path_list_or_any_dataset(wo
     listing.write_text("unlabeled/missing.png\n")
     with pytest.raises(InputError):
         open_images(listing)
+
+
+def test_the_service_info_says_which_map_each_tower_uses(world, tmp_path):
+    import httpx
+    from gallery_support import running_server
+
+    from xbt.gallery.ingest import GalleryRetriever
+    from xbt.gallery.store import Gallery
+    from xbt.serve.app import ServeConfig, create_app
+
+    old, new, eval_pairs, *_ = world
+    gallery = Gallery.create(tmp_path / "gallery", old.space, modality="image")
+    items = {p.image_id: p for p in eval_pairs}
+    gallery.add(old.encode_image([p.image for p in items.values()]).numpy(), list(items),
+                [{"image": p.image} for p in items.values()], space=old.space)
+    model = _two_map_model(old, new)
+    with running_server(create_app(GalleryRetriever(gallery, model), ServeConfig(open_info=True))) as url:
+        info = httpx.get(f"{url}/info").json()
+        hits = httpx.post(f"{url}/search/text", json={"text": eval_pairs[0].caption, "k": 3}).json()["results"]
+    gallery.close()
+    maps = info["query_model"]["query_maps"]
+    assert maps["shared"] is False and maps["text"]["searches"] == "old images" and maps["image"]["searches"] == "old captions"
+    # the text query went through the text tower's map
+    expected = model.query_map_for("text").apply(new.encode_text([eval_pairs[0].caption]).numpy())[0]
+    stored = old.encode_image([items[hits[0]["id"]].image]).numpy()[0]
+    assert hits[0]["score"] == pytest.approx(float(expected @ stored), abs=1e-4)
