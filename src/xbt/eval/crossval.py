@@ -129,6 +129,12 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     t = time.perf_counter()
     models = fold_models(fold, show_progress)
     old, new = models["old"], models["new"]
+    fit_images = [p for split in cfg.fit_images for p in getattr(fold, split)]
+    if fit_images:  # the fold's heads over the towers' cached features of these images: no tower runs again
+        from xbt.eval.embed import prime_lit_cache
+
+        for model in (old, new):
+            prime_lit_cache(model, fit_images)
     timings["models"] = time.perf_counter() - t
     methods: dict[str, Any] = {name: name for name in cfg.peers}
     for variant in cfg.xbt:
@@ -136,7 +142,6 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
         methods[variant] = train_fold_xbt(cfg, variant, fold, old, new, show_progress)
         timings[f"train:{variant}"] = time.perf_counter() - t
     t = time.perf_counter()
-    fit_images = [p for split in cfg.fit_images for p in getattr(fold, split)]
     run = run_evaluation(old, new, fold.eval, methods, fit_texts=fold.text_corpus, fit_pairs=fold.train,
                          support_pairs=fold.val, ks=cfg.ks, n_resamples=10, seed=fold.seed, cost_batch_sizes=(256,),
                          skip_unfittable=True, show_progress=show_progress, fit_images=fit_images)
