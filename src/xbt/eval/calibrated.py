@@ -29,18 +29,23 @@ CALIBRATED = "+nnn"
 
 
 def calibrated_queries(model: CompatibleModel, queries: QueryVectors, eval_old: PairEmbeddings, old: VLPModel,
-                       new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair]) -> tuple[QueryVectors, AlphaChoice]:
+                       new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
+                       embedded: dict[str, PairEmbeddings] | None = None) -> tuple[QueryVectors, AlphaChoice]:
     """`queries` (the model's evaluation queries) with the NNN bias of the old gallery `eval_old`: the bank is
-    the model's queries of `bank_pairs` (training pairs), alpha chosen per direction on `val_pairs`."""
+    the model's queries of `bank_pairs` (training pairs), alpha chosen per direction on `val_pairs`.
+    `embedded`: the new and old models' embeddings of both pair sets when already computed (`_embedded`)."""
     if not bank_pairs or len(val_pairs) < 2:
         raise InputError("NNN calibration needs training pairs (the bank of queries) and at least 2 val pairs (alpha)")
-
-    def queries_of(pairs: Sequence[Pair]) -> QueryVectors:
-        return compatible_queries(model, pairs, embed_pairs(new, pairs), embed_pairs(old, pairs))
-
-    bank = queries_of(bank_pairs)
-    choice = choose_alpha(queries_of(val_pairs), embed_pairs(old, val_pairs), bank)
+    e = embedded or _embedded(old, new, bank_pairs, val_pairs)
+    bank = compatible_queries(model, bank_pairs, e["new_bank"], e["old_bank"])
+    val = compatible_queries(model, val_pairs, e["new_val"], e["old_val"])
+    choice = choose_alpha(val, e["old_val"], bank)
     return calibrate_queries(queries, eval_old, bank, choice.alpha), choice
+
+
+def _embedded(old: VLPModel, new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair]) -> dict[str, PairEmbeddings]:
+    return {"new_bank": embed_pairs(new, bank_pairs), "old_bank": embed_pairs(old, bank_pairs),
+            "new_val": embed_pairs(new, val_pairs), "old_val": embed_pairs(old, val_pairs)}
 
 
 def add_calibrated(run: EvaluationRun, old: VLPModel, new: VLPModel, bank_pairs: Sequence[Pair],
@@ -49,10 +54,13 @@ def add_calibrated(run: EvaluationRun, old: VLPModel, new: VLPModel, bank_pairs:
     method's, with the weight chosen) and the matrix recomputed over all systems, paired on the same
     queries with the run's own bootstrap settings. Returns {NAME+nnn: the alpha choice}."""
     names = [n for n in (methods if methods is not None else list(run.compatible)) if not n.endswith(CALIBRATED)]
+    if not bank_pairs or len(val_pairs) < 2:
+        raise InputError("NNN calibration needs training pairs (the bank of queries) and at least 2 val pairs (alpha)")
+    embedded = _embedded(old, new, bank_pairs, val_pairs)  # once for every method: each maps the same features
     choices: dict[str, AlphaChoice] = {}
     for name in names:
         calibrated, choice = calibrated_queries(run.compatible[name], run.queries[name], run.embeddings["old"], old,
-                                                new, bank_pairs, val_pairs)
+                                                new, bank_pairs, val_pairs, embedded)
         derived = name + CALIBRATED
         run.queries[derived] = calibrated
         run.compatible[derived] = run.compatible[name]  # the same model; the gallery carries the calibration
