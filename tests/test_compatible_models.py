@@ -46,7 +46,7 @@ def world(tmp_path_factory):
 
 def _fit(world, name: str, old_spec: str | None = None) -> CompatibleModel:
     specs = world["specs"]
-    options = {"epochs": 3, "hidden": 16} if name == "adapter" else {}
+    options = {"epochs": 3, "hidden": 16} if name.startswith("adapter") else {}
     return fit_peer(name, load_model(old_spec or specs["old"]), load_model(specs["new"]), world["texts"],
                     world["train"], world["support"], **options)
 
@@ -67,10 +67,14 @@ def test_every_peer_saves_and_loads_in_a_fresh_process_with_the_same_vectors(wor
         model = load_model(f"compat:{folder}")
         assert model.space == load_model(world["specs"]["old"]).space and model.method == name
         config = json.loads((folder / "compat_config.json").read_text())
-        assert set(os.listdir(folder)) <= {"compat_config.json", "map.safetensors"}  # no pickle anywhere
-        assert config["weights_sha256"]["map.safetensors"]
-        assert config["needs_old_model_at_query_time"] == (name == "slerp")
-        assert ("old_model" in config) == (name == "slerp")
+        per_tower = name.endswith("-gallery")  # a map per query tower (format 3), else one shared map
+        files = {"map_text.safetensors", "map_image.safetensors"} if per_tower else {"map.safetensors"}
+        assert set(os.listdir(folder)) == {"compat_config.json", *files}  # no pickle anywhere
+        assert set(config["weights_sha256"]) == files and config["format"] == "xbt.compat/3"
+        assert model.shares_query_map != per_tower
+        ensemble = name.startswith("slerp")
+        assert config["needs_old_model_at_query_time"] == ensemble
+        assert ("old_model" in config) == ensemble
         expected[name] = (model.encode_text(world["queries"]).numpy(), model.encode_image(world["query_images"]).numpy())
     script = (
         "import json, sys, numpy as np\n"
@@ -215,3 +219,28 @@ def test_lora_layers_select_blocks_of_an_open_clip_text_tower(world):
     model.enable_lora("text", {"r": 2, "layers": [0]})  # open_clip keeps its blocks in `resblocks`
     adapted = {n.split(".")[1] for n, _ in model._lora_module("text").named_parameters() if "lora_" in n}
     assert adapted == {"0"}
+
+
+def test_fit_cli_takes_unlabeled_images_and_texts_and_gallery_info_names_each_towers_map(world, tmp_path):
+    specs = world["specs"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(world["texts"]) + "\n")
+    out = tmp_path / "gallery-maps"
+    # no caption-image pair at all: texts for the image queries' map, unlabeled images for the text queries' map
+    fitted = _cli("fit", "procrustes-gallery", "--old", specs["old"], "--new", specs["new"], "--out", out,
+                  "--fit-text", corpus, "--fit-images", world["root"] / "images")  # --fit-text: the older spelling
+    assert fitted.exit_code == 0, fitted.output
+    assert "24 unlabeled images" in fitted.output and "a map per query tower" in fitted.output
+    model = load_model(f"compat:{out}")
+    assert not model.shares_query_map and model.describe_query_maps()["text"]["fitted_on"].startswith("image pairs")
+    gallery = tmp_path / "gallery"
+    assert _cli("gallery", "build", "--model", specs["old"], "--data", world["root"] / "images", "--out", gallery).exit_code == 0
+    info = _cli("gallery", "info", "--gallery", gallery, "--model", f"compat:{out}")
+    assert info.exit_code == 0, info.output
+    maps = json.loads(info.stdout)["model"]["query_maps"]
+    assert maps["shared"] is False and maps["text"]["searches"] == "old images" and maps["image"]["kind"] == "linear"
+    hits = _cli("gallery", "search", "--gallery", gallery, "--model", f"compat:{out}", "--text", "a red apple", "-k", "3")
+    assert hits.exit_code == 0 and len(json.loads(hits.stdout)) == 3
+    without = _cli("fit", "procrustes-gallery", "--old", specs["old"], "--new", specs["new"], "--out", tmp_path / "x",
+                   "--fit-texts", corpus)
+    assert without.exit_code != 0 and "--fit-images" in without.output  # the image side has nothing to fit on

@@ -77,14 +77,19 @@ def toy_items(folder, n: int, seed: int, two_captions: bool = True) -> tuple[dic
     return latents, pairs
 
 
-@pytest.fixture()
-def world(tmp_path, monkeypatch):
+def toy_world(tmp_path, monkeypatch) -> tuple:
+    """(old, new, eval pairs, training pairs, support pairs, latents): 90 toy items, XBT_HOME in tmp_path."""
     monkeypatch.setenv("XBT_HOME", str(tmp_path / "home"))
     latents, pairs = toy_items(tmp_path, 90, seed=0)
     old = ToyModel(latents, 8, seed=1, name="toy-old")
     new = ToyModel(latents, 12, seed=2, name="toy-new")
     by_item = lambda lo, hi: [p for p in pairs if lo <= int(p.image_id[4:]) < hi]  # noqa: E731
     return old, new, by_item(0, 40), by_item(40, 70), by_item(70, 90), latents
+
+
+@pytest.fixture()
+def world(tmp_path, monkeypatch):
+    return toy_world(tmp_path, monkeypatch)
 
 
 def test_runner_fits_on_training_data_and_builds_the_matrix(world, tmp_path):

@@ -17,14 +17,16 @@ from xbt.compat.affine import AffineMap
 from xbt.compat.base import CompatMethod
 from xbt.compat.maps import LinearMap
 from xbt.compat.model import CONFIG_NAME, MAP_NAME
+from xbt.compat.gallery_modality import GalleryModality
 from xbt.compat.procrustes import Procrustes
 from xbt.compat.registry import PEER_METHODS
 from xbt.compat.slerp import Slerp
 from xbt.eval import runner
 from xbt.eval.runner import json_safe, run_evaluation
 
-OPTIONS = {"adapter": {"epochs": 3, "hidden": 16}}  # seconds, not minutes: a tiny adapter
-FIT_CLASSES = (CompatMethod, Procrustes, AffineMap, ResidualAdapter, Slerp)  # every peer's fit() lives here
+OPTIONS = {"adapter": {"epochs": 3, "hidden": 16}, "adapter-gallery": {"epochs": 3, "hidden": 16}}  # tiny adapters
+# every peer's fit() lives here
+FIT_CLASSES = (CompatMethod, Procrustes, AffineMap, ResidualAdapter, Slerp, GalleryModality)
 
 
 @pytest.fixture(autouse=True)
@@ -111,10 +113,11 @@ def test_other_fit_data_or_other_options_refit(world, tmp_path, monkeypatch):
     calls = count_adapter_fits(monkeypatch)
     train = world[3]
     fewer = evaluate(world, cache, fit_pairs=train[:-1])  # one training pair less
-    assert not any(r.fit_reused for r in fewer.methods.values()) and len(calls) == 1
+    # adapter once, adapter-gallery twice (a residual adapter per query tower)
+    assert not any(r.fit_reused for r in fewer.methods.values()) and len(calls) == 3
 
     calls.clear()
-    longer = evaluate(world, cache, options={"adapter": {"epochs": 4, "hidden": 16}})
+    longer = evaluate(world, cache, options=OPTIONS | {"adapter": {"epochs": 4, "hidden": 16}})
     assert len(calls) == 1 and not longer.methods["adapter"].fit_reused
     assert all(r.fit_reused for n, r in longer.methods.items() if n != "adapter")
     assert longer.methods["adapter"].details["epochs"] == 4
@@ -185,10 +188,11 @@ def test_a_run_killed_while_storing_leaves_no_entry_that_reads_as_a_hit(world, t
 
     calls = count_adapter_fits(monkeypatch)
     run = evaluate(world, cache)
-    assert len(calls) == 1 and not run.methods["adapter"].fit_reused
+    # the adapter again, and adapter-gallery's two halves (the killed run stopped before fitting it)
+    assert len(calls) == 3 and not run.methods["adapter"].fit_reused
     assert all(r.fit_reused for n, r in run.methods.items() if n in ("no-adaptation", "procrustes-text"))
     assert leftover[0].exists()  # recent: it may be another run's write in progress
     stale = time.time() - 2 * 3600
     os.utime(leftover[0], (stale, stale))
-    evaluate(world, cache, options={"adapter": {"epochs": 2, "hidden": 16}})  # the next store clears it
+    evaluate(world, cache, options=OPTIONS | {"adapter": {"epochs": 2, "hidden": 16}})  # the next store clears it
     assert not leftover[0].exists()

@@ -32,7 +32,12 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
     logs: list[str] = []
     summary = run_upgrade(job, tmp_path / "out", show_progress=False, log=logs.append)
     results = json.loads(open(summary["results"]).read())
-    assert set(results["matrix"]["methods"]) == {"procrustes-text", "slerp", "XBT"}
+    plain = {"procrustes-text", "slerp", "XBT"}
+    assert set(results["matrix"]["methods"]) == plain | {f"{m}+nnn" for m in plain}  # each also with NNN calibration
+    assert results["data"]["fit_images"]["n_images"] > 1000  # the openclipart renders, unlabeled
+    for m in plain:
+        alpha = results["methods"][f"{m}+nnn"]["details"]["calibration"]["alpha"]
+        assert set(alpha) == {"t2i", "i2t"} and results["methods"][f"{m}+nnn"]["details"]["derived_from"] == m
     assert results["methods"]["slerp"]["needs_old_model_at_query_time"] is True
     for d in ("t2i", "i2t"):
         assert set(results["matrix"]["methods"]["XBT"][d]) == {"1", "5", "10"}
@@ -51,14 +56,18 @@ def test_upgrade_demo_end_to_end_and_cached_rerun(tmp_path):
     assert again["matrix"]["methods"]["XBT"] == summary["matrix"]["methods"]["XBT"]
     # Every method was saved as a deployable compatible model; the recommended one is linked.
     models = summary["models"]
-    assert set(models["models"]) == {"procrustes-text", "slerp", "XBT"}
+    assert set(models["models"]) == plain | {f"{m}+nnn" for m in plain}
+    assert all(models["models"][f"{m}+nnn"] == models["models"][m] for m in plain)  # one model, a calibrated gallery
     for folder in models["models"].values():
         assert (Path(folder) / "compat_config.json").exists() and (Path(folder) / "map.safetensors").exists()
     assert json.loads((tmp_path / "out" / "models" / "slerp" / "compat_config.json").read_text())["old_model"] == "testbed:old"
     recommended = tmp_path / "out" / "models" / "recommended"
     if models["method"] is not None:  # this quick job's own figures decide; each outcome has its own checks
         assert recommended.resolve() == Path(models["models"][models["method"]])
-        assert summary["deploy_commands"] and summary["deploy_commands"][0].startswith("xbt gallery search")
+        commands = [line for line in summary["deploy_commands"] if not line.startswith("#")]
+        calibrated = models["method"].endswith("+nnn")
+        assert commands[0].startswith("xbt gallery calibrate" if calibrated else "xbt gallery search")
+        assert sum(line.startswith("xbt gallery calibrate") for line in commands) == (2 if calibrated else 0)
     else:
         assert not recommended.exists() and not summary["deploy_commands"]
         assert results["recommendation"]["method"] is None and "No method passes" in results["recommendation"]["reason"]
@@ -84,11 +93,16 @@ def test_the_printed_serve_command_serves_the_recommended_model(tmp_path):
                               device="cpu")
     summary = run_upgrade(job, tmp_path / "out", show_progress=False, log=lambda line: None)
     assert summary["models"]["method"] is not None, summary["recommendation"]
+    env = os.environ | {"PYTHONPATH": str(Path("src").resolve())}
+    for line in summary["deploy_commands"]:  # a calibrated recommendation: calibrate the galleries first, as printed
+        if line.startswith("xbt gallery calibrate"):
+            done = subprocess.run([sys.executable, "-m", "xbt.cli", *shlex.split(line)[1:]], env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, done.stdout + done.stderr
     serve_line = next(line for line in summary["deploy_commands"] if line.startswith("xbt serve"))
     argv = shlex.split(serve_line.split("#")[0])
     port = _free_port()
     argv[argv.index("--port") + 1] = str(port)
-    env = os.environ | {"PYTHONPATH": str(Path("src").resolve())}
     proc = subprocess.Popen([sys.executable, "-m", "xbt.cli", *argv[1:]], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

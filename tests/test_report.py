@@ -106,8 +106,9 @@ def test_report_files_from_a_synthetic_matrix(tmp_path):
     results = json.loads(paths["results"].read_text())
     assert results["recommendation"]["method"] == "slerp"
     md = paths["markdown"].read_text()
-    assert "| slerp | yes | text pairs | 4 / 4 of 4 | 30% | 12.5 | 0.4 |" in md
-    assert "| procrustes-text | no | text pairs | 0 / 3 of 4 |" in md
+    assert "| slerp | yes | text pairs | one map, both towers | 4 / 4 of 4 | 30% | 12.5 | 0.4 |" in md
+    assert "| procrustes-text | no | text pairs | one map, both towers | 0 / 3 of 4 |" in md
+    assert "Gallery-modality methods" not in md
     assert "+3.0 [+1.0, +5.0] PASS" in md and "+1.0 [-1.0, +3.0] pass" in md and "-2.0 [-4.0, +0.5] fail" in md
     assert "figures/data_efficiency.png" in md and "Warnings" in md
     for figure in ("compatibility", "recall", "data_efficiency"):
@@ -156,3 +157,17 @@ def test_the_emoji_pages_query_cost_sentence_is_xbts_own_figure():
     xbt = next(m for name, m in results["methods"].items() if name.startswith("xbt"))
     quoted = re.search(r"XBT's query map costs ([0-9.]+) us per query at batch 256", (folder / "README.md").read_text())
     assert quoted and float(quoted.group(1)) == round(xbt["query_cost_us"]["256"], 1)
+
+
+def test_the_report_says_which_map_each_query_tower_uses(tmp_path):
+    results = results_of(matrix({"procrustes-gallery": [CONFIDENT] * 4, "procrustes-both": [POINT] * 4}))
+    results["methods"]["procrustes-gallery"]["details"] = {"query_maps": {
+        "shared": False, "text": {"kind": "linear", "fitted_on": "image pairs (the image gallery's modality)"},
+        "image": {"kind": "linear", "fitted_on": "text pairs (the text gallery's modality)"}}}
+    results["data"]["fit_images"] = {"source": "testbed:vlp_old", "n_images": 1788}
+    md = write_report(results, tmp_path)["markdown"].read_text()
+    assert ("| procrustes-gallery | no | text pairs | text queries: linear, image pairs (the image gallery's modality);"
+            " image queries: linear, text pairs (the text gallery's modality) |") in md
+    assert "| procrustes-both | no | text pairs | one map, both towers |" in md
+    assert "Gallery-modality methods (suffix -gallery)" in md
+    assert "unlabeled images (image-side fits, captions not used): 1788 from `testbed:vlp_old`" in md

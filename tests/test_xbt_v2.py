@@ -385,11 +385,13 @@ def test_xbt_with_the_old_query_is_a_deployable_ensemble(tiny_setup, tmp_path, i
     np.testing.assert_allclose(ensemble.encode_image(images).numpy(), blend_arrays(alone_i, old_i, 0.3), atol=1e-5)
     np.testing.assert_allclose(with_old_query(xbt, old, 0.0).encode_text(texts).numpy(), alone_t, atol=1e-5)
     np.testing.assert_allclose(with_old_query(xbt, old, 1.0).encode_text(texts).numpy(), old_t, atol=1e-5)
-    # One artifact format: xbt.compat/2 with the digests of the map and the adapters, the old model by its spec.
+    # One artifact format: xbt.compat/3 with the digests of the map and the adapters, the old model by its spec;
+    # XBT's one projection gives one blend, shared by both towers.
     ensemble.save_pretrained(tmp_path / "ensemble")
     config = read_config(tmp_path / "ensemble")
-    assert config["format"] == "xbt.compat/2" and config["needs_old_model_at_query_time"] is True
-    assert config["old_model"] == old.spec and config["map"]["kind"] == "old-query-blend"
+    assert config["format"] == "xbt.compat/3" and config["needs_old_model_at_query_time"] is True
+    assert config["old_model"] == old.spec and ensemble.shares_query_map
+    assert {t: m["config"]["kind"] for t, m in config["maps"].items()} == {"text": "old-query-blend", "image": "old-query-blend"}
     assert {"map.safetensors", "lora_text/adapter_model.safetensors"} <= set(config["weights_sha256"])
     loaded = CompatibleModel.from_pretrained(tmp_path / "ensemble", new_model=_copy(cfg.new, new), old_model=old)
     np.testing.assert_allclose(loaded.encode_text(texts).numpy(), blend_arrays(alone_t, old_t, 0.3), atol=1e-5)

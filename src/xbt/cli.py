@@ -256,36 +256,56 @@ def chain_command(
                   f"{halves[1].new_space_at_training.id} -> {chained.space.id}; load it as compat:{out}")
 
 
+_FIT_TEXTS_HELP = "Texts both models embed for the text-side fits (.txt, a dataset's captions, testbed:text_corpus); repeatable."
+_FIT_IMAGES_HELP = ("Unlabeled images both models embed for the image-side fits (a folder, a file list, any dataset"
+                    " source; captions ignored), e.g. a sample of the gallery's kind of image, never its evaluated items; repeatable.")
+
+
+def _sources(*options: Optional[list[str]]) -> list[str]:
+    """The sources of an option and its hidden older spelling (e.g. --fit-texts and --fit-text), in order."""
+    return [s for option in options for s in option or []]
+
+
 @app.command("fit")
 def fit_command(
-    method: str = typer.Argument(..., help="A peer: procrustes-text, procrustes-image, procrustes-both, affine, adapter, slerp, no-adaptation."),
+    method: str = typer.Argument(..., help="A peer: procrustes-text, procrustes-image, procrustes-both, affine, adapter, slerp,"
+                                 " no-adaptation, or a gallery-modality variant (procrustes-gallery, affine-gallery,"
+                                 " adapter-gallery, slerp-gallery: text queries mapped by the image-fitted map)."),
     old: str = typer.Option(..., help="The old model's spec (the gallery's)."),
     new: str = typer.Option(..., help="The new model's spec."),
     out: Path = typer.Option(..., help="Folder to save the compatible model to (loads as compat:OUT)."),
     fit_pairs: Optional[list[str]] = typer.Option(None, help="Image-text pairs to fit on (any dataset source); repeatable."),
-    fit_text: Optional[list[str]] = typer.Option(None, help="Text corpus to fit on (.txt or a dataset); repeatable."),
+    fit_texts: Optional[list[str]] = typer.Option(None, "--fit-texts", help=_FIT_TEXTS_HELP),
+    fit_text: Optional[list[str]] = typer.Option(None, "--fit-text", hidden=True),  # the older spelling
+    fit_images: Optional[list[str]] = typer.Option(None, "--fit-images", help=_FIT_IMAGES_HELP),
     support: Optional[str] = typer.Option(None, help="Support pairs for the settings chosen on held-out data (SLERP's weight, the ridge, epochs)."),
     device: Device = "auto",
     precision: Precision = "fp32",
     num_workers: Workers = 0,
 ) -> None:
     """Fit one training-free peer and save it as a deployable compatible model, without the whole job."""
-    from xbt.compat.fit import fit_peer
-    from xbt.data.datasets import open_dataset
+    from xbt.compat.fit import fit_image_items, fit_peer
+    from xbt.data.datasets import open_dataset, open_images
     from xbt.data.texts import load_texts
 
     try:
         t0 = time.perf_counter()
-        texts = [t for source in fit_text or [] for t in load_texts(source)]
+        texts = [t for source in _sources(fit_texts, fit_text) for t in load_texts(source)]
         pairs = [p for source in fit_pairs or [] for p in open_dataset(source)]
+        images = [p for source in fit_images or [] for p in open_images(source)]
         runtime = _Runtime(device, precision, num_workers)
         model = fit_peer(method, runtime.load(old), runtime.load(new), texts, pairs,
-                         open_dataset(support) if support else None, show_progress=True)
+                         open_dataset(support) if support else None, show_progress=True, fit_images=images)
         model.save_pretrained(out)
     except XbtError as exc:
         _fail(exc)
     ensemble = " (an ensemble: it runs the old model on every query too)" if model.needs_old_model_at_query_time else ""
-    console.print(f"fitted {method} in {time.perf_counter() - t0:.1f} s on {len(texts)} texts and {len(pairs)} pairs{ensemble}")
+    n_unlabeled = len(fit_image_items(pairs, images)) - len(pairs)
+    unlabeled = f" and {n_unlabeled} unlabeled images" if images else ""
+    console.print(f"fitted {method} in {time.perf_counter() - t0:.1f} s on {len(texts)} texts, {len(pairs)} pairs{unlabeled}{ensemble}")
+    if not model.shares_query_map:
+        maps = model.describe_query_maps()
+        console.print(f"a map per query tower: text queries {maps['text']['fitted_on']}; image queries {maps['image']['fitted_on']}")
     console.print(f"saved {out}: use it as --model compat:{out.resolve()} (space {model.space.id})")
 
 
@@ -375,9 +395,11 @@ def evaluate(
     data: Optional[str] = typer.Option(None, help="Evaluation pairs: CSV/JSONL, Karpathy JSON, image folder, .tar shards, testbed:eval."),
     split: Optional[str] = typer.Option(None, help="Split of --data (Karpathy JSON: test, val, ...; default test)."),
     image_root: Optional[str] = typer.Option(None, help="Folder that relative image paths resolve against."),
-    fit_text: Optional[list[str]] = typer.Option(None, help="Text corpus to fit on (.txt, a dataset, testbed:text_corpus); repeatable."),
+    fit_texts: Optional[list[str]] = typer.Option(None, "--fit-texts", help=_FIT_TEXTS_HELP),
+    fit_text: Optional[list[str]] = typer.Option(None, "--fit-text", hidden=True),  # the older spelling
+    fit_images: Optional[list[str]] = typer.Option(None, "--fit-images", help=_FIT_IMAGES_HELP),
     fit_pairs: Optional[list[str]] = typer.Option(None, help="Training image-text pairs to fit on (any dataset source); repeatable."),
-    fit_split: Optional[str] = typer.Option(None, help="Split of --fit-pairs / --fit-text (Karpathy: train, or train,restval)."),
+    fit_split: Optional[str] = typer.Option(None, help="Split of --fit-pairs / --fit-texts (Karpathy: train, or train,restval)."),
     support: Optional[str] = typer.Option(None, help="Support pairs on which SLERP chooses its weight (never the evaluation split)."),
     support_split: Optional[str] = typer.Option(None, help="Split of --support (Karpathy: val)."),
     methods: str = typer.Option("peers", help="Comma-separated: peer names, compat:PATH (XBT models), or 'peers' for all peers."),
@@ -418,11 +440,13 @@ def evaluate(
     method_list = list(dict.fromkeys(x for m in method_list for x in (PEER_METHODS if m == "peers" else [m])))
     try:
         sizes = [int(x) for x in data_efficiency.split(",") if x.strip()] if data_efficiency else defaults.get("data_efficiency", [])
+        texts = _sources(fit_texts, fit_text)
         run = evaluate_from_specs(
-            old, new, data, split, image_root, fit_text or defaults.get("fit_text", []), fit_pairs or defaults.get("fit_pairs", []),
+            old, new, data, split, image_root, texts or defaults.get("fit_text", []), fit_pairs or defaults.get("fit_pairs", []),
             fit_split, support or defaults.get("support"), support_split, method_list,
             ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes,
-            skip_unfittable=all_peers, show_progress=True, **_Runtime(device, precision, num_workers).options,
+            skip_unfittable=all_peers, show_progress=True, fit_images=fit_images or defaults.get("fit_images", []),
+            **_Runtime(device, precision, num_workers).options,
         )
         results = run.to_results() | {"command": "xbt " + " ".join(sys.argv[1:])}
         paths = write_report(results, out, markdown)
@@ -481,8 +505,9 @@ def upgrade(
     new: str = typer.Option(..., help="The new model's spec."),
     data: str = typer.Option(..., help="Evaluation data: the gallery items and queries (never trained on)."),
     fit_pairs: str = typer.Option(..., help="Image-text pairs for training (XBT stage 2, image-fitted peers)."),
-    fit_texts: str = typer.Option(..., help="Text corpus for the text-only stage and text-fitted peers (.txt or a dataset)."),
-    support: Optional[str] = typer.Option(None, help="Support pairs for SLERP's weight (not the evaluation data)."),
+    fit_texts: list[str] = typer.Option(..., "--fit-texts", help="Text corpus for the text-only stage and the text-side fits (.txt or a dataset); repeatable."),
+    fit_images: Optional[list[str]] = typer.Option(None, "--fit-images", help=_FIT_IMAGES_HELP),
+    support: Optional[str] = typer.Option(None, help="Support pairs for the choices made on held-out data (SLERP's weight, NNN's alpha; not the evaluation data)."),
     config: str = typer.Option("xbt-testbed", help="XBT config: a YAML file or a shipped config name (its old/new/data fields are overridden)."),
     out: Path = typer.Option(Path("outputs/upgrade"), help="Where the report, pictures and summary go."),
     examples: int = typer.Option(4, help="Example queries to draw."),
@@ -494,7 +519,8 @@ def upgrade(
     from xbt.pipeline import UpgradeJob
 
     options = _runtime_options(device, precision, num_workers)
-    _run_upgrade(UpgradeJob(old=old, new=new, eval_data=data, fit_pairs=fit_pairs, fit_texts=fit_texts,
+    _run_upgrade(UpgradeJob(old=old, new=new, eval_data=data, fit_pairs=fit_pairs,
+                            fit_texts=fit_texts[0] if len(fit_texts) == 1 else list(fit_texts), fit_images=list(fit_images or []),
                             support=support, xbt_config=config, n_example_queries=examples, **options), out)
 
 

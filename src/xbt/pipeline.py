@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xbt.compat.registry import PEER_METHODS
-from xbt.data.datasets import open_dataset
+from xbt.data.datasets import open_dataset, open_images
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.models.base import VLPModel
@@ -40,8 +40,12 @@ class UpgradeJob:
     new: str
     eval_data: str  # what the galleries and the evaluation are built from (never trained on)
     fit_pairs: str  # image-text pairs for XBT stage 2 and the image-fitted peers
-    fit_texts: str  # text corpus for XBT stage 1 and the text-fitted peers
-    support: str | None = None  # SLERP's weight is chosen here
+    fit_texts: str | list[str]  # text corpus (one source or several) for XBT stage 1 and the text-side fits
+    support: str | None = None  # every choice on held-out data is made here (SLERP's weight, NNN's alpha, ...)
+    # Unlabeled images (sources; captions ignored) for every peer's image-side fit, e.g. the gallery-modality
+    # maps' text-query side; never the evaluated items.
+    fit_images: list[str] = field(default_factory=list)
+    calibrate: bool = True  # every method also evaluated with NNN calibration of the gallery (+nnn)
     xbt_config: str = "xbt-testbed"  # a YAML path or a shipped config name
     peers: list[str] = field(default_factory=lambda: list(PEER_METHODS))
     n_example_queries: int = 4
@@ -53,9 +57,20 @@ class UpgradeJob:
 
     @classmethod
     def testbed(cls, **overrides: Any) -> UpgradeJob:
+        # fit_images: the openclipart renders (the models' pretraining images, never an eval or val item)
         base = dict(old="testbed:old", new="testbed:new", eval_data="testbed:eval", fit_pairs="testbed:xbt_train",
-                    fit_texts="testbed:text_corpus", support="testbed:val", build_testbed=True)
+                    fit_texts="testbed:text_corpus", support="testbed:val", build_testbed=True,
+                    fit_images=["testbed:vlp_old"])
         return cls(**(base | overrides))
+
+    @property
+    def fit_text_sources(self) -> list[str]:
+        return [self.fit_texts] if isinstance(self.fit_texts, str) else list(self.fit_texts)
+
+    @property
+    def fit_texts_label(self) -> str:
+        """How XBT's config records the text corpus (one source: as given, so earlier runs keep their key)."""
+        return ", ".join(self.fit_text_sources)
 
 
 def _digest(*parts: Any) -> str:
@@ -100,7 +115,7 @@ def train_or_reuse_xbt(
 
     path = resolve_config(job.xbt_config)
     cfg = XBTConfig.from_dict(yaml.safe_load(path.read_text()) | {
-        "old": job.old, "new": job.new, "train_pairs": job.fit_pairs, "text_corpus": job.fit_texts, "seed": job.seed,
+        "old": job.old, "new": job.new, "train_pairs": job.fit_pairs, "text_corpus": job.fit_texts_label, "seed": job.seed,
     })
     data_id = _digest(old.space.id, new.space.id, [asdict(p) for p in fit_pairs], list(fit_texts))
     precision = "" if job.precision == "fp32" else f"-{job.precision}"  # fp32 runs keep their cache key
@@ -117,17 +132,25 @@ def train_or_reuse_xbt(
 # ----- step 4b: what to deploy -----------------------------------------------------------------------
 def save_methods(run: Any, results: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every method's compatible model under out/<name>, the recommended one linked as out/recommended,
-    with the reasons in out/recommended.json. Returns that JSON."""
+    with the reasons in out/recommended.json. Returns that JSON. A calibrated system (NAME+nnn) is its
+    method's model searching a calibrated gallery: it shares NAME's folder, and the record says how the
+    galleries are calibrated (`calibration`: the bank's source and alpha per direction)."""
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
     folders: dict[str, str] = {}
+    derived = {name: run.methods[name].details.get("derived_from") for name in run.compatible}
     for name, model in run.compatible.items():
+        if derived[name]:
+            continue
         folder = out / _folder_name(name)
         if folder.exists():
             shutil.rmtree(folder)
         model.save_pretrained(folder)
         folders[name] = str(folder.resolve())
+    for name, base in derived.items():
+        if base:
+            folders[name] = folders[base]
     rec = results.get("recommendation") or {}
     link = out / "recommended"
     if link.is_symlink() or link.exists():
@@ -135,12 +158,15 @@ def save_methods(run: Any, results: dict[str, Any], out: Path) -> dict[str, Any]
     chosen = rec.get("method")
     record: dict[str, Any] = {"method": chosen, "reason": rec.get("reason"), "models": folders}
     if chosen:
-        link.symlink_to(_folder_name(chosen), target_is_directory=True)
+        link.symlink_to(Path(folders[chosen]).name, target_is_directory=True)
         record |= {
             "path": folders[chosen], "spec": f"compat:{link.absolute()}",  # the link: re-point it to switch
             "needs_old_model_at_query_time": run.compatible[chosen].needs_old_model_at_query_time,
             "mean_gain_percent": _mean_gain(results, chosen),
         }
+        calibration = run.methods[chosen].details.get("calibration") if derived.get(chosen) else None
+        if calibration:
+            record["calibration"] = {"alpha": calibration["alpha"], "k": calibration["k"]}
     (out / "recommended.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -156,14 +182,19 @@ def _mean_gain(results: dict[str, Any], method: str) -> float | None:
 
 
 def deploy_commands(spec: str, old_images: Path, old_captions: Path, example_query: str, model_needs_old: bool,
-                    image_files: Sequence[str | Path] = ()) -> list[str]:
+                    image_files: Sequence[str | Path] = (), calibration: Sequence[str] = ()) -> list[str]:
     """The exact commands that put the recommended model to work on the old galleries. `image_files`: the
     image gallery's pictures; the service shows only images under folders it is given, so the serve command
-    names the folders that hold them (`--media-root`), and its page shows every item's picture."""
+    names the folders that hold them (`--media-root`), and its page shows every item's picture. `calibration`:
+    the commands that calibrate the galleries first, when the recommended system searches a calibrated gallery."""
     from xbt.serve.media import covering_folders
 
     roots = "".join(f" --media-root {shlex.quote(str(root))}" for root in covering_folders(image_files))
-    lines = [
+    lines = []
+    if calibration:
+        lines += ["# the recommended method searches calibrated galleries (NNN): calibrate both once, as evaluated",
+                  *calibration]
+    lines += [
         f'xbt gallery search --gallery {old_images} --model {spec} --text "{example_query}" -k 5',
         f"xbt gallery add --gallery {old_images} --model {spec} --data NEW_IMAGES_FOLDER_OR_PAIRS",
         f"xbt serve --gallery {old_images} --model {spec}{roots} --port 8000   # then open http://127.0.0.1:8000/",
@@ -340,15 +371,18 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     old = load_model(job.old).configure(job.device, job.precision, job.num_workers)
     new = load_model(job.new).configure(job.device, job.precision, job.num_workers)
     eval_pairs = open_dataset(job.eval_data)
-    fit_pairs, fit_texts = open_dataset(job.fit_pairs), load_texts(job.fit_texts)
+    fit_pairs = open_dataset(job.fit_pairs)
+    fit_texts = [t for source in job.fit_text_sources for t in load_texts(source)]
+    fit_images = [p for source in job.fit_images for p in open_images(source)]
     support = open_dataset(job.support) if job.support else None
     if job.build_testbed and job.precision == "fp32":
         # The testbed's lit models: every item's vectors from the towers' features cached by the build (the
         # heads are a linear map), so galleries, training and evaluation encode nothing again.
+        from xbt.compat.fit import fit_image_items
         from xbt.eval.embed import prime_lit_cache
 
         for model in (old, new):
-            prime_lit_cache(model, [*eval_pairs, *fit_pairs, *(support or [])], fit_texts)
+            prime_lit_cache(model, [*eval_pairs, *fit_image_items(fit_pairs, fit_images), *(support or [])], fit_texts)
             model.release_towers()  # every vector is cached now; XBT's training builds its own copy's tower
     stage("1b models and data" if job.build_testbed else "1 models and data", t)
 
@@ -374,9 +408,17 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
     run = run_evaluation(
         old, new, eval_pairs, methods, fit_texts=fit_texts, fit_pairs=fit_pairs, support_pairs=support,
         seed=job.seed, skip_unfittable=True, show_progress=show_progress, fit_cache=cache_dir("peers"),
+        fit_images=fit_images,
         describe={"old": job.old, "new": job.new, "eval": job.eval_data, "fit_pairs": job.fit_pairs,
-                  "fit_texts": job.fit_texts, "support": job.support, "xbt": str(xbt_dir)},
+                  "fit_texts": job.fit_texts_label, "support": job.support, "xbt": str(xbt_dir),
+                  "fit_images": ", ".join(job.fit_images) or None},
     )
+    if job.calibrate and support and fit_pairs:
+        from xbt.eval.calibrated import add_calibrated
+
+        tc = time.perf_counter()
+        add_calibrated(run, old, new, bank_pairs=fit_pairs, val_pairs=support)  # the bank: training queries
+        run.timings_s["calibrate"] = time.perf_counter() - tc
     results = run.to_results()
     report_files = write_report(results, out / "report")
     stage("4 evaluation and report", t)
@@ -408,9 +450,15 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
     commands = []
     if deployed.get("spec"):
+        calibration = []
+        if deployed.get("calibration"):
+            from xbt.eval.calibrated import calibration_commands
+
+            calibration = calibration_commands(deployed["spec"], old_images.path, old_captions.path, job.fit_pairs,
+                                               deployed["calibration"]["alpha"])
         commands = deploy_commands(deployed["spec"], old_images.path, old_captions.path, text_queries[0] if text_queries
                                    else "a query", bool(deployed.get("needs_old_model_at_query_time")),
-                                   image_files=[p.image for p in eval_pairs])
+                                   image_files=[p.image for p in eval_pairs], calibration=calibration)
     summary = {
         "results": str(report_files["results"]),
         "report": {k: str(v) for k, v in report_files.items()},

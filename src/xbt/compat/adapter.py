@@ -93,7 +93,8 @@ class ResidualAdapter(CompatMethod):
                 """Keep the first epoch with the best support recall (a tie: closer to the rotation)."""
                 nonlocal best_state
                 self.mlp = mlp.eval()
-                self.support_scores[epoch] = support_score(lambda x, o: self.transform(x), *support)
+                self.support_scores[epoch] = support_score(lambda x, o: self.transform(x), *support,
+                                                              directions=self.support_directions)
                 if best_state is None or self.support_scores[epoch] > self.support_scores[self.best_epoch] + 1e-12:
                     best_state, self.best_epoch = {k: v.clone() for k, v in mlp.state_dict().items()}, epoch
 

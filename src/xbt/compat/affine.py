@@ -62,7 +62,8 @@ class AffineMap(CompatMethod):
             new, old = order_support(data.support, self.new_space, self.old_space)
             fits = {r: ridge_affine(x, y, r) for r in self.ridge_grid}
             self.support_scores = {
-                r: support_score(lambda v, o, w=w, b=b: v @ w + b, new, old) for r, (w, b) in fits.items()
+                r: support_score(lambda v, o, w=w, b=b: v @ w + b, new, old,
+                                 directions=self.support_directions) for r, (w, b) in fits.items()
             }
             self.ridge = best_setting(self.support_scores, prefer="larger")  # ties: the more regularised
             self.fits_on = FITS_ON_LABEL[self.fit_on] + "; ridge on the support split"

@@ -14,8 +14,20 @@ from xbt.compat.base import FitData
 from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import build_method
 from xbt.data.pairs import Pair
-from xbt.eval.embed import PairEmbeddings, embed_pairs, embed_texts
+from xbt.eval.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
 from xbt.models.base import VLPModel
+
+
+def fit_image_items(fit_pairs: Sequence[Pair], fit_images: Sequence[Pair] = ()) -> list[Pair]:
+    """The distinct images the image-side fits use: the training pairs' images, then the unlabeled images
+    (`fit_images`: any source's items, captions ignored) not already among them, by file."""
+    seen = {p.image for p in fit_pairs}
+    extra = []
+    for p in fit_images:
+        if p.image not in seen:
+            seen.add(p.image)
+            extra.append(Pair(p.image, p.caption, f"fit-image:{p.image}"))  # ids of two sources never collide
+    return [*fit_pairs, *extra]
 
 
 def fit_data(
@@ -25,17 +37,21 @@ def fit_data(
     fit_pairs: Sequence[Pair],
     support: tuple[PairEmbeddings, PairEmbeddings] | None,
     show_progress: bool = False,
+    fit_images: Sequence[Pair] = (),
 ) -> FitData:
     """Paired training embeddings: every text of the corpus and of the training pairs (deduplicated) by
-    both models, and every training image by both models."""
+    both models, and every image of the training pairs and of `fit_images` (unlabeled: their captions are
+    not used) by both models. Neither side needs a caption-image pair: the text-side fits use texts, the
+    image-side fits images."""
     texts = list(dict.fromkeys([*fit_texts, *(p.caption for p in fit_pairs)]))
     data = FitData(
         new_text=embed_texts(new_model, texts, show_progress), old_text=embed_texts(old_model, texts, show_progress),
         support=support,
     )
-    if fit_pairs:
-        data.new_image = embed_pairs(new_model, fit_pairs, show_progress).images
-        data.old_image = embed_pairs(old_model, fit_pairs, show_progress).images
+    images = fit_image_items(fit_pairs, fit_images)
+    if images:
+        data.new_image = embed_images(new_model, images, show_progress)
+        data.old_image = embed_images(old_model, images, show_progress)
     return data
 
 
@@ -47,12 +63,14 @@ def fit_peer(
     fit_pairs: Sequence[Pair] = (),
     support_pairs: Sequence[Pair] | None = None,
     show_progress: bool = False,
+    fit_images: Sequence[Pair] = (),
     **options: Any,
 ) -> CompatibleModel:
-    """The peer `name` (a registry name) fitted on the training data, around the frozen new model."""
+    """The peer `name` (a registry name) fitted on the training data (+ unlabeled `fit_images`), around the
+    frozen new model."""
     method = build_method(name, new_model.space, old_model.space, **options)
     support = None
     if support_pairs:
         support = (embed_pairs(new_model, support_pairs, show_progress), embed_pairs(old_model, support_pairs, show_progress))
-    method.fit(fit_data(old_model, new_model, fit_texts, fit_pairs, support, show_progress))
+    method.fit(fit_data(old_model, new_model, fit_texts, fit_pairs, support, show_progress, fit_images))
     return method.to_model(new_model, old_model if method.needs_old_model_at_query_time else None)

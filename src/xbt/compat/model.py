@@ -1,12 +1,19 @@
-"""A compatible model: the new model (+ optional LoRA adapters) + a query map into the old space.
+"""A compatible model: the new model (+ optional LoRA adapters) + a query map per tower into the old space.
 
 Every upgrade method ends as one: XBT (a trained projection + LoRA), and each fitted peer (Procrustes,
 the affine map, the residual adapter, no adaptation, and SLERP, which also runs the old model on every
 query). Its `encode_text` / `encode_image` return vectors in the OLD space and it declares the old
-space as its own, so a gallery stamped with the old space accepts its queries. One artifact format:
+space as its own, so a gallery stamped with the old space accepts its queries.
 
-    compat_config.json        what to load, the spaces, the map's config, sha256 of every weight file
-    map.safetensors           the query map's weights
+Each query tower has its own map (`query_map_for("text")`, `query_map_for("image")`), and the two may be
+one and the same map object (every method up to format 2). They differ for the gallery-modality methods:
+text queries search the old IMAGE gallery, so the text tower's map is the one fitted on images (new image
+-> old image), and the image tower's map the one fitted on texts (xbt.compat.gallery_modality). One
+artifact format (version 3; versions 2 and 1 are still read and give the same vectors):
+
+    compat_config.json        what to load, the spaces, each tower's map config and file, sha256 of every weight file
+    map.safetensors           the query map's weights, when both towers share one map
+    map_text.safetensors, map_image.safetensors   each tower's map, when they differ
     lora_text/, lora_image/   peft adapters (adapter_config.json + adapter_model.safetensors), if trained
 
 Loading needs the new model (and, for an ensemble, the old model, named in the config), never anything
@@ -19,7 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +51,29 @@ from xbt.models.device import model_device
 
 CONFIG_NAME = "compat_config.json"
 MAP_NAME = "map.safetensors"
-FORMAT = "xbt.compat/2"
+FORMAT = "xbt.compat/3"
+_FORMAT_2 = "xbt.compat/2"  # one map for both towers: config["map"], map.safetensors
 _FORMAT_1 = "xbt.compat/1"  # XBT-only artifacts of the first version: projection.safetensors, no digests
+READABLE_FORMATS = (FORMAT, _FORMAT_2, _FORMAT_1)
+TOWERS = ("text", "image")
+TOWER_MAP_NAMES = {tower: f"map_{tower}.safetensors" for tower in TOWERS}
+#: What each query tower's map serves: text queries search old images, image queries old captions.
+TOWER_DIRECTION = {"text": "t2i", "image": "i2t"}
+
+QueryMaps = Mapping[str, QueryMap]  # {"text": map, "image": map}; the two may be one object
+
+
+def _check_tower(tower: str) -> str:
+    if tower not in TOWERS:
+        raise InputError(f"a query tower is 'text' or 'image', not {tower!r}")
+    return tower
+
+
+def map_file_names(maps: QueryMaps) -> dict[str, str]:
+    """Each tower's weight file in the artifact: one shared file when both towers use one map."""
+    if maps["text"] is maps["image"]:
+        return {"text": MAP_NAME, "image": MAP_NAME}
+    return dict(TOWER_MAP_NAMES)
 
 
 def artifact_digest(path: str | Path) -> str:
@@ -57,25 +85,31 @@ class CompatibleModel(VLPModel):
     def __init__(
         self,
         new_model: VLPModel,
-        query_map: QueryMap,
+        query_map: QueryMap | QueryMaps,
         old_space: EmbeddingSpace,
         new_spec: str | None = None,
         old_model: VLPModel | None = None,
         method: str = "xbt",
     ):
+        """`query_map`: one map for both query towers, or {"text": map, "image": map} (one per tower)."""
         super().__init__()
-        if query_map.in_dim != new_model.embed_dim or query_map.out_dim != old_space.dim:
-            raise SpaceMismatchError(
-                f"the query map maps {query_map.in_dim}->{query_map.out_dim}, but the new model is"
-                f" {new_model.embed_dim}-d and the old space {old_space.dim}-d"
-            )
-        if query_map.needs_old_query:
+        maps = _as_tower_maps(query_map)
+        for tower, m in maps.items():
+            if m.in_dim != new_model.embed_dim or m.out_dim != old_space.dim:
+                raise SpaceMismatchError(
+                    f"the {tower} tower's query map maps {m.in_dim}->{m.out_dim}, but the new model is"
+                    f" {new_model.embed_dim}-d and the old space {old_space.dim}-d"
+                )
+        needs_old = any(m.needs_old_query for m in maps.values())
+        if needs_old:
             if old_model is None:
                 raise InputError(f"{method} is an ensemble: it needs the old model too (pass old_model=)")
             old_space.check(old_model.space, f"the old model given to {method}")
         self.new_model = new_model
-        self.query_map = query_map.to(model_device(new_model))  # the map runs where the new model runs
-        self.old_model = old_model if query_map.needs_old_query else None
+        device = model_device(new_model)  # the maps run where the new model runs
+        self.text_query_map = maps["text"].to(device)
+        self.image_query_map = maps["image"].to(device)  # the same module when the towers share a map
+        self.old_model = old_model if needs_old else None
         self.old_space = old_space
         self.method = method
         self.new_spec = new_spec or new_model.spec
@@ -106,19 +140,45 @@ class CompatibleModel(VLPModel):
 
     @property
     def needs_old_model_at_query_time(self) -> bool:
-        return self.query_map.needs_old_query
+        return any(m.needs_old_query for m in self.query_maps().values())
+
+    def query_maps(self) -> dict[str, QueryMap]:
+        """{"text": the text tower's map, "image": the image tower's map}; one object when they share it."""
+        return {"text": self.text_query_map, "image": self.image_query_map}
+
+    def query_map_for(self, tower: str) -> QueryMap:
+        """The map applied to the queries of `tower` ("text" or "image"): text queries search the old image
+        gallery (T2I), image queries the old caption gallery (I2T)."""
+        return self.text_query_map if _check_tower(tower) == "text" else self.image_query_map
+
+    @property
+    def shares_query_map(self) -> bool:
+        """True when both towers use one map (every method up to format 2; XBT's projection)."""
+        return self.text_query_map is self.image_query_map
+
+    @property
+    def query_map(self) -> QueryMap:
+        """The one map both towers share. A model with a map per tower (a gallery-modality method) has no
+        single map: this raises, and `query_map_for(tower)` is the accessor to use."""
+        if not self.shares_query_map:
+            raise InputError(f"{self.method} has a query map per tower (text queries: {self.text_query_map.kind},"
+                             f" image queries: {self.image_query_map.kind}); use query_map_for('text' | 'image')")
+        return self.text_query_map
 
     @property
     def projection(self) -> QueryMap:
-        """The query map (XBT's training code calls it the projection)."""
+        """The shared query map (XBT's training code calls it the projection)."""
         return self.query_map
 
-    def query_map_for(self, tower: str) -> QueryMap:
-        """The map that carries `tower`'s ("text" or "image") queries into the old space; one map serves both
-        towers until per-tower maps land (issue 24), so exports and callers already ask per tower."""
-        if tower not in ("text", "image"):
-            raise InputError(f"tower must be 'text' or 'image', not {tower!r}")
-        return self.query_map
+    def describe_query_maps(self) -> dict[str, Any]:
+        """Which map each query tower uses, for `gallery info --model`, /info and the report."""
+        fitted = self.provenance.get("maps_fitted_on", {})
+        out: dict[str, Any] = {"shared": self.shares_query_map}
+        for tower in TOWERS:
+            m = self.query_map_for(tower)
+            out[tower] = {"kind": m.kind, "searches": "old images" if tower == "text" else "old captions",
+                          "fitted_on": fitted.get(tower, self.provenance.get("fits_on", "trained (see the model's config)"))}
+        return out
 
     def runs_unadapted(self, tower: str, new_space: EmbeddingSpace) -> bool:
         """True when this model's `tower` ("image" or "text") is the plain new model of `new_space` (no
@@ -130,8 +190,12 @@ class CompatibleModel(VLPModel):
     def encoder_id(self) -> str:
         """Its own weights (map, adapters) and the new model's: never the old model's cache entries."""
         ensemble = f"-{self.old_space.fingerprint[:12]}" if self.old_model is not None else ""
-        return (f"compat-{weights_fingerprint(self.query_map)[:12]}-{self._new_encoder_fingerprint()[:12]}"
-                f"{ensemble}-{self.embed_dim}")
+        if self.shares_query_map:  # as in format 2: the same id, so cached vectors stay valid
+            maps = weights_fingerprint(self.text_query_map)
+        else:
+            maps = hashlib.sha256("|".join(f"{t}:{weights_fingerprint(self.query_map_for(t))}" for t in TOWERS)
+                                  .encode()).hexdigest()
+        return f"compat-{maps[:12]}-{self._new_encoder_fingerprint()[:12]}{ensemble}-{self.embed_dim}"
 
     def _new_encoder_fingerprint(self) -> str:
         """What the (adapted) new model computes: its space's fingerprint (a hash of its weights), then, for
@@ -146,11 +210,29 @@ class CompatibleModel(VLPModel):
         adapters = {f"{tower}.{k}": v for tower in self.lora_configs for k, v in self.lora_state(tower).items()}
         return tensors_fingerprint(adapters, extra=base)
 
-    def map_features(self, new_vectors: Any, old_vectors: Any | None = None) -> np.ndarray:
-        """Old-space queries from vectors the unadapted new model (and, for an ensemble, the old model)
-        already computed: the evaluation's fast path. Valid for a tower without LoRA adapters. NumPy in
-        and out; a map on a GPU (the model was configured there) computes there."""
-        return self.query_map.apply(new_vectors, old_vectors)
+    def map_features(self, new_vectors: Any, old_vectors: Any | None = None, tower: str | None = None) -> np.ndarray:
+        """Old-space queries of `tower` ("text" or "image") from vectors the unadapted new model (and, for an
+        ensemble, the old model) already computed: the evaluation's fast path. Valid for a tower without
+        LoRA adapters. `tower` may be left out only when both towers share one map. NumPy in and out; a map
+        on a GPU (the model was configured there) computes there."""
+        query_map = self.query_map if tower is None else self.query_map_for(tower)
+        device = model_device(query_map)
+        if device.type == "cpu":
+            return query_map.apply(new_vectors, old_vectors)
+        if query_map.needs_old_query and old_vectors is None:
+            raise InputError(f"{self.method} is an ensemble: it needs the old model's vectors of the same queries")
+
+        def tensor(v: Any) -> torch.Tensor:
+            return F.normalize(torch.as_tensor(np.asarray(v, dtype=np.float32), device=device), dim=-1)
+
+        was_training = query_map.training
+        query_map.eval()
+        try:
+            with torch.inference_mode():
+                old = tensor(old_vectors) if query_map.needs_old_query else None
+                return F.normalize(query_map(tensor(new_vectors), old).float(), dim=-1).cpu().numpy()
+        finally:
+            query_map.train(was_training)
 
     @property
     def image_transform(self):
@@ -173,18 +255,18 @@ class CompatibleModel(VLPModel):
 
     def forward_text(self, tokens: Any) -> torch.Tensor:
         self._refuse_ensemble_forward()
-        return self.query_map(self.new_text(tokens))
+        return self.text_query_map(self.new_text(tokens))
 
     def forward_image(self, pixels: torch.Tensor) -> torch.Tensor:
         self._refuse_ensemble_forward()
-        return self.query_map(self.new_image(pixels))
+        return self.image_query_map(self.new_image(pixels))
 
     def encode_text(self, texts: Sequence[str], batch_size: int | None = None, show_progress: bool = False) -> torch.Tensor:
         if self.old_model is None:
             return super().encode_text(texts, batch_size, show_progress)
         new = self.new_model.encode_text(texts, batch_size, show_progress)
         old = self.old_model.encode_text(texts, batch_size, show_progress)
-        return torch.from_numpy(self.map_features(new.numpy(), old.numpy()))
+        return torch.from_numpy(self.map_features(new.numpy(), old.numpy(), tower="text"))
 
     def encode_image(self, images, batch_size: int | None = None, show_progress: bool = False,
                      num_workers: int | None = None) -> torch.Tensor:
@@ -212,7 +294,7 @@ class CompatibleModel(VLPModel):
             if stop_on_failure:
                 return new, failed
             new = new[[j for j in range(len(kept)) if j not in old_failed]]
-        return torch.from_numpy(self.map_features(new.numpy(), old.numpy())), failed
+        return torch.from_numpy(self.map_features(new.numpy(), old.numpy(), tower="image")), failed
 
     def build_towers(self) -> CompatibleModel:
         self.new_model.build_towers()  # adapters waiting for a tower are injected as it is built
@@ -254,8 +336,15 @@ class CompatibleModel(VLPModel):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).unlink(missing_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.query_map.state_dict().items()}, str(path / MAP_NAME))
-        weights = [MAP_NAME]
+        files = map_file_names(self.query_maps())
+        for stale in {MAP_NAME, *TOWER_MAP_NAMES.values()} - set(files.values()):
+            (path / stale).unlink(missing_ok=True)  # a map file of an earlier save with the other layout
+        for tower in TOWERS:  # a shared map is written once, to its one file
+            if tower == "image" and self.shares_query_map:
+                continue
+            m = self.query_map_for(tower)
+            save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(path / files[tower]))
+        weights = sorted(set(files.values()))
         for tower, config in self.lora_configs.items():
             folder = path / f"lora_{tower}"
             folder.mkdir(exist_ok=True)
@@ -271,7 +360,7 @@ class CompatibleModel(VLPModel):
             "new_model": self.new_spec,
             "new_space": self.new_space_at_training.to_dict(),
             "old_space": self.old_space.to_dict(),
-            "map": self.query_map.config(),
+            "maps": {tower: {"config": self.query_map_for(tower).config(), "file": files[tower]} for tower in TOWERS},
             "needs_old_model_at_query_time": self.needs_old_model_at_query_time,
             "lora": sorted(self.lora_configs),
             "weights_sha256": {name: file_sha256(path / name) for name in weights},
@@ -306,19 +395,12 @@ class CompatibleModel(VLPModel):
         expected.check(new_model.space, f"the new model {config['new_model']!r} loaded for {path}")
         verify_chain(config, new_model)
         old_space = EmbeddingSpace.from_dict(config["old_space"])
-        if config["format"] == _FORMAT_1:
-            p = config["projection"]
-            query_map: QueryMap = Projection(p["in_dim"], p["out_dim"], p["kind"], p.get("hidden", 1024), p.get("dropout", 0.0))
-            weights_file = path / "projection.safetensors"
-        else:
-            query_map = build_map(config["map"])
-            weights_file = path / MAP_NAME
-        query_map.load_state_dict(load_file(str(weights_file)))
-        if query_map.needs_old_query:
+        maps = load_query_maps(path, config)
+        if any(m.needs_old_query for m in maps.values()):
             old_model = old_model or load(config["old_model"])
-        model = cls(new_model, query_map, old_space, config["new_model"], old_model, config.get("method", "xbt"))
+        model = cls(new_model, maps, old_space, config["new_model"], old_model, config.get("method", "xbt"))
         model.new_space_at_training = expected
-        model.provenance = {k: config[k] for k in ("chain", "fits_on", "details") if k in config}
+        model.provenance = {k: config[k] for k in PROVENANCE_KEYS if k in config}
         for tower in config.get("lora", []):
             folder = path / f"lora_{tower}"
             saved = SavedLora((folder / "adapter_config.json").read_text(), load_file(str(folder / "adapter_model.safetensors")))
@@ -328,6 +410,46 @@ class CompatibleModel(VLPModel):
         model.spec = f"compat:{path.resolve()}"  # resolvable from anywhere: a chain can name it as its new model
         model.eval()
         return model
+
+
+#: What a saved config carries back into `provenance` (and save_pretrained writes out again).
+PROVENANCE_KEYS = ("chain", "fits_on", "details", "maps_fitted_on")
+
+
+def _as_tower_maps(query_map: QueryMap | QueryMaps) -> dict[str, QueryMap]:
+    if isinstance(query_map, QueryMap):
+        return {"text": query_map, "image": query_map}
+    if not isinstance(query_map, Mapping) or set(query_map) != set(TOWERS):
+        raise InputError("a compatible model takes one query map, or one per tower: {'text': map, 'image': map}")
+    for tower, m in query_map.items():
+        if not isinstance(m, QueryMap):
+            raise InputError(f"the {tower} tower's query map is a {type(m).__name__}, not a QueryMap")
+    return {tower: query_map[tower] for tower in TOWERS}
+
+
+def load_query_maps(path: Path, config: dict[str, Any]) -> dict[str, QueryMap]:
+    """Each tower's map from a saved artifact, in any readable format (1 and 2: one map for both towers;
+    3: a map per tower, one object when both name the same file)."""
+    if config["format"] == _FORMAT_1:
+        p = config["projection"]
+        shared: QueryMap = Projection(p["in_dim"], p["out_dim"], p["kind"], p.get("hidden", 1024), p.get("dropout", 0.0))
+        shared.load_state_dict(load_file(str(path / "projection.safetensors")))
+        return {"text": shared, "image": shared}
+    if config["format"] == _FORMAT_2:
+        shared = build_map(config["map"])
+        shared.load_state_dict(load_file(str(path / MAP_NAME)))
+        return {"text": shared, "image": shared}
+    entries = config.get("maps")
+    if not isinstance(entries, dict) or set(entries) != set(TOWERS):
+        raise AssetMissingError(f"{path / CONFIG_NAME} names no query map per tower (maps.text, maps.image); save the model again")
+    by_file: dict[str, QueryMap] = {}
+    for tower in TOWERS:
+        file = entries[tower]["file"]
+        if file not in by_file:
+            m = build_map(entries[tower]["config"])
+            m.load_state_dict(load_file(str(path / file)))
+            by_file[file] = m
+    return {tower: by_file[entries[tower]["file"]] for tower in TOWERS}
 
 
 def _load_lora_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -373,8 +495,8 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads((path / CONFIG_NAME).read_text())
     except (OSError, ValueError) as exc:
         raise AssetMissingError(f"{path / CONFIG_NAME} cannot be read ({exc}); save the model again") from exc
-    if config.get("format") not in (FORMAT, _FORMAT_1):
-        raise AssetMissingError(f"{path} has format {config.get('format')!r}; this xbt reads {FORMAT} and {_FORMAT_1}")
+    if config.get("format") not in READABLE_FORMATS:
+        raise AssetMissingError(f"{path} has format {config.get('format')!r}; this xbt reads {', '.join(READABLE_FORMATS)}")
     return config
 
 
@@ -419,7 +541,8 @@ def chain(newer: CompatibleModel, older: CompatibleModel) -> CompatibleModel:
         raise InputError("chain() needs the newer compatible model loaded from disk (load_model('compat:PATH'))"
                          " so that the chained model can be saved and loaded again")
     # the absolute path: a saved chain names its newer half, and must load from any working directory
-    chained = CompatibleModel(newer, older.query_map, older.old_space, f"compat:{folder.resolve()}", method="chain")
+    # each tower runs through older's map of that tower (one object when older shares one map)
+    chained = CompatibleModel(newer, older.query_maps(), older.old_space, f"compat:{folder.resolve()}", method="chain")
     halves = [{"spec": chained.new_spec, "digest": artifact_digest(folder)}, {"spec": older.spec}]
     older_folder = Path(older.spec.removeprefix("compat:"))
     if older.spec.startswith("compat:") and (older_folder / CONFIG_NAME).exists():

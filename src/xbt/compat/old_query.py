@@ -5,7 +5,7 @@ ensemble: every query is encoded by both models and
 
     q = normalize((1 - w) normalize(P(new(x))) + w old(x))      w = 0: XBT alone; w = 1: the old model alone
 
-with its own map kind (`maps.OldQueryBlend`), saved and loaded as any compatible model (xbt.compat/2,
+with its own map kind (`maps.OldQueryBlend`), saved and loaded as any compatible model (xbt.compat/3,
 sha256 of every weight file; the old model's spec is recorded, as SLERP's is). The weight is chosen on a
 val split, never on evaluation queries, by the score SLERP's weight is chosen by (`compat.support`).
 
@@ -50,8 +50,9 @@ def with_old_query(model: CompatibleModel, old_model: VLPModel, weight: float) -
     """The ensemble of `model` (e.g. a trained XBT) and the old model's own query, with old-query weight `weight`.
     It shares `model`'s new model, adapters and projection (no copy, no training); save it to deploy it."""
     _check(model, old_model)
-    blend = OldQueryBlend(model.query_map.in_dim, model.query_map.out_dim, weight, model.query_map)
-    ensemble = CompatibleModel(model.new_model, blend, model.old_space, model.new_spec, old_model=old_model,
+    blends = {m: OldQueryBlend(m.in_dim, m.out_dim, weight, m) for m in dict.fromkeys(model.query_maps().values())}
+    maps = {tower: blends[m] for tower, m in model.query_maps().items()}  # a shared map: one shared blend
+    ensemble = CompatibleModel(model.new_model, maps, model.old_space, model.new_spec, old_model=old_model,
                                method=f"{model.method}+old-query")
     ensemble.new_space_at_training = model.new_space_at_training
     ensemble.lora_configs = dict(model.lora_configs)  # the adapters live in the shared new model

@@ -33,7 +33,7 @@ def paired_rows(data: FitData, fit_on: FitOn, method: str) -> tuple[np.ndarray, 
         old.append(np.asarray(data.old_text, dtype=np.float64))
     if fit_on in ("image", "both"):
         if data.new_image is None or data.old_image is None or len(data.new_image) == 0:
-            raise InputError(f"{method} fits on image pairs, and none were given: pass image-caption training pairs")
+            raise InputError(f"{method} fits on image pairs, and none were given: pass images both models embed: --fit-images (unlabeled) or --fit-pairs")
         new.append(np.asarray(data.new_image, dtype=np.float64))
         old.append(np.asarray(data.old_image, dtype=np.float64))
     x, y = np.concatenate(new), np.concatenate(old)

@@ -15,6 +15,7 @@ from xbt.compat.adapter import ResidualAdapter
 from xbt.compat.affine import AffineMap
 from xbt.compat.base import CompatMethod
 from xbt.compat.baselines import NoAdaptation
+from xbt.compat.gallery_modality import GalleryModality
 from xbt.compat.procrustes import Procrustes
 from xbt.compat.slerp import Slerp
 from xbt.errors import InputError
@@ -25,9 +26,15 @@ _FACTORIES: dict[str, Callable[..., CompatMethod]] = {
     "procrustes-text": lambda new, old, **kw: Procrustes(new, old, fit_on="text", **kw),
     "procrustes-image": lambda new, old, **kw: Procrustes(new, old, fit_on="image", **kw),
     "procrustes-both": lambda new, old, **kw: Procrustes(new, old, fit_on="both", **kw),
+    # Gallery-modality variants (xbt.compat.gallery_modality): text queries mapped by the image-fitted map,
+    # image queries by the text-fitted one; each listed next to its single-map peer.
+    "procrustes-gallery": lambda new, old, **kw: GalleryModality(new, old, "procrustes", **kw),
     "affine": AffineMap,
+    "affine-gallery": lambda new, old, **kw: GalleryModality(new, old, "affine", **kw),
     "adapter": ResidualAdapter,
+    "adapter-gallery": lambda new, old, **kw: GalleryModality(new, old, "adapter", **kw),
     "slerp": Slerp,
+    "slerp-gallery": lambda new, old, **kw: GalleryModality(new, old, "slerp", **kw),
 }
 
 #: Every training-free or query-side peer, in the order reports list them.

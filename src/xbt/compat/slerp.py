@@ -61,7 +61,8 @@ class Slerp(CompatMethod):
         new, old = order_support(data.support, self.new_space, self.old_space)
         rotation = self.procrustes.rotation
         self.support_scores = {
-            w: support_score(lambda x, o, w=w: slerp_arrays(o, x @ rotation, w), new, old, self.ks) for w in self.weights
+            w: support_score(lambda x, o, w=w: slerp_arrays(o, x @ rotation, w), new, old, self.ks,
+                                self.support_directions) for w in self.weights
         }
         # Ties go to the larger weight: as good on the support set, and more of the new model.
         self.weight = best_setting(self.support_scores, prefer="larger")

@@ -35,17 +35,25 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+BOTH_DIRECTIONS = ("t2i", "i2t")
+
+
 def support_score(
     map_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     new: PairEmbeddings,
     old: PairEmbeddings,
     ks: Sequence[int] = DEFAULT_KS,
+    directions: Sequence[str] = BOTH_DIRECTIONS,
 ) -> float:
-    """Mean recall (0-1) over both directions and `ks` of `map_fn(new vectors, old vectors)`."""
+    """Mean recall (0-1) over `directions` (both by default; a map that serves one query tower is scored
+    on the direction its queries search: text queries t2i, image queries i2t) and `ks` of
+    `map_fn(new vectors, old vectors)`."""
+    if not directions or any(d not in BOTH_DIRECTIONS for d in directions):
+        raise InputError(f"support directions must be among {BOTH_DIRECTIONS}, not {list(directions)}")
     images = l2_normalise(np.asarray(map_fn(new.images, old.images), dtype=np.float32))
     texts = l2_normalise(np.asarray(map_fn(new.texts, old.texts), dtype=np.float32))
     ranks = retrieval_ranks(images, texts, old.images, old.texts, old.caption_image_index)
-    return float(np.mean([(r < k).mean() for r in ranks.values() for k in ks]))
+    return float(np.mean([(ranks[d] < k).mean() for d in directions for k in ks]))
 
 
 def best_setting(scores: dict[float, float], prefer: str = "larger") -> float:

@@ -12,6 +12,9 @@ Sources (`open_dataset(source, split=..., image_root=...)`)::
     shards-{000..009}.tar | *.tar | FOLDER of .tar
                                   webdataset shards: <key>.jpg|png|... beside <key>.txt (or .json with caption)
 
+Unlabeled images (`open_images`, for --fit-images): a plain folder of images, a .txt list of image paths,
+or any source above (captions ignored).
+
 Relative image paths resolve against image_root when given, else the file's own folder. Several
 captions of one image share its image_id, which the retrieval protocol uses to group them.
 """
@@ -355,6 +358,29 @@ def open_dataset(source: str | Path, split: str | None = None, image_root: str |
     else:
         pairs = load_pairs(path, image_root)
     check_images_exist(pairs, hint="pass --image-root (image_root=...) if the images live elsewhere")
+    return pairs
+
+
+def open_images(source: str | Path, image_root: str | Path | None = None) -> list[Pair]:
+    """Unlabeled images (`--fit-images`): a folder of image files (any depth; no captions file needed), a
+    .txt list of image paths (one a line, relative to image_root or the list's folder), or any dataset
+    source `open_dataset` reads, whose captions are then ignored. Returned as pairs with empty captions."""
+    text = str(source)
+    path = Path(text).expanduser()
+    plain_folder = path.is_dir() and not any((path / name).exists() for name in FOLDER_METADATA) and not any(path.glob("*.tar"))
+    if plain_folder:
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    elif path.suffix == ".txt" and path.is_file():
+        base = Path(image_root).expanduser() if image_root else path.parent
+        files = [_resolve(line.strip(), base) for line in path.read_text().splitlines() if line.strip()]
+        if not files:
+            raise InputError(f"{path} lists no image paths (one a line)")
+    else:
+        return [Pair(p.image, "", p.image_id, p.source) for p in open_dataset(source, None, image_root)]
+    pairs = [Pair(str(f), "", str(f)) for f in files]
+    check_images_exist(pairs, hint="pass --image-root if the listed images live elsewhere")
     return pairs
 
 

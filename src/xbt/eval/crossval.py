@@ -33,14 +33,13 @@ from xbt.compat.registry import PEER_METHODS
 from xbt.data.folds import Fold, testbed_folds
 from xbt.durable import atomic_write_bytes, atomic_write_text, code_digest
 from xbt.errors import InputError
-from xbt.eval.embed import embed_pairs
+from xbt.eval.calibrated import CALIBRATED, calibrated_queries
 from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, matrix_from_hits, system_hits
 from xbt.eval.retrieval import DEFAULT_KS, estimate, resampled_means, update_gain
 from xbt.eval.runner import RESULTS_SCHEMA, compatible_queries, json_safe, run_evaluation
 from xbt.paths import cache_dir, resolve_config
 
 CV_FORMAT = "xbt.crossval/1"
-CALIBRATED = "+nnn"
 OLD_QUERY = "+old-query"
 
 
@@ -56,6 +55,17 @@ class CrossValConfig:
     old_query: Sequence[str] = ("xbt",)  # XBT variants that also get the ensemble with the old query
     ks: Sequence[int] = DEFAULT_KS
     n_resamples: int = 1000
+    # Fold splits whose images (captions ignored) are added, unlabeled, to every peer's image-side fit: e.g.
+    # vlp_old (the openclipart renders; never an evaluated Tux Paint item nor a val item).
+    fit_images: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        from xbt.data.folds import FOLD_SPLITS
+
+        bad = [s for s in self.fit_images if s not in FOLD_SPLITS or s in ("eval", "val")]
+        if bad:
+            raise InputError(f"fit_images names fold splits to fit on ({', '.join(s for s in FOLD_SPLITS if s not in ('eval', 'val'))});"
+                             f" not {', '.join(map(repr, bad))}: the evaluated and val items are never fitted on")
 
     def fold_key(self) -> str:
         """What a fold's saved hits depend on (the bootstrap settings do not)."""
@@ -63,6 +73,8 @@ class CrossValConfig:
         doc = {"format": CV_FORMAT, "k": self.k, "peers": list(self.peers), "base": base,
                "xbt": {n: dict(o) for n, o in self.xbt.items()}, "calibrate": self.calibrate,
                "old_query": list(self.old_query), "ks": [int(k) for k in self.ks], "code": fold_code_digest()}
+        if self.fit_images:  # absent when empty: folds saved before the option existed keep their key
+            doc["fit_images"] = list(self.fit_images)
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -106,17 +118,11 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
                      train_pairs=fold.train, text_corpus=fold.text_corpus)
 
 
-def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, float]:
+def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, dict[str, float]]:
     """The method's evaluation queries searched with NNN calibration; alpha chosen on the fold's val split
     (the bank: the method's queries of the fold's training pairs)."""
-    from xbt.eval.calibration import calibrate_queries, choose_alpha
-
-    def queries_of(pairs):
-        return compatible_queries(model, pairs, embed_pairs(new, pairs), embed_pairs(old, pairs))
-
-    bank, val_queries = queries_of(fold.train), queries_of(fold.val)
-    alpha = choose_alpha(val_queries, embed_pairs(old, fold.val), bank).alpha  # per direction
-    return calibrate_queries(queries, eval_old, bank, alpha), alpha
+    calibrated, choice = calibrated_queries(model, queries, eval_old, old, new, fold.train, fold.val)
+    return calibrated, choice.alpha  # per direction
 
 
 def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = False) -> dict[str, Any]:
@@ -135,6 +141,12 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     t = time.perf_counter()
     models = fold_models(fold, show_progress)
     old, new = models["old"], models["new"]
+    fit_images = [p for split in cfg.fit_images for p in getattr(fold, split)]
+    if fit_images:  # the fold's heads over the towers' cached features of these images: no tower runs again
+        from xbt.eval.embed import prime_lit_cache
+
+        for model in (old, new):
+            prime_lit_cache(model, fit_images)
     timings["models"] = time.perf_counter() - t
     methods: dict[str, Any] = {name: name for name in cfg.peers}
     for variant in cfg.xbt:
@@ -144,7 +156,7 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     t = time.perf_counter()
     run = run_evaluation(old, new, fold.eval, methods, fit_texts=fold.text_corpus, fit_pairs=fold.train,
                          support_pairs=fold.val, ks=cfg.ks, n_resamples=10, seed=fold.seed, cost_batch_sizes=(256,),
-                         skip_unfittable=True, show_progress=show_progress)
+                         skip_unfittable=True, show_progress=show_progress, fit_images=fit_images)
     timings["evaluate"] = time.perf_counter() - t
     queries = dict(run.queries)
     choices: dict[str, Any] = {}
@@ -177,7 +189,8 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     meta = {
         "key": key, "code": fold_code_digest(), "fold": fold.name, "seed": fold.seed, "index": fold.index,
         "query_ids": [p.image_id for p in fold.eval],
-        "sizes": {"eval": len(fold.eval), "val": len(fold.val), "train": len(fold.train), "text_corpus": len(fold.text_corpus)},
+        "sizes": {"eval": len(fold.eval), "val": len(fold.val), "train": len(fold.train), "text_corpus": len(fold.text_corpus),
+                  "fit_images": run.data["fit_images"]["n_images"]},
         "models": {n: {"spec": m.spec, "space_id": m.space.id} for n, m in models.items()},
         "methods": records, "choices": choices, "warnings": run.warnings,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -289,6 +302,9 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
                           "n_texts": int(np.mean([m["sizes"]["text_corpus"] for m in fold_meta]))},
             "fit_pairs": {"source": "each fold's Tux Paint training pairs", "n_pairs": int(np.mean([m["sizes"]["train"] for m in fold_meta])),
                           "n_images": int(np.mean([m["sizes"]["train"] for m in fold_meta]))},
+            "fit_images": {"source": (f"each fold's {' + '.join(cfg.fit_images)} images, unlabeled (captions not used),"
+                                      " for the image-side fits") if cfg.fit_images else None,
+                           "n_images": int(np.mean([m["sizes"].get("fit_images", 0) for m in fold_meta]))},
             "support": {"source": "each fold's val split (every choice is made here)", "n_pairs": int(np.mean([m["sizes"]["val"] for m in fold_meta])),
                         "n_images": int(np.mean([m["sizes"]["val"] for m in fold_meta]))},
         },
@@ -309,7 +325,7 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
             "folds": cfg.k, "seeds": list(cfg.seeds), "pooled_queries": {"t2i": n, "i2t": n},
             "gallery_per_fold": [m["sizes"]["eval"] for m in fold_meta if m["seed"] == cfg.seeds[0]],
             "config": {"peers": list(cfg.peers), "xbt": {k: dict(v) for k, v in cfg.xbt.items()}, "xbt_config": cfg.xbt_config,
-                       "calibrate": cfg.calibrate, "old_query": list(cfg.old_query)},
+                       "calibrate": cfg.calibrate, "old_query": list(cfg.old_query), "fit_images": list(cfg.fit_images)},
             "folds_detail": [{k: m.get(k) for k in ("fold", "sizes", "choices", "timings_s", "code")} for m in fold_meta],
             # the code every fold's hits came from (one digest: fold hits saved by other code are recomputed)
             "code": sorted({m.get("code") or "unknown" for m in fold_meta}),

@@ -181,10 +181,27 @@ def format_summary(results: dict[str, Any]) -> str:
     )
 
 
+def tower_maps_cell(info: dict[str, Any]) -> str:
+    """Which map each query tower uses: one shared map, or (a gallery-modality method) one per tower."""
+    maps = (info.get("details") or {}).get("query_maps")
+    if not maps or maps.get("shared", True):
+        return "one map, both towers"
+    return (f"text queries: {maps['text']['kind']}, {maps['text']['fitted_on']}; "
+            f"image queries: {maps['image']['kind']}, {maps['image']['fitted_on']}")
+
+
+GALLERY_MODALITY_NOTE = (
+    "Gallery-modality methods (suffix -gallery) map each query tower with the map fitted on the modality its "
+    "queries search: text queries search the old image gallery, so the text tower's map is fitted on images "
+    "(new image -> old image); image queries search the old captions, so the image tower's map is fitted on "
+    "texts. For a gallery image g ~ R i_new, <R t, g> ~ <t, i_new>: the new model's own cross-modal score. "
+    "Neither fit needs a caption: images (or texts) embedded by both models are enough.")
+
+
 def methods_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     matrix = UpgradeMatrix.from_dict(results["matrix"])
     batch = [str(b) for b in results.get("protocol", {}).get("cost_batch_sizes", [1, 256])]
-    header = ["method", "needs old model at query time", "fitted on", "cells passing (confident / point)",
+    header = ["method", "needs old model at query time", "fitted on", "query map per tower", "cells passing (confident / point)",
               "mean update gain"] + [f"us/query @ batch {b}" for b in batch]
     rows = []
     for name in matrix.methods:
@@ -193,6 +210,7 @@ def methods_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         n_cells = len(matrix.cells(name))
         rows.append([
             name, "yes" if info.get("needs_old_model_at_query_time") else "no", str(info.get("fits_on", "?")),
+            tower_maps_cell(info),
             f"{matrix.n_passing(name, confidently=True)} / {matrix.n_passing(name)} of {n_cells}",
             f"{_num(matrix.mean_gain(name), 0)}%",
         ] + [_cost(cost.get(b)) for b in batch])
@@ -395,6 +413,8 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
             f"new model: `{new.get('spec')}` (space `{new.get('space_id')}`)",
             _data_line("evaluation", data.get("eval", {})) + f"; queries: T2I {n_queries['t2i']}, I2T {n_queries['i2t']}",
             _data_line("training pairs (fitting)", data.get("fit_pairs", {})),
+            f"unlabeled images (image-side fits, captions not used): {data.get('fit_images', {}).get('n_images', 0)}"
+            + _from(data.get("fit_images", {}).get("source")),
             f"training texts (fitting): {data.get('fit_texts', {}).get('n_texts', 0)}"
             + _from(data.get("fit_texts", {}).get("source")) + " (plus the training pairs' captions)",
             _data_line("support split (model selection: SLERP's weight, affine's ridge, adapter's epochs)", data.get("support", {})),
@@ -414,6 +434,8 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
                Block("text", "Query-time cost: microseconds per query added on top of the encoder (best of repeated "
                              "runs on one thread of the machine that ran the evaluation). A method that needs the old "
                              "model at query time also runs the old encoder for every query.")]
+    if any(tower_maps_cell(info) != "one map, both towers" for info in results.get("methods", {}).values()):
+        blocks.append(Block("text", GALLERY_MODALITY_NOTE))
     blocks += [Block("heading", "Summary"), Block("table", summary_table(results)), Block("text", LEGEND)]
     blocks += [Block("heading", "Compatibility: new->old minus old->old (points, 95% interval)"),
                Block("table", difference_table(results, "vs_old")), Block("figure", (figures["heatmap"], "Compatibility matrix"))]

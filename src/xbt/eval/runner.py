@@ -28,7 +28,7 @@ import torch
 
 from xbt.compat.adapter import single_thread
 from xbt.compat.base import CompatMethod, FitData
-from xbt.compat.fit import fit_data
+from xbt.compat.fit import fit_data, fit_image_items
 from xbt.compat.fit_cache import PeerFitCache, UnreadableFit, fit_data_digest
 from xbt.compat.maps import QueryMap
 from xbt.compat.model import CompatibleModel
@@ -170,6 +170,21 @@ def map_query_cost(query_map: QueryMap, batch_sizes: Sequence[int] = COST_BATCH_
         query_map.train(was_training)
 
 
+def query_cost(model: CompatibleModel, batch_sizes: Sequence[int] = COST_BATCH_SIZES, seed: int = 0) -> dict[int, float]:
+    """Microseconds per query of a compatible model's map(s): with a map per tower, the costlier tower's
+    (a query runs through one of them)."""
+    costs = [map_query_cost(m, batch_sizes, seed) for m in dict.fromkeys(model.query_maps().values())]
+    return {b: max(c[b] for c in costs) for b in batch_sizes}
+
+
+def cost_note(model: CompatibleModel) -> str:
+    maps = model.query_maps()
+    what = (f"{maps['text'].kind} map" if model.shares_query_map
+            else f"a map per tower (text queries: {maps['text'].kind}, image queries: {maps['image'].kind}; the costlier)")
+    return f"{what} + normalise, per query" + ("; the old model encodes every query too"
+                                               if model.needs_old_model_at_query_time else "")
+
+
 # ----- method resolution ------------------------------------------------------------------------------
 def _resolve_methods(
     methods: Sequence[MethodLike] | Mapping[str, MethodLike],
@@ -209,8 +224,8 @@ def map_queries(model: CompatibleModel, new_eval: PairEmbeddings, old_eval: Pair
     features of the evaluation items: no encoder runs."""
     ensemble = model.needs_old_model_at_query_time
     return QueryVectors(
-        images=model.map_features(new_eval.images, old_eval.images if ensemble else None),
-        texts=model.map_features(new_eval.texts, old_eval.texts if ensemble else None),
+        images=model.map_features(new_eval.images, old_eval.images if ensemble else None, tower="image"),
+        texts=model.map_features(new_eval.texts, old_eval.texts if ensemble else None, tower="text"),
         space=model.space,
     )
 
@@ -227,7 +242,7 @@ def compatible_queries(
 
     def mapped(tower: str) -> np.ndarray:
         new_vecs, old_vecs = (new_eval.images, old_eval.images) if tower == "image" else (new_eval.texts, old_eval.texts)
-        return model.map_features(new_vecs, old_vecs if ensemble else None)
+        return model.map_features(new_vecs, old_vecs if ensemble else None, tower=tower)
 
     images = mapped("image") if model.runs_unadapted("image", new_eval.space) else embed_images(model, pairs, show_progress)
     texts = (mapped("text") if model.runs_unadapted("text", new_eval.space)
@@ -254,9 +269,13 @@ def run_evaluation(
     skip_unfittable: bool = False,
     show_progress: bool = False,
     fit_cache: str | Path | None = None,
+    fit_images: Sequence[Pair] = (),
 ) -> EvaluationRun:
     """Embed everything once, fit each method on the training data only, and build the matrix.
 
+    `fit_images`: unlabeled images (captions ignored) added to every image-side fit (procrustes-image and
+    -both, the gallery-modality maps' text-query side, ...); they must not include evaluation items (a
+    warning says so when they do).
     `data_efficiency`: numbers of training pairs at which the peers are refitted (on a seeded random
     subset) to trace recall against training data. `describe`: sources and specs to record verbatim.
     `skip_unfittable`: leave out (with a warning) peers whose training data was not given, e.g. the
@@ -278,7 +297,7 @@ def run_evaluation(
     if support_pairs:
         support = (embed_pairs(new_model, support_pairs, show_progress), embed_pairs(old_model, support_pairs, show_progress))
     peers = {n: m for n, m in resolved.items() if isinstance(m, CompatMethod)}
-    data = fit_data(old_model, new_model, fit_texts, fit_pairs, support, show_progress) if peers else None
+    data = fit_data(old_model, new_model, fit_texts, fit_pairs, support, show_progress, fit_images) if peers else None
     timings["embed"] = time.perf_counter() - t0
 
     queries: dict[str, QueryVectors] = {}
@@ -327,12 +346,11 @@ def run_evaluation(
         details = dict(model.provenance.get("details", {})) | {"method": model.method}
         if kind == "model":
             details["spec"] = model.spec or None
+        if not model.shares_query_map:
+            details["query_maps"] = model.describe_query_maps()
         records[name] = MethodRecord(
             name, kind, model.needs_old_model_at_query_time, fits_on,
-            map_query_cost(model.query_map, cost_batch_sizes, seed),
-            f"{model.query_map.kind} map + normalise, per query" + ("; the old model encodes every query too"
-                                                                  if model.needs_old_model_at_query_time else ""),
-            fit_seconds, details, fit_reused=reused,
+            query_cost(model, cost_batch_sizes, seed), cost_note(model), fit_seconds, details, fit_reused=reused,
         )
         timings[f"method:{name}"] = time.perf_counter() - t
 
@@ -358,6 +376,8 @@ def run_evaluation(
             "eval": {"source": description.get("eval"), **_sizes(eval_pairs)},
             "fit_texts": {"source": description.get("fit_texts"), "n_texts": len(fit_texts)},
             "fit_pairs": {"source": description.get("fit_pairs"), **_sizes(fit_pairs)},
+            "fit_images": {"source": description.get("fit_images"),
+                           "n_images": len(fit_image_items(fit_pairs, fit_images)) - len(fit_pairs)},
             "support": {"source": description.get("support"), **_sizes(support_pairs or [])},
         },
         models={
@@ -372,7 +392,7 @@ def run_evaluation(
             "cost_batch_sizes": list(cost_batch_sizes),
             **encoders_ran(old_model, new_model),
         },
-        warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or []),
+        warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or [], fit_images),
         timings_s=timings,
         data_efficiency=curve,
         compatible=compatible,
@@ -396,7 +416,8 @@ def _sizes(pairs: Sequence[Pair]) -> dict[str, int]:
 
 
 def leakage_warnings(
-    eval_pairs: Sequence[Pair], fit_texts: Sequence[str], fit_pairs: Sequence[Pair], support_pairs: Sequence[Pair]
+    eval_pairs: Sequence[Pair], fit_texts: Sequence[str], fit_pairs: Sequence[Pair], support_pairs: Sequence[Pair],
+    fit_images: Sequence[Pair] = (),
 ) -> list[str]:
     """Evaluation captions or images that also appear in the data methods are fitted or tuned on."""
     eval_captions = {p.caption.strip().lower() for p in eval_pairs}
@@ -404,6 +425,7 @@ def leakage_warnings(
     found = []
     for what, texts, images in (
         ("the training texts", [*fit_texts, *(p.caption for p in fit_pairs)], [p.image for p in fit_pairs]),
+        ("the unlabeled fit images", [], [p.image for p in fit_images]),
         ("the support split", [p.caption for p in support_pairs], [p.image for p in support_pairs]),
     ):
         shared_captions = eval_captions & {t.strip().lower() for t in texts}
@@ -474,6 +496,7 @@ def _refit_copy(name: str, template: CompatMethod, data: FitData, options: Mappi
 TESTBED_DEFAULTS: dict[str, Any] = {
     "old": "testbed:old", "new": "testbed:new", "data": "testbed:eval",
     "fit_text": ["testbed:text_corpus"], "fit_pairs": ["testbed:xbt_train"], "support": "testbed:val",
+    "fit_images": ["testbed:vlp_old"],  # the openclipart renders, unlabeled: never an eval or val item
     "data_efficiency": [25, 50, 100, 200],
 }
 
@@ -499,12 +522,15 @@ def evaluate_from_specs(
     device: str = "auto",
     precision: str = "fp32",
     num_workers: int = 0,
+    fit_images: Sequence[str] = (),
 ) -> EvaluationRun:
     """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes); both models (and
-    any compat: method) run on `device` at `precision`."""
-    from xbt.data.datasets import open_dataset
+    any compat: method) run on `device` at `precision`. `fit_images`: sources of unlabeled images for the
+    image-side fits (their captions, if any, are not used)."""
+    from xbt.data.datasets import open_dataset, open_images
 
     eval_pairs = open_dataset(data, split, image_root)
+    unlabeled = [p for source in fit_images for p in open_images(source, image_root)]
     texts = [t for source in fit_text for t in load_texts(source, fit_split, image_root)]
     train_pairs = [p for source in fit_pairs for p in open_dataset(source, fit_split, image_root)]
     support_pairs = open_dataset(support, support_split, image_root) if support else None
@@ -514,9 +540,10 @@ def evaluate_from_specs(
         load_model(old).configure(device, precision, num_workers), load_model(new).configure(device, precision, num_workers),
         eval_pairs, list(methods), texts, train_pairs, support_pairs,
         ks=ks, n_resamples=n_resamples, seed=seed, data_efficiency=data_efficiency,
-        skip_unfittable=skip_unfittable, show_progress=show_progress,
+        skip_unfittable=skip_unfittable, show_progress=show_progress, fit_images=unlabeled,
         describe={
             "old": old, "new": new, "eval": _source(data, split), "fit_texts": ", ".join(fit_text) or None,
+            "fit_images": ", ".join(fit_images) or None,
             "fit_pairs": ", ".join(_source(s, fit_split) for s in fit_pairs) or None,
             "support": _source(support, support_split) if support else None,
         },

@@ -54,6 +54,9 @@ def describe_model(model: VLPModel) -> dict[str, Any]:
     old_model = getattr(model, "old_model", None)
     if needs_old and old_model is not None:
         described["old_model"] = model_name(old_model)
+    maps = getattr(model, "describe_query_maps", None)
+    if callable(maps):  # a compatible model: which map each query tower uses (one per tower, or one shared)
+        described["query_maps"] = maps()
     return described
 
 
