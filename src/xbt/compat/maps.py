@@ -49,7 +49,8 @@ class QueryMap(nn.Module):
             new_t = F.normalize(torch.as_tensor(np.asarray(new, dtype=np.float32), device=device), dim=-1)
             old_t = (F.normalize(torch.as_tensor(np.asarray(old, dtype=np.float32), device=device), dim=-1)
                      if self.needs_old_query else None)
-            return F.normalize(self(new_t, old_t).float(), dim=-1).cpu().numpy()
+            with torch.inference_mode():
+                return F.normalize(self(new_t, old_t).float(), dim=-1).cpu().numpy()
         finally:
             self.train(was_training)
 

@@ -216,23 +216,7 @@ class CompatibleModel(VLPModel):
         LoRA adapters. `tower` may be left out only when both towers share one map. NumPy in and out; a map
         on a GPU (the model was configured there) computes there."""
         query_map = self.query_map if tower is None else self.query_map_for(tower)
-        device = model_device(query_map)
-        if device.type == "cpu":
-            return query_map.apply(new_vectors, old_vectors)
-        if query_map.needs_old_query and old_vectors is None:
-            raise InputError(f"{self.method} is an ensemble: it needs the old model's vectors of the same queries")
-
-        def tensor(v: Any) -> torch.Tensor:
-            return F.normalize(torch.as_tensor(np.asarray(v, dtype=np.float32), device=device), dim=-1)
-
-        was_training = query_map.training
-        query_map.eval()
-        try:
-            with torch.inference_mode():
-                old = tensor(old_vectors) if query_map.needs_old_query else None
-                return F.normalize(query_map(tensor(new_vectors), old).float(), dim=-1).cpu().numpy()
-        finally:
-            query_map.train(was_training)
+        return query_map.apply(new_vectors, old_vectors)  # on the map's device, as the map itself knows
 
     @property
     def image_transform(self):
