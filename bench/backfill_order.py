@@ -1,6 +1,6 @@
 """Which items to backfill first, and which merge rule to serve by meanwhile, on the cross-validated
 testbed protocol: R@1/5/10 of the merged search (the rank-slot rule and the calibrated score rule,
-`xbt.eval.backfill_curve.merge_rankings`) against the fraction of the gallery backfilled, for the random,
+`xbt.ranking.merge.merge_rankings`) against the fraction of the gallery backfilled, for the random,
 oldest-first, benefit and oracle orders, pooled over the folds, with 95% bootstrap intervals; the area
 under each curve, the fraction backfilled at which R@1 reaches old + 0.8 x (new - old)
 (`fraction_for_80pct_gain`), and the paired difference of area R@1 score - slot per order.
@@ -14,11 +14,11 @@ Per fold (`xbt.data.folds.testbed_folds`, `xbt.train.testbed.fold_models`):
     old / new models  the fold's testbed models, trained without the fold's evaluation and val items
     compatible model  --compat (procrustes-both) fitted on the fold's training pairs (--corpus: and its text
                       corpus, whose ~1900 texts both fold models then embed: minutes per fold on CPU)
-    benefit scorer    `xbt.eval.benefit.fit_benefit_pairs` on the fold's training pairs (never the
+    benefit scorer    `xbt.ranking.benefit.fit_benefit_pairs` on the fold's training pairs (never the
                       evaluation items): the statistic is chosen there (under the slot rule; with
                       --benefit-merge score also a scorer chosen under the score rule, order "benefit-score"),
                       its query bank is the compatible model's queries of those pairs
-    score calibration `xbt.eval.backfill_curve.fit_score_calibration_pairs` per direction on --calibrate-on
+    score calibration `xbt.ranking.merge.fit_score_calibration_pairs` per direction on --calibrate-on
                       (train: the fold's training pairs, which the fold's new model was trained on; val: the
                       fold's val pairs, which neither fold model saw)
     random            --n-random random orders, hits averaged; oldest: the gallery's insertion order (on the
@@ -44,21 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from xbt.compat.fit import fit_peer
 from xbt.data.folds import testbed_folds
-from xbt.eval.backfill_curve import (
-    MERGE_RULES,
-    area_difference,
-    curve_from_hits,
-    direction_sets,
-    format_orders,
-    order_curves,
-    order_hits,
-    orders_to_dict,
-    plot_orders,
-    fit_score_calibration_pairs,
-    pool_order_hits,
-)
-from xbt.eval.benefit import fit_benefit_pairs
-from xbt.eval.embed import embed_pairs
+from xbt.ranking.merge import MERGE_RULES, fit_score_calibration_pairs
+from xbt.eval.backfill_curve import area_difference, curve_from_hits, direction_sets, format_orders, order_curves, order_hits, orders_to_dict, plot_orders, pool_order_hits
+from xbt.ranking.benefit import fit_benefit_pairs
+from xbt.embed import embed_pairs
 from xbt.eval.runner import compatible_queries, json_safe
 from xbt.train.testbed import fold_models
 
@@ -206,7 +195,7 @@ def write_page(result: dict[str, Any], path: Path, png_names: dict[str, str]) ->
                 " a seeded shuffle of caption groups: in effect one more random order). Oracle: a ceiling, not"
                 " deployable (each item's measured benefit under the rule measured, from the new gallery vectors and"
                 f" the evaluated queries). Fractions {', '.join(f'{x:g}' for x in p['fractions'][:3])}, ..., 1.")
-    rules = ("Merge rules (`xbt.eval.backfill_curve.merge_rankings`): **slot**, the rank-slot rule (slots the"
+    rules = ("Merge rules (`xbt.ranking.merge.merge_rankings`): **slot**, the rank-slot rule (slots the"
              " compatible ranking gives to backfilled items are refilled by the new model's ranking over the"
              " backfilled items); **score**, the calibrated score rule (each space's inner products mapped to"
              " P(match) by Platt scaling fitted on " + ("the fold's training pairs" if p.get("calibrate_on") == "train"

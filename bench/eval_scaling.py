@@ -23,7 +23,7 @@ import numpy as np
 from xbt.compat.base import FitData
 from xbt.compat.support import l2_normalise
 from xbt.compat.registry import build_method
-from xbt.eval.embed import PairEmbeddings
+from xbt.embed import PairEmbeddings
 from xbt.eval.matrix import evaluate_upgrade, format_matrix
 from xbt.models.base import EmbeddingSpace
 

@@ -36,7 +36,7 @@ def world(n_images: int, seed: int = 0) -> tuple[Any, Any, dict[str, Any], float
 
     from xbt.compat.base import FitData
     from xbt.compat.registry import build_method
-    from xbt.eval.embed import PairEmbeddings
+    from xbt.embed import PairEmbeddings
     from xbt.models.base import EmbeddingSpace
 
     latent, old_dim, new_dim = 64, 256, 512

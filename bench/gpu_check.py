@@ -151,7 +151,8 @@ def training_figures(device: torch.device, old_name: str, new_name: str, precisi
 
     from xbt.specs import load_model
     from xbt.train.distributed import DistContext
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     files = _png_files(work / "train", n_pairs, size=64)
     pairs = work / "pairs.jsonl"

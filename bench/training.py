@@ -29,7 +29,8 @@ CONFIG = h.REPO / "configs" / "xbt-testbed.yaml"
 def instrumented_training(config: Path, out: Path, quick: bool) -> dict[str, Any]:
     """Run train_xbt in this process with a peak-memory bracket around each phase."""
     import xbt.train.stages as train
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     cfg = XBTConfig.from_file(config)
     if quick:

@@ -124,7 +124,7 @@ def image_files(tmp_path_factory) -> list[Path]:
 
 def tiny_xbt_config(names: list[str], images: list[Path], folder: Path, epochs: int):
     """An XBT config over the tiny open_clip models: pairs of the synthetic images and CORPUS, a small corpus."""
-    from xbt.train.stages import XBTConfig
+    from xbt.train.config import XBTConfig
 
     pairs = folder / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"image": str(p), "caption": c}) + "\n" for p, c in zip(images, CORPUS)))

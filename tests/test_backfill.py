@@ -13,19 +13,10 @@ from gallery_support import make_images, save_tiny_openclip, tiny_upgrade, unit_
 from xbt.compat.maps import Projection
 from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.retrieval import best_positive_rank
-from xbt.eval.backfill_curve import (
-    ScoreCalibration,
-    area_difference,
-    backfill_curve,
-    backfill_hits,
-    curve_area,
-    fit_score_calibration,
-    merge_rankings,
-    score_merge,
-    slot_merge,
-)
-from xbt.eval.benefit import merged_top1_curve
+from xbt.metrics import best_positive_rank
+from xbt.ranking.merge import ScoreCalibration, fit_score_calibration, merge_rankings, score_merge, slot_merge
+from xbt.eval.backfill_curve import area_difference, backfill_curve, backfill_hits, curve_area
+from xbt.ranking.benefit import merged_top1_curve
 from xbt.gallery.migrating import MigratingRetriever
 from xbt.gallery.migration import Migration, order_ids
 from xbt.gallery.ingest import GalleryRetriever, ingest, items_from_folder
@@ -457,8 +448,8 @@ def test_cli_backfill_with_the_score_merge(tmp_path, models):
 
     from xbt.cli import app
     from xbt.data.datasets import open_dataset
-    from xbt.eval.backfill_curve import fit_score_calibration_pairs
-    from xbt.eval.embed import embed_pairs
+    from xbt.ranking.merge import fit_score_calibration_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.runner import compatible_queries
 
     runner = CliRunner()

@@ -12,16 +12,8 @@ import pytest
 from gallery_support import make_images, tiny_upgrade, unit_rows
 
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.backfill_curve import (
-    backfill_curve,
-    backfill_hits,
-    curve_from_hits,
-    fraction_for_gain,
-    order_curves,
-    orders_to_dict,
-    pool_order_hits,
-)
-from xbt.eval.benefit import (
+from xbt.eval.backfill_curve import backfill_curve, backfill_hits, curve_from_hits, fraction_for_gain, order_curves, orders_to_dict, pool_order_hits
+from xbt.ranking.benefit import (
     CANDIDATES,
     BenefitScorer,
     benefit_order,
@@ -130,7 +122,7 @@ def test_confusion_regressor_is_fitted_and_applied():
 def test_confusion_own_and_the_choice_under_the_score_merge():
     """`confusion-own` ranks by the same margin as confusion without placing the predicted distractor next;
     `fit_benefit(..., calibration=...)` measures every candidate under the score merge."""
-    from xbt.eval.backfill_curve import fit_score_calibration
+    from xbt.ranking.merge import fit_score_calibration
 
     world = crowded_world(0)
     regressor = fit_benefit(*world, candidates=("confusion",)).regressor
@@ -222,7 +214,7 @@ def test_cli_backfill_with_the_benefit_order(tmp_path, xbt_home):
 
     from xbt.cli import app
     from xbt.data.datasets import open_dataset
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.runner import compatible_queries
     from xbt.gallery.ingest import ingest, items_from_folder
 

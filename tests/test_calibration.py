@@ -1,4 +1,4 @@
-"""Gallery-side calibration (NNN hubness reduction): the bias and the alpha choice (xbt.eval.calibration),
+"""Gallery-side calibration (NNN hubness reduction): the bias and the alpha choice (xbt.ranking.nnn),
 the bias stored with real galleries (embedded SQLite + faiss, Milvus Lite) and applied by their search for
 the query model it was made for, `xbt gallery calibrate` / `search` / `info`, and the service."""
 
@@ -15,9 +15,10 @@ from gallery_support import make_images, running_server, save_tiny_openclip, uni
 from typer.testing import CliRunner
 
 from xbt.errors import InputError
-from xbt.eval.calibration import calibrate_queries, choose_alpha, nnn_bias, top_k_mean
-from xbt.eval.embed import PairEmbeddings
-from xbt.eval.matrix import QueryVectors, evaluate_upgrade, system_hits
+from xbt.ranking.nnn import calibrate_queries, choose_alpha, nnn_bias, top_k_mean
+from xbt.embed import PairEmbeddings
+from xbt.embed import QueryVectors
+from xbt.eval.matrix import evaluate_upgrade, system_hits
 from xbt.gallery.base import QueryModelView, copy_gallery, open_gallery
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.store import Gallery
@@ -279,7 +280,7 @@ def app_cli():
 
 
 def test_cli_calibrate_search_info_and_the_service(tmp_path, world):
-    from xbt.eval.embed import embed_texts
+    from xbt.embed import embed_texts
     from xbt.gallery.ingest import GalleryRetriever
     from xbt.serve.app import ServeConfig, create_app
     from xbt.specs import load_model

@@ -117,7 +117,7 @@ def test_xbt_train_takes_dotted_overrides(tmp_path):
     from typer.testing import CliRunner
 
     from xbt.cli import app
-    from xbt.train.stages import apply_overrides
+    from xbt.train.config import apply_overrides
 
     doc = {"stage2": {"lora": {"enabled": True}}, "seed": 0}
     assert apply_overrides(doc, {"stage2.lora.enabled": False})["stage2"]["lora"]["enabled"] is False

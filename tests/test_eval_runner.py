@@ -16,7 +16,7 @@ from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import build_method
 from xbt.data.pairs import Pair
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.matrix import QueryVectors
+from xbt.embed import QueryVectors
 from xbt.eval.report import write_report
 from xbt.eval.runner import compatible_queries, run_evaluation
 from xbt.models.base import VLPModel
@@ -134,7 +134,7 @@ def test_runner_fits_on_training_data_and_builds_the_matrix(world, tmp_path):
 
 def test_map_only_models_are_evaluated_from_cached_features_exactly_as_encoded(world):
     old, new, eval_pairs, train, support, latents = world
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
 
     old_e, new_e = embed_pairs(old, eval_pairs), embed_pairs(new, eval_pairs)
     compat = toy_compat(old, new)
@@ -149,7 +149,7 @@ def test_map_only_models_are_evaluated_from_cached_features_exactly_as_encoded(w
 
 def test_runner_refuses_what_is_not_a_compatible_model_of_the_old_space(world):
     old, new, eval_pairs, train, support, latents = world
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
 
     old_e = embed_pairs(old, eval_pairs)
     with pytest.raises(InputError, match="a method is"):

@@ -22,7 +22,7 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 from xbt.errors import InputError, SpaceMismatchError  # noqa: E402
-from xbt.eval.backfill_curve import slot_merge  # noqa: E402
+from xbt.ranking.merge import slot_merge  # noqa: E402
 from xbt.gallery.base import copy_gallery, open_gallery  # noqa: E402
 from xbt.gallery.ingest import ingest, items_from_folder  # noqa: E402
 from xbt.gallery.migrating import MigratingRetriever  # noqa: E402

@@ -20,7 +20,7 @@ from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.compat.support import support_score
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
-from xbt.eval.embed import embed_pairs
+from xbt.embed import embed_pairs
 from xbt.eval.runner import run_evaluation
 from xbt.gallery.ingest import describe_model
 

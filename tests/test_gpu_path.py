@@ -191,7 +191,7 @@ def _tf32(matmul: bool, convolutions: bool):
 
 
 def test_feature_cache_keys_tell_gpu_vectors_apart():
-    from xbt.eval.embed import encoder_cache_id
+    from xbt.embed import encoder_cache_id
 
     assert encoder_cache_id(_encoder("cpu"), "image") == "openclip-ViT-B-32-abc-image"  # the CPU keys of earlier runs
     assert encoder_cache_id(_encoder("cpu", "bf16"), "text") == "openclip-ViT-B-32-abc-text-bf16"

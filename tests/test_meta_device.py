@@ -105,7 +105,7 @@ class _TextTower(nn.Module):
 
 def test_lit_head_vectors_move_tower_features_to_the_head():
     """prime_lit_cache's heads over CPU tower features (item 3)."""
-    from xbt.eval.embed import head_vectors
+    from xbt.embed import head_vectors
     from xbt.models.lit import Head
 
     head = Head(7, 3).to(META)
@@ -210,7 +210,7 @@ def test_training_loss_terms_on_the_device():
 def test_calibration_takes_vectors_from_any_device():
     """Score calibration works on the host by design (NumPy, float64 means): device vectors are copied there
     first, never mixed with host ones."""
-    from xbt.eval.calibration import top_k_mean
+    from xbt.ranking.nnn import top_k_mean
 
     bank = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     run_on_meta(lambda: top_k_mean(torch.randn(3, 4, device=META), bank, k=2), ends_on_host=True)

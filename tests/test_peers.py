@@ -13,7 +13,7 @@ from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.compat.slerp import Slerp
 from xbt.compat.slerp import slerp_arrays as slerp
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.embed import PairEmbeddings
+from xbt.embed import PairEmbeddings
 from xbt.models.base import EmbeddingSpace
 
 OLD = EmbeddingSpace("old", 16, "o" * 64)

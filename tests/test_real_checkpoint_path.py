@@ -26,7 +26,7 @@ WORDS = sorted({w for line in CORPUS for w in line.split()})
 
 
 def test_the_shipped_clip_config_loads_and_names_both_backends_lora_targets():
-    from xbt.train.stages import XBTConfig
+    from xbt.train.config import XBTConfig
 
     path = resolve_config("xbt-clip")
     cfg = XBTConfig.from_file(path)

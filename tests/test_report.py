@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from xbt.eval.matrix import Cell, UpgradeMatrix
 from xbt.eval.recommend import recommend
 from xbt.eval.report import format_summary, write_report
-from xbt.eval.retrieval import Estimate
+from xbt.metrics import Estimate
 from xbt.eval.runner import json_safe
 
 KS = (1, 5)

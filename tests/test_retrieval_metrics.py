@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xbt.eval.embed import PairEmbeddings
-from xbt.eval.matrix import GalleryBias, QueryVectors, UpgradeMatrix, evaluate_upgrade, matrix_from_hits, system_hits
-from xbt.eval.retrieval import (
+from xbt.embed import PairEmbeddings
+from xbt.embed import GalleryBias, QueryVectors
+from xbt.eval.matrix import UpgradeMatrix, evaluate_upgrade, matrix_from_hits, system_hits
+from xbt.metrics import (
     best_positive_rank,
     bootstrap_indices,
     difference_estimate,

@@ -32,7 +32,7 @@ def test_splits_never_leak_evaluation_captions(testbed):
 def test_new_model_beats_old_and_naive_cross_space_fails(testbed):
     from xbt.compat.baselines import NoAdaptation
     from xbt.data.testbed import load_split
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.matrix import evaluate_upgrade
     from xbt.eval.runner import map_queries
     from xbt.specs import load_model

@@ -111,7 +111,8 @@ def test_two_processes_train_the_single_process_model(ddp_setup, tmp_path, xbt_h
     from safetensors.torch import load_file
 
     import xbt
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     train_xbt(XBTConfig.from_file(ddp_setup), tmp_path / "single", show_progress=False)
     src = str(Path(xbt.__file__).parents[1])

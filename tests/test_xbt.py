@@ -12,7 +12,8 @@ from xbt.data.pairs import Pair
 from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.specs import load_model
-from xbt.train.stages import StopTraining, XBTConfig, train_xbt
+from xbt.train.stages import StopTraining, train_xbt
+from xbt.train.config import XBTConfig
 
 
 def test_least_squares_init_recovers_a_linear_map():

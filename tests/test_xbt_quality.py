@@ -22,7 +22,8 @@ def test_xbt_beats_the_old_model_where_the_cross_validated_run_is_confident(tmp_
     from xbt.eval.runner import run_evaluation
     from xbt.paths import resolve_config
     from xbt.specs import load_model
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     committed = json.loads(RESULTS.read_text())
     cells = [(d, int(k)) for d, row in committed["matrix"]["methods"]["xbt-nolora"].items()

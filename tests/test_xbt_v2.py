@@ -149,7 +149,7 @@ def test_cached_stage2_forward_gives_the_full_forward_and_its_gradients(tiny_lit
 
 
 def _config(tmp_path: Path, new: str, old: str, images, **stage2):
-    from xbt.train.stages import XBTConfig
+    from xbt.train.config import XBTConfig
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"image": str(p), "caption": c}) + "\n" for p, c in zip(images, CORPUS)))
@@ -295,7 +295,7 @@ def test_init_linear_and_the_orthogonality_gap():
 
 
 def test_projection_config_refuses_unknown_inits_and_negative_weights():
-    from xbt.train.stages import XBTConfig
+    from xbt.train.config import XBTConfig
 
     with pytest.raises(InputError, match="projection.init"):
         XBTConfig.from_dict({"projection": {"init": "procrustez"}})
@@ -318,7 +318,8 @@ def test_procrustes_init_is_the_procrustes_both_peer(tiny_setup, tmp_path):
     from xbt.compat.fit import fit_peer
     from xbt.data.datasets import open_dataset
     from xbt.data.texts import load_texts
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     cfg, old, new = tiny_setup
     cfg = XBTConfig.from_dict(cfg.to_dict() | {"projection": {"kind": "linear", "init": "procrustes"},
@@ -331,7 +332,8 @@ def test_procrustes_init_is_the_procrustes_both_peer(tiny_setup, tmp_path):
 
 
 def test_orthogonality_penalty_and_the_pull_keep_the_map_near_its_start_and_resume_exactly(tiny_setup, tmp_path):
-    from xbt.train.stages import StopTraining, XBTConfig, train_xbt
+    from xbt.train.stages import StopTraining, train_xbt
+    from xbt.train.config import XBTConfig
 
     cfg, old, new = tiny_setup
     base = cfg.to_dict() | {"stage1": cfg.to_dict()["stage1"] | {"lr": 0.05, "epochs": 4}, "stage2": {"enabled": False}}

@@ -123,7 +123,7 @@ def testbed_evaluate(
     """Old and new models each in their own space, and new queries against the old gallery unadapted."""
     from xbt.compat.baselines import NoAdaptation
     from xbt.data.testbed import load_split
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.matrix import evaluate_upgrade, format_matrix
     from xbt.eval.runner import map_queries
     from xbt.specs import load_model
@@ -193,7 +193,8 @@ def train(
     result matches a single-process run."""
     from xbt.paths import resolve_config
     from xbt.train.distributed import launch, process_group, under_torchrun
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     if nproc > 1 and not under_torchrun():
         args = ["xbt.cli", "train", "--config", str(config), "--out", str(out), "--device", device, "--precision", precision,
@@ -207,7 +208,7 @@ def train(
         if set_:
             import yaml
 
-            from xbt.train.stages import apply_overrides
+            from xbt.train.config import apply_overrides
 
             pairs = [item.split("=", 1) for item in set_]
             if any(len(p) != 2 for p in pairs):
@@ -779,9 +780,9 @@ def gallery_calibrate(
     from xbt.data.datasets import open_dataset
     from xbt.data.pairs import unique_images
     from xbt.errors import InputError
-    from xbt.eval.calibration import choose_alpha
-    from xbt.eval.embed import PairEmbeddings, caption_image_index, embed_images, embed_texts
-    from xbt.eval.matrix import QueryVectors
+    from xbt.ranking.nnn import choose_alpha
+    from xbt.embed import PairEmbeddings, caption_image_index, embed_images, embed_texts
+    from xbt.embed import QueryVectors
     from xbt.gallery.base import describe_query_model, open_gallery
     from xbt.gallery.ingest import check_model
 
@@ -902,11 +903,11 @@ def gallery_delete(
 def _fit_benefit(runtime: _Runtime, old_spec: Optional[str], new_model, compat_spec: Optional[str], fit_pairs: Optional[str],
                  modality: str, fit_split: Optional[str] = None, old_model=None, compat_model=None, calibration=None):
     """The benefit scorer of `--order benefit`: chosen on the training pairs' embeddings by the old, new and
-    compatible models (`xbt.eval.benefit.fit_benefit_pairs`), under the score merge when a `calibration` is
+    compatible models (`xbt.ranking.benefit.fit_benefit_pairs`), under the score merge when a `calibration` is
     given (the rule the migration will serve by); the fit report goes to the console."""
     from xbt.data.datasets import open_dataset
-    from xbt.eval.benefit import describe_candidates, fit_benefit_pairs
-    from xbt.eval.embed import embed_pairs
+    from xbt.ranking.benefit import describe_candidates, fit_benefit_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.runner import compatible_queries
 
     missing = [flag for flag, value in (("--compat", compat_spec or compat_model), ("--old-model", old_spec or old_model),
@@ -927,11 +928,11 @@ def _fit_benefit(runtime: _Runtime, old_spec: Optional[str], new_model, compat_s
 
 def _fit_merge_calibration(runtime: _Runtime, old_model, new_model, compat_model, pairs_source: str, modality: str,
                            compat_name: str = ""):
-    """The score merge's calibration (`xbt.eval.backfill_curve.fit_score_calibration_pairs`) on `pairs_source`,
+    """The score merge's calibration (`xbt.ranking.merge.fit_score_calibration_pairs`) on `pairs_source`,
     embedded by the old, new and compatible models; what it fitted goes to the console."""
     from xbt.data.datasets import open_dataset
-    from xbt.eval.backfill_curve import fit_score_calibration_pairs
-    from xbt.eval.embed import embed_pairs
+    from xbt.ranking.merge import fit_score_calibration_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.runner import compatible_queries
 
     old_model.space.check(compat_model.space, f"the compatible model {compat_name!r}")
@@ -1160,7 +1161,7 @@ def gallery_backfill_curve(
 
     from xbt.data.datasets import open_dataset
     from xbt.eval.backfill_curve import format_curves, format_orders, order_curves, order_hits, orders_to_dict, plot_orders
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
     from xbt.eval.runner import compatible_queries
 
     names = [o.strip() for o in orders.split(",") if o.strip()]

@@ -32,6 +32,7 @@ from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.models.base import VLPModel
 from xbt.paths import cache_dir, resolve_config
+from xbt.progress import peak_rss_mb
 
 
 @dataclass
@@ -82,7 +83,7 @@ def build_gallery(model: VLPModel, pairs: Sequence[Pair], modality: str, root: P
     """The evaluation items embedded by `model` into a stamped gallery, cached by (space, items). The
     vectors come from the feature cache (the evaluation reads the same entries, so nothing is embedded
     twice); an interrupted build resumes (items already stored are skipped)."""
-    from xbt.eval.embed import embed_pairs
+    from xbt.embed import embed_pairs
     from xbt.gallery import Gallery
     from xbt.gallery.ingest import items_from_pairs
     from xbt.gallery.store import is_gallery
@@ -111,7 +112,8 @@ def train_or_reuse_xbt(
     from xbt.compat.model import CONFIG_NAME
     from xbt.specs import load_compatible
     from xbt.train.distributed import DistContext
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     path = resolve_config(job.xbt_config)
     cfg = XBTConfig.from_dict(yaml.safe_load(path.read_text()) | {
@@ -305,13 +307,6 @@ def _setup_timings() -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items() if isinstance(v, (int, float))}
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
 
 
 def _training_timings(run_dir: Path) -> dict[str, float]:
@@ -342,7 +337,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
 
     def stage(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
-        peak_mb[name] = _peak_rss_mb()
+        peak_mb[name] = peak_rss_mb()
         log(f"[{name}] {timings[name]:.1f} s  (peak memory so far {peak_mb[name]:,.0f} MB)")
 
     def parts(name: str, seconds: dict[str, float]) -> None:
@@ -379,7 +374,7 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         # The testbed's lit models: every item's vectors from the towers' features cached by the build (the
         # heads are a linear map), so galleries, training and evaluation encode nothing again.
         from xbt.compat.fit import fit_image_items
-        from xbt.eval.embed import prime_lit_cache
+        from xbt.embed import prime_lit_cache
 
         for model in (old, new):
             prime_lit_cache(model, [*eval_pairs, *fit_image_items(fit_pairs, fit_images), *(support or [])], fit_texts)

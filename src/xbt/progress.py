@@ -1,4 +1,5 @@
-"""One progress-bar helper (rich) for every long loop, silent when disabled or not on a terminal-like run."""
+"""One progress-bar helper (rich) for every long loop, silent when disabled or not on a terminal-like run, and
+the peak memory a long job reports about itself."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ def progress_bar(total: int | None, label: str, enabled: bool = True) -> Iterato
                 bar.update(task, advance=k)
 
         yield advance
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)

@@ -28,10 +28,11 @@ import numpy as np
 from xbt.compat.fit import fit_peer
 from xbt.compat.old_query import choose_old_query_weight
 from xbt.data.testbed import load_split, load_text_corpus
-from xbt.eval.embed import embed_pairs, embed_texts
-from xbt.eval.retrieval import retrieval_ranks
+from xbt.embed import embed_pairs, embed_texts
+from xbt.metrics import retrieval_ranks
 from xbt.specs import load_model
-from xbt.train.stages import XBTConfig, train_xbt
+from xbt.train.config import XBTConfig
+from xbt.train.stages import train_xbt
 
 KS = (1, 5, 10)
 CONFIG = Path(__file__).resolve().parents[3] / "src" / "xbt" / "configs" / "xbt-testbed.yaml"

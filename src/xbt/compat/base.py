@@ -17,7 +17,7 @@ import numpy as np
 from xbt.compat.maps import QueryMap
 from xbt.compat.model import CompatibleModel
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings
+from xbt.embed import PairEmbeddings
 from xbt.models.base import EmbeddingSpace, VLPModel
 
 

@@ -14,7 +14,7 @@ from xbt.compat.base import FitData
 from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import build_method
 from xbt.data.pairs import Pair
-from xbt.eval.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
+from xbt.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
 from xbt.models.base import VLPModel
 
 

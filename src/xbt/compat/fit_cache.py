@@ -31,7 +31,7 @@ from xbt.compat.base import CompatMethod, FitData
 from xbt.compat.model import CONFIG_NAME, CompatibleModel, read_config
 from xbt.durable import code_digest, fsync_path
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings
+from xbt.embed import PairEmbeddings
 from xbt.models.base import EmbeddingSpace, VLPModel, tensor_bytes
 
 PEER_FIT_FORMAT = "xbt.peer-fit/1"
@@ -94,7 +94,7 @@ def fit_data_digest(data: FitData | None) -> str:
 def fit_code_digest() -> str:
     """sha256 of the code a peer's fit runs (the xbt.compat package, the retrieval its support scores use)
     and of the numeric libraries' versions: a changed fit is never served from an older one's entry."""
-    return code_digest("xbt.compat", "xbt.eval.retrieval")
+    return code_digest("xbt.compat", "xbt.metrics")
 
 
 @contextlib.contextmanager

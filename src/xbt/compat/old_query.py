@@ -25,8 +25,8 @@ from xbt.compat.model import CompatibleModel
 from xbt.compat.support import best_setting, l2_normalise, rounded, support_score
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
-from xbt.eval.embed import embed_pairs
-from xbt.eval.retrieval import DEFAULT_KS
+from xbt.embed import embed_pairs
+from xbt.metrics import DEFAULT_KS
 from xbt.models.base import VLPModel
 
 DEFAULT_OLD_QUERY_WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0, 1, 21), 2))

@@ -19,7 +19,7 @@ from xbt.compat.maps import LinearMap, SlerpMap, slerp
 from xbt.compat.procrustes import FITS_ON_LABEL, FitOn, Procrustes
 from xbt.compat.support import best_setting, order_support, rounded, support_score
 from xbt.errors import InputError
-from xbt.eval.retrieval import DEFAULT_KS
+from xbt.metrics import DEFAULT_KS
 from xbt.models.base import EmbeddingSpace
 
 DEFAULT_WEIGHTS = tuple(float(w) for w in np.round(np.linspace(0, 1, 21), 2))

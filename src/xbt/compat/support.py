@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings
-from xbt.eval.retrieval import DEFAULT_KS, retrieval_ranks
+from xbt.embed import PairEmbeddings
+from xbt.metrics import DEFAULT_KS, retrieval_ranks
 from xbt.models.base import EmbeddingSpace
 
 Support = tuple[PairEmbeddings, PairEmbeddings]

@@ -1,4 +1,4 @@
-"""Every method of an evaluation also searched with NNN calibration (xbt.eval.calibration): the +nnn systems.
+"""Every method of an evaluation also searched with NNN calibration (xbt.ranking.nnn): the +nnn systems.
 
     choices = add_calibrated(run, old_model, new_model, bank_pairs=train_pairs, val_pairs=val_pairs)
     run.matrix.methods["procrustes-gallery+nnn"]   # beside "procrustes-gallery", paired on the same queries
@@ -19,9 +19,10 @@ from typing import Any
 from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
-from xbt.eval.calibration import AlphaChoice, calibrate_queries, choose_alpha
-from xbt.eval.embed import PairEmbeddings, embed_pairs
-from xbt.eval.matrix import QueryVectors, evaluate_upgrade
+from xbt.ranking.nnn import AlphaChoice, calibrate_queries, choose_alpha
+from xbt.embed import PairEmbeddings, embed_pairs
+from xbt.embed import QueryVectors
+from xbt.eval.matrix import evaluate_upgrade
 from xbt.eval.runner import EvaluationRun, compatible_queries
 from xbt.models.base import VLPModel
 

@@ -34,8 +34,9 @@ from xbt.data.folds import Fold, testbed_folds
 from xbt.durable import atomic_write_bytes, atomic_write_text, code_digest
 from xbt.errors import InputError
 from xbt.eval.calibrated import CALIBRATED, calibrated_queries
-from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, matrix_from_hits, system_hits
-from xbt.eval.retrieval import DEFAULT_KS, estimate, resampled_means, update_gain
+from xbt.embed import DIRECTIONS, QueryVectors
+from xbt.eval.matrix import UpgradeMatrix, matrix_from_hits, system_hits
+from xbt.metrics import DEFAULT_KS, estimate, resampled_means, update_gain
 from xbt.eval.runner import RESULTS_SCHEMA, compatible_queries, json_safe, run_evaluation
 from xbt.paths import cache_dir, resolve_config
 
@@ -91,7 +92,7 @@ def xbt_code_digest() -> str:
 
 def xbt_config_for(cfg: CrossValConfig, variant: str, seed: int) -> dict[str, Any]:
     """The base XBT config with a variant's dotted-path overrides and the seed applied."""
-    from xbt.train.stages import apply_overrides
+    from xbt.train.config import apply_overrides
 
     doc = yaml.safe_load(resolve_config(cfg.xbt_config).read_text())
     return apply_overrides(doc, cfg.xbt[variant], f"XBT variant {variant!r}") | {"seed": seed}
@@ -103,7 +104,8 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
     so a variant shared by two cross-validation configs trains once (and a killed training resumes)."""
     from xbt.compat.model import CONFIG_NAME
     from xbt.specs import load_compatible
-    from xbt.train.stages import XBTConfig, train_xbt
+    from xbt.train.config import XBTConfig
+    from xbt.train.stages import train_xbt
 
     doc = xbt_config_for(cfg, variant, fold.seed) | {"old": old.spec, "new": new.spec,
                                                       "train_pairs": f"{fold.name}/train", "text_corpus": f"{fold.name}/text_corpus"}
@@ -143,7 +145,7 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     old, new = models["old"], models["new"]
     fit_images = [p for split in cfg.fit_images for p in getattr(fold, split)]
     if fit_images:  # the fold's heads over the towers' cached features of these images: no tower runs again
-        from xbt.eval.embed import prime_lit_cache
+        from xbt.embed import prime_lit_cache
 
         for model in (old, new):
             prime_lit_cache(model, fit_images)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from xbt.eval.embed import PairEmbeddings
-from xbt.eval.retrieval import (
+from xbt.embed import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors
+from xbt.metrics import (
     DEFAULT_KS,
     Estimate,
     estimate,
@@ -19,47 +19,7 @@ from xbt.eval.retrieval import (
     retrieval_ranks,
     update_gain,
 )
-from xbt.models.base import EmbeddingSpace
-
-DIRECTIONS = ("t2i", "i2t")
-DIRECTION_NAMES = {"t2i": "text-to-image", "i2t": "image-to-text"}
-
-
-@dataclass
-class GalleryBias:
-    """A per-item score offset of the old gallery, for one query model (hubness calibration, e.g. NNN):
-    a query q scores gallery item g as q . g - bias[g]. `images`: one per gallery image (text queries);
-    `texts`: one per gallery caption (image queries). Exact and inner-product ANN search apply it with one
-    extra dimension: [q, -1] . [g, bias]."""
-
-    images: np.ndarray
-    texts: np.ndarray
-
-
-@dataclass
-class QueryVectors:
-    """A method's queries, already in the gallery's space: images (n_images, d) and texts (n_captions, d),
-    stamped with the space they claim to live in (checked against the old gallery's, not just the shape).
-    `gallery_bias`: the calibration this method's queries are searched with (None: plain inner product)."""
-
-    images: np.ndarray
-    texts: np.ndarray
-    space: EmbeddingSpace
-    gallery_bias: GalleryBias | None = None
-
-
-def with_bias(queries: np.ndarray, gallery: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Queries and gallery with the calibration folded into one extra dimension: [q, -1] . [g, b] = q . g - b.
-    Every query's scores shift by the same per-item offsets, so its ranking is that of the calibrated scores."""
-    if bias is None:
-        return queries, gallery
-    bias = np.asarray(bias, dtype=np.float32).reshape(-1)
-    if bias.shape[0] != gallery.shape[0]:
-        raise ValueError(f"a gallery bias of {bias.shape[0]} values for a gallery of {gallery.shape[0]} items")
-    q = np.concatenate([np.asarray(queries, dtype=np.float32), -np.ones((len(queries), 1), np.float32)], axis=1)
-    g = np.concatenate([np.asarray(gallery, dtype=np.float32), bias[:, None]], axis=1)
-    return q, g
-
+from xbt.ranking.nnn import with_bias
 
 @dataclass
 class Cell:

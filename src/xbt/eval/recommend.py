@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from xbt.eval.matrix import DIRECTION_NAMES, UpgradeMatrix
+from xbt.embed import DIRECTION_NAMES
+from xbt.eval.matrix import UpgradeMatrix
 
 
 def matrix_from_results(results: dict) -> UpgradeMatrix:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xbt.eval.matrix import DIRECTION_NAMES, DIRECTIONS, UpgradeMatrix
+from xbt.embed import DIRECTION_NAMES, DIRECTIONS
+from xbt.eval.matrix import UpgradeMatrix
 
 FIGURES = "figures"
 SHORT = {"t2i": "T2I", "i2t": "I2T"}

@@ -36,9 +36,10 @@ from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.errors import InputError
-from xbt.eval.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
-from xbt.eval.matrix import DIRECTIONS, QueryVectors, UpgradeMatrix, evaluate_upgrade
-from xbt.eval.retrieval import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
+from xbt.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
+from xbt.embed import DIRECTIONS, QueryVectors
+from xbt.eval.matrix import UpgradeMatrix, evaluate_upgrade
+from xbt.metrics import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.models.device import describe, model_device, synchronize
 from xbt.specs import load_model

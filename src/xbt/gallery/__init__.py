@@ -2,7 +2,6 @@
 `milvus`; pymilvus is imported only when a milvus: gallery is opened), ingestion with a model, and
 progressive backfill (the migration state machine in `migration`, serving during it in `migrating`)."""
 
-from xbt.eval.backfill_curve import backfill_curve, backfill_curves, merge_rankings, slot_merge
 from xbt.gallery.base import GalleryBackend, copy_gallery, create_gallery, open_gallery
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.ingest import GalleryItem, GalleryRetriever, ingest, load_items
@@ -12,6 +11,5 @@ from xbt.gallery.store import Gallery, Hit
 
 __all__ = [
     "Gallery", "GalleryBackend", "GalleryItem", "GalleryRetriever", "Hit", "IndexConfig", "MigratingRetriever",
-    "Migration", "backfill_curve", "backfill_curves", "copy_gallery", "create_gallery", "ingest", "load_items",
-    "merge_rankings", "open_gallery", "slot_merge",
+    "Migration", "copy_gallery", "create_gallery", "ingest", "load_items", "open_gallery",
 ]

@@ -1,5 +1,5 @@
 """Serving during a migration: the compatible model against the complete old gallery, merged with the new
-model against the growing new gallery by the migration's merge rule (`xbt.eval.backfill_curve.merge_rankings`,
+model against the growing new gallery by the migration's merge rule (`xbt.ranking.merge.merge_rankings`,
 the very function the offline curve measures): the calibrated score rule when the migration holds a
 calibration (`Migration.merge_calibration`), the rank-slot rule otherwise.
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
-from xbt.eval.backfill_curve import merge_rankings
+from xbt.ranking.merge import merge_rankings
 from xbt.gallery.base import GalleryBackend, calibration_status, describe_query_model, open_gallery
 from xbt.gallery.ingest import check_model, model_name
 from xbt.gallery.media import adopt_media

@@ -7,10 +7,10 @@ A migration lives in one folder::
     migration.json   the state (old gallery, spaces, position in the plan, status), replaced atomically
     plan.jsonl       the ids in backfill order, fixed when the migration starts (by time, id, a payload
                      field, a list, or "benefit": the estimated benefit of re-embedding each item,
-                     `xbt.eval.benefit`, computed once from the old vectors; the state records its choice)
+                     `xbt.ranking.benefit`, computed once from the old vectors; the state records its choice)
     gallery/         the new-space gallery being filled
     merge_calibration.json   optional: the score calibration the served search merges by
-                     (`xbt.eval.backfill_curve.ScoreCalibration`, fitted when the migration starts on
+                     (`xbt.ranking.merge.ScoreCalibration`, fitted when the migration starts on
                      pairs the new model was not trained on, for its two spaces); without it the
                      rank-slot rule
 
@@ -46,8 +46,8 @@ import numpy as np
 
 from xbt.durable import atomic_write_bytes
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.backfill_curve import ScoreCalibration, slot_merge
-from xbt.eval.benefit import BenefitScorer
+from xbt.ranking.merge import ScoreCalibration, slot_merge
+from xbt.ranking.benefit import BenefitScorer
 from xbt.gallery.base import (
     GalleryBackend,
     gallery_ref,
@@ -85,7 +85,7 @@ def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest",
 
     "oldest" / "newest" (time added), "id" (sorted), "field:NAME" / "-field:NAME" (a payload field,
     ascending / descending; items without it come last), "benefit" (the largest estimated benefit of
-    re-embedding first, `xbt.eval.benefit`: needs `benefit`, a scorer fitted on training pairs for the
+    re-embedding first, `xbt.ranking.benefit`: needs `benefit`, a scorer fitted on training pairs for the
     gallery's space; it reads the gallery's old vectors, never the new model's), or a list of ids that go
     first (then the rest, oldest first)."""
     items = list(gallery.iter_items())
@@ -122,7 +122,7 @@ def _benefit_order(gallery: GalleryBackend, ids: list[str], scorer: BenefitScore
     if scorer is None:
         raise InputError("the benefit order needs a benefit scorer fitted on training pairs: on the command line give"
                          " --compat (the compatible model), --old-model and --fit-pairs; in Python pass"
-                         " benefit=xbt.eval.benefit.fit_benefit_pairs(...)")
+                         " benefit=xbt.ranking.benefit.fit_benefit_pairs(...)")
     if scorer.space_id is not None and scorer.space_id != gallery.space.id:
         raise SpaceMismatchError(f"the benefit scorer was fitted in space {scorer.space_id}, the gallery at"
                                  f" {gallery.path} holds space {gallery.space.id}: fit it with the gallery's own model")
@@ -263,7 +263,7 @@ class Migration:
         `benefit`: the scorer of order "benefit" (`order_ids`); what it chose is recorded in the state.
         `calibration`: the served search merges by calibrated score with it (fitted for the gallery's space
         and `new_space` on pairs the new model was not trained on:
-        `xbt.eval.backfill_curve.fit_score_calibration_pairs`; refused for other spaces or another query
+        `xbt.ranking.merge.fit_score_calibration_pairs`; refused for other spaces or another query
         modality); without it, by the rank-slot rule (docs/results/backfill-order-testbed.md measures both)."""
         path = Path(path).expanduser()
         if (path / STATE_NAME).exists():

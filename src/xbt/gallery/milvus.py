@@ -18,7 +18,7 @@ exactly as the embedded store; searches also filter on the row stamp, so a row w
 under another stamp is never returned. Rows: id (VARCHAR primary key), vector (FLOAT_VECTOR, inner
 product on unit vectors), space, seq (insertion order, for oldest-first), added_at, payload (JSON).
 
-Calibration (`calibrate`, NNN hubness reduction; `xbt.eval.calibration`): the bias is folded into the
+Calibration (`calibrate`, NNN hubness reduction; `xbt.ranking.nnn`): the bias is folded into the
 vector as one extra dimension, as in the embedded store: rows hold [g, bias] and a `calib` field naming
 the calibration the bias belongs to ("" for none); a query of the calibrated model searches [q, -1]
 (score q . g - bias) over the rows of that calibration, any other query [q, 0] (plain q . g). Why not a

@@ -25,7 +25,7 @@ refuses any row stamped otherwise, so no code path (not even raw SQL) can mix tw
 
 Index choice (`IndexConfig`: exact, HNSW or IVF by size) and the faiss wrapper live in `xbt.gallery.index`.
 
-Calibration (hubness reduction, `calibrate`; NNN, `xbt.eval.calibration`): one per gallery, for one query
+Calibration (hubness reduction, `calibrate`; NNN, `xbt.ranking.nnn`): one per gallery, for one query
 model. Each item's bias (alpha x mean of its top-k similarities to a bank of that model's training
 queries) is stored in `calibration_bias` (one row per item label, deleted with its item by a cascading
 foreign key), the bank itself in `calibration_bank`, and the stamp (query model, alpha, k, bank size) in
@@ -56,7 +56,7 @@ import numpy as np
 
 from xbt.durable import atomic_write_bytes, fsync_path
 from xbt.errors import InputError, XbtError
-from xbt.eval.calibration import top_k_mean
+from xbt.ranking.nnn import top_k_mean
 from xbt.gallery.index import IndexConfig, VectorIndex
 from xbt.gallery.media import prune_media
 from xbt.models.base import EmbeddingSpace

@@ -37,7 +37,7 @@ from xbt.compat.model import CompatibleModel
 from xbt.compat.registry import build_method
 from xbt.data.pairs import Pair
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.embed import embed_images
+from xbt.embed import embed_images
 from xbt.gallery.base import GalleryBackend, create_gallery, gallery_exists, gallery_ref, open_gallery
 from xbt.gallery.index import IndexConfig
 from xbt.gallery.media import adopt_media

@@ -74,7 +74,7 @@ def fold_models(fold, show_progress: bool = False) -> dict[str, LitModel]:
     """A cross-validation fold's old and new testbed models (xbt.data.folds): the same recipe as the
     testbed's, trained without the fold's evaluation (and val) items, seeded by the fold seed; built once
     under the fold's folder and loaded afterwards (spec lit:PATH)."""
-    from xbt.eval.embed import prime_lit_cache
+    from xbt.embed import prime_lit_cache
     from xbt.specs import load_model
 
     models = {}

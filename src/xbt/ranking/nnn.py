@@ -8,7 +8,7 @@ evaluation queries (training queries, mapped by the very query model that will s
 
 The bias depends only on the item and the bank, never on the other items, so an item added later gets its
 bias from the stored bank alone, and the old gallery's bias is computed once and stored with it. Exact and
-inner-product ANN search apply it with one extra dimension ([q, -1] . [g, bias], `xbt.eval.matrix.with_bias`).
+inner-product ANN search apply it with one extra dimension ([q, -1] . [g, bias], `xbt.ranking.nnn.with_bias`).
 QB-Norm (arXiv 2112.12777) is the same family (a bank of queries normalising gallery scores); NNN's
 additive bias is the one that folds into an index.
 
@@ -25,14 +25,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from xbt.eval.matrix import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors, with_bias
-from xbt.eval.retrieval import DEFAULT_KS, MAX_SCORE_ELEMENTS, best_positive_rank, hits_at_k
+from xbt.embed import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors
+from xbt.metrics import DEFAULT_KS, MAX_SCORE_ELEMENTS, best_positive_rank, hits_at_k
 
 #: The weights `choose_alpha` tries (0: no calibration, so val can always say "leave it off").
 ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_K = 10
 
 Alpha = float | Mapping[str, float]  # one weight, or one per direction {"t2i": a, "i2t": a}
+
+
+def with_bias(queries: np.ndarray, gallery: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and gallery with the calibration folded into one extra dimension: [q, -1] . [g, b] = q . g - b.
+    Every query's scores shift by the same per-item offsets, so its ranking is that of the calibrated scores."""
+    if bias is None:
+        return queries, gallery
+    bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+    if bias.shape[0] != gallery.shape[0]:
+        raise ValueError(f"a gallery bias of {bias.shape[0]} values for a gallery of {gallery.shape[0]} items")
+    q = np.concatenate([np.asarray(queries, dtype=np.float32), -np.ones((len(queries), 1), np.float32)], axis=1)
+    g = np.concatenate([np.asarray(gallery, dtype=np.float32), bias[:, None]], axis=1)
+    return q, g
 
 
 def _matrix(x: Any, what: str) -> torch.Tensor:
@@ -44,10 +57,12 @@ def _matrix(x: Any, what: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def top_k_mean(gallery: Any, bank: Any, k: int = DEFAULT_K, max_score_elements: int = MAX_SCORE_ELEMENTS) -> np.ndarray:
+def top_k_mean(gallery: Any, bank: Any, k: int = DEFAULT_K, max_score_elements: int = MAX_SCORE_ELEMENTS,
+               exclude_self: bool = False) -> np.ndarray:
     """Per gallery row, the mean of its k largest inner products with the bank's rows ((n,) float64; k is
     capped by the bank's size). Computed in blocks of gallery rows so that one (block x bank) score matrix
-    stays under `max_score_elements`: memory is bounded for a gallery of any size."""
+    stays under `max_score_elements`: memory is bounded for a gallery of any size. `exclude_self`: the bank
+    is the gallery itself, and each row's score with itself is left out (the density of its neighbourhood)."""
     g, b = _matrix(gallery, "the gallery vectors"), _matrix(bank, "the bank of queries")
     if g.shape[1] != b.shape[1]:
         raise ValueError(f"gallery vectors of dimension {g.shape[1]} and bank queries of dimension {b.shape[1]}")
@@ -55,12 +70,20 @@ def top_k_mean(gallery: Any, bank: Any, k: int = DEFAULT_K, max_score_elements: 
         raise ValueError("the bank of queries is empty: calibration needs training queries (a source with pairs)")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer; got {k!r}")
-    k = min(int(k), len(b))
+    if exclude_self and g.shape != b.shape:
+        raise ValueError("exclude_self needs the bank to be the gallery itself")
+    k = min(int(k), len(b) - 1 if exclude_self else len(b))
     out = np.empty(len(g), dtype=np.float64)
+    if k < 1:  # a one-item gallery has no neighbour
+        out.fill(0.0)
+        return out
     block = max(1, max_score_elements // max(1, len(b)))
     bt = b.T.contiguous()
     for start in range(0, len(g), block):
         scores = g[start : start + block] @ bt
+        if exclude_self:
+            rows = torch.arange(len(scores), device=scores.device)
+            scores[rows, rows + start] = -torch.inf
         out[start : start + block] = torch.topk(scores, k, dim=1).values.double().mean(1).numpy()
     return out
 
@@ -145,9 +168,10 @@ def choose_alpha(val_queries: QueryVectors, val_gallery: PairEmbeddings, bank: Q
     val_gallery.space.check(bank.space, "the bank of queries")
     index = np.asarray(val_gallery.caption_image_index, dtype=np.int64)
     n_images, n_captions = len(val_gallery.images), len(index)
-    sides = {"t2i": (val_queries.texts, val_gallery.images, bank.texts, [[int(i)] for i in index]),
-             "i2t": (val_queries.images, val_gallery.texts, bank.images,
-                     [list(np.flatnonzero(index == i)) for i in range(n_images)])}
+    sides: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]] = {
+        "t2i": (val_queries.texts, val_gallery.images, bank.texts, [[int(i)] for i in index]),
+        "i2t": (val_queries.images, val_gallery.texts, bank.images,
+                [[int(j) for j in np.flatnonzero(index == i)] for i in range(n_images)])}
     scores: dict[str, dict[float, float]] = {}
     n: dict[str, int] = {}
     for d in directions:
@@ -162,5 +186,5 @@ def choose_alpha(val_queries: QueryVectors, val_gallery: PairEmbeddings, bank: Q
             q, g = with_bias(queries, gallery, (a * base).astype(np.float32))
             hits = hits_at_k(best_positive_rank(q, g, positives), ks)
             scores[d][a] = float(100 * np.mean([hits[kk].mean() for kk in ks]))
-    chosen = {d: max(grid, key=lambda a, d=d: (scores[d][a], -a)) for d in directions}
+    chosen = {d: max(grid, key=lambda a: (scores[d][a], -a)) for d in directions}
     return AlphaChoice(alpha=chosen, scores=scores, n_val_queries=n, k=int(k))

@@ -1,4 +1,6 @@
-"""Embedding a pair set with a model, once: vectors are cached under the model's space id and item content."""
+"""Embedding a pair set with a model, once: vectors are cached under the model's space id and item content;
+and the containers embeddings travel in through evaluation, ranking and the gallery (pair embeddings, a
+method's query vectors per direction, a per-item gallery bias)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,33 @@ import torch
 from xbt.data.features import cached_image_features, cached_text_features, device_cache_tag
 from xbt.data.pairs import Pair, unique_images
 from xbt.models.base import EmbeddingSpace, VLPModel
+
+
+DIRECTIONS = ("t2i", "i2t")
+DIRECTION_NAMES = {"t2i": "text-to-image", "i2t": "image-to-text"}
+
+
+@dataclass
+class GalleryBias:
+    """A per-item score offset of the old gallery, for one query model (hubness calibration, e.g. NNN):
+    a query q scores gallery item g as q . g - bias[g]. `images`: one per gallery image (text queries);
+    `texts`: one per gallery caption (image queries). Exact and inner-product ANN search apply it with one
+    extra dimension: [q, -1] . [g, bias]."""
+
+    images: np.ndarray
+    texts: np.ndarray
+
+
+@dataclass
+class QueryVectors:
+    """A method's queries, already in the gallery's space: images (n_images, d) and texts (n_captions, d),
+    stamped with the space they claim to live in (checked against the old gallery's, not just the shape).
+    `gallery_bias`: the calibration this method's queries are searched with (None: plain inner product)."""
+
+    images: np.ndarray
+    texts: np.ndarray
+    space: EmbeddingSpace
+    gallery_bias: GalleryBias | None = None
 
 
 @dataclass
@@ -85,8 +114,8 @@ def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence
     if not isinstance(model, LitModel):  # its towers are built only if an item is missing from the cache
         raise InputError(f"{model.spec or model.space.name} is not a lit model (locked towers + heads): nothing to prime")
 
-    def through(head, features: np.ndarray) -> np.ndarray:
-        return head_vectors(head, torch.from_numpy(features)).cpu().numpy()
+    def through(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+        return np.asarray(head_vectors(head, torch.from_numpy(features)).cpu().numpy())
 
     images = [p.image for p in unique_images(pairs)]
     if images:

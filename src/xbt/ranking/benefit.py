@@ -5,13 +5,13 @@ What the estimate may use: the old gallery's own vectors, the compatible model's
 a bank of training queries, and training pairs on which both models' embeddings exist. What it may not
 use: the new model's embeddings of the gallery items, or the queries being evaluated.
 
-Why an item's re-embedding helps (the rank-slot merge, `xbt.eval.backfill_curve.slot_merge`): a query
+Why an item's re-embedding helps (the rank-slot merge, `xbt.ranking.merge.slot_merge`): a query
 whose compatible-model top result t is wrong gains at R@1 only once t *and* its true item p are both
 backfilled (t's slot is refilled by the new model's best backfilled item, which must then be p). A
 random order therefore reaches most of the gain late (both of two items must be in: about f^2 at fraction
 f). The items worth doing first are those in regions where the old space confuses items: there the
 compatible query lands on a neighbour, and backfilling the region together puts both t and p in. Under
-the calibrated score merge (`xbt.eval.backfill_curve.score_merge`) the coupling is gone: a query gains
+the calibrated score merge (`xbt.ranking.merge.score_merge`) the coupling is gone: a query gains
 once its own item p is backfilled (and the new model is sure of it), so an item's benefit is its own
 queries' gain; `fit_benefit(..., calibration=...)` chooses the statistic under that rule.
 
@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.eval.backfill_curve import ScoreCalibration
+from xbt.ranking.merge import ScoreCalibration
+from xbt.ranking.nnn import top_k_mean
 
 __all__ = [
     "CANDIDATES",
@@ -76,27 +77,12 @@ FIT_FRACTIONS = tuple(i / 10 for i in range(11))
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+    return np.asarray(x / np.maximum(norm, 1e-12), dtype=np.float32)
 
 
-def _top_k_mean(scores_rows: np.ndarray, k: int) -> np.ndarray:
-    """Mean of the k largest values per row."""
-    k = max(1, min(k, scores_rows.shape[1]))
-    return np.partition(scores_rows, scores_rows.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
-
-
-def _density(gallery: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Mean cosine to the k nearest *other* gallery items, blockwise (exact; O(n^2 d) time, O(block n) memory)."""
-    n = len(gallery)
-    if n < 2:
-        return np.zeros(n)
-    out = np.empty(n)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        sims = gallery[start:stop] @ gallery.T
-        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-        out[start:stop] = _top_k_mean(sims, min(k, n - 1))
-    return out
+def _density(gallery: np.ndarray, k: int) -> np.ndarray:
+    """Mean cosine to the k nearest *other* gallery items (exact, blockwise: O(n^2 d) time, bounded memory)."""
+    return top_k_mean(gallery, gallery, k, exclude_self=True)
 
 
 def _hubness(gallery: np.ndarray, bank: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
@@ -111,11 +97,9 @@ def _hubness(gallery: np.ndarray, bank: np.ndarray, k: int, block: int = 1024) -
     return counts
 
 
-def _query_density(gallery: np.ndarray, bank: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    out = np.empty(len(gallery))
-    for start in range(0, len(gallery), block):
-        out[start : start + block] = _top_k_mean(gallery[start : start + block] @ bank.T, min(k, len(bank)))
-    return out
+def _query_density(gallery: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """Mean similarity to the k nearest bank queries: NNN's statistic (`xbt.ranking.nnn.top_k_mean`)."""
+    return top_k_mean(gallery, bank, k)
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -205,7 +189,7 @@ def benefit_statistic(name: str, gallery: np.ndarray, bank: np.ndarray | None = 
         values.append(_hubness(gallery, b, k) if kind == "hubness" else _query_density(gallery, b, k))
     if len(values) == 1:
         return values[0].astype(np.float64)
-    return np.sum([_ranks(v) for v in values], axis=0)
+    return np.asarray(np.sum([_ranks(v) for v in values], axis=0), dtype=np.float64)
 
 
 def benefit_order(name: str, gallery: np.ndarray, bank: np.ndarray | None = None,
@@ -226,7 +210,7 @@ def merged_top1_curve(old_gallery: np.ndarray, new_gallery: np.ndarray, compat_q
                       fractions: Sequence[float] = FIT_FRACTIONS,
                       calibration: ScoreCalibration | None = None) -> np.ndarray:
     """R@1 (in [0, 1]) of the merged search at each fraction backfilled in `order`, the rule of
-    `xbt.eval.backfill_curve.merge_rankings` at depth 1 without its Python loop (`backfill_curve` gives all
+    `xbt.ranking.merge.merge_rankings` at depth 1 without its Python loop (`backfill_curve` gives all
     K). Without a calibration (the rank-slot rule) the merged top result is the compatible model's top t
     unless t is backfilled; then it is the new model's best backfilled item. With one (the score rule) it
     is the item of largest calibrated log-odds: new-space scores for backfilled items, old-space scores for
@@ -390,15 +374,15 @@ def fit_benefit(
 def _query_regressor(gallery: np.ndarray, queries: np.ndarray, positives: Sequence[Sequence[int]],
                      which: np.ndarray) -> np.ndarray:
     """The confusion regressor fitted on queries `which` (each paired with its first positive item)."""
-    which = [int(q) for q in which if positives[q]]
-    return fit_query_regressor(gallery[[int(positives[q][0]) for q in which]], queries[which])
+    rows = [int(q) for q in which if positives[q]]
+    return fit_query_regressor(gallery[[int(positives[q][0]) for q in rows]], queries[rows])
 
 
 def fit_benefit_pairs(old: Any, new: Any, compat: Any, modality: str, **options: Any) -> BenefitScorer:
     """`fit_benefit` from pair embeddings of the training pairs: `old` and `new` PairEmbeddings (old and new
     models), `compat` the compatible model's QueryVectors (old space). An image gallery (t2i: caption
     queries) is fitted on the training images, a caption gallery (i2t) on the training captions."""
-    from xbt.eval.retrieval import image_to_text_positives, text_to_image_positives
+    from xbt.metrics import image_to_text_positives, text_to_image_positives
 
     old.space.check(compat.space, "the compatible model's queries")
     index = list(old.caption_image_index)
