@@ -104,13 +104,13 @@ install_with_uv() {
   # pip picks the best version over every index; uv's default stops at the first index that has a package.
   export UV_INDEX_STRATEGY=unsafe-best-match UV_CACHE_DIR="${UV_CACHE_DIR:-$XBT_HOME/uv-cache}"
   log "installing with uv $("$uv" --version | cut -d' ' -f2)"
-  "$uv" pip install -q --python "$venv/bin/python" "$@" --upgrade pip setuptools wheel \
+  "$uv" pip install -q --python "$venv/bin/python" "$@" pip==26.3 setuptools==84.2.1 wheel==0.48.0 \
     && "$uv" pip install -q --python "$venv/bin/python" "$@" -r "$repo/requirements.lock" \
     && "$uv" pip install -q --python "$venv/bin/python" "$@" --no-deps -r "$repo/requirements-nodeps.txt"
 }
 
 install_with_pip() {
-  "$venv/bin/pip" install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+  "$venv/bin/pip" install -q pip==26.3 setuptools==84.2.1 wheel==0.48.0 2>&1 | grep -v '^WARNING: Location' || true
   "$venv/bin/pip" install -q -r "$repo/requirements.lock" 2>&1 | grep -v '^WARNING: Location' || true
   "$venv/bin/pip" install -q --no-deps -r "$repo/requirements-nodeps.txt" 2>&1 | grep -v '^WARNING: Location' || true
 }
