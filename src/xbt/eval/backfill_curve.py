@@ -238,7 +238,7 @@ class _Mask:
         self.mask = mask
 
     def __contains__(self, i: object) -> bool:
-        return bool(self.mask[int(i)])  # type: ignore[arg-type]
+        return isinstance(i, (int, np.integer)) and bool(self.mask[int(i)])
 
 
 def direction_sets(old: Any, compat: Any, new: Any) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[int]]]]:
@@ -278,9 +278,9 @@ def _direction_calibrations(merge: str, calibrations: Mapping[str, ScoreCalibrat
                             sets: Mapping[str, Any]) -> dict[str, ScoreCalibration | None]:
     if merge == "score":
         missing = [d for d in sets if not calibrations or d not in calibrations]
-        if missing:
+        if missing or calibrations is None:
             raise InputError(f"merge 'score' needs a calibration per direction; none for {', '.join(missing)}")
-        return {d: calibrations[d] for d in sets}  # type: ignore[index]
+        return {d: calibrations[d] for d in sets}
     check_merge(merge, None if not calibrations else next(iter(calibrations.values())))
     return {d: None for d in sets}
 

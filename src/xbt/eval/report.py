@@ -173,7 +173,10 @@ def format_summary(results: dict[str, Any]) -> str:
     """The summary table as plain aligned text, for the terminal."""
     header, rows = summary_table(results)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r: Sequence[Any]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     n = results["matrix"]["n_queries"]
     return "\n".join(
         [line(header), line(["-" * w for w in widths]), *map(line, rows), "",

@@ -155,29 +155,39 @@ def _check_target(dest: GalleryBackend, source: GalleryBackend, gmap: GalleryMap
         raise InputError(f"the gallery at {target} holds {dest.modality}s, the source {source.modality}s")
 
 
-def transform_gallery(source: GalleryBackend, target: str | Path, gmap: GalleryMap, *, batch: int = 1024,
-                      index: IndexConfig | None = None, show_progress: bool = False) -> dict[str, Any]:
-    """Write every item of `source` (an old-space gallery), mapped by `gmap`, into the new-space gallery at
-    `target` (created, or completed when an earlier run of this transform was interrupted), payloads and
-    media carried over, each row marked transformed. Returns counts and the target's info."""
-    if batch < 1:
-        raise InputError("batch must be at least 1")
+def open_transform_target(source: GalleryBackend, target: str | Path, gmap: GalleryMap,
+                          index: IndexConfig | None = None) -> GalleryBackend:
+    """The new-space gallery a transform of `source` by `gmap` writes: created (stamped with the map and the
+    source) or, where one exists, an earlier run of this very transform; anything else is refused."""
     if source.space.fingerprint != gmap.old_space.fingerprint or source.space.dim != gmap.old_space.dim:
         raise SpaceMismatchError(
             f"the gallery at {source.path} lives in {source.space.id}, but the map ({gmap.made_by}) takes vectors"
             f" of {gmap.old_space.id}: use a map made for this gallery's model (--old, or a compatible model"
             " trained for this gallery's space)")
-    if gallery_exists(target):
-        dest = open_gallery(target)
-        try:
-            _check_target(dest, source, gmap, target)
-        except BaseException:
-            dest.close()
-            raise
-    else:
+    if not gallery_exists(target):
         stamp = {TRANSFORM_META: {**gmap.stamp(), "source": gallery_ref(source)}}
-        dest = create_gallery(target, gmap.new_space, index or source.index_config, source.modality,
+        return create_gallery(target, gmap.new_space, index or source.index_config, source.modality,
                               {**source.extra, **stamp})
+    dest = open_gallery(target)
+    try:
+        _check_target(dest, source, gmap, target)
+    except BaseException:
+        dest.close()
+        raise
+    return dest
+
+
+def transform_gallery(source: GalleryBackend, target: str | Path, gmap: GalleryMap, *, batch: int = 1024,
+                      index: IndexConfig | None = None, show_progress: bool = False) -> dict[str, Any]:
+    """Write every item of `source` (an old-space gallery), mapped by `gmap`, into the new-space gallery at
+    `target` (created, or completed when an earlier run of this transform was interrupted), payloads and
+    media carried over, each row marked transformed. A rerun also removes the transformed rows whose item
+    the source no longer holds (deleted there since), so the new gallery follows the old one until it
+    takes over; native rows (backfilled in place, or added with the new model) are never removed. Returns
+    counts and the target's info."""
+    if batch < 1:
+        raise InputError("batch must be at least 1")
+    dest = open_transform_target(source, target, gmap, index)
     provenance = {"kind": "transformed", "map": gmap.digest}
     written = skipped = 0
     try:
@@ -194,11 +204,23 @@ def transform_gallery(source: GalleryBackend, target: str | Path, gmap: GalleryM
                 w, s = _transform_batch(source, dest, gmap, chunk, provenance)
                 written, skipped = written + w, skipped + s
                 advance(len(chunk))
+        removed = _remove_deleted(source, dest, batch)
         dest.compact()
-        return {"written": written, "already_present": skipped, "map": gmap.digest, "made_by": gmap.made_by,
-                "info": dest.info().to_dict()}
+        return {"written": written, "already_present": skipped, "removed": removed, "map": gmap.digest,
+                "made_by": gmap.made_by, "info": dest.info().to_dict()}
     finally:
         dest.close()
+
+
+def _remove_deleted(source: GalleryBackend, dest: GalleryBackend, batch: int) -> int:
+    """Delete from `dest` the transformed rows whose id `source` no longer holds; how many."""
+    transformed = [item_id for item_id, payload, _added in dest.iter_items(batch) if provenance_of(payload) == "transformed"]
+    gone: list[str] = []
+    for start in range(0, len(transformed), batch):
+        chunk = transformed[start : start + batch]
+        have = source.present(chunk)
+        gone += [i for i in chunk if i not in have]
+    return dest.delete(gone) if gone else 0
 
 
 def _transform_batch(source: GalleryBackend, dest: GalleryBackend, gmap: GalleryMap, chunk: list[str],

@@ -212,7 +212,8 @@ def _ray_gpu_ids() -> list[str]:
         return []
 
 
-def _default_actors(options: RayOptions) -> int:
+def default_actors(options: RayOptions) -> int:
+    """The actor pool's size when not given: the cluster's GPUs per actor share, or its CPUs minus one."""
     import ray
 
     resources = ray.cluster_resources()
@@ -250,7 +251,7 @@ def _run_ray(tasks: Sequence[ShardTask], model: str, out: Path, modality: str, b
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = show_progress
-    actors = options.actors or _default_actors(options)
+    actors = options.actors or default_actors(options)
     threads = options.threads or max(1, int(np.ceil(options.cpus_per_actor)))
     dataset = ray.data.from_items([{"task": t.to_json()} for t in tasks], override_num_blocks=max(1, len(tasks)))
     results = dataset.map_batches(

@@ -52,7 +52,7 @@ class _GatherRows(torch.autograd.Function):
     in recent releases and needs equal sizes."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:  # type: ignore[override]  # autograd.Function declares (ctx, *args: Any)
         ctx.sizes, ctx.rank = sizes, rank
         width = max(sizes)
         padded = local.new_zeros((width, *local.shape[1:]))
@@ -62,7 +62,7 @@ class _GatherRows(torch.autograd.Function):
         return torch.cat([b[:n] for b, n in zip(blocks, sizes)])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]  # as forward
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])

@@ -248,7 +248,10 @@ class CaptionCache:
                 self.too_large, self.estimated_bytes = True, int(self.lengths.sum()) * hidden[0, 0].nbytes
                 return
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=self.lengths.device), torch.cumsum(self.lengths, 0)])
-        self.states = torch.cat(pieces)  # type: ignore[arg-type]
+        filled = [p for p in pieces if p is not None]
+        if len(filled) != len(pieces):
+            raise RuntimeError(f"the caption cache filled {len(filled)} of {len(pieces)} rows")
+        self.states = torch.cat(filled)
 
     @property
     def nbytes(self) -> int:
