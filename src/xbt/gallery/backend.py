@@ -291,6 +291,26 @@ class GalleryBase(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> dict[str, dict[str, Any]]:
+        """{id: {"payload": ..., "added_at": ..., ["vector": ...]}} for the ids that are stored."""
+
+    @abstractmethod
+    def iter_items(self, batch: int = 1024) -> Iterator[tuple[str, dict[str, Any], float]]:
+        """(id, payload, added_at) of every item, oldest first."""
+
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """Every id, oldest first."""
+
+    @abstractmethod
+    def verify(self) -> list[str]:
+        """Problems found by a full check (empty when consistent)."""
+
+    @abstractmethod
+    def compact(self) -> None:
+        """Bring the index and the files to their best state for the current size; remove unused media."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     # hooks with a default
