@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -259,7 +259,7 @@ class GalleryBase(ABC):
         """Store a new calibration's bank (inside the write session that `calibrate` holds)."""
 
     @abstractmethod
-    def _calibration_pages(self, batch: int) -> Iterator[tuple[Any, np.ndarray]]:
+    def _calibration_pages(self, batch: int) -> Generator[tuple[Any, np.ndarray], None, None]:
         """Every item, a page at a time: (the page's keys for `_write_biases`, its (n, dim) vectors)."""
 
     @abstractmethod
@@ -500,9 +500,7 @@ class GalleryBase(ABC):
                         self._write_biases(keys, vectors, biases, calibration_id)
                         written.append(biases)
                 finally:
-                    close = getattr(pages, "close", None)
-                    if close is not None:
-                        close()
+                    pages.close()  # the backend's scan ends (Milvus closes its iterator) even after an error
                 stamp = calibration_stamp(alpha=alpha, k=k, bank_size=len(bank), query_model=query_model, source=source,
                                           bias=np.concatenate(written) if written else None, calibration_id=calibration_id)
                 self._commit_calibration(stamp)
