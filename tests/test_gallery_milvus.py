@@ -355,7 +355,7 @@ def test_calibrate_neither_reverts_a_concurrent_replace_nor_resurrects_a_concurr
     the biases of the rows it read, a writer deletes one of them and replaces another. Before the fix,
     calibrate rewrote every row it had read (the deleted item came back, the replaced one got its old vector
     back) and read the whole collection into memory first."""
-    from xbt.gallery import milvus as milvus_module
+    from xbt.gallery import backend as backend_module
 
     x = unit_rows(30, 16, 0)
     ids = [f"item{i:02d}" for i in range(30)]
@@ -363,7 +363,7 @@ def test_calibrate_neither_reverts_a_concurrent_replace_nor_resurrects_a_concurr
     qm = {"encoder_id": "enc", "spec": "m", "space_id": SPACE.id}
     with MilvusGallery.create(_ref(tmp_path), SPACE, modality="image") as g:
         g.add(x, ids, [{"n": i} for i in range(30)], space=SPACE)
-        real = milvus_module.item_biases
+        real = backend_module.nnn_bias
         raced = []
 
         def racing_biases(vectors, bank, alpha, k):
@@ -373,7 +373,7 @@ def test_calibrate_neither_reverts_a_concurrent_replace_nor_resurrects_a_concurr
                 g.add(fresh, ["item05"], [{"n": "new"}], space=SPACE, on_conflict="replace")
             return real(vectors, bank, alpha, k)
 
-        monkeypatch.setattr(milvus_module, "item_biases", racing_biases)
+        monkeypatch.setattr(backend_module, "nnn_bias", racing_biases)
         g.calibrate(unit_rows(20, 16, 3), alpha=0.5, k=3, query_model=qm, space=SPACE, batch=8)
         assert raced
         assert "item03" not in g.ids(), "a concurrent delete was resurrected"

@@ -2,9 +2,11 @@
 
 A gallery reference is a folder (the embedded store, `xbt.gallery.store.Gallery`: SQLite + faiss, one
 machine) or `milvus:URI[#COLLECTION]` (`xbt.gallery.milvus.MilvusGallery`: a Milvus Lite file such as
-`milvus:./photos.db`, or a Milvus server such as `milvus:http://host:19530#photos`). Ingestion, search,
-serving and the migration work on either through `GalleryBackend`; pymilvus is imported only when a
-Milvus reference is opened.
+`milvus:./photos.db`, or a Milvus server such as `milvus:http://host:19530#photos`). Both extend one base
+class, `xbt.gallery.backend.GalleryBase` (validation, search, calibration, seals and info, written once);
+ingestion, search, serving and the migration work on either through `GalleryBackend`, the typing interface
+that the base implements and `QueryModelView` satisfies too. pymilvus is imported only when a Milvus
+reference is opened.
 
 Calibration (`xbt gallery calibrate`): a gallery holds at most one, made for one query model (identified
 by its encoder id: a compatible model declares the old space, so the space alone cannot tell it from the
