@@ -58,6 +58,30 @@ def test_backfilled_rows_become_native_in_order_and_a_rerun_finishes(tmp_path):
         assert backfill_in_place(g, new_model)["replaced"] == 0
 
 
+def test_a_row_deleted_while_its_batch_is_embedded_stays_deleted(tmp_path, monkeypatch):
+    """Another writer deletes rows between the batch's read and its replace: the replace must not bring
+    them back (it did with on_conflict="replace"). A second process deletes, so the embedded store's
+    write transaction is what decides."""
+    from xbt.gallery import inplace
+
+    new_model, path = _transformed(tmp_path)
+    real = inplace.embed_items
+    victims = ["c03", "c05"]
+
+    def embed_then_race(model, items, modality, batch_size):
+        out = real(model, items, modality, batch_size)
+        if any(it.id in victims for it in items):
+            code = f"from xbt.gallery.store import Gallery\nwith Gallery.open({str(path)!r}) as g: g.delete({victims!r})"
+            subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        return out
+
+    monkeypatch.setattr(inplace, "embed_items", embed_then_race)
+    with Gallery.open(path) as g:
+        report = backfill_in_place(g, new_model, order="id", batch_size=8)
+        assert report["replaced"] == N - len(victims) and len(g) == N - len(victims)
+        assert not g.present(victims) and (report["transformed"], report["native"]) == (0, N - len(victims))
+
+
 def test_in_place_refuses_what_it_cannot_do(tmp_path):
     new_model, path = _transformed(tmp_path)
     with Gallery.open(path) as g:

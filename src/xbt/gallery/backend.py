@@ -42,7 +42,7 @@ from xbt.models.base import EmbeddingSpace
 MAX_ID_CHARS = 512
 
 Modality = Literal["image", "text"]
-OnConflict = Literal["error", "skip", "replace"]
+OnConflict = Literal["error", "skip", "replace", "update"]
 # What to do about ids already stored, as every message that refuses them says it (the API's field and the CLI's flag).
 CONFLICT_HINT = "on_conflict='skip' (keep the stored items) or 'replace' (CLI: --on-conflict skip, --on-conflict replace)"
 
@@ -343,7 +343,9 @@ class GalleryBase(ABC):
         """Store vectors (made in `space`) under ids, with JSON payloads. Returns the ids written.
 
         Durable on return (as the backend says). `on_conflict`: an id already stored is an error, skipped,
-        or replaced. Refuses vectors of any other space (SpaceMismatchError), even of the same dimension."""
+        or replaced; "update" replaces the ids stored and writes nothing for the others (decided inside the
+        write, so a row another writer deleted meanwhile is not brought back). Refuses vectors of any other
+        space (SpaceMismatchError), even of the same dimension."""
         self.space.check(space, "the vectors to add")
         ids = check_ids(ids)
         x = as_vectors(vectors, self.space.dim, "the vectors to add")
@@ -352,8 +354,8 @@ class GalleryBase(ABC):
         payloads = list(payloads) if payloads is not None else [None] * len(ids)
         if len(payloads) != len(ids):
             raise InputError(f"{len(payloads)} payloads for {len(ids)} ids")
-        if on_conflict not in ("error", "skip", "replace"):
-            raise InputError(f"on_conflict must be error, skip or replace, not {on_conflict!r}")
+        if on_conflict not in ("error", "skip", "replace", "update"):
+            raise InputError(f"on_conflict must be error, skip, replace or update, not {on_conflict!r}")
         docs = [payload_json(p, i) for p, i in zip(payloads, ids)]
         with self._session(write=True):  # the store: the write lock first, then catch up, then write
             self._refuse_if_sealed()
@@ -363,9 +365,12 @@ class GalleryBase(ABC):
                 raise InputError(
                     f"{len(existing)} id(s) already in the gallery ({shown}); delete them first or use {CONFLICT_HINT}"
                 )
-            keep = [j for j, i in enumerate(ids) if not (on_conflict == "skip" and i in existing)]
+            if on_conflict == "update":
+                keep = [j for j, i in enumerate(ids) if i in existing]
+            else:
+                keep = [j for j, i in enumerate(ids) if not (on_conflict == "skip" and i in existing)]
             self._insert([ids[j] for j in keep], x[keep], [docs[j] for j in keep],
-                         existing if on_conflict == "replace" else set())
+                         existing if on_conflict in ("replace", "update") else set())
         return [ids[j] for j in keep]
 
     def delete(self, ids: Sequence[str]) -> int:

@@ -3,13 +3,15 @@ replaced by its native vector (the new model's embedding of the item), same id, 
 transformed mark. The gallery stays in one space and is searched by native new-model queries throughout,
 so there is no second gallery, no merge rule and no cut-over: a backfilled item simply gets its exact vector.
 
-Kill-safe and resumable without a state file: each batch is one `add(..., on_conflict="replace")` (the
+Kill-safe and resumable without a state file: each batch is one `add(..., on_conflict="update")` (the
 embedded store deletes and adds in one transaction; Milvus upserts), so a row is either transformed or
-native, never absent; a rerun computes the order again and skips the rows already native.
+native, never absent; a rerun computes the order again and skips the rows already native. "update"
+replaces only the rows still stored when the write happens: a row another writer deletes while its batch
+is being re-embedded stays deleted (on the embedded store across processes, inside the write's
+transaction; on Milvus within this process, as for every Milvus write).
 
 Limits: the `benefit` order reads old-space vectors, which a transformed gallery no longer holds (a
-benefit estimate for transformed rows is issue 26, part 3), so it is refused here; a row deleted by
-another writer between a batch's read and its replace comes back (the replace re-adds it).
+benefit estimate for transformed rows is issue 26, part 3), so it is refused here.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def backfill_in_place(gallery: GalleryBackend, model: VLPModel, order: str | Seq
             failed.update(bad)
             if good:
                 native = [{k: v for k, v in it.payload.items() if k != PROVENANCE_KEY} for it in good]
-                gallery.add(vectors, [it.id for it in good], native, space=model.space, on_conflict="replace")
-                replaced += len(good)
+                replaced += len(gallery.add(vectors, [it.id for it in good], native, space=model.space,
+                                            on_conflict="update"))
             advance(len(chunk))
     return {"replaced": replaced, "failed": failed, **(transform_status(gallery) or {})}
