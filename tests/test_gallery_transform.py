@@ -351,3 +351,23 @@ def test_the_command_transforms_resumes_reports_and_refuses(tmp_path):
                                "--new", new_spec, "--fit-images", str(tmp_path / "unlabeled")))
     assert by_images["written"] == 20 and "on 0 texts and 40 images" in by_images["made_by"]
     assert by_images["map"] != fitted["map"]
+
+
+@pytest.mark.parametrize("backend", ["embedded", pytest.param("milvus", marks=pytest.mark.slow)])
+def test_transform_status_counts_by_query_without_reading_payloads(tmp_path, backend, monkeypatch):
+    """The rows still transformed are counted by the backend's query on the payload mark: no payload is read
+    into Python (a gallery of millions would be read whole at every /info)."""
+    gmap = GalleryMap(LinearMap.from_arrays(np.eye(OLD_DIM, NEW_DIM, dtype=np.float32)), OLD_SPACE,
+                      LinearModel(NEW_DIM, 0, "new").space, "pad")
+    target = tmp_path / "new" if backend == "embedded" else f"milvus:{tmp_path / 'm.db'}#new"
+    skip_without_milvus(backend)
+    with _old_gallery(tmp_path / "old", n=20) as old:
+        transform_gallery(old, target, gmap)
+    from xbt.gallery.base import open_gallery
+
+    with open_gallery(target) as g:
+        g.add(unit_rows(3, NEW_DIM, 8), ["item0001", "item0002", "extra"], [{"caption": "x"}, None, {"k": {"kind": "transformed"}}],
+              space=gmap.new_space, on_conflict="replace")
+        monkeypatch.setattr(type(g), "iter_items", lambda *a, **k: pytest.fail("payloads read"))
+        status = transform_status(g)
+    assert (status["transformed"], status["native"]) == (18, 3) and status["map"] == gmap.digest

@@ -291,6 +291,11 @@ class GalleryBase(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
+    def count_payload(self, key: str, field: str, value: str) -> int:
+        """How many items have payload[key][field] == value (a string), counted by the backend's own query
+        without reading the payloads into Python (e.g. the rows a transform marked, `xbt.gallery.transform`)."""
+
+    @abstractmethod
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> dict[str, dict[str, Any]]:
         """{id: {"payload": ..., "added_at": ..., ["vector": ...]}} for the ids that are stored."""
 

@@ -530,6 +530,10 @@ class MilvusGallery(GalleryBase):
         with self._lock:
             return self._count("")
 
+    def count_payload(self, key: str, field: str, value: str) -> int:
+        with self._lock:
+            return self._count(f"payload[{json.dumps(key)}][{json.dumps(field)}] == {json.dumps(value)}")
+
     def verify(self) -> list[str]:
         """Problems found by a full scan (empty when consistent): row stamps, vector norms, the alias."""
         problems: list[str] = []

@@ -555,6 +555,12 @@ class Gallery(GalleryBase):
         with self._lock:
             return int(self._db().execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
+    def count_payload(self, key: str, field: str, value: str) -> int:
+        path = "$." + ".".join(json.dumps(part) for part in (key, field))  # quoted: any key is a path step
+        with self._lock:
+            return int(self._db().execute("SELECT COUNT(*) FROM items WHERE json_extract(payload, ?) = ?",
+                                          (path, value)).fetchone()[0])
+
     def verify(self) -> list[str]:
         """Problems found by a full check (empty when consistent): stamps, checksums, index coverage."""
         problems: list[str] = []

@@ -244,14 +244,12 @@ def provenance_of(payload: Mapping[str, Any] | None) -> str:
     return str(mark.get("kind", "native")) if isinstance(mark, Mapping) else "native"
 
 
-def transform_status(gallery: GalleryBackend, batch: int = 4096) -> dict[str, Any] | None:
-    """For a transformed gallery: how many rows are still transformed and how many native (one pass over
-    its payloads); None for a gallery no transform made."""
+def transform_status(gallery: GalleryBackend) -> dict[str, Any] | None:
+    """For a transformed gallery: how many rows are still transformed and how many native (counted by the
+    backend's query on the payload mark, not by reading payloads); None for a gallery no transform made."""
     stamp = gallery.extra.get(TRANSFORM_META)
     if not isinstance(stamp, Mapping):
         return None
-    counts = {"transformed": 0, "native": 0}
-    for _id, payload, _added in gallery.iter_items(batch):
-        kind = provenance_of(payload)
-        counts[kind] = counts.get(kind, 0) + 1
-    return {**counts, "map": stamp.get("map"), "made_by": stamp.get("made_by"), "source": stamp.get("source")}
+    transformed = gallery.count_payload(PROVENANCE_KEY, "kind", "transformed")
+    return {"transformed": transformed, "native": len(gallery) - transformed, "map": stamp.get("map"),
+            "made_by": stamp.get("made_by"), "source": stamp.get("source")}
