@@ -78,6 +78,23 @@ class CrossValConfig:
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_crossval_config(source: str | Path, **settings: Any) -> tuple[CrossValConfig, list[tuple[str, str]]]:
+    """A cross-validation YAML (a file or a shipped name such as cv-testbed): the config (its fields, with
+    `settings` such as k, seeds, ks, n_resamples given by the caller) and its `compare` list, the pairs of
+    methods whose difference of mean gain is reported."""
+    doc = yaml.safe_load(resolve_config(source).read_text()) or {}
+    if not isinstance(doc, dict):
+        raise InputError(f"{source}: a cross-validation config is a YAML mapping of CrossValConfig's fields")
+    compare = [tuple(pair) for pair in doc.pop("compare", [])]
+    if any(len(pair) != 2 for pair in compare):
+        raise InputError(f"{source}: every `compare` entry is two method names [a, b]; quote names that hold a comma")
+    unknown = sorted(set(doc) - set(CrossValConfig.__dataclass_fields__))
+    if unknown:
+        raise InputError(f"{source}: unknown field(s) {', '.join(unknown)}; a cross-validation config takes"
+                         f" {', '.join(CrossValConfig.__dataclass_fields__)} and compare")
+    return CrossValConfig(**(doc | settings)), compare
+
+
 def fold_code_digest() -> str:
     """The code a fold's hits come from (models, data, methods, training, evaluation): part of the fold's key,
     so hits saved by older code are computed again, never mixed into a page made by newer code."""
