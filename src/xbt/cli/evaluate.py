@@ -54,11 +54,7 @@ def evaluate(
     if folds is not None:
         if not testbed:
             raise InputError("--folds cross-validates the offline testbed: add --testbed")
-        from xbt.eval.crossval import read_crossval_config, run_crossval
-
-        cfg, compare = read_crossval_config(cv_config, k=folds, seeds=tuple(range(seeds)), ks=k_values, n_resamples=resamples)
-        results = run_crossval(cfg, show_progress=True, command=command, compare=compare)
-        _print_results(results, write_report(results, out, markdown), warnings=False, recommendation=False)
+        _crossval(cv_config, folds, seeds, k_values, resamples, command, out, markdown)
         return
     defaults: dict[str, Any] = TESTBED_DEFAULTS if testbed else {}
     old, new, data = old or defaults.get("old"), new or defaults.get("new"), data or defaults.get("data")
@@ -76,6 +72,17 @@ def evaluate(
     )
     results = run.to_results() | {"command": command}
     _print_results(results, write_report(results, out, markdown), warnings=True, recommendation=show_recommendation)
+
+
+def _crossval(cv_config: str, folds: int, seeds: int, ks: list[int], resamples: int, command: str, out: Path,
+              markdown: Optional[Path]) -> None:
+    """`xbt evaluate --testbed --folds K`: run (or resume) every fold (under XBT_HOME/runs), pooled."""
+    from xbt.eval.crossval import read_crossval_config, run_crossval
+    from xbt.eval.report import write_report
+
+    cfg, compare = read_crossval_config(cv_config, k=folds, seeds=tuple(range(seeds)), ks=ks, n_resamples=resamples)
+    results = run_crossval(cfg, show_progress=True, command=command, compare=compare)
+    _print_results(results, write_report(results, out, markdown), warnings=False, recommendation=False)
 
 
 def _print_results(results: dict[str, Any], paths: dict[str, Any], warnings: bool, recommendation: bool) -> None:

@@ -47,17 +47,13 @@ def gallery_backfill(
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order
     (or, --in-place, replace a transformed gallery's rows by native ones)."""
     from xbt.gallery.base import open_gallery
-    from xbt.gallery.inplace import backfill_in_place
     from xbt.gallery.migration import STATE_NAME, Migration, parse_order, start_migration
 
     if in_place:
         if gallery is None or state is not None or cut_over or engine != "local":
             raise InputError("--in-place works on --gallery (a transformed gallery) alone: no --state, --cut-over"
                              " or --engine ray")
-        new_model = Runtime(device, precision, num_workers).load(model)
-        with open_gallery(gallery_ref(gallery)) as g:
-            print_json(backfill_in_place(g, new_model, parse_order(order), batch_size=batch_size, max_items=max_items,
-                                         show_progress=True))
+        _backfill_in_place(gallery, Runtime(device, precision, num_workers).load(model), order, batch_size, max_items)
         return
     if state is None:
         raise InputError("give --state DIR (the migration folder), or --in-place for a transformed gallery")
@@ -76,16 +72,24 @@ def gallery_backfill(
 
         if max_items is not None:
             raise InputError("--max-items spreads a local backfill over several runs; with --engine ray, omit it")
-        progress = backfill(migration, model, engine="ray", shard_size=shard_size, batch_size=batch_size,
-                            ray_options=RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor),
+        ray = RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
+        progress = backfill(migration, model, engine="ray", shard_size=shard_size, batch_size=batch_size, ray_options=ray,
                             new_model=new_model, device=device, precision=precision, show_progress=True)
     elif engine == "local":
         progress = migration.run(new_model, batch_size=batch_size, max_items=max_items, show_progress=True)
     else:
         raise InputError(f"--engine must be local or ray, not {engine!r}")
-    if cut_over and progress["status"] == "complete":
-        progress = migration.cut_over()
-    print_json(progress)
+    print_json(migration.cut_over() if cut_over and progress["status"] == "complete" else progress)
+
+
+def _backfill_in_place(gallery: str, new_model: Any, order: str, batch_size: int, max_items: Optional[int]) -> None:
+    from xbt.gallery.base import open_gallery
+    from xbt.gallery.inplace import backfill_in_place
+    from xbt.gallery.migration import parse_order
+
+    with open_gallery(gallery_ref(gallery)) as g:
+        print_json(backfill_in_place(g, new_model, parse_order(order), batch_size=batch_size, max_items=max_items,
+                                     show_progress=True))
 
 
 @gallery_app.command("cutover")
