@@ -141,3 +141,14 @@ def test_python_dash_m_runs_the_command_line(module):
     done = subprocess.run([sys.executable, "-m", module, "gallery", "--help"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "backfill-curve" in done.stdout, done.stderr
+
+
+def test_evaluate_folds_reads_its_config_through_the_library(tmp_path):
+    (tmp_path / "typo.yaml").write_text("peerz: [affine]\n")
+    runner = CliRunner()
+    alone = runner.invoke(app, ["evaluate", "--folds", "2", "--out", str(tmp_path / "o")])
+    assert alone.exit_code == 1 and "add --testbed" in alone.output
+    typo = runner.invoke(app, ["evaluate", "--testbed", "--folds", "2", "--cv-config", str(tmp_path / "typo.yaml"),
+                               "--out", str(tmp_path / "o")])
+    assert typo.exit_code == 1 and "unknown field(s) peerz" in " ".join(typo.output.split())
+    assert not (tmp_path / "o").exists()
