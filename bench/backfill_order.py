@@ -48,7 +48,8 @@ from xbt.ranking.merge import MERGE_RULES, fit_score_calibration_pairs
 from xbt.eval.backfill_curve import area_difference, curve_from_hits, direction_sets, format_orders, order_curves, order_hits, orders_to_dict, plot_orders, pool_order_hits
 from xbt.ranking.benefit import fit_benefit_pairs
 from xbt.embed import embed_pairs
-from xbt.eval.runner import compatible_queries, json_safe
+from xbt.compat.queries import compatible_queries
+from xbt.eval.runner import json_safe
 from xbt.train.testbed import fold_models
 
 ORDERS = ("random", "oldest", "benefit", "oracle")

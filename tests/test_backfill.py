@@ -450,7 +450,7 @@ def test_cli_backfill_with_the_score_merge(tmp_path, models):
     from xbt.data.datasets import open_dataset
     from xbt.ranking.merge import fit_score_calibration_pairs
     from xbt.embed import embed_pairs
-    from xbt.eval.runner import compatible_queries
+    from xbt.compat.queries import compatible_queries
 
     runner = CliRunner()
     old_spec, new_spec, old, new, compat = tiny_upgrade(tmp_path)

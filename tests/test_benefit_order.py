@@ -215,7 +215,7 @@ def test_cli_backfill_with_the_benefit_order(tmp_path, xbt_home):
     from xbt.cli import app
     from xbt.data.datasets import open_dataset
     from xbt.embed import embed_pairs
-    from xbt.eval.runner import compatible_queries
+    from xbt.compat.queries import compatible_queries
     from xbt.gallery.ingest import ingest, items_from_folder
 
     old_spec, new_spec, old, new, compat = tiny_upgrade(tmp_path)

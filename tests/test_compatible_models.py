@@ -192,7 +192,7 @@ def test_a_chain_refuses_a_newer_half_retrained_in_place(world, tmp_path):
 def test_a_model_with_text_adapters_is_evaluated_by_mapping_cached_image_features_and_encoding_texts(world):
     from xbt.compat.maps import Projection
     from xbt.embed import embed_pairs
-    from xbt.eval.runner import compatible_queries
+    from xbt.compat.queries import compatible_queries
 
     specs, pairs = world["specs"], world["support"]
     old, new = load_model(specs["old"]), load_model(specs["new"])

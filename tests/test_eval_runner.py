@@ -18,7 +18,8 @@ from xbt.data.pairs import Pair
 from xbt.errors import InputError, SpaceMismatchError
 from xbt.embed import QueryVectors
 from xbt.eval.report import write_report
-from xbt.eval.runner import compatible_queries, run_evaluation
+from xbt.compat.queries import compatible_queries
+from xbt.eval.runner import run_evaluation
 from xbt.models.base import VLPModel
 
 LATENT = 6

@@ -30,6 +30,7 @@ from xbt.compat.registry import PEER_METHODS
 from xbt.data.datasets import open_dataset, open_images
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
+from xbt.errors import InputError
 from xbt.models.base import VLPModel
 from xbt.paths import cache_dir, resolve_config
 from xbt.progress import peak_rss_mb
@@ -72,6 +73,21 @@ class UpgradeJob:
     def fit_texts_label(self) -> str:
         """How XBT's config records the text corpus (one source: as given, so earlier runs keep their key)."""
         return ", ".join(self.fit_text_sources)
+
+
+#: The shipped XBT config for each backend of the new model (LoRA targets, batch sizes, schedules).
+XBT_CONFIG_BY_BACKEND = {"testbed": "xbt-testbed", "openclip": "xbt-clip", "hf": "xbt-clip"}
+
+
+def xbt_config_for(new: str) -> str:
+    """The shipped XBT config for upgrading to the model `new` (a spec): the testbed's lit models train with
+    xbt-testbed, open_clip and Hugging Face CLIP / SigLIP models with xbt-clip; any other model needs a config
+    written for it."""
+    backend = new.partition(":")[0]
+    if backend not in XBT_CONFIG_BY_BACKEND:
+        raise InputError(f"no shipped XBT config fits the new model {new!r} (backend {backend!r}); give --config: a"
+                         " YAML file (start from src/xbt/configs/xbt-clip.yaml or xbt-testbed.yaml)")
+    return XBT_CONFIG_BY_BACKEND[backend]
 
 
 def _digest(*parts: Any) -> str:

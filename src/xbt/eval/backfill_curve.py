@@ -244,7 +244,7 @@ class _Mask:
 def direction_sets(old: Any, compat: Any, new: Any) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[list[int]]]]:
     """(old gallery, new gallery, compatible queries, new queries, positives) per direction, from pair
     embeddings: `old` and `new` are PairEmbeddings of the old and new models on the same pairs, `compat` the
-    compatible model's QueryVectors (old space; e.g. `xbt.eval.runner.compatible_queries(model, pairs, new,
+    compatible model's QueryVectors (old space; e.g. `xbt.compat.queries.compatible_queries(model, pairs, new,
     old)`). Spaces are checked, not just shapes: the queries must be stamped with the old space, and `new`
     must be another space than `old`. T2I backfills the image gallery, I2T the caption gallery."""
     if list(old.caption_image_index) != list(new.caption_image_index):

@@ -16,14 +16,17 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from xbt.compat.model import CompatibleModel
-from xbt.data.pairs import Pair
+from xbt.data.pairs import Pair, unique_images
 from xbt.errors import InputError
-from xbt.ranking.nnn import AlphaChoice, calibrate_queries, choose_alpha
-from xbt.embed import PairEmbeddings, embed_pairs
-from xbt.embed import QueryVectors
+from xbt.ranking.nnn import DEFAULT_K, AlphaChoice, calibrate_queries, choose_alpha
+from xbt.embed import PairEmbeddings, caption_image_index, embed_images, embed_pairs, embed_texts
+from xbt.embed import DIRECTIONS, QueryVectors
 from xbt.eval.matrix import evaluate_upgrade
-from xbt.eval.runner import EvaluationRun, compatible_queries
+from xbt.eval.runner import EvaluationRun
+from xbt.compat.queries import compatible_queries
 from xbt.models.base import VLPModel
 
 CALIBRATED = "+nnn"
@@ -38,10 +41,67 @@ def calibrated_queries(model: CompatibleModel, queries: QueryVectors, eval_old: 
     if not bank_pairs or len(val_pairs) < 2:
         raise InputError("NNN calibration needs training pairs (the bank of queries) and at least 2 val pairs (alpha)")
     e = embedded or _embedded(old, new, bank_pairs, val_pairs)
-    bank = compatible_queries(model, bank_pairs, e["new_bank"], e["old_bank"])
-    val = compatible_queries(model, val_pairs, e["new_val"], e["old_val"])
-    choice = choose_alpha(val, e["old_val"], bank)
+    bank, choice = bank_and_alpha(model, old, bank_pairs, val_pairs, features=e)
     return calibrate_queries(queries, eval_old, bank, choice.alpha), choice
+
+
+def bank_and_alpha(query_model: VLPModel, gallery_model: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
+                   directions: Sequence[str] = DIRECTIONS, k: int = DEFAULT_K,
+                   features: dict[str, PairEmbeddings] | None = None,
+                   show_progress: bool = False) -> tuple[QueryVectors, AlphaChoice]:
+    """NNN's bank and weight, as the evaluation and `xbt gallery calibrate --val` both choose them: the bank is
+    the query model's queries of `bank_pairs` (training pairs); alpha is chosen per direction on `val_pairs`,
+    the query model's val queries searching the val split's own gallery (the gallery model's embeddings of the
+    same pairs). `features`: the new and gallery models' embeddings of both pair sets (`_embedded`), for a
+    compatible query model (its unadapted towers then map cached features); without them only the sides the
+    `directions` use are encoded (t2i: captions as queries, images as the gallery; i2t the other way)."""
+    if features is not None:
+        bank = compatible_queries(query_model, bank_pairs, features["new_bank"], features["old_bank"])
+        val = compatible_queries(query_model, val_pairs, features["new_val"], features["old_val"])
+        val_gallery = features["old_val"]
+    else:
+        bank = query_vectors(query_model, bank_pairs, directions, show_progress)
+        val = query_vectors(query_model, val_pairs, directions)
+        images, texts = _sides(gallery_model, val_pairs, images="t2i" in directions, texts="i2t" in directions)
+        val_gallery = PairEmbeddings(images, texts, caption_image_index(val_pairs), gallery_model.space)
+    return bank, choose_alpha(val, val_gallery, bank, k=k, directions=directions)
+
+
+def query_vectors(model: VLPModel, pairs: Sequence[Pair], directions: Sequence[str] = DIRECTIONS,
+                  show_progress: bool = False) -> QueryVectors:
+    """A query model's queries of `pairs` for the directions asked (t2i: the captions, i2t: the distinct
+    images); a side no direction uses is left as zeros of its shape, never encoded."""
+    images, texts = _sides(model, pairs, images="i2t" in directions, texts="t2i" in directions, show_progress=show_progress)
+    return QueryVectors(images, texts, model.space)
+
+
+def _sides(model: VLPModel, pairs: Sequence[Pair], images: bool, texts: bool,
+           show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    dim = model.space.dim
+    return (embed_images(model, pairs, show_progress) if images else np.zeros((len(unique_images(pairs)), dim), np.float32),
+            embed_texts(model, [p.caption for p in pairs], show_progress) if texts else np.zeros((len(pairs), dim), np.float32))
+
+
+def gallery_bank(query_model: VLPModel, modality: str, bank_pairs: Sequence[Pair], *, alpha: float | None = None,
+                 val_pairs: Sequence[Pair] | None = None, gallery_model: VLPModel | None = None, k: int = DEFAULT_K,
+                 show_progress: bool = False) -> tuple[np.ndarray, float, AlphaChoice | None]:
+    """What `xbt gallery calibrate` stores in a gallery of `modality` (image: searched by text queries; text: by
+    image queries) for one query model: the bank (its queries of `bank_pairs`), and the weight, given as
+    `alpha` or chosen on `val_pairs` against their gallery by `gallery_model` (`bank_and_alpha`).
+    Returns (bank vectors, alpha, the choice or None)."""
+    if modality not in ("image", "text"):
+        raise InputError("calibration needs an image or a caption gallery; this one has no modality")
+    direction = "t2i" if modality == "image" else "i2t"
+    chosen = None
+    if val_pairs is None or gallery_model is None:
+        if alpha is None:
+            raise InputError("give alpha, or val pairs and the gallery's own model to choose it on")
+        bank = query_vectors(query_model, bank_pairs, [direction], show_progress)
+    else:
+        bank, chosen = bank_and_alpha(query_model, gallery_model, bank_pairs, val_pairs, [direction], k,
+                                      show_progress=show_progress)
+        alpha = chosen.alpha[direction]
+    return (bank.texts if direction == "t2i" else bank.images), float(alpha), chosen
 
 
 def _embedded(old: VLPModel, new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair]) -> dict[str, PairEmbeddings]:

@@ -37,7 +37,8 @@ from xbt.eval.calibrated import CALIBRATED, calibrated_queries
 from xbt.embed import DIRECTIONS, QueryVectors
 from xbt.eval.matrix import UpgradeMatrix, matrix_from_hits, system_hits
 from xbt.metrics import DEFAULT_KS, estimate, resampled_means, update_gain
-from xbt.eval.runner import RESULTS_SCHEMA, compatible_queries, json_safe, run_evaluation
+from xbt.eval.runner import RESULTS_SCHEMA, json_safe, run_evaluation
+from xbt.compat.queries import compatible_queries
 from xbt.paths import cache_dir, resolve_config
 
 CV_FORMAT = "xbt.crossval/1"
@@ -77,6 +78,23 @@ class CrossValConfig:
         if self.fit_images:  # absent when empty: folds saved before the option existed keep their key
             doc["fit_images"] = list(self.fit_images)
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_crossval_config(source: str | Path, **settings: Any) -> tuple[CrossValConfig, list[tuple[str, str]]]:
+    """A cross-validation YAML (a file or a shipped name such as cv-testbed): the config (its fields, with
+    `settings` such as k, seeds, ks, n_resamples given by the caller) and its `compare` list, the pairs of
+    methods whose difference of mean gain is reported."""
+    doc = yaml.safe_load(resolve_config(source).read_text()) or {}
+    if not isinstance(doc, dict):
+        raise InputError(f"{source}: a cross-validation config is a YAML mapping of CrossValConfig's fields")
+    compare = [tuple(pair) for pair in doc.pop("compare", [])]
+    if any(len(pair) != 2 for pair in compare):
+        raise InputError(f"{source}: every `compare` entry is two method names [a, b]; quote names that hold a comma")
+    unknown = sorted(set(doc) - set(CrossValConfig.__dataclass_fields__))
+    if unknown:
+        raise InputError(f"{source}: unknown field(s) {', '.join(unknown)}; a cross-validation config takes"
+                         f" {', '.join(CrossValConfig.__dataclass_fields__)} and compare")
+    return CrossValConfig(**(doc | settings)), compare
 
 
 def fold_code_digest() -> str:

@@ -32,11 +32,12 @@ from xbt.compat.fit import fit_data, fit_image_items
 from xbt.compat.fit_cache import PeerFitCache, UnreadableFit, fit_data_digest
 from xbt.compat.maps import QueryMap
 from xbt.compat.model import CompatibleModel
+from xbt.compat.queries import compatible_queries
 from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.errors import InputError
-from xbt.embed import PairEmbeddings, embed_images, embed_pairs, embed_texts
+from xbt.embed import PairEmbeddings, embed_pairs
 from xbt.embed import DIRECTIONS, QueryVectors
 from xbt.eval.matrix import UpgradeMatrix, evaluate_upgrade
 from xbt.metrics import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
@@ -229,26 +230,6 @@ def map_queries(model: CompatibleModel, new_eval: PairEmbeddings, old_eval: Pair
         texts=model.map_features(new_eval.texts, old_eval.texts if ensemble else None, tower="text"),
         space=model.space,
     )
-
-
-def compatible_queries(
-    model: CompatibleModel, pairs: Sequence[Pair], new_eval: PairEmbeddings, old_eval: PairEmbeddings,
-    show_progress: bool = False,
-) -> QueryVectors:
-    """A compatible model's queries of `pairs`, per tower: where it runs the very new model of `new_eval`
-    unadapted (every peer; XBT's image tower when only its text tower has LoRA), the cached features are
-    mapped; elsewhere it encodes (cached under its `encoder_id`, which differs from the old model's although
-    both declare the old space)."""
-    ensemble = model.needs_old_model_at_query_time
-
-    def mapped(tower: str) -> np.ndarray:
-        new_vecs, old_vecs = (new_eval.images, old_eval.images) if tower == "image" else (new_eval.texts, old_eval.texts)
-        return model.map_features(new_vecs, old_vecs if ensemble else None, tower=tower)
-
-    images = mapped("image") if model.runs_unadapted("image", new_eval.space) else embed_images(model, pairs, show_progress)
-    texts = (mapped("text") if model.runs_unadapted("text", new_eval.space)
-             else embed_texts(model, [p.caption for p in pairs], show_progress))
-    return QueryVectors(images=images, texts=texts, space=model.space)
 
 
 # ----- the run ---------------------------------------------------------------------------------------

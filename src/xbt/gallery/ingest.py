@@ -13,7 +13,9 @@ import numpy as np
 
 from xbt.data.images import ImageInput
 from xbt.errors import InputError
-from xbt.gallery.store import CONFLICT_HINT, Gallery, Hit, OnConflict
+from xbt.gallery.base import GalleryBackend, create_gallery, gallery_exists, is_milvus, open_gallery
+from xbt.gallery.index import IndexConfig
+from xbt.gallery.store import CONFLICT_HINT, Gallery, GalleryInfo, Hit, OnConflict, is_complete_gallery
 from xbt.gallery.transform import transform_status
 from xbt.models.base import VLPModel
 from xbt.progress import progress_bar
@@ -216,6 +218,61 @@ def ingest(
                 report.skipped += [it.id for it in good if it.id not in set(added)]
             advance(len(batch))
     return report
+
+
+# ----- `xbt gallery build`: a new gallery, or the resumption of an interrupted build ------------------------
+def build_record(data: str, split: str | None, modality: str) -> dict[str, Any]:
+    """What a gallery records about the build that made it: the source (absolute, when a path), split, modality."""
+    source = Path(data).expanduser()
+    return {"data": str(source.resolve()) if source.exists() else data, "split": split, "modality": modality}
+
+
+def built_from(gallery: GalleryBackend, source: str, split: str | None) -> bool:
+    """Whether `gallery` was built (`build_gallery`) from these very pairs: a bank of queries made from them
+    would calibrate the gallery on the queries it will be searched with."""
+    built = gallery.extra.get("build") or {}
+    return (isinstance(built, dict) and built.get("data") in (source, str(Path(source).expanduser().resolve()))
+            and built.get("split") == split)
+
+
+def build_gallery(ref: str, model: VLPModel, items: Sequence[GalleryItem], record: Mapping[str, Any], *,
+                  index: IndexConfig | None = None, batch_size: int = 64, show_progress: bool = False,
+                  log: Callable[[str], None] | None = None, label: str | None = None) -> tuple[IngestReport, GalleryInfo]:
+    """Embed `items` with `model` into a new gallery at `ref`, stamped with its space and the build `record`
+    (`build_record`). Resumable: where `ref` holds an earlier, interrupted run of this very build (same record,
+    same space) the items already stored are kept and skipped, the rest added; a gallery made otherwise is
+    refused, since a build never adds to someone else's gallery. Compacts the index at the end. `label`: how
+    messages name the gallery (default `ref`)."""
+    label = label or ref
+    stored: set[str] = set()
+    if gallery_exists(ref) if is_milvus(ref) else is_complete_gallery(ref):
+        gallery = open_gallery(ref, index)
+        try:
+            stored = _resumable(gallery, label, model, record, [it.id for it in items])
+        except BaseException:
+            gallery.close()
+            raise
+        if stored and log is not None:
+            log(f"resuming the build of {label}: {len(stored)} of {len(items)} items already stored")
+    else:
+        gallery = create_gallery(ref, model.space, index, str(record["modality"]), extra={"build": dict(record)})
+    with gallery:
+        report = ingest(gallery, model, [it for it in items if it.id not in stored], batch_size=batch_size,
+                        on_conflict="skip", show_progress=show_progress)
+        report.skipped += sorted(stored)
+        gallery.compact()
+        return report, gallery.info()
+
+
+def _resumable(gallery: GalleryBackend, label: str, model: VLPModel, record: Mapping[str, Any], ids: list[str]) -> set[str]:
+    """The ids already stored, if `gallery` is an earlier, interrupted run of this very build; otherwise refuse."""
+    gallery.space.check(model.space, f"the gallery at {label} (an earlier build with another model?)")
+    recorded = gallery.extra.get("build")
+    if recorded != record:
+        made = f" (built from {recorded['data']})" if isinstance(recorded, dict) and "data" in recorded else ""
+        raise InputError(f"{label} already holds a gallery{made}; add items to it with `xbt gallery add --on-conflict skip`,"
+                         " or choose another --out")
+    return gallery.present(ids)
 
 
 # ----- serving ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.progress import progress_bar
 
 __all__ = ["CALIBRATION_NAME", "MIGRATION_FORMAT", "NEW_GALLERY", "ORDERS", "PLAN_NAME", "STATE_NAME", "Migration",
-           "order_ids", "slot_merge"]
+           "order_ids", "parse_order", "slot_merge", "start_migration"]
 
 MIGRATION_FORMAT = "xbt.migration/1"
 STATE_NAME = "migration.json"
@@ -116,6 +116,18 @@ def order_ids(gallery: GalleryBackend, order: str | Sequence[str] = "oldest",
             raise InputError(f"payload field {name!r} mixes types that cannot be ordered: {exc}") from exc
         return [i for _, i in have] + missing
     raise InputError(f"unknown order {order!r}: use oldest, newest, id, field:NAME, -field:NAME, benefit or a list of ids")
+
+
+def parse_order(order: str) -> str | list[str]:
+    """A priority order as typed: a name (`order_ids`), or @FILE of ids (one a line) that go first."""
+    if order.startswith("@"):
+        path = Path(order[1:]).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InputError(f"cannot read the priority ids {order}: {exc.strerror or exc}") from exc
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return order
 
 
 def _benefit_order(gallery: GalleryBackend, ids: list[str], scorer: BenefitScorer | None, batch: int) -> list[str]:
@@ -477,3 +489,35 @@ class Migration:
                              f" backfill again (`xbt gallery backfill --state {self.path}`: it sweeps them), then cut over")
         if self.state.get("serve_as"):  # Milvus: move the served name to the new collection first (idempotent),
             new.serve_as(self.state["serve_as"])  # type: ignore[attr-defined]  # so a kill before the save only repeats it
+
+
+def start_migration(path: str | Path, old_gallery: GalleryBackend, new_model: VLPModel, order: str | Sequence[str] = "oldest",
+                    *, load: Callable[[str], VLPModel], compat: str | None = None, old_model: str | None = None,
+                    fit_pairs: str | None = None, calibrate_pairs: str | None = None,
+                    log: Callable[[str], None] | None = None) -> Migration:
+    """`Migration.start` with what `xbt gallery backfill` fits first from the models (specs, which `load` turns
+    into models): the score merge's calibration on the pair source `calibrate_pairs` (needs `compat`, the
+    compatible model, and `old_model`, the gallery's own), and for `order="benefit"` the benefit scorer on the
+    training pair source `fit_pairs` (under that calibration when there is one). Fit reports go to `log`."""
+    from xbt.data.datasets import open_dataset
+    from xbt.gallery.fits import fit_benefit, fit_merge_calibration
+
+    modality = old_gallery.modality or "image"
+    scorer = calibration = None
+    if calibrate_pairs:
+        missing = [f for f, v in (("--compat", compat), ("--old-model", old_model)) if not v]
+        if missing:
+            raise InputError(f"the score merge is calibrated with the models the migration serves by: give"
+                             f" {' and '.join(missing)}")
+        calibration = fit_merge_calibration(load(str(old_model)), new_model, load(str(compat)), open_dataset(calibrate_pairs),
+                                            modality, calibrate_pairs, compat or "", log)
+    if order == "benefit":
+        missing = [flag for flag, value in (("--compat", compat), ("--old-model", old_model), ("--fit-pairs", fit_pairs))
+                   if not value]
+        if missing:
+            raise InputError(f"the benefit order is estimated from training pairs: give {', '.join(missing)}"
+                             " (the compatible model, the gallery's own model and the training pairs)")
+        old, compatible = load(str(old_model)), load(str(compat))
+        scorer = fit_benefit(old, new_model, compatible, open_dataset(str(fit_pairs)), modality, calibration=calibration,
+                             compat_name=compat or "", log=log)
+    return Migration.start(path, old_gallery, new_model.space, order, benefit=scorer, calibration=calibration)

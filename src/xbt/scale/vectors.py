@@ -29,7 +29,7 @@ import numpy as np
 from xbt.durable import atomic_write_bytes
 from xbt.errors import InputError
 from xbt.gallery.ingest import GalleryItem
-from xbt.gallery.store import Gallery, OnConflict
+from xbt.gallery.store import Gallery, OnConflict, is_gallery
 from xbt.models.base import EmbeddingSpace
 
 FORMAT = "xbt.vectors/1"
@@ -244,3 +244,13 @@ def load_into_gallery(folder: str | Path, gallery: Gallery, on_conflict: OnConfl
         added += n
         present += len(shard.ids) - n
     return added, present
+
+
+def load_into_gallery_at(folder: str | Path, gallery: str | Path, modality: str,
+                         on_conflict: OnConflict = "skip") -> tuple[int, int]:
+    """`load_into_gallery` into the embedded gallery at `gallery`, created in the vectors' space (with `modality`)
+    when there is none yet (`xbt embed --gallery`; resumable). Returns (added, already present)."""
+    target = (Gallery.open(gallery) if is_gallery(gallery)
+              else Gallery.create(gallery, Manifest.read(Path(folder)).embedding_space, modality=modality))
+    with target:
+        return load_into_gallery(folder, target, on_conflict)

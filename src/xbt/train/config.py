@@ -4,7 +4,7 @@ with dotted-path overrides that refuse a path the config does not have."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,8 @@ import yaml
 
 from xbt.errors import InputError
 
-__all__ = ["LoraSettings", "ProjectionConfig", "Stage1Config", "Stage2Config", "XBTConfig", "apply_overrides"]
+__all__ = ["LoraSettings", "ProjectionConfig", "Stage1Config", "Stage2Config", "XBTConfig", "apply_overrides",
+           "load_xbt_config"]
 
 
 # ----- configuration -----------------------------------------------------------------------------
@@ -144,3 +145,25 @@ def apply_overrides(doc: dict[str, Any], overrides: Mapping[str, Any], what: str
             raise InputError(f"{what}: the config has no key {path!r}")
         node[leaf] = value
     return doc
+
+
+def load_xbt_config(config: str | Path, overrides: Sequence[str] = (), max_pairs: int | None = None,
+                    seed: int | None = None) -> XBTConfig:
+    """What `xbt train` trains with: a YAML file or a shipped config's name, with `overrides` as KEY=VALUE
+    strings (dotted paths, YAML values: "stage2.lora.enabled=false"), then `max_pairs` (0: stage 1 only) and
+    `seed` when given."""
+    from xbt.paths import resolve_config
+
+    cfg = XBTConfig.from_file(resolve_config(config))
+    if overrides:
+        pairs = [item.split("=", 1) for item in overrides]
+        if any(len(p) != 2 for p in pairs):
+            raise InputError(f"--set takes KEY=VALUE, e.g. stage2.lora.enabled=false; got {list(overrides)}")
+        cfg = XBTConfig.from_dict(apply_overrides(cfg.to_dict(), {k: yaml.safe_load(v) for k, v in pairs}, "--set"))
+    if max_pairs is not None:
+        cfg.max_pairs = max_pairs
+        if max_pairs == 0:
+            cfg.stage2.enabled = False
+    if seed is not None:
+        cfg.seed = seed
+    return cfg

@@ -1,0 +1,5 @@
+"""`python -m xbt ...`: the command line."""
+
+from xbt.cli import main
+
+main()
