@@ -964,6 +964,7 @@ def gallery_backfill(
     old_model: Optional[str] = typer.Option(None, help="--order benefit: the gallery's own (old) model, to embed --fit-pairs."),
     fit_pairs: Optional[str] = typer.Option(None, help="--order benefit: training pairs (any source `xbt evaluate` reads, e.g. testbed:xbt_train) on which the benefit estimate is chosen; never the evaluation items."),
     calibrate_pairs: Optional[str] = typer.Option(None, help=_CALIBRATE_HELP),
+    benefit_scorer: Optional[Path] = typer.Option(None, help="--in-place --order benefit: the in-place benefit scorer's folder (xbt.gallery.inplace_benefit), fitted there on the first run (needs --compat, whose transposed query map made the gallery, --old-model and --fit-pairs) and loaded on every later one."),
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
     cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
@@ -991,8 +992,15 @@ def gallery_backfill(
             ids = ([line.strip() for line in Path(order[1:]).read_text().splitlines() if line.strip()]
                    if order.startswith("@") else order)
             with open_gallery(_gallery_ref(gallery)) as g:
+                scorer = None
+                if order == "benefit":
+                    from xbt.gallery.inplace_benefit import inplace_benefit_from_specs
+
+                    runtime = _Runtime(device, precision, num_workers)
+                    scorer = inplace_benefit_from_specs(g, benefit_scorer, new_model, runtime.load, compat, old_model, fit_pairs)
+                    console.print(f"in-place benefit order: {scorer.statistic} (chosen on {scorer.fit_report.get('training_items')} training items)")
                 _print_json(backfill_in_place(g, new_model, ids, batch_size=batch_size, max_items=max_items,
-                                              show_progress=True))
+                                              show_progress=True, benefit=scorer))
             return
         if state is None:
             raise ValueError("give --state DIR (the migration folder), or --in-place for a transformed gallery")

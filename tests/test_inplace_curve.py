@@ -1,0 +1,149 @@
+"""The in-place strategy's backfill curve and its benefit order (issue 26, part 3): at 0% backfilled a gallery
+transformed by the transpose of an orthogonal query map recalls exactly as the query-side map, at 100% as
+new->new; each backfilled row is scored by its native vector; the row calibration, the oracle and the benefit
+scorer (chosen on training pairs, saved and loaded, and followed by `backfill_in_place --order benefit`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_gallery_inplace import _transformed
+
+from xbt.compat.procrustes import orthogonal_procrustes
+from xbt.errors import InputError, SpaceMismatchError
+from xbt.eval.backfill_curve import backfill_hits
+from xbt.eval.inplace_benefit import CANDIDATES, InplaceBenefitScorer, fit_inplace_benefit, inplace_statistic
+from xbt.eval.inplace_curve import (
+    RowCalibration,
+    fit_row_calibration,
+    inplace_hits,
+    inplace_oracle_order,
+    inplace_top1_curve,
+)
+from xbt.gallery.inplace import backfill_in_place
+from xbt.gallery.inplace_benefit import benefit_plan, load_or_fit_benefit
+from xbt.gallery.store import Gallery
+from xbt.gallery.transform import transform_status
+
+OLD, NEW = 16, 24
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _world(n: int = 80, seed: int = 0, noise: float = 0.6):
+    """Items with a latent; the old and new models see it through different random maps (the old one noisier);
+    queries are noisy new-model views of their item."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, 12))
+    old = _unit(latent @ rng.standard_normal((12, OLD)) + noise * rng.standard_normal((n, OLD)))
+    new = _unit(latent @ rng.standard_normal((12, NEW)) + 0.2 * rng.standard_normal((n, NEW)))
+    queries = _unit(new + 0.5 * rng.standard_normal((n, NEW)) / np.sqrt(NEW))
+    return old, new, queries, [[i] for i in range(n)]
+
+
+def _rotation(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """An orthogonal query map new -> old (NEW x OLD, orthonormal columns), Procrustes on the items."""
+    return orthogonal_procrustes(new, np.hstack([old, np.zeros((len(old), NEW - OLD), np.float32)]))[:, :OLD]
+
+
+def test_at_zero_the_transposed_map_recalls_as_the_query_side_map_and_at_one_as_new_to_new():
+    old, new, queries, positives = _world()
+    r = _rotation(old, new)
+    np.testing.assert_allclose(r.T @ r, np.eye(OLD), atol=1e-5)
+    transformed = _unit(old @ r.T)  # old -> new by R^T: <q, R^T g> = <R q, g>
+    fractions = [0.0, 0.5, 1.0]
+    got = inplace_hits(transformed, new, queries, positives, fractions, np.arange(len(old)))
+    query_side = backfill_hits(old, new, queries @ r, queries, positives, fractions, np.arange(len(old)))
+    for k in (1, 5, 10):
+        np.testing.assert_array_equal(got[0.0][k], query_side[0.0][k])  # per query, not only the recall
+        np.testing.assert_array_equal(got[1.0][k], query_side[1.0][k])
+    assert 0 < got[0.0][1].mean() < got[1.0][1].mean()  # a test with something to gain
+
+
+def test_each_backfilled_row_is_scored_by_its_native_vector():
+    old, new, queries, positives = _world(40, seed=1)
+    transformed = _unit(np.random.default_rng(2).standard_normal(new.shape))  # a bad map: the gain is large
+    order = np.random.default_rng(3).permutation(len(new))
+    fractions = [i / 8 for i in range(9)]
+    got = inplace_hits(transformed, new, queries, positives, fractions, order, ks=(1, 5))
+    for f in fractions:  # the reference: the gallery with each backfilled row's vector replaced, searched plainly
+        gallery = transformed.copy()
+        done = order[: round(f * len(new))]
+        gallery[done] = new[done]
+        ranks = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")
+        for k in (1, 5):
+            expected = np.array([q in ranks[q, :k] for q in range(len(queries))], dtype=float)
+            np.testing.assert_array_equal(got[f][k], expected)
+    assert got[0.0][1].mean() < got[1.0][1].mean()
+
+
+def test_the_row_calibration_and_the_oracle():
+    old, new, queries, positives = _world(60, seed=4)
+    same = fit_row_calibration(new, new, queries, positives)
+    assert abs(same.a - 1) < 1e-3 and abs(same.b) < 1e-3
+    cal = RowCalibration(0.9, 0.05)
+    assert RowCalibration.from_dict(json.loads(json.dumps(cal.to_dict()))).b == 0.05
+    with pytest.raises(InputError):
+        RowCalibration(-1.0, 0.0)
+    r = _rotation(old, new)
+    transformed = _unit(old @ r.T)
+    oracle = inplace_oracle_order(transformed, new, queries, positives, cal)
+    assert sorted(oracle.tolist()) == list(range(len(new)))
+    fr = [i / 10 for i in range(11)]
+    best = inplace_top1_curve(transformed, new, queries, positives, oracle, fr, cal)
+    rand = np.mean([inplace_top1_curve(transformed, new, queries, positives, np.random.default_rng(s).permutation(60), fr, cal)
+                    for s in range(5)], axis=0)
+    assert np.trapezoid(best, fr) >= np.trapezoid(rand, fr)
+
+
+def test_the_benefit_scorer_is_chosen_on_training_pairs_saved_and_loaded(tmp_path):
+    old, new, queries, positives = _world(200, seed=5)
+    r = _rotation(old, new)
+    transformed = _unit(old @ r.T)
+    s_old, s_new, _, _ = _world(300, seed=6)
+    scorer = fit_inplace_benefit(transformed, new, queries, positives, _unit(s_old @ r.T), s_new, seed=0)
+    assert scorer.statistic in CANDIDATES and set(scorer.fit_report["mean_gain_area"]) == set(CANDIDATES)
+    assert scorer.fit_report["training_items"] == 200 and scorer.fit_report["sample_items"] == 300
+    gallery = _unit(_world(50, seed=7)[0] @ r.T)
+    order = scorer.order(gallery)
+    assert sorted(order.tolist()) == list(range(50))
+    for name in CANDIDATES:  # every candidate scores every row
+        assert np.isfinite(inplace_statistic(name, gallery, scorer.heads)).all()
+    scorer.save(tmp_path / "scorer")
+    loaded = InplaceBenefitScorer.load(tmp_path / "scorer")
+    assert loaded.statistic == scorer.statistic
+    np.testing.assert_allclose(loaded.score(gallery), scorer.score(gallery), atol=1e-6)
+    with pytest.raises(SpaceMismatchError):
+        loaded.score(gallery[:, :OLD])
+    weights = tmp_path / "scorer" / "scorer.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"x")
+    with pytest.raises(InputError, match="sha256"):
+        InplaceBenefitScorer.load(tmp_path / "scorer")
+    with pytest.raises(InputError, match="too few"):
+        fit_inplace_benefit(transformed[:30], new[:30], queries[:30], positives[:30])
+
+
+def test_the_in_place_backfill_follows_the_benefit_plan_and_keeps_its_scorer(tmp_path):
+    new_model, path = _transformed(tmp_path)
+    scorer = InplaceBenefitScorer("density@1", dim=new_model.embed_dim)
+    with Gallery.open(path) as g:
+        plan = benefit_plan(g, scorer)
+        ids = sorted(plan)
+        vectors = g.get(ids, with_vectors=True)
+        expected = [ids[int(i)] for i in scorer.order(np.stack([vectors[i]["vector"] for i in ids]))]
+        assert plan == expected
+        report = backfill_in_place(g, new_model, "benefit", benefit=scorer, batch_size=4, max_items=6)
+        assert report["replaced"] == 6 and transform_status(g)["native"] == 6
+        native = {i for i, p, _ in g.iter_items(64) if "_xbt_provenance" not in (p or {})}
+        assert native == set(plan[:6])
+        assert set(benefit_plan(g, scorer)) == set(plan[6:])  # a rerun plans the rows still transformed
+        saved = load_or_fit_benefit(tmp_path / "scorer", g, lambda: scorer)  # fitted once, saved
+        assert saved.statistic == "density@1" and (tmp_path / "scorer" / "scorer.json").exists()
+        again = load_or_fit_benefit(tmp_path / "scorer", g, lambda: pytest.fail("fitted again"))
+        assert again.statistic == "density@1"
+        with pytest.raises(InputError, match="benefit order"):
+            backfill_in_place(g, new_model, "benefit")
