@@ -147,3 +147,71 @@ def test_the_in_place_backfill_follows_the_benefit_plan_and_keeps_its_scorer(tmp
         assert again.statistic == "density@1"
         with pytest.raises(InputError, match="benefit order"):
             backfill_in_place(g, new_model, "benefit")
+
+
+def test_the_scorer_must_come_through_the_map_that_made_the_gallery(tmp_path):
+    from test_gallery_transform import LinearModel
+
+    from xbt.data.pairs import Pair
+    from xbt.gallery.inplace_benefit import fit_gallery_benefit, inplace_benefit_from_specs
+    from xbt.gallery.transform import fitted_map
+
+    new_model, path = _transformed(tmp_path)
+    old_model = LinearModel(16, 5, "old")
+    other = fitted_map("procrustes-text", old_model, new_model, fit_texts=[f"another text {i}" for i in range(60)])
+    pairs = [Pair(image="x.png", caption=f"c {i}", image_id=str(i)) for i in range(50)]
+    with Gallery.open(path) as g:
+        with pytest.raises(InputError, match="must be fitted through the map that made the gallery"):
+            fit_gallery_benefit(g, other, old_model, new_model, pairs)
+        with pytest.raises(InputError, match="--benefit-scorer"):
+            inplace_benefit_from_specs(g, None, new_model, None, "compat:x", "old", "pairs")
+        with pytest.raises(InputError, match="give --compat, --old-model, --fit-pairs"):
+            inplace_benefit_from_specs(g, tmp_path / "scorer", new_model, None, None, None, None)
+        bad = InplaceBenefitScorer("density@1", dim=24, fit_report={"map": "0" * 64})
+        bad.save(tmp_path / "bad")
+        with pytest.raises(InputError, match="fitted through map"):
+            load_or_fit_benefit(tmp_path / "bad", g)
+
+
+def test_the_command_backfills_in_place_by_benefit_and_keeps_its_scorer(tmp_path):
+    from gallery_support import make_images, save_tiny_openclip
+    from test_gallery_transform import unit_rows
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+    from xbt.compat.maps import LinearMap
+    from xbt.compat.model import CompatibleModel
+    from xbt.specs import load_model
+
+    old_spec, new_spec = save_tiny_openclip(tmp_path / "old", seed=0), save_tiny_openclip(tmp_path / "new", seed=1)
+    old, new = load_model(old_spec), load_model(new_spec)
+    rotation = orthogonal_procrustes(unit_rows(64, 32, 1), unit_rows(64, 32, 2))
+    CompatibleModel(new, LinearMap.from_arrays(rotation), old.space).save_pretrained(tmp_path / "compat")
+    images = make_images(tmp_path / "images", 20, seed=3)
+    with Gallery.create(tmp_path / "g", old.space, modality="image") as g:
+        g.add(old.encode_image(images).numpy(), [f"item{i:04d}" for i in range(20)],
+              [{"image": str(p), "caption": f"c{i}"} for i, p in enumerate(images)], space=old.space)
+    train = make_images(tmp_path / "train", 48, seed=7)  # training pairs: never the gallery's items
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": str(p), "caption": f"a drawing of thing {i}"}) + "\n"
+                                                  for i, p in enumerate(train)))
+    runner = CliRunner()
+
+    def cli(*args: str, ok: bool = True) -> str:
+        result = runner.invoke(app, list(args))
+        assert (result.exit_code == 0) == ok, f"{args}: {result.output}"
+        return result.stdout if ok else result.output
+
+    cli("gallery", "transform", "--gallery", str(tmp_path / "g"), "--out", str(tmp_path / "t"), "--map",
+        f"compat:{tmp_path / 'compat'}", "--device", "cpu")
+    backfill = ["gallery", "backfill", "--in-place", "--gallery", str(tmp_path / "t"), "--model", new_spec, "--device", "cpu",
+                "--order", "benefit", "--benefit-scorer", str(tmp_path / "scorer"), "--batch-size", "4", "--max-items", "5"]
+    assert "give --compat, --old-model, --fit-pairs" in " ".join(cli(*backfill, ok=False).split())
+    out = cli(*backfill, "--compat", f"compat:{tmp_path / 'compat'}", "--old-model", old_spec, "--fit-pairs",
+              str(tmp_path / "pairs.jsonl"))
+    report = json.loads(out[out.index("{"):])
+    assert (report["replaced"], report["transformed"], report["native"]) == (5, 15, 5)
+    scorer = InplaceBenefitScorer.load(tmp_path / "scorer")
+    assert scorer.fit_report["training_items"] == 48 and scorer.space_id == new.space.id
+    out = cli(*backfill)  # a rerun loads the saved scorer: no training pairs needed
+    report = json.loads(out[out.index("{"):])
+    assert (report["replaced"], report["transformed"], report["native"]) == (5, 10, 10)

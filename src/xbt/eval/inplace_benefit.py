@@ -23,7 +23,8 @@ gain, so the statistics aim at the items the transformation serves worst:
 `fit_inplace_benefit` chooses one on training pairs only (never evaluation items): the training items are dealt
 into parts, each part in turn is a small transformed gallery whose native vectors are known, the heads are
 fitted without it (the other parts + the sample), and each candidate's order is scored by the area under its
-measured R@1 in-place curve (normalised gain, `xbt.eval.benefit.gain_area`). The scorer saves to a folder
+measured R@1 in-place curve (normalised gain, `xbt.eval.benefit.gain_area`); when no part shows a gain the first
+candidate is kept (`fit_report["no_gain"]`). The scorer saves to a folder
 (`save` / `load`: JSON + safetensors with its sha256, no pickle) for `xbt gallery backfill --in-place --order
 benefit`.
 """
@@ -276,18 +277,18 @@ def fit_inplace_benefit(
         for name in candidates:
             order = np.argsort(-inplace_statistic(name, transformed[rows], heads), kind="stable")
             table[name].append(gain_area(inplace_top1_curve(*args, order, FIT_FRACTIONS, calibration), FIT_FRACTIONS))
-    if not random_areas:
-        raise InputError("the training pairs show no R@1 gain of native over transformed rows in any part: nothing to"
-                         " learn an order from")
-    means = {name: float(np.nanmean(v)) for name, v in table.items()}
-    best = max(candidates, key=lambda name: means[name])
+    # No part shows a gain (the new model finds nothing more than the transformed rows on these pairs): nothing to
+    # choose by, so the first candidate is kept and the report says so (`no_gain`).
+    means = {name: float(np.nanmean(v)) if v else float("nan") for name, v in table.items()}
+    best = max(candidates, key=lambda name: means[name]) if random_areas else candidates[0]
     heads = head_cache.get(-1) if head_cache is not None else None
     if heads is None:
         heads = fit_heads(np.concatenate([extra_t, transformed]), np.concatenate([extra_n, native]),
                           *_query_pairs(transformed, queries, positives, np.arange(len(queries))), seed=seed)
         if head_cache is not None:
             head_cache[-1] = heads
-    report = {"chosen": best, "mean_gain_area": means, "random_gain_area": float(np.mean(random_areas)),
+    report = {"chosen": best, "mean_gain_area": means, "no_gain": not random_areas,
+              "random_gain_area": float(np.mean(random_areas)) if random_areas else float("nan"),
               "parts": len(random_areas), "training_items": n, "training_queries": len(queries),
               "sample_items": len(extra_t), "calibrated": calibration is not None}
     return InplaceBenefitScorer(best, heads, transformed.shape[1], space_id, report)
