@@ -64,6 +64,7 @@ from xbt.eval.benefit import fit_benefit_pairs  # noqa: E402
 from xbt.eval.embed import embed_images, embed_pairs, embed_texts, prime_lit_cache  # noqa: E402
 from xbt.eval.inplace_benefit import CANDIDATES, fit_inplace_benefit, inplace_statistic  # noqa: E402
 from xbt.eval.inplace_curve import fit_row_calibration, inplace_direction_sets, inplace_hits, inplace_oracle_order  # noqa: E402
+from xbt.eval.migration_strategy import migration_costs, recommend_strategy  # noqa: E402
 from xbt.eval.runner import compatible_queries, json_safe  # noqa: E402
 from xbt.gallery.transform import fitted_map, transposed_query_map  # noqa: E402
 from xbt.train.testbed import fold_models  # noqa: E402
@@ -252,6 +253,23 @@ def write_page(result: dict[str, Any], path: Path, pngs: list[str]) -> None:
         chosen.append(f"{f['meta']['fold']}: " + "; ".join(f"{s} " + ", ".join(f"{d} {v['statistic']}" for d, v in dd.items())
                                                           for s, dd in per.items()))
     lines += ["## What the benefit order chose, per fold (on the training pairs)", "", *[f"- {c}" for c in chosen], ""]
+    rec = result.get("recommendation")
+    if rec:
+        lines += ["## Which strategy (`xbt.eval.migration_strategy`)", "",
+                  f"Compared: {rec['compared']} (paired, pooled queries); rates from `{rec['rates']['source']}`:"
+                  f" {rec['rates']['transform_vectors_per_s']:,.0f} vectors/s transformed through the embedded store,"
+                  f" {rec['rates']['encode_images_per_s']:.1f} images/s encoded by the testbed's new model (one CPU core).", "",
+                  "| gallery items | strategy | vectors written before serving | peak vectors stored | hours before serving |"
+                  " hours to encode every item | merge rule | ends in the new space |", "|---|---|---|---|---|---|---|---|"]
+        for items, r in rec.items():
+            if not items.isdigit():
+                continue
+            for name, c in r["costs"].items():
+                lines.append(f"| {int(items):,} | {name} | {c['vectors_written_before_serving']:,} | {c['peak_vectors_stored']:,} |"
+                             f" {c['seconds_before_serving'] / 3600:.2f} | {c['seconds_to_encode_everything'] / 3600:,.0f} |"
+                             f" {'yes' if c['merge_rule'] else 'no'} | {'yes' if c['ends_in_new_space'] else 'no'} |")
+        first = next(r for k, r in rec.items() if k.isdigit())
+        lines += ["", f"Pick: **{first['pick']}**: {first['why']}.", "", *[f"- {x}" for x in first["reasons"][:-1]], ""]
     ref = result.get("reference")
     if ref:
         lines += ["## Reference: the committed query-side study (procrustes-both, docs/results/backfill-order-testbed.json)", "",
@@ -275,6 +293,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results/backfill-transformed-testbed")
     parser.add_argument("--reference", default="docs/results/backfill-order-testbed.json")
     parser.add_argument("--notes-file", default="")
+    parser.add_argument("--rates", default="bench/results/transform.json", help="Measured transform and encoding rates (bench/transform.py) for the cost of each strategy.")
     args = parser.parse_args()
     t0 = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -311,6 +330,21 @@ def main() -> None:
         if sa in pooled and sb in pooled:
             paired[name] = {d: area_difference(pooled[sa][oa][d], pooled[sb][ob][d], 1, args.seed, args.n_resamples).to_dict()
                             for d in ("t2i", "i2t")}
+    # which strategy, for a gallery of the user's size: in place in an arbitrary order (random: the benefit order does
+    # not help in place) against the query-side calibrated score merge with its benefit order
+    recommendation: dict[str, Any] = {}
+    if "inplace-RT" in pooled and Path(args.rates).exists():
+        rates = json.loads(Path(args.rates).read_text())
+        diff = {d: area_difference(pooled["inplace-RT"]["random"][d], pooled["query-side-score"]["benefit"][d], 1,
+                                   args.seed, args.n_resamples).to_dict() for d in ("t2i", "i2t")}
+        r1 = {"in-place": {d: curves["inplace-RT"]["random"][d].recall[1][0].value for d in ("t2i", "i2t")},
+              "query-side": {d: curves["query-side-score"]["benefit"][d].recall[1][0].value for d in ("t2i", "i2t")}}
+        for items in (1_000_000, 100_000_000):
+            recommendation[str(items)] = recommend_strategy(
+                diff, r1, migration_costs(items, rates["store"]["vectors_per_s"], rates["encode"]["images_per_s"]))
+        recommendation["compared"] = "inplace-RT random vs query-side-score benefit"
+        recommendation["rates"] = {"transform_vectors_per_s": rates["store"]["vectors_per_s"],
+                                   "encode_images_per_s": rates["encode"]["images_per_s"], "source": args.rates}
     reference = None
     if args.reference and Path(args.reference).exists():
         ref = json.loads(Path(args.reference).read_text())
@@ -329,7 +363,7 @@ def main() -> None:
             "elapsed_s": round(time.perf_counter() - t0, 1),
         },
         "strategies": {s: orders_to_dict(curves[s]) for s in strategies},
-        "paired": paired, "diagnostics": diagnostics, "reference": reference,
+        "paired": paired, "diagnostics": diagnostics, "reference": reference, "recommendation": recommendation,
         "folds": [{"meta": r["meta"]} for r in per_fold],
         "notes": Path(args.notes_file).read_text() if args.notes_file else "",
     }

@@ -215,3 +215,19 @@ def test_the_command_backfills_in_place_by_benefit_and_keeps_its_scorer(tmp_path
     out = cli(*backfill)  # a rerun loads the saved scorer: no training pairs needed
     report = json.loads(out[out.index("{"):])
     assert (report["replaced"], report["transformed"], report["native"]) == (5, 10, 10)
+
+
+def test_the_strategy_recommendation_weighs_quality_intervals_against_costs():
+    from xbt.eval.migration_strategy import migration_costs, recommend_strategy
+
+    costs = migration_costs(1_000_000, 10_000.0, 10.0)
+    assert costs["in-place"].vectors_written_before_serving == 1_000_000 and costs["in-place"].seconds_before_serving == 100
+    assert costs["query-side"].peak_vectors_stored == 2_000_000 and costs["query-side"].merge_rule
+    assert costs["in-place"].seconds_to_encode_everything == costs["query-side"].seconds_to_encode_everything == 100_000
+    r1 = {"in-place": {"t2i": 19.0, "i2t": 23.4}, "query-side": {"t2i": 19.0, "i2t": 23.4}}
+    inside = {"t2i": {"value": -0.5, "low": -2.0, "high": 1.0}, "i2t": {"value": 0.2, "low": -1.0, "high": 1.5}}
+    assert recommend_strategy(inside, r1, costs)["pick"] == "in-place"  # a tie goes to the simpler operation
+    worse = {"t2i": {"value": -2.0, "low": -3.0, "high": -0.5}, "i2t": {"value": -1.0, "low": -2.0, "high": 0.5}}
+    assert recommend_strategy(worse, r1, costs)["pick"] == "query-side"
+    with pytest.raises(InputError):
+        migration_costs(10, 0.0, 1.0)

@@ -101,7 +101,8 @@ def inplace_hits(transformed: Array, native: Array, queries: Array, positives: S
                  seed: int = 0, calibration: RowCalibration | None = None) -> dict[float, dict[int, Array]]:
     """Per-query hits (1 if a positive is in the top k; averaged over several orders) at each fraction: row i
     is `native[i]` once backfilled (its place in `order` below round(f n)), `transformed[i]` before (its score
-    mapped by `calibration` if given). `order`: a permutation of the rows, a list of them, or None (random)."""
+    mapped by `calibration` if given). `order`: a permutation of the rows, a list of them, or None (random). Dense:
+    (queries x items) scores of both kinds in memory, for evaluation-sized galleries."""
     transformed, native = np.asarray(transformed, np.float32), np.asarray(native, np.float32)
     queries = np.asarray(queries, np.float32)
     _check(transformed, native, queries, positives)

@@ -100,7 +100,10 @@ def load_or_fit_benefit(folder: str | Path, gallery: GalleryBackend, fit: Any = 
 
 def benefit_plan(gallery: GalleryBackend, scorer: InplaceBenefitScorer, batch: int = 4096) -> list[str]:
     """The ids of the gallery's rows still transformed, the largest estimated benefit first (native rows are done:
-    left out). One pass over the payloads, then the transformed rows' vectors in batches."""
+    left out). One pass over the payloads, then the transformed rows' vectors in batches. Limit: the vectors are
+    scored together in memory (and density@k / confusion-own compare every row with every other), which suits
+    galleries of up to some hundred thousand rows on a CPU (density@k over n rows costs n^2 x dim); larger ones
+    need the scorer run per shard (not built)."""
     ids = [i for i, payload, _added in gallery.iter_items(batch) if provenance_of(payload) == "transformed"]
     if not ids:
         return []
