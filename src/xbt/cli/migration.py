@@ -32,6 +32,7 @@ def gallery_backfill(
     old_model: Optional[str] = typer.Option(None, help="--order benefit: the gallery's own (old) model, to embed --fit-pairs."),
     fit_pairs: Optional[str] = typer.Option(None, help="--order benefit: training pairs (any source `xbt evaluate` reads, e.g. testbed:xbt_train) on which the benefit estimate is chosen; never the evaluation items."),
     calibrate_pairs: Optional[str] = typer.Option(None, help=_CALIBRATE_HELP),
+    benefit_scorer: Optional[Path] = typer.Option(None, help="--in-place --order benefit: the in-place benefit scorer's folder (xbt.gallery.inplace_benefit), fitted there on the first run (needs --compat, whose transposed query map made the gallery, --old-model and --fit-pairs) and loaded on every later one."),
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
     cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
@@ -53,7 +54,8 @@ def gallery_backfill(
         if gallery is None or state is not None or cut_over or engine != "local":
             raise InputError("--in-place works on --gallery (a transformed gallery) alone: no --state, --cut-over"
                              " or --engine ray")
-        _backfill_in_place(gallery, Runtime(device, precision, num_workers).load(model), order, batch_size, max_items)
+        _backfill_in_place(gallery, model, Runtime(device, precision, num_workers), order, batch_size, max_items,
+                           benefit_scorer, compat, old_model, fit_pairs)
         return
     if state is None:
         raise InputError("give --state DIR (the migration folder), or --in-place for a transformed gallery")
@@ -82,14 +84,23 @@ def gallery_backfill(
     print_json(migration.cut_over() if cut_over and progress["status"] == "complete" else progress)
 
 
-def _backfill_in_place(gallery: str, new_model: Any, order: str, batch_size: int, max_items: Optional[int]) -> None:
+def _backfill_in_place(gallery: str, model: str, runtime: Runtime, order: str, batch_size: int, max_items: Optional[int],
+                       benefit_scorer: Optional[Path], compat: Optional[str], old_model: Optional[str],
+                       fit_pairs: Optional[str]) -> None:
     from xbt.gallery.base import open_gallery
     from xbt.gallery.inplace import backfill_in_place
+    from xbt.gallery.inplace_benefit import inplace_benefit_from_specs
     from xbt.gallery.migration import parse_order
 
+    new_model = runtime.load(model)
     with open_gallery(gallery_ref(gallery)) as g:
+        scorer = None
+        if order == "benefit":
+            scorer = inplace_benefit_from_specs(g, benefit_scorer, new_model, runtime.load, compat, old_model, fit_pairs)
+            console.print(f"in-place benefit order: {scorer.statistic} (chosen on"
+                          f" {scorer.fit_report.get('training_items')} training items)")
         print_json(backfill_in_place(g, new_model, parse_order(order), batch_size=batch_size, max_items=max_items,
-                                     show_progress=True))
+                                     show_progress=True, benefit=scorer))
 
 
 @gallery_app.command("cutover")

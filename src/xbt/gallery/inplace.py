@@ -10,8 +10,10 @@ replaces only the rows still stored when the write happens: a row another writer
 is being re-embedded stays deleted (on the embedded store across processes, inside the write's
 transaction; on Milvus within this process, as for every Milvus write).
 
-Limits: the `benefit` order reads old-space vectors, which a transformed gallery no longer holds (a
-benefit estimate for transformed rows is issue 26, part 3), so it is refused here.
+The `benefit` order is the in-place one (`xbt.gallery.inplace_benefit`: a scorer of the transformed rows'
+vectors, chosen on training pairs, `benefit=`); the query-side migration's benefit scorer reads old-space
+vectors, which a transformed gallery no longer holds. On a rerun the benefit plan is computed again over the
+rows still transformed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from xbt.errors import InputError
+from xbt.ranking.inplace_benefit import InplaceBenefitScorer
 from xbt.gallery.base import GalleryBackend
 from xbt.gallery.ingest import GalleryItem, embed_items
+from xbt.gallery.inplace_benefit import benefit_plan
 from xbt.gallery.migration import order_ids
 from xbt.gallery.transform import PROVENANCE_KEY, TRANSFORM_META, provenance_of, transform_status
 from xbt.models.base import VLPModel
@@ -29,22 +33,24 @@ from xbt.progress import progress_bar
 
 
 def backfill_in_place(gallery: GalleryBackend, model: VLPModel, order: str | Sequence[str] = "oldest", *,
-                      batch_size: int = 64, max_items: int | None = None,
-                      show_progress: bool = False) -> dict[str, Any]:
+                      batch_size: int = 64, max_items: int | None = None, show_progress: bool = False,
+                      benefit: InplaceBenefitScorer | None = None) -> dict[str, Any]:
     """Replace the transformed rows of `gallery` by `model`'s (the new model's) vectors of their items, in
-    `order` (oldest, newest, id, field:NAME, -field:NAME or a list of ids first); at most `max_items` this
-    run. Returns how many were replaced, those that could not be embedded, and the rows still transformed."""
+    `order` (oldest, newest, id, field:NAME, -field:NAME, benefit with `benefit` the in-place scorer, or a list
+    of ids first); at most `max_items` this run. Returns how many were replaced, those that could not be
+    embedded, and the rows still transformed."""
     if not isinstance(gallery.extra.get(TRANSFORM_META), dict):
         raise InputError(f"the gallery at {gallery.path} was not made by `xbt gallery transform`; backfill it into a new"
                          " gallery with `xbt gallery backfill --state DIR --gallery ...`, or transform it first")
     gallery.space.check(model.space, "the in-place backfill's model (give the new model the gallery was transformed for)")
-    if order == "benefit":
-        raise InputError("the benefit order reads old-space vectors, which a transformed gallery no longer holds;"
-                         " use oldest, newest, id, field:NAME, -field:NAME or @FILE of ids")
+    if order == "benefit" and benefit is None:
+        raise InputError("the in-place benefit order needs its scorer (xbt.gallery.inplace_benefit.fit_gallery_benefit,"
+                         " chosen on training pairs; on the command line --benefit-scorer DIR with --compat, --old-model"
+                         " and --fit-pairs); or use oldest, newest, id, field:NAME, -field:NAME or @FILE of ids")
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
     modality = gallery.modality or "image"
-    plan = order_ids(gallery, order)
+    plan = benefit_plan(gallery, benefit) if order == "benefit" and benefit is not None else order_ids(gallery, order)
     replaced, failed = 0, dict[str, str]()
     with progress_bar(len(plan), "backfill in place", show_progress) as advance:
         for start in range(0, len(plan), batch_size):

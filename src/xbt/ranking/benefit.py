@@ -80,12 +80,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.asarray(x / np.maximum(norm, 1e-12), dtype=np.float32)
 
 
-def _density(gallery: np.ndarray, k: int) -> np.ndarray:
+def density(gallery: np.ndarray, k: int) -> np.ndarray:
     """Mean cosine to the k nearest *other* gallery items (exact, blockwise: O(n^2 d) time, bounded memory)."""
     return top_k_mean(gallery, gallery, k, exclude_self=True)
 
 
-def _hubness(gallery: np.ndarray, bank: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+def hubness(gallery: np.ndarray, bank: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
     """How many bank queries have each gallery item in their top k."""
     n = len(gallery)
     counts = np.zeros(n)
@@ -97,7 +97,7 @@ def _hubness(gallery: np.ndarray, bank: np.ndarray, k: int, block: int = 1024) -
     return counts
 
 
-def _query_density(gallery: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+def _querydensity(gallery: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
     """Mean similarity to the k nearest bank queries: NNN's statistic (`xbt.ranking.nnn.top_k_mean`)."""
     return top_k_mean(gallery, bank, k)
 
@@ -178,7 +178,7 @@ def benefit_statistic(name: str, gallery: np.ndarray, bank: np.ndarray | None = 
     values = []
     for kind, k in parts:
         if kind == "density":
-            values.append(_density(gallery, k))
+            values.append(density(gallery, k))
             continue
         if bank is None or len(bank) == 0:
             raise InputError(f"the benefit statistic {name!r} needs a bank of compatible queries (training queries"
@@ -186,7 +186,7 @@ def benefit_statistic(name: str, gallery: np.ndarray, bank: np.ndarray | None = 
         b = _unit(bank)
         if b.shape[1] != gallery.shape[1]:
             raise SpaceMismatchError(f"the query bank has dimension {b.shape[1]}, the gallery {gallery.shape[1]}")
-        values.append(_hubness(gallery, b, k) if kind == "hubness" else _query_density(gallery, b, k))
+        values.append(hubness(gallery, b, k) if kind == "hubness" else _querydensity(gallery, b, k))
     if len(values) == 1:
         return values[0].astype(np.float64)
     return np.asarray(np.sum([_ranks(v) for v in values], axis=0), dtype=np.float64)
