@@ -123,3 +123,37 @@ def test_the_ray_engine_writes_the_same_rows_as_the_local_engine(tmp_path, xbt_h
     for item_id, (vector, payload) in a.items():
         np.testing.assert_allclose(b[item_id][0], vector, atol=1e-6)
         assert b[item_id][1] == payload
+
+
+def test_the_command_line_runs_the_sharded_transform(tmp_path, xbt_home):
+    """`xbt gallery transform --work DIR` runs the sharded job (here the local engine; --engine ray the same
+    on actors) with a map fitted old -> new: the rows of the one-process transform."""
+    from gallery_support import save_tiny_openclip
+    from typer.testing import CliRunner
+
+    from xbt.cli import app
+    from xbt.specs import load_model
+
+    old_spec = save_tiny_openclip(tmp_path / "a", seed=0)
+    new_spec = save_tiny_openclip(tmp_path / "b", seed=1, embed_dim=48, width=48)
+    old_model = load_model(old_spec)
+    captions = [f"a caption about thing {i}" for i in range(60)]
+    with Gallery.create(tmp_path / "old", old_model.space, IndexConfig(kind="flat"), "text") as g:
+        g.add(old_model.encode_text(captions).numpy(), [f"c{i:02d}" for i in range(60)], [{"caption": c} for c in captions],
+              space=old_model.space)
+    (tmp_path / "texts.txt").write_text("\n".join(f"fit text number {i}" for i in range(80)))
+    common = ["gallery", "transform", "--gallery", str(tmp_path / "old"), "--fit", "procrustes-text", "--old", old_spec,
+              "--new", new_spec, "--fit-texts", str(tmp_path / "texts.txt")]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "new"), "--work", str(tmp_path / "shards"),
+                                      "--shard-size", "25"])
+    assert result.exit_code == 0, result.output
+    assert '"shards": 3' in result.output and len(list((tmp_path / "shards").glob("part-*.parquet"))) == 3
+    plain = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    a, b = _rows(tmp_path / "new"), _rows(tmp_path / "plain")
+    assert a.keys() == b.keys() and len(a) == 60
+    for item_id, (vector, payload) in b.items():
+        np.testing.assert_allclose(a[item_id][0], vector, atol=1e-5)
+        assert a[item_id][1] == payload
+    bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "new2"), "--engine", "spark"])
+    assert bad.exit_code == 1 and "engine must be one of" in bad.output

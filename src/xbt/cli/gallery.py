@@ -258,12 +258,18 @@ def gallery_transform(
     fit_texts: Optional[Path] = typer.Option(None, "--fit-texts", help="--fit: a text file of unlabeled texts (one a line) both models embed."),
     fit_images: Optional[Path] = typer.Option(None, help="--fit: a folder of unlabeled images both models embed."),
     batch_size: int = typer.Option(1024, help="Vectors read, mapped and written per batch (bounds the memory)."),
+    engine: str = typer.Option("local", help="local (this process), or ray: Ray actors map shards of the source (each opens it: a shared folder or a Milvus server), this process writes them."),
+    shard_size: int = typer.Option(65536, help="--engine ray: ids per shard (the unit of work and of resumption)."),
+    work: Optional[Path] = typer.Option(None, help="--engine ray: the folder of shard files (default: OUT.shards beside a folder gallery)."),
+    address: Optional[str] = typer.Option(None, help="--engine ray: the cluster to join (ray://HOST:10001 or auto); default: a local Ray."),
+    actors: Optional[int] = typer.Option(None, help="--engine ray: size of the actor pool."),
     device: Device = "auto",
     precision: Precision = "fp32",
 ) -> None:
     """Move a gallery into the new space without re-encoding: map every stored vector old -> new into a new
     gallery, payloads and media carried over, each row marked transformed (with the map's digest). Resumable
-    and kill-safe: run it again after an interruption."""
+    and kill-safe: run it again after an interruption. A rerun also removes transformed rows whose item the
+    source has deleted since."""
     from xbt.gallery.base import open_gallery
     from xbt.gallery.transform import transform_gallery
 
@@ -272,7 +278,15 @@ def gallery_transform(
     runtime = Runtime(device, precision)
     with open_gallery(gallery_ref(gallery)) as g:
         gmap = _transform_map(g, runtime, map_model, fit, old, new, fit_pairs, fit_split, fit_texts, fit_images)
-        report = transform_gallery(g, gallery_ref(out), gmap, batch=batch_size, show_progress=True)
+        if engine == "local" and work is None:
+            report = transform_gallery(g, gallery_ref(out), gmap, batch=batch_size, show_progress=True)
+        else:
+            from xbt.scale.ray_embed import RayOptions
+            from xbt.scale.ray_transform import transform_sharded
+
+            report = transform_sharded(g, gallery_ref(out), gmap, engine=engine, work=work, shard_size=shard_size,
+                                       ray_options=RayOptions(address=address, actors=actors),
+                                       show_progress=True).to_dict()
     print_json(report)
 
 
