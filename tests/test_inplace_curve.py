@@ -231,3 +231,35 @@ def test_the_strategy_recommendation_weighs_quality_intervals_against_costs():
     assert recommend_strategy(worse, r1, costs)["pick"] == "query-side"
     with pytest.raises(InputError):
         migration_costs(10, 0.0, 1.0)
+
+
+def test_compare_on_run_measures_both_strategies_on_the_run_and_picks(tmp_path):
+    """The main job's strategy comparison: in place with an orthogonal map's transpose starts exactly where the
+    query-side map does (R@1 at 0%), both end at new->new (R@1 at 100%), and the pick comes with its reasons;
+    a run without the transposable model gives None."""
+    from types import SimpleNamespace
+
+    from gallery_support import unit_rows
+    from test_gallery_transform import OLD_SPACE, LinearModel, _procrustes_model
+
+    from xbt.embed import PairEmbeddings, QueryVectors
+    from xbt.eval.migration_strategy import compare_on_run
+
+    new_model = LinearModel(24, 0, "new")
+    compat = _procrustes_model(new_model)
+    n = 40
+    index = [i // 2 for i in range(2 * n)]  # two captions per image
+    new = PairEmbeddings(unit_rows(n, 24, 1), unit_rows(2 * n, 24, 2), index, new_model.space)
+    noise = lambda x, s: x + 0.3 * unit_rows(len(x), x.shape[1], s)  # noqa: E731 - the old model sees the same items, noisily
+    old = PairEmbeddings(compat.query_map.apply(noise(new.images, 3)), compat.query_map.apply(noise(new.texts, 4)), index, OLD_SPACE)
+    mapped = QueryVectors(compat.query_map.apply(new.images), compat.query_map.apply(new.texts), OLD_SPACE)
+    run = SimpleNamespace(compatible={"procrustes-gallery": compat}, queries={"procrustes-gallery": mapped},
+                          embeddings={"old": old, "new": new})
+    out = compare_on_run(run, "procrustes-gallery", n_resamples=200, transform_per_s=1000.0, encode_per_s=10.0)
+    assert out is not None and out["pick"] in ("in-place", "query-side") and out["reasons"]
+    for d, row in out["directions"].items():
+        assert row["in-place"]["r1_at_0"] == row["query-side"]["r1_at_0"], d  # <q, R^T g> ranks as <q R, g>
+        assert row["in-place"]["r1_at_100"] == row["query-side"]["r1_at_100"], d  # both: new->new
+    assert out["costs"]["in-place"]["seconds_before_serving"] == n / 1000.0
+    assert all(0 <= row[s]["r1_at_0"] <= 100 for row in out["directions"].values() for s in ("in-place", "query-side"))
+    assert compare_on_run(run, "procrustes-gallery", "adapter-gallery") is None

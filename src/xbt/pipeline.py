@@ -223,6 +223,47 @@ def deploy_commands(spec: str, old_images: Path, old_captions: Path, example_que
     return lines
 
 
+def migration_strategy(run: Any, results: dict[str, Any]) -> dict[str, Any] | None:
+    """Query-side (the recommended method) against in place (procrustes-gallery's maps transposed) on the
+    evaluated galleries (`xbt.eval.migration_strategy.compare_on_run`), with the transform and encoding rates
+    bench/transform.py measured on this machine where the checkout has them."""
+    from xbt.eval.migration_strategy import compare_on_run
+
+    method = (results.get("recommendation") or {}).get("method")
+    if not method:
+        return None
+    t0 = time.perf_counter()
+    rates = Path(__file__).resolve().parents[2] / "bench" / "results" / "transform.json"
+    transform_per_s = encode_per_s = None
+    if rates.exists():
+        doc = json.loads(rates.read_text())
+        transform_per_s = (doc.get("store") or {}).get("vectors_per_s")
+        encode_per_s = (doc.get("encode") or {}).get("images_per_s")
+    strategy = compare_on_run(run, method, "procrustes-gallery", transform_per_s=transform_per_s, encode_per_s=encode_per_s)
+    if strategy is not None:
+        strategy["transform_from"] = "procrustes-gallery"
+        strategy["rates_from"] = str(rates) if rates.exists() else None
+        strategy["seconds"] = round(time.perf_counter() - t0, 2)
+    return strategy
+
+
+def in_place_commands(strategy: dict[str, Any], transform_model: str, new_spec: str, old_images: Path,
+                      old_captions: Path, moved_to: Path) -> list[str]:
+    """The commands of the gallery-side migration: transform each gallery once, serve it with the new model,
+    replace its rows by native ones as re-encoding allows. Headed by which strategy is picked and why."""
+    head = ("# migration strategy picked: in place (" + strategy["why"] + "): these commands, instead of the query-side"
+            " ones above" if strategy["pick"] == "in-place" else
+            "# migration strategy picked: query-side (" + strategy["why"] + "): the commands above; in place would be")
+    lines = [head]
+    moved_images = moved_to.absolute() / f"{Path(old_images).name}-new-space"
+    for gallery in (old_images, old_captions):
+        moved = moved_to.absolute() / f"{Path(gallery).name}-new-space"
+        lines += [f"xbt gallery transform --gallery {gallery} --out {moved} --map compat:{transform_model}",
+                  f"xbt gallery backfill --in-place --gallery {moved} --model {new_spec} --order oldest"]
+    lines.append(f"xbt serve --gallery {moved_images} --model {new_spec} --port 8000   # the new model itself")
+    return lines
+
+
 # ----- step 5: pictures ------------------------------------------------------------------------------
 def example_grids(
     rows: Sequence[tuple[str, Any, Any, Any]], queries: Sequence[Any], modality: str, truth: Sequence[set[str]], out: Path,
@@ -431,6 +472,10 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         add_calibrated(run, old, new, bank_pairs=fit_pairs, val_pairs=support)  # the bank: training queries
         run.timings_s["calibrate"] = time.perf_counter() - tc
     results = run.to_results()
+    strategy = migration_strategy(run, results)
+    if strategy is not None:
+        results["migration_strategy"] = strategy
+        run.timings_s["migration strategy"] = strategy.pop("seconds")
     report_files = write_report(results, out / "report")
     stage("4 evaluation and report", t)
     parts("4 evaluation and report", run.timings_s)
@@ -470,6 +515,9 @@ def run_upgrade(job: UpgradeJob, out: str | Path, show_progress: bool = True, lo
         commands = deploy_commands(deployed["spec"], old_images.path, old_captions.path, text_queries[0] if text_queries
                                    else "a query", bool(deployed.get("needs_old_model_at_query_time")),
                                    image_files=[p.image for p in eval_pairs], calibration=calibration)
+        if strategy is not None and deployed["models"].get(strategy["transform_from"]):
+            commands += in_place_commands(strategy, deployed["models"][strategy["transform_from"]], job.new,
+                                          old_images.path, old_captions.path, out / "galleries")
     summary = {
         "results": str(report_files["results"]),
         "report": {k: str(v) for k, v in report_files.items()},

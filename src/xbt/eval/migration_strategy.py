@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from xbt.errors import InputError
 
 
@@ -28,8 +30,8 @@ class StrategyCost:
     vectors_written_before_serving: int  # the transform (in place), none (query-side)
     vectors_written_by_a_full_backfill: int
     peak_vectors_stored: int  # both galleries until the cut-over (query-side), one (in place)
-    seconds_before_serving: float
-    seconds_to_encode_everything: float  # the same for both: every item through the new model
+    seconds_before_serving: float | None  # None: no measured rate to count with
+    seconds_to_encode_everything: float | None  # the same for both: every item through the new model
     merge_rule: bool
     second_gallery: bool
     ends_in_new_space: bool
@@ -38,15 +40,17 @@ class StrategyCost:
         return asdict(self)
 
 
-def migration_costs(items: int, transform_per_s: float, encode_per_s: float) -> dict[str, StrategyCost]:
+def migration_costs(items: int, transform_per_s: float | None, encode_per_s: float | None) -> dict[str, StrategyCost]:
     """The two strategies' costs for `items` gallery items: `transform_per_s` vectors per second the transform writes
-    (through the store, reads and index included), `encode_per_s` items per second the new model encodes."""
-    if items < 0 or transform_per_s <= 0 or encode_per_s <= 0:
-        raise InputError("migration_costs needs items >= 0 and positive rates")
-    encode = items / encode_per_s
+    (through the store, reads and index included), `encode_per_s` items per second the new model encodes (a rate
+    not measured: None, and the seconds it would give are None)."""
+    if items < 0 or any(r is not None and r <= 0 for r in (transform_per_s, encode_per_s)):
+        raise InputError("migration_costs needs items >= 0 and positive rates (or None)")
+    encode = items / encode_per_s if encode_per_s else None
+    transform = items / transform_per_s if transform_per_s else None
     return {
         "query-side": StrategyCost("query-side", items, 0, items, 2 * items, 0.0, encode, True, True, False),
-        "in-place": StrategyCost("in-place", items, items, items, items, items / transform_per_s, encode, False, False, True),
+        "in-place": StrategyCost("in-place", items, items, items, items, transform, encode, False, False, True),
     }
 
 
@@ -74,8 +78,10 @@ def recommend_strategy(area_in_place_minus_query_side: Mapping[str, Mapping[str,
     reasons += [f"R@1 at 0% backfilled, {d}: in place {start['in-place'].get(d, float('nan')):.1f}, query-side"
                 f" {start['query-side'].get(d, float('nan')):.1f}" for d in area_in_place_minus_query_side]
     c = costs["in-place"]
+    s = c.seconds_before_serving
+    took = "" if s is None else f" ({s / 3600:.2f} h here)" if s >= 360 else f" ({s:.2f} s here)"
     reasons.append(f"in place writes {c.vectors_written_before_serving:,} vectors before serving"
-                   f" ({c.seconds_before_serving / 3600:.2f} h here) and keeps one gallery; query-side keeps two"
+                   f"{took} and keeps one gallery; query-side keeps two"
                    f" ({costs['query-side'].peak_vectors_stored:,} vectors) until the cut-over and merges meanwhile")
     if any(s < 0 for s in signs.values()) and not any(s > 0 for s in signs.values()):
         pick, why = "query-side", "it serves measurably more R@1 over the migration"
@@ -86,3 +92,64 @@ def recommend_strategy(area_in_place_minus_query_side: Mapping[str, Mapping[str,
                                  " place is the simpler operation: one space, no merge rule, no cut-over, no chain at"
                                  " the next upgrade")
     return {"pick": pick, "why": why, "reasons": reasons, "costs": {k: v.to_dict() for k, v in costs.items()}}
+
+
+# ----- both strategies measured on one evaluation run -----------------------------------------------------
+def compare_on_run(run: Any, query_side: str, transform_from: str = "procrustes-gallery", *, n_orders: int = 5,
+                   seed: int = 0, n_resamples: int = 1000, transform_per_s: float | None = None,
+                   encode_per_s: float | None = None) -> dict[str, Any] | None:
+    """Query-side and in place on an evaluation run's gallery and queries (`xbt.eval.runner.EvaluationRun`):
+    the query-side strategy serves `query_side`'s queries on the old gallery and merges with the new gallery as
+    it fills (the rank-slot rule, the one a migration without held-out pairs serves); in place maps the old
+    gallery once by the transpose of `transform_from`'s orthogonal per-tower maps and serves native new-model
+    queries, each backfilled row getting its exact vector. Both under the same `n_orders` random orders; per
+    direction R@1 at 0% backfilled, the area R@1 over the migration and its paired difference; the pick
+    (`recommend_strategy`) with the costs for the evaluated gallery's size (seconds where rates are given).
+    None when `transform_from` is not in the run or its maps cannot be transposed."""
+    from xbt.errors import XbtError
+    from xbt.eval.backfill_curve import area_difference, backfill_hits, curve_from_hits
+    from xbt.gallery.transform import transposed_query_map
+    from xbt.metrics import image_to_text_positives, text_to_image_positives
+    from xbt.ranking.inplace_curve import inplace_hits
+    from xbt.ranking.nnn import with_bias
+
+    model, queries = run.compatible.get(transform_from), run.queries.get(query_side)
+    if model is None or queries is None:
+        return None
+    try:
+        maps = {tower: transposed_query_map(model, tower) for tower in ("text", "image")}
+    except XbtError:
+        return None
+    old, new = run.embeddings["old"], run.embeddings["new"]
+    index = list(old.caption_image_index)
+    bias = queries.gallery_bias
+    sides = {  # direction: (old gallery, compat queries, gallery bias, new gallery, new queries, tower, positives)
+        "t2i": (old.images, queries.texts, None if bias is None else bias.images, new.images, new.texts, "text",
+                text_to_image_positives(index)),
+        "i2t": (old.texts, queries.images, None if bias is None else bias.texts, new.texts, new.images, "image",
+                image_to_text_positives(index, len(old.images))),
+    }
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"query_side": query_side, "in_place_map": f"transpose of {transform_from}'s maps",
+                           "orders": f"{n_orders} random", "directions": {}}
+    areas: dict[str, Any] = {}
+    start: dict[str, dict[str, float]] = {"query-side": {}, "in-place": {}}
+    for d, (old_g, compat_q, b, new_g, new_q, tower, positives) in sides.items():
+        orders = [rng.permutation(len(new_g)) for _ in range(n_orders)]
+        compat_q, old_g = with_bias(compat_q, old_g, b)
+        hits = {"query-side": backfill_hits(old_g, new_g, compat_q, new_q, positives, order=orders, ks=(1,)),
+                "in-place": inplace_hits(maps[tower].apply(old.images if d == "t2i" else old.texts), new_g, new_q,
+                                         positives, order=orders, ks=(1,))}
+        curves = {s: curve_from_hits(h, d, "random", seed, n_resamples) for s, h in hits.items()}
+        diff = area_difference(hits["in-place"], hits["query-side"], 1, seed, n_resamples)
+        areas[d] = {"value": diff.value, "low": diff.low, "high": diff.high}
+        for s, c in curves.items():
+            start[s][d] = c.recall[1][0].value
+        out["directions"][d] = {
+            "queries": len(new_q), "gallery": len(new_g),
+            **{s: {"r1_at_0": round(c.recall[1][0].value, 1), "r1_at_100": round(c.recall[1][-1].value, 1),
+                   "area_r1": c.area[1].to_dict()} for s, c in curves.items()},
+            "area_r1_in_place_minus_query_side": diff.to_dict()}
+    out.update(recommend_strategy(areas, start, migration_costs(len(old.images), transform_per_s, encode_per_s)))
+    out["rates"] = {"transform_per_s": transform_per_s, "encode_per_s": encode_per_s}
+    return out

@@ -434,6 +434,8 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
     blocks += [Block("heading", "Recommendation"),
                Block("text", (f"**{rec['method']}**. " if rec.get("method") else "**No method qualifies.** ") + str(rec.get("reason", "")))]
     blocks += crossval_tables(results)
+    if results.get("migration_strategy"):
+        blocks += strategy_blocks(results["migration_strategy"])
     blocks += [Block("heading", "Methods"), Block("table", methods_table(results)),
                Block("text", "Query-time cost: microseconds per query added on top of the encoder (best of repeated "
                              "runs on one thread of the machine that ran the evaluation). A method that needs the old "
@@ -456,6 +458,25 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
     if results.get("warnings"):
         blocks += [Block("heading", "Warnings"), Block("list", list(results["warnings"]))]
     return blocks
+
+
+def strategy_blocks(strategy: dict[str, Any]) -> list[Block]:
+    """The migration strategies compared on this run's gallery (`xbt.eval.migration_strategy.compare_on_run`)."""
+    header = ["strategy", "direction", "R@1 at 0% backfilled", "area R@1 over the migration", "R@1 at 100%"]
+    rows: list[list[str]] = []
+    names = {"query-side": f"query-side ({strategy['query_side']}, rank-slot merge)",
+             "in-place": f"in place ({strategy['in_place_map']})"}
+    for s in ("query-side", "in-place"):
+        for d, row in strategy["directions"].items():
+            rows.append([names[s], SHORT[d], _num(row[s]["r1_at_0"]), _interval(row[s]["area_r1"]), _num(row[s]["r1_at_100"])])
+    diffs = "; ".join(f"{SHORT[d]} {_interval(row['area_r1_in_place_minus_query_side'], signed=True)}"
+                      for d, row in strategy["directions"].items())
+    queries = ", ".join(f"{row['queries']} {SHORT[d]}" for d, row in strategy["directions"].items())
+    return [Block("heading", "Migration strategy"),
+            Block("text", f"**{strategy['pick']}**: {strategy['why']}. Both strategies under the same {strategy['orders']}"
+                          f" backfill orders ({queries} queries); area R@1 in place minus query-side: {diffs} (points,"
+                          " 95% paired interval)."),
+            Block("table", (header, rows)), Block("list", list(strategy.get("reasons", [])))]
 
 
 def _from(source: Any) -> str:
