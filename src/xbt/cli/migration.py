@@ -12,6 +12,7 @@ import typer
 from xbt.cli.common import Device, Precision, Runtime, Workers, console, print_json, split_list
 from xbt.cli.gallery import gallery_app, gallery_ref
 from xbt.errors import InputError
+from xbt.gallery.backend import OnConflict
 
 _CALIBRATE_HELP = ("Serve the migration's search by the calibrated score merge (measured to serve more R@1 during the"
                    " migration than the rank-slot rule: docs/results/backfill-order-testbed.md): pairs (any source"
@@ -33,6 +34,7 @@ def gallery_backfill(
     fit_pairs: Optional[str] = typer.Option(None, help="--order benefit: training pairs (any source `xbt evaluate` reads, e.g. testbed:xbt_train) on which the benefit estimate is chosen; never the evaluation items."),
     calibrate_pairs: Optional[str] = typer.Option(None, help=_CALIBRATE_HELP),
     benefit_scorer: Optional[Path] = typer.Option(None, help="--in-place --order benefit: the in-place benefit scorer's folder (xbt.gallery.inplace_benefit), fitted there on the first run (needs --compat, whose transposed query map made the gallery, --old-model and --fit-pairs) and loaded on every later one."),
+    preload: Optional[Path] = typer.Option(None, help="A vectors folder of new-model vectors made already (`xbt fit --from-gallery ... --keep DIR`, `xbt embed`): added to the new gallery first (in place: they replace the transformed rows), so the backfill does not encode those items again."),
     batch_size: int = typer.Option(64),
     max_items: Optional[int] = typer.Option(None, help="Stop after this many items (run again to go on)."),
     cut_over: bool = typer.Option(False, "--cut-over", help="Cut over to the new space when complete."),
@@ -54,6 +56,8 @@ def gallery_backfill(
         if gallery is None or state is not None or cut_over or engine != "local":
             raise InputError("--in-place works on --gallery (a transformed gallery) alone: no --state, --cut-over"
                              " or --engine ray")
+        if preload is not None:
+            _preload(preload, gallery_ref(gallery), "update")
         _backfill_in_place(gallery, model, Runtime(device, precision, num_workers), order, batch_size, max_items,
                            benefit_scorer, compat, old_model, fit_pairs)
         return
@@ -69,6 +73,8 @@ def gallery_backfill(
             start_migration(state, old, new_model, priority, load=runtime.load, compat=compat, old_model=old_model,
                             fit_pairs=fit_pairs, calibrate_pairs=calibrate_pairs, log=console.print)
     migration = Migration(state)
+    if preload is not None:
+        _preload(preload, migration.new_gallery_ref, "skip")
     if engine == "ray":
         from xbt.scale.ray_embed import RayOptions, backfill
 
@@ -82,6 +88,16 @@ def gallery_backfill(
     else:
         raise InputError(f"--engine must be local or ray, not {engine!r}")
     print_json(migration.cut_over() if cut_over and progress["status"] == "complete" else progress)
+
+
+def _preload(folder: Path, gallery: str, on_conflict: OnConflict) -> None:
+    from xbt.gallery.base import open_gallery
+    from xbt.scale.vectors import load_into_gallery
+
+    with open_gallery(gallery) as g:
+        added, present = load_into_gallery(folder, g, on_conflict)
+    console.print(f"preloaded {added} vectors from {folder} ({present} not written: present already, or not in a"
+                  " transformed gallery)")
 
 
 def _backfill_in_place(gallery: str, model: str, runtime: Runtime, order: str, batch_size: int, max_items: Optional[int],

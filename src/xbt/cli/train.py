@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -156,6 +156,10 @@ def fit(
     fit_text: FitTextsOld = None,
     fit_images: FitImages = None,
     support: Optional[str] = typer.Option(None, help="Support pairs for the settings chosen on held-out data (SLERP's weight, the ridge, epochs)."),
+    from_gallery: Optional[str] = typer.Option(None, help="Also fit on a sample of this gallery (its stored old vectors, and the new model's of the same items: no labels). An image gallery feeds the image side (the map its text queries need), a caption gallery the text side."),
+    sample: int = typer.Option(3000, help="--from-gallery: how many of its items to re-embed with the new model."),
+    sample_seed: int = typer.Option(0, help="--from-gallery: the seed of the sample."),
+    keep: Optional[Path] = typer.Option(None, help="--from-gallery: write the sample's new vectors here (a vectors folder), so a backfill loads them (`xbt gallery backfill --preload DIR`) instead of encoding them again."),
     device: Device = "auto",
     precision: Precision = "fp32",
     num_workers: Workers = 0,
@@ -170,8 +174,10 @@ def fit(
     pairs = [p for source in fit_pairs or [] for p in open_dataset(source)]
     images = [p for source in fit_images or [] for p in open_images(source)]
     runtime = Runtime(device, precision, num_workers)
-    model = fit_peer(method, runtime.load(old), runtime.load(new), texts, pairs,
-                     open_dataset(support) if support else None, show_progress=True, fit_images=images)
+    old_model, new_model = runtime.load(old), runtime.load(new)
+    extra = _gallery_sample(from_gallery, old_model, new_model, sample, sample_seed, keep) if from_gallery else None
+    model = fit_peer(method, old_model, new_model, texts, pairs,
+                     open_dataset(support) if support else None, show_progress=True, fit_images=images, extra=extra)
     model.save_pretrained(out)
     ensemble = " (an ensemble: it runs the old model on every query too)" if model.needs_old_model_at_query_time else ""
     n_unlabeled = len(fit_image_items(pairs, images)) - len(pairs)
@@ -181,6 +187,22 @@ def fit(
         maps = model.describe_query_maps()
         console.print(f"a map per query tower: text queries {maps['text']['fitted_on']}; image queries {maps['image']['fitted_on']}")
     console.print(f"saved {out}: use it as --model compat:{out.resolve()} (space {model.space.id})")
+
+
+def _gallery_sample(gallery: str, old_model: Any, new_model: Any, n: int, seed: int, keep: Optional[Path]) -> Any:
+    """`fit --from-gallery`: the sample as fit data (its new vectors kept where asked)."""
+    from xbt.gallery.base import open_gallery
+    from xbt.scale.sample import sample_gallery
+
+    with open_gallery(gallery) as g:
+        old_model.space.check(g.space, f"the gallery at {gallery} (give --old the model that built it)")
+        drawn = sample_gallery(g, new_model, n, seed=seed)
+    console.print(f"sampled {len(drawn.ids)} {drawn.modality}s of {gallery} (re-embedded by the new model;"
+                  f" {len(drawn.failed)} could not be)")
+    if keep is not None:
+        drawn.keep(keep)
+        console.print(f"kept their new vectors in {keep}: `xbt gallery backfill ... --preload {keep}` loads them")
+    return drawn.fit_data()
 
 
 def export(

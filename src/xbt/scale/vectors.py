@@ -28,6 +28,7 @@ import numpy as np
 
 from xbt.durable import atomic_write_bytes
 from xbt.errors import InputError
+from xbt.gallery.base import GalleryBackend
 from xbt.gallery.ingest import GalleryItem
 from xbt.gallery.store import Gallery, OnConflict, is_gallery
 from xbt.models.base import EmbeddingSpace
@@ -224,14 +225,14 @@ def read_vectors(folder: str | Path) -> tuple[list[str], np.ndarray, list[dict[s
     return ids, vectors, payloads, space
 
 
-def add_shard_to_gallery(gallery: Gallery, shard: Shard, on_conflict: OnConflict = "skip") -> list[str]:
+def add_shard_to_gallery(gallery: GalleryBackend, shard: Shard, on_conflict: OnConflict = "skip") -> list[str]:
     """Store one shard's vectors; the gallery refuses them unless they were made in its space."""
     if not shard.ids:
         return []
     return gallery.add(shard.vectors, shard.ids, shard.payloads, space=shard.space, on_conflict=on_conflict)
 
 
-def load_into_gallery(folder: str | Path, gallery: Gallery, on_conflict: OnConflict = "skip") -> tuple[int, int]:
+def load_into_gallery(folder: str | Path, gallery: GalleryBackend, on_conflict: OnConflict = "skip") -> tuple[int, int]:
     """Add every shard of a finished vectors folder to a gallery (durable shard by shard, so an interrupted
     load resumes with `on_conflict="skip"`). Returns (added, already present)."""
     manifest = Manifest.read(Path(folder))
