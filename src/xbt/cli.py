@@ -403,6 +403,9 @@ def evaluate(
     support: Optional[str] = typer.Option(None, help="Support pairs on which SLERP chooses its weight (never the evaluation split)."),
     support_split: Optional[str] = typer.Option(None, help="Split of --support (Karpathy: val)."),
     methods: str = typer.Option("peers", help="Comma-separated: peer names, compat:PATH (XBT models), or 'peers' for all peers."),
+    gallery_extra: Optional[list[str]] = typer.Option(None, "--gallery-extra", help=(
+        "Extra gallery items every system searches, never queries (a sample of your real gallery): images (a folder), "
+        "texts (.txt), pairs (any dataset source), or testbed:distractors; repeatable.")),
     out: Path = typer.Option(..., help="Folder for results.json, report.md, report.html and figures/."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the Markdown report here (e.g. docs/results/testbed.md)."),
     ks: str = typer.Option("1,5,10", help="Recall@K values."),
@@ -426,7 +429,7 @@ def evaluate(
     if folds is not None:
         if not testbed:
             _fail(ValueError("--folds cross-validates the offline testbed: add --testbed"))
-        results = _crossval(folds, seeds, cv_config, resamples, [int(k) for k in ks.split(",")], out)
+        results = _crossval(folds, seeds, cv_config, resamples, [int(k) for k in ks.split(",")], out, gallery_extra or [])
         paths = write_report(results, out, markdown)
         print(format_summary(results))
         console.print("wrote " + ", ".join(str(p) for k, p in paths.items() if not k.startswith("figure:")))
@@ -446,7 +449,7 @@ def evaluate(
             fit_split, support or defaults.get("support"), support_split, method_list,
             ks=[int(k) for k in ks.split(",")], n_resamples=resamples, seed=seed, data_efficiency=sizes,
             skip_unfittable=all_peers, show_progress=True, fit_images=fit_images or defaults.get("fit_images", []),
-            **_Runtime(device, precision, num_workers).options,
+            gallery_extra=gallery_extra or [], **_Runtime(device, precision, num_workers).options,
         )
         results = run.to_results() | {"command": "xbt " + " ".join(sys.argv[1:])}
         paths = write_report(results, out, markdown)
@@ -461,7 +464,8 @@ def evaluate(
     console.print("wrote " + ", ".join(str(p) for k, p in paths.items() if not k.startswith("figure:")))
 
 
-def _crossval(folds: int, seeds: int, cv_config: str, resamples: int, ks: list[int], out: Path) -> dict:
+def _crossval(folds: int, seeds: int, cv_config: str, resamples: int, ks: list[int], out: Path,
+              gallery_extra: list[str] | None = None) -> dict:
     """`xbt evaluate --testbed --folds K`: run (or resume) every fold (under XBT_HOME/runs), pooled."""
     import yaml
 
@@ -474,6 +478,8 @@ def _crossval(folds: int, seeds: int, cv_config: str, resamples: int, ks: list[i
         compare = [tuple(pair) for pair in doc.pop("compare", [])]
         if any(len(pair) != 2 for pair in compare):
             raise ValueError(f"{cv_config}: every `compare` entry is two method names [a, b]; quote names that hold a comma")
+        if gallery_extra:
+            doc["gallery_extra"] = list(gallery_extra)
         cfg = CrossValConfig(k=folds, seeds=tuple(range(seeds)), ks=ks, n_resamples=resamples, **doc)
         return run_crossval(cfg, show_progress=True, command="xbt " + " ".join(sys.argv[1:]), compare=compare)
     except (XbtError, ValueError, TypeError) as exc:

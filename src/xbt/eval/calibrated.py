@@ -20,7 +20,7 @@ from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair
 from xbt.errors import InputError
 from xbt.eval.calibration import AlphaChoice, calibrate_queries, choose_alpha
-from xbt.eval.embed import PairEmbeddings, embed_pairs
+from xbt.eval.embed import ExtraEmbeddings, PairEmbeddings, embed_pairs
 from xbt.eval.matrix import QueryVectors, evaluate_upgrade
 from xbt.eval.runner import EvaluationRun, compatible_queries
 from xbt.models.base import VLPModel
@@ -30,17 +30,19 @@ CALIBRATED = "+nnn"
 
 def calibrated_queries(model: CompatibleModel, queries: QueryVectors, eval_old: PairEmbeddings, old: VLPModel,
                        new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
-                       embedded: dict[str, PairEmbeddings] | None = None) -> tuple[QueryVectors, AlphaChoice]:
+                       embedded: dict[str, PairEmbeddings] | None = None,
+                       extras: ExtraEmbeddings | None = None) -> tuple[QueryVectors, AlphaChoice]:
     """`queries` (the model's evaluation queries) with the NNN bias of the old gallery `eval_old`: the bank is
     the model's queries of `bank_pairs` (training pairs), alpha chosen per direction on `val_pairs`.
-    `embedded`: the new and old models' embeddings of both pair sets when already computed (`_embedded`)."""
+    `embedded`: the new and old models' embeddings of both pair sets when already computed (`_embedded`).
+    `extras`: the old model's gallery extras, calibrated with the same bank and alpha (never chosen on them)."""
     if not bank_pairs or len(val_pairs) < 2:
         raise InputError("NNN calibration needs training pairs (the bank of queries) and at least 2 val pairs (alpha)")
     e = embedded or _embedded(old, new, bank_pairs, val_pairs)
     bank = compatible_queries(model, bank_pairs, e["new_bank"], e["old_bank"])
     val = compatible_queries(model, val_pairs, e["new_val"], e["old_val"])
     choice = choose_alpha(val, e["old_val"], bank)
-    return calibrate_queries(queries, eval_old, bank, choice.alpha), choice
+    return calibrate_queries(queries, eval_old, bank, choice.alpha, extras=extras), choice
 
 
 def _embedded(old: VLPModel, new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair]) -> dict[str, PairEmbeddings]:
@@ -60,7 +62,7 @@ def add_calibrated(run: EvaluationRun, old: VLPModel, new: VLPModel, bank_pairs:
     choices: dict[str, AlphaChoice] = {}
     for name in names:
         calibrated, choice = calibrated_queries(run.compatible[name], run.queries[name], run.embeddings["old"], old,
-                                                new, bank_pairs, val_pairs, embedded)
+                                                new, bank_pairs, val_pairs, embedded, run.extras.get("old"))
         derived = name + CALIBRATED
         run.queries[derived] = calibrated
         run.compatible[derived] = run.compatible[name]  # the same model; the gallery carries the calibration
@@ -74,7 +76,7 @@ def add_calibrated(run: EvaluationRun, old: VLPModel, new: VLPModel, bank_pairs:
         choices[derived] = choice
     protocol = run.protocol
     matrix = evaluate_upgrade(run.embeddings["old"], run.embeddings["new"], run.queries, protocol["ks"],
-                              protocol["n_resamples"], protocol["seed"])
+                              protocol["n_resamples"], protocol["seed"], run.extras.get("old"), run.extras.get("new"))
     matrix.method_info = {n: r.to_dict() for n, r in run.methods.items()}
     run.matrix = matrix
     return choices
