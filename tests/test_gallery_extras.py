@@ -207,3 +207,57 @@ def test_the_testbed_distractor_set_is_large_and_disjoint_from_the_testbed():
         assert not {p.image for p in fold.vlp_old} & set(extra.images)
     assert not captions & {normalise_text(t) for t in extra.texts}
     assert not any("emoji" in p or "tuxpaint" in p for p in extra.images)
+
+
+def test_the_cross_validation_pools_every_gallery_size_and_reports_it(tmp_path, monkeypatch):
+    """run_crossval over synthetic folds searched at three gallery sizes: a matrix, a seed spread and the
+    paired differences per size, the headline at the largest, and the report's section and figure."""
+    from types import SimpleNamespace
+
+    from xbt.eval import crossval
+    from xbt.eval.report import write_report
+
+    ks, n = (1, 5), 30
+    rng = np.random.default_rng(0)
+    extra = GalleryExtra([f"x{i}.png" for i in range(40)], [f"t{i}" for i in range(40)], "toy extras")
+    monkeypatch.setattr(crossval, "load_extras", lambda cfg: extra)
+    monkeypatch.setattr(crossval, "testbed_folds", lambda k, seed: [SimpleNamespace(index=i) for i in range(k)])
+    labels = ("fold", "size1", "full")
+
+    def fake_fold(cfg, fold, out, show_progress=False):
+        ids = [f"q{fold.index}-{i}" for i in range(n)]
+        hits = {}
+        for j, label in enumerate(labels):  # recall falls as the gallery grows
+            for s, p in (("old", 0.4), ("new", 0.8), ("method:a", 0.7), ("method:b", 0.6)):
+                for d in ("t2i", "i2t"):
+                    for k in ks:
+                        key = f"{s}|{d}|{k}" if label == "full" else f"{label}#{s}|{d}|{k}"
+                        hits[key] = (rng.random(n) < p * (1 + k / 10) / (1 + j)).astype(float)
+        flagged = {"threshold": 0.95, "n_items": 40, "n_references": n, "n_at_or_above": 0, "max": 0.5,
+                   "quantiles": {"0.5": 0.2}, "flagged": []}
+        return {"query_ids": ids, "hits": hits, "seed": 0, "fold": f"f{fold.index}", "code": "c",
+                "sizes": {"eval": n, "val": 5, "train": 50, "text_corpus": 60, "fit_images": 0},
+                "methods": {m: {"query_cost_us": {"256": 1.0}, "fits_on": "x", "needs_old_model_at_query_time": False}
+                            for m in ("a", "b")},
+                "timings_s": {"evaluate": 1.0, "search_sizes": 0.5}, "warnings": [],
+                "gallery_sizes": [{"label": lab, "extra_images": a, "extra_texts": a, "gallery_images": n + a, "gallery_texts": n + a}
+                                  for lab, a in zip(labels, (0, 10, 40))],
+                "near_duplicates": {"model": "m", "images": flagged, "texts": flagged}}
+
+    monkeypatch.setattr(crossval, "run_fold", fake_fold)
+    cfg = crossval.CrossValConfig(k=2, seeds=(0, 1), ks=ks, n_resamples=50, peers=("a", "b"), xbt={}, old_query=(),
+                                  gallery_extra=["toy"])
+    results = crossval.run_crossval(cfg, tmp_path / "work", compare=[("a", "b")])
+    sizes = results["crossval"]["gallery_sizes"]
+    assert [s["label"] for s in sizes] == list(labels)
+    assert [s["gallery_images"]["min"] for s in sizes] == [30, 40, 70]
+    assert results["protocol"]["gallery_images"] == 70 and results["protocol"]["gallery_texts"] == 70
+    assert results["matrix"] == {**sizes[-1]["matrix"], "method_info": results["matrix"]["method_info"]}
+    assert all(len(s["seed_spread"]["methods"]["a"]["mean_gain"]["values"]) == 2 for s in sizes)
+    assert all(s["differences"][0]["a"] == "a" for s in sizes)
+    assert results["data"]["gallery_extra"]["n_images"] == 40
+    json.dumps(results, allow_nan=False)
+    paths = write_report(results, tmp_path / "report")
+    text = paths["markdown"].read_text()
+    assert "## Gallery size" in text and "70 img / 70 txt" in text and "Near-duplicates of evaluation items" in text
+    assert (tmp_path / "report" / "figures" / "gallery_size.png").stat().st_size > 1000

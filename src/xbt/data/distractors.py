@@ -228,26 +228,32 @@ def build_distractors(n_images: int = DISTRACTOR_IMAGES, n_texts: int = DISTRACT
                 seen_sources.add(digest)
                 candidates.append((origin, p))
     n_rejected = sum(1 for o, _ in candidates if o == "openclipart-rejected")
-    # All rejected openclipart SVGs that fit, then a seeded sample of icons; a margin for renders that fail.
-    want = n_images + n_images // 50
-    clip_part = [c for c in candidates if c[0] == "openclipart-rejected"][:want]
+    # Every rejected openclipart SVG first, then a seeded order of the icons, rendered in rounds until there are
+    # n_images distinct renders (an SVG may fail to render, two SVGs may render to the same picture).
+    clip_part = [c for c in candidates if c[0] == "openclipart-rejected"]
     icon_part = [c for c in candidates if c[0] == "papirus"]
     rng.shuffle(icon_part)
-    chosen = clip_part + icon_part[: max(0, want - len(clip_part))]
-    rendered = render_svgs([p for _, p in chosen], show_progress)
+    pool = clip_part + icon_part
     images: list[tuple[str, str]] = []
     seen_renders: set[str] = set()
-    for origin, p in chosen:
-        out = rendered.get(p)
-        if out is None:
-            removed["not_rendered"] += 1
-            continue
-        digest = sha256_file(out)
-        if digest in used_files:
-            removed["same_file_as_a_testbed_item"] += 1
-        elif digest not in seen_renders:
-            seen_renders.add(digest)
-            images.append((origin, str(out)))
+    tried: list[Path] = []
+    while len(images) < n_images and len(tried) < len(pool):
+        batch = pool[len(tried) : len(tried) + (n_images - len(images)) * 21 // 20 + 20]
+        tried += [p for _, p in batch]
+        rendered = render_svgs([p for _, p in batch], show_progress)
+        for origin, p in batch:
+            out = rendered.get(p)
+            if out is None:
+                removed["not_rendered"] += 1
+                continue
+            digest = sha256_file(out)
+            if digest in used_files:
+                removed["same_file_as_a_testbed_item"] += 1
+            elif digest in seen_renders:
+                removed["same_render_as_another_extra"] = removed.get("same_render_as_another_extra", 0) + 1
+            else:
+                seen_renders.add(digest)
+                images.append((origin, str(out)))
     images = images[:n_images]
     glosses = wordnet_glosses()
     fresh = [g for g in glosses if normalise_text(g) not in used_texts]
@@ -266,7 +272,7 @@ def build_distractors(n_images: int = DISTRACTOR_IMAGES, n_texts: int = DISTRACT
                     "papirus": "Debian papirus-icon-theme: one SVG per icon name (largest size), seeded sample",
                     "texts": "Debian wordnet-base: noun glosses (definition before the first ';', 3-16 words), seeded sample"},
         "removed": removed,
-        "render_failures": {str(p): RENDER_FAILURES[str(p)] for _, p in chosen if str(p) in RENDER_FAILURES},
+        "render_failures": {str(p): RENDER_FAILURES[str(p)] for p in tried if str(p) in RENDER_FAILURES},
         "disjointness": "no image shares its source or rendered bytes with a testbed item (Tux Paint or openclipart, any split);"
                         " no text equals a Tux Paint or openclipart caption once normalised (lower case, letters and digits);"
                         " no Tux Paint or emoji item is used",
