@@ -12,6 +12,14 @@ query's hit is averaged over the seeds, and the matrix is bootstrapped over the 
 across methods. The seed spread (the standard deviation over seeds of each seed's pooled figure) is
 reported beside the interval. Galleries are the fold's evaluation items (about 141 with k = 5), so
 recalls are higher than on the fixed split's 299-item gallery: compare methods within one protocol.
+
+With gallery extras (`gallery_extra`, e.g. testbed:distractors: `xbt evaluate --testbed --folds 5
+--gallery-extra testbed:distractors`), every gallery of every fold also holds them (the old model's for
+old->old and every method, the fold's new model's for the ceiling; never queries, never fitted or tuned on),
+and each fold is searched at its own size, at each of `gallery_sizes` and with every extra, in one pass over
+the extras. Each size is pooled like the headline (the largest): its matrix, seed spread and paired
+differences are under `crossval.gallery_sizes`, and a near-duplicate check of the extras against each
+fold's evaluation items (cosine with the fold's new model) under `crossval.near_duplicates`.
 """
 
 from __future__ import annotations
