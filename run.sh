@@ -47,6 +47,10 @@ setup_debian_data() {
     [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
     # Kill tests that SIGKILL a process at its k-th system call (tests/test_gallery_create_kill.py).
     [ -x /usr/bin/strace ] || need+=(strace)
+    # The testbed's distractor set (testbed:distractors, xbt.data.distractors: the large-gallery evaluation and its
+    # test): icons and WordNet glosses. The main job does not use it, so the demo's set-up does not install them.
+    [ -d /usr/share/icons/Papirus ] || need+=(papirus-icon-theme)
+    [ -f /usr/share/wordnet/data.noun ] || need+=(wordnet-base)
   fi
   [ ${#need[@]} -eq 0 ] && return 0  # all there: no apt-get at all (not even update)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

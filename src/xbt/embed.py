@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xbt.data.distractors import GalleryExtra
 from xbt.data.features import cached_image_features, cached_text_features, device_cache_tag
 from xbt.data.pairs import Pair, unique_images
 from xbt.models.base import EmbeddingSpace, VLPModel
@@ -29,6 +30,9 @@ class GalleryBias:
 
     images: np.ndarray
     texts: np.ndarray
+    # The same bias for the gallery extras (ExtraEmbeddings' rows), when the galleries have extras.
+    extra_images: np.ndarray | None = None
+    extra_texts: np.ndarray | None = None
 
 
 @dataclass
@@ -51,6 +55,21 @@ class PairEmbeddings:
     texts: np.ndarray
     caption_image_index: list[int]
     space: EmbeddingSpace
+
+
+@dataclass
+class ExtraEmbeddings:
+    """Gallery extras (xbt.data.distractors) embedded by one model: images (n, d) and texts (m, d), added to
+    that model's galleries and never made into queries."""
+
+    images: np.ndarray
+    texts: np.ndarray
+    space: EmbeddingSpace
+    source: str = ""
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"images": int(len(self.images)), "texts": int(len(self.texts))}
 
 
 def encoder_cache_id(model: VLPModel, modality: str) -> str:
@@ -83,6 +102,28 @@ def embed_images(model: VLPModel, pairs: Sequence[Pair], show_progress: bool = F
     )
 
 
+def embed_image_files(model: VLPModel, images: Sequence[str], show_progress: bool = False) -> np.ndarray:
+    """Image files (no captions) through the same cache as `embed_images`."""
+    if not images:
+        return np.zeros((0, model.embed_dim), dtype=np.float32)
+    return cached_image_features(
+        encoder_cache_id(model, "image"), lambda paths: model.encode_image(paths).numpy(), list(images),
+        label=f"{model.space.name} images", show_progress=show_progress,
+    )
+
+
+def embed_extras(model: VLPModel, extra: GalleryExtra, show_progress: bool = False) -> ExtraEmbeddings:
+    """A gallery extra's images and texts embedded by `model`, through the feature cache (a lit model's
+    vectors from its towers' cached features, through `prime_lit_cache`: a fold's heads over 10,000 cached
+    items take seconds)."""
+    from xbt.models.lit import LitModel
+
+    if isinstance(model, LitModel) and (extra.images or extra.texts):
+        prime_lit_cache(model, texts=extra.texts, show_progress=show_progress, image_files=extra.images)
+    return ExtraEmbeddings(embed_image_files(model, extra.images, show_progress), embed_texts(model, extra.texts, show_progress),
+                           model.space, extra.source)
+
+
 def embed_texts(model: VLPModel, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
     """Text-only embeddings (a text corpus has no images), through the same cache as `embed_pairs`."""
     if not texts:
@@ -101,7 +142,8 @@ def head_vectors(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(head(features.to(device)), dim=-1).float()
 
 
-def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence[str] = (), show_progress: bool = False) -> None:
+def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence[str] = (), show_progress: bool = False,
+                    image_files: Sequence[str] = ()) -> None:
     """Fill the vector cache of a lit model (locked towers + linear heads) from its towers' cached
     features: the heads run in milliseconds, so a newly trained head (e.g. one per cross-validation fold)
     over items the towers have already seen encodes no image and no caption again. Afterwards
@@ -117,7 +159,7 @@ def prime_lit_cache(model: VLPModel, pairs: Sequence[Pair] = (), texts: Sequence
     def through(head: torch.nn.Module, features: np.ndarray) -> np.ndarray:
         return np.asarray(head_vectors(head, torch.from_numpy(features)).cpu().numpy())
 
-    images = [p.image for p in unique_images(pairs)]
+    images = list(dict.fromkeys([*(p.image for p in unique_images(pairs)), *image_files]))
     if images:
         cached_image_features(encoder_cache_id(model, "image"),
                               lambda paths: through(model.image_head, tower_image_features(model.image_tower, paths, False)),

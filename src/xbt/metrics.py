@@ -71,9 +71,16 @@ def best_positive_rank(
         offsets, indices = positive_lists_to_csr(positives, g.shape[0])
     if len(offsets) != q.shape[0] + 1:
         raise ValueError(f"{len(offsets) - 1} positive lists for {q.shape[0]} queries")
+    return _ranks_and_best(q, g, offsets, indices, block, max_score_elements)[0]
+
+
+def _ranks_and_best(q: torch.Tensor, g: torch.Tensor, offsets: np.ndarray, indices: np.ndarray, block: int,
+                    max_score_elements: int) -> tuple[np.ndarray, torch.Tensor]:
+    """(ranks as `best_positive_rank`, each query's best positive score)."""
     counts = np.diff(offsets)
     block = max(1, min(block, max_score_elements // max(1, g.shape[0])))
     ranks = np.empty(q.shape[0], dtype=np.int64)
+    best_all = torch.empty(q.shape[0], dtype=torch.float32, device=g.device)
     gt = g.T.contiguous()
     for start in range(0, q.shape[0], block):
         stop = min(start + block, q.shape[0])
@@ -87,7 +94,57 @@ def best_positive_rank(
         at_or_above = (scores >= best[:, None]).sum(1, dtype=torch.int32)
         tied_positives = torch.zeros(stop - start, dtype=torch.int32, device=scores.device).scatter_add(0, rows, (pos_scores == best[rows]).int())
         ranks[start:stop] = (at_or_above - tied_positives).numpy()
-    return ranks
+        best_all[start:stop] = best
+    return ranks, best_all
+
+
+def best_positive_rank_with_extras(
+    queries: torch.Tensor | np.ndarray,
+    gallery: torch.Tensor | np.ndarray,
+    positives: Sequence[Sequence[int]] | tuple[np.ndarray, np.ndarray],
+    extras: torch.Tensor | np.ndarray,
+    sizes: Sequence[int],
+    block: int = 1024,
+    max_score_elements: int = MAX_SCORE_ELEMENTS,
+) -> dict[int, np.ndarray]:
+    """`best_positive_rank` in the gallery plus the first n rows of `extras`, for each n in `sizes`:
+    {n: ranks}. Extras are gallery items that are nobody's positive (distractors), so each adds one to a
+    query's rank when it scores at or above the query's best positive (ties against the query, as above):
+    the rank in gallery + extras[:n] is the rank in the gallery plus a count over extras[:n]. The extras
+    are streamed in blocks (one (query block x extras block) score matrix under `max_score_elements` at a
+    time), each extra scored once for all the sizes: memory is bounded for any number of extras."""
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32))
+    e = torch.as_tensor(np.asarray(extras, dtype=np.float32))
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"queries {tuple(q.shape)} and gallery {tuple(g.shape)} must be 2-D with equal dimension")
+    if e.ndim != 2 or (e.shape[0] and e.shape[1] != q.shape[1]):
+        raise ValueError(f"gallery extras {tuple(e.shape)} must be 2-D with the queries' dimension {q.shape[1]}")
+    wanted = sorted({int(n) for n in sizes})
+    if wanted and (wanted[0] < 0 or wanted[-1] > e.shape[0]):
+        raise ValueError(f"extra gallery sizes {wanted} must lie in [0, {e.shape[0]}] (the extras given)")
+    if isinstance(positives, tuple) and len(positives) == 2 and isinstance(positives[0], np.ndarray):
+        offsets, indices = positives
+    else:
+        offsets, indices = positive_lists_to_csr(positives, g.shape[0])
+    if len(offsets) != q.shape[0] + 1:
+        raise ValueError(f"{len(offsets) - 1} positive lists for {q.shape[0]} queries")
+    ranks, best = _ranks_and_best(q, g, offsets, indices, block, max_score_elements)
+    out: dict[int, np.ndarray] = {}
+    above = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
+    q_block = max(1, min(block, q.shape[0]))
+    e_block = max(1, max_score_elements // q_block)
+    done = 0
+    for n in wanted:
+        for es in range(done, n, e_block):
+            ee = min(es + e_block, n)
+            et = e[es:ee].T.contiguous()
+            for qs in range(0, q.shape[0], q_block):
+                qe = min(qs + q_block, q.shape[0])
+                above[qs:qe] += ((q[qs:qe] @ et) >= best[qs:qe, None]).sum(1, dtype=torch.int32).long()
+        done = max(done, n)
+        out[n] = ranks + above.cpu().numpy()
+    return out
 
 
 def hits_at_k(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[int, np.ndarray]:
@@ -190,6 +247,54 @@ def image_to_text_positives(caption_image_index: Sequence[int], n_images: int) -
     for caption, image in enumerate(caption_image_index):
         positives[int(image)].append(caption)
     return positives
+
+
+def retrieval_ranks_with_extras(
+    image_queries: np.ndarray | torch.Tensor,
+    text_queries: np.ndarray | torch.Tensor,
+    image_gallery: np.ndarray | torch.Tensor,
+    text_gallery: np.ndarray | torch.Tensor,
+    caption_image_index: Sequence[int],
+    extra_images: np.ndarray | torch.Tensor,
+    extra_texts: np.ndarray | torch.Tensor,
+    sizes: Sequence[tuple[int, int]],
+) -> list[dict[str, np.ndarray]]:
+    """`retrieval_ranks` with extra gallery items: for each (n_images, n_texts) in `sizes`, the ranks in the
+    image gallery plus the first n_images extra images (T2I) and the text gallery plus the first n_texts
+    extra texts (I2T). Extras are never queries and never positives."""
+    n_images, index = len(image_gallery), np.asarray(caption_image_index, dtype=np.int64)
+    n_captions = len(index)
+    t2i = _csr(np.arange(n_captions), index, n_captions, n_images)
+    i2t = _csr(index, np.arange(n_captions), n_images, n_captions)
+    by_images = best_positive_rank_with_extras(text_queries, image_gallery, t2i, extra_images, [s[0] for s in sizes])
+    by_texts = best_positive_rank_with_extras(image_queries, text_gallery, i2t, extra_texts, [s[1] for s in sizes])
+    return [{"t2i": by_images[int(a)], "i2t": by_texts[int(b)]} for a, b in sizes]
+
+
+def near_duplicates(items: np.ndarray | torch.Tensor, references: np.ndarray | torch.Tensor, threshold: float,
+                    max_score_elements: int = MAX_SCORE_ELEMENTS) -> dict[str, object]:
+    """Each item's highest cosine similarity to any reference (unit vectors, e.g. gallery extras against the
+    evaluation items, embedded by one model), in blocks: the items at or above `threshold` (indices, with
+    their nearest reference and cosine) and the distribution of the maxima."""
+    a = torch.as_tensor(np.asarray(items, dtype=np.float32))
+    b = torch.as_tensor(np.asarray(references, dtype=np.float32))
+    if a.ndim != 2 or b.ndim != 2 or (len(a) and len(b) and a.shape[1] != b.shape[1]):
+        raise ValueError(f"items {tuple(a.shape)} and references {tuple(b.shape)} must be 2-D with equal dimension")
+    best = np.full(len(a), -np.inf, dtype=np.float32)
+    nearest = np.zeros(len(a), dtype=np.int64)
+    if len(a) and len(b):
+        step = max(1, max_score_elements // len(b))
+        bt = b.T.contiguous()
+        for start in range(0, len(a), step):
+            values, where = (a[start : start + step] @ bt).max(1)
+            best[start : start + step], nearest[start : start + step] = values.numpy(), where.numpy()
+    flagged = np.flatnonzero(best >= threshold)
+    finite = best[np.isfinite(best)]
+    quantiles = {q: float(np.quantile(finite, q)) for q in (0.5, 0.99, 0.999)} if finite.size else {}
+    return {"threshold": float(threshold), "n_items": int(len(a)), "n_references": int(len(b)),
+            "n_at_or_above": int(flagged.size), "max": float(finite.max()) if finite.size else None,
+            "quantiles": {str(q): v for q, v in quantiles.items()},
+            "flagged": [{"item": int(i), "reference": int(nearest[i]), "cosine": float(best[i])} for i in flagged[:50]]}
 
 
 def retrieval_ranks(

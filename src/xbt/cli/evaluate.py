@@ -29,6 +29,9 @@ def evaluate(
     support: Optional[str] = typer.Option(None, help="Support pairs on which SLERP chooses its weight (never the evaluation split)."),
     support_split: Optional[str] = typer.Option(None, help="Split of --support (Karpathy: val)."),
     methods: str = typer.Option("peers", help="Comma-separated: peer names, compat:PATH (XBT models), or 'peers' for all peers."),
+    gallery_extra: Optional[list[str]] = typer.Option(None, "--gallery-extra", help=(
+        "Extra gallery items every system searches, never queries (a sample of your real gallery): images (a folder), "
+        "texts (.txt), pairs (any dataset source), or testbed:distractors; repeatable.")),
     out: Path = typer.Option(..., help="Folder for results.json, report.md, report.html and figures/."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the Markdown report here (e.g. docs/results/testbed.md)."),
     ks: str = typer.Option("1,5,10", help="Recall@K values."),
@@ -54,7 +57,7 @@ def evaluate(
     if folds is not None:
         if not testbed:
             raise InputError("--folds cross-validates the offline testbed: add --testbed")
-        _crossval(cv_config, folds, seeds, k_values, resamples, command, out, markdown)
+        _crossval(cv_config, folds, seeds, k_values, resamples, command, out, markdown, gallery_extra or [])
         return
     defaults: dict[str, Any] = TESTBED_DEFAULTS if testbed else {}
     old, new, data = old or defaults.get("old"), new or defaults.get("new"), data or defaults.get("data")
@@ -68,19 +71,21 @@ def evaluate(
         old, new, data, split, image_root, sources(fit_texts, fit_text) or defaults.get("fit_text", []),
         fit_pairs or defaults.get("fit_pairs", []), fit_split, support or defaults.get("support"), support_split, method_list,
         ks=k_values, n_resamples=resamples, seed=seed, data_efficiency=sizes, skip_unfittable=all_peers, show_progress=True,
-        fit_images=fit_images or defaults.get("fit_images", []), **Runtime(device, precision, num_workers).options,
+        fit_images=fit_images or defaults.get("fit_images", []), gallery_extra=gallery_extra or [],
+        **Runtime(device, precision, num_workers).options,
     )
     results = run.to_results() | {"command": command}
     _print_results(results, write_report(results, out, markdown), warnings=True, recommendation=show_recommendation)
 
 
 def _crossval(cv_config: str, folds: int, seeds: int, ks: list[int], resamples: int, command: str, out: Path,
-              markdown: Optional[Path]) -> None:
+              markdown: Optional[Path], gallery_extra: list[str]) -> None:
     """`xbt evaluate --testbed --folds K`: run (or resume) every fold (under XBT_HOME/runs), pooled."""
     from xbt.eval.crossval import read_crossval_config, run_crossval
     from xbt.eval.report import write_report
 
-    cfg, compare = read_crossval_config(cv_config, k=folds, seeds=tuple(range(seeds)), ks=ks, n_resamples=resamples)
+    extra: dict[str, Any] = {"gallery_extra": list(gallery_extra)} if gallery_extra else {}
+    cfg, compare = read_crossval_config(cv_config, k=folds, seeds=tuple(range(seeds)), ks=ks, n_resamples=resamples, **extra)
     results = run_crossval(cfg, show_progress=True, command=command, compare=compare)
     _print_results(results, write_report(results, out, markdown), warnings=False, recommendation=False)
 

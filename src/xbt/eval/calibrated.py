@@ -22,7 +22,7 @@ from xbt.compat.model import CompatibleModel
 from xbt.data.pairs import Pair, unique_images
 from xbt.errors import InputError
 from xbt.ranking.nnn import DEFAULT_K, AlphaChoice, calibrate_queries, choose_alpha
-from xbt.embed import PairEmbeddings, caption_image_index, embed_images, embed_pairs, embed_texts
+from xbt.embed import ExtraEmbeddings, PairEmbeddings, caption_image_index, embed_images, embed_pairs, embed_texts
 from xbt.embed import DIRECTIONS, QueryVectors
 from xbt.eval.matrix import evaluate_upgrade
 from xbt.eval.runner import EvaluationRun
@@ -34,15 +34,17 @@ CALIBRATED = "+nnn"
 
 def calibrated_queries(model: CompatibleModel, queries: QueryVectors, eval_old: PairEmbeddings, old: VLPModel,
                        new: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
-                       embedded: dict[str, PairEmbeddings] | None = None) -> tuple[QueryVectors, AlphaChoice]:
+                       embedded: dict[str, PairEmbeddings] | None = None,
+                       extras: ExtraEmbeddings | None = None) -> tuple[QueryVectors, AlphaChoice]:
     """`queries` (the model's evaluation queries) with the NNN bias of the old gallery `eval_old`: the bank is
     the model's queries of `bank_pairs` (training pairs), alpha chosen per direction on `val_pairs`.
-    `embedded`: the new and old models' embeddings of both pair sets when already computed (`_embedded`)."""
+    `embedded`: the new and old models' embeddings of both pair sets when already computed (`_embedded`).
+    `extras`: the old model's gallery extras, calibrated with the same bank and alpha (never chosen on them)."""
     if not bank_pairs or len(val_pairs) < 2:
         raise InputError("NNN calibration needs training pairs (the bank of queries) and at least 2 val pairs (alpha)")
     e = embedded or _embedded(old, new, bank_pairs, val_pairs)
     bank, choice = bank_and_alpha(model, old, bank_pairs, val_pairs, features=e)
-    return calibrate_queries(queries, eval_old, bank, choice.alpha), choice
+    return calibrate_queries(queries, eval_old, bank, choice.alpha, extras=extras), choice
 
 
 def bank_and_alpha(query_model: VLPModel, gallery_model: VLPModel, bank_pairs: Sequence[Pair], val_pairs: Sequence[Pair],
@@ -121,7 +123,7 @@ def add_calibrated(run: EvaluationRun, old: VLPModel, new: VLPModel, bank_pairs:
     choices: dict[str, AlphaChoice] = {}
     for name in names:
         calibrated, choice = calibrated_queries(run.compatible[name], run.queries[name], run.embeddings["old"], old,
-                                                new, bank_pairs, val_pairs, embedded)
+                                                new, bank_pairs, val_pairs, embedded, run.extras.get("old"))
         derived = name + CALIBRATED
         run.queries[derived] = calibrated
         run.compatible[derived] = run.compatible[name]  # the same model; the gallery carries the calibration
@@ -135,7 +137,7 @@ def add_calibrated(run: EvaluationRun, old: VLPModel, new: VLPModel, bank_pairs:
         choices[derived] = choice
     protocol = run.protocol
     matrix = evaluate_upgrade(run.embeddings["old"], run.embeddings["new"], run.queries, protocol["ks"],
-                              protocol["n_resamples"], protocol["seed"])
+                              protocol["n_resamples"], protocol["seed"], run.extras.get("old"), run.extras.get("new"))
     matrix.method_info = {n: r.to_dict() for n, r in run.methods.items()}
     run.matrix = matrix
     return choices

@@ -12,6 +12,14 @@ query's hit is averaged over the seeds, and the matrix is bootstrapped over the 
 across methods. The seed spread (the standard deviation over seeds of each seed's pooled figure) is
 reported beside the interval. Galleries are the fold's evaluation items (about 141 with k = 5), so
 recalls are higher than on the fixed split's 299-item gallery: compare methods within one protocol.
+
+With gallery extras (`gallery_extra`, e.g. testbed:distractors: `xbt evaluate --testbed --folds 5
+--gallery-extra testbed:distractors`), every gallery of every fold also holds them (the old model's for
+old->old and every method, the fold's new model's for the ceiling; never queries, never fitted or tuned on),
+and each fold is searched at its own size, at each of `gallery_sizes` and with every extra, in one pass over
+the extras. Each size is pooled like the headline (the largest): its matrix, seed spread and paired
+differences are under `crossval.gallery_sizes`, and a near-duplicate check of the extras against each
+fold's evaluation items (cosine with the fold's new model) under `crossval.near_duplicates`.
 """
 
 from __future__ import annotations
@@ -30,13 +38,14 @@ import numpy as np
 import yaml
 
 from xbt.compat.registry import PEER_METHODS
+from xbt.data.distractors import GalleryExtra
 from xbt.data.folds import Fold, testbed_folds
 from xbt.durable import atomic_write_bytes, atomic_write_text, code_digest
 from xbt.errors import InputError
 from xbt.eval.calibrated import CALIBRATED, calibrated_queries
 from xbt.embed import DIRECTIONS, QueryVectors
-from xbt.eval.matrix import UpgradeMatrix, matrix_from_hits, system_hits
-from xbt.metrics import DEFAULT_KS, estimate, resampled_means, update_gain
+from xbt.eval.matrix import UpgradeMatrix, matrix_from_hits, system_hits_at_sizes
+from xbt.metrics import DEFAULT_KS, estimate, near_duplicates, resampled_means, update_gain
 from xbt.eval.runner import RESULTS_SCHEMA, json_safe, run_evaluation
 from xbt.compat.queries import compatible_queries
 from xbt.paths import cache_dir, resolve_config
@@ -60,6 +69,12 @@ class CrossValConfig:
     # Fold splits whose images (captions ignored) are added, unlabeled, to every peer's image-side fit: e.g.
     # vlp_old (the openclipart renders; never an evaluated Tux Paint item nor a val item).
     fit_images: Sequence[str] = ()
+    # Gallery extras (xbt.data.distractors sources, e.g. testbed:distractors): added to every gallery of every
+    # fold, never queries. Each fold is then searched at its own gallery size, at each of `gallery_sizes`
+    # (items per modality: the fold's items plus the first extras of one seeded order, the same for every
+    # fold) and with every extra.
+    gallery_extra: Sequence[str] = ()
+    gallery_sizes: Sequence[int] = (1000,)
 
     def __post_init__(self) -> None:
         from xbt.data.folds import FOLD_SPLITS
@@ -77,6 +92,9 @@ class CrossValConfig:
                "old_query": list(self.old_query), "ks": [int(k) for k in self.ks], "code": fold_code_digest()}
         if self.fit_images:  # absent when empty: folds saved before the option existed keep their key
             doc["fit_images"] = list(self.fit_images)
+        if self.gallery_extra:  # likewise: the sources, their content and the sizes searched
+            doc["gallery_extra"] = {"sources": list(self.gallery_extra), "digest": extras_digest(load_extras(self)),
+                                    "sizes": [int(n) for n in self.gallery_sizes]}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -95,6 +113,49 @@ def read_crossval_config(source: str | Path, **settings: Any) -> tuple[CrossValC
         raise InputError(f"{source}: unknown field(s) {', '.join(unknown)}; a cross-validation config takes"
                          f" {', '.join(CrossValConfig.__dataclass_fields__)} and compare")
     return CrossValConfig(**(doc | settings)), compare
+
+
+#: The seed of the one order of the extras whose prefixes make the intermediate gallery sizes.
+EXTRAS_ORDER_SEED = 0
+#: Cosine (the fold's new model) at or above which an extra counts as a near-duplicate of an evaluation item.
+NEAR_DUPLICATE_COSINE = 0.95
+_EXTRAS: dict[tuple[str, ...], GalleryExtra] = {}
+
+
+def load_extras(cfg: CrossValConfig) -> GalleryExtra | None:
+    """The configuration's gallery extras, merged, in one seeded order (so that the first n of them are a
+    random subset, the same for every fold and seed); loaded once per process."""
+    if not cfg.gallery_extra:
+        return None
+    key = tuple(cfg.gallery_extra)
+    if key not in _EXTRAS:
+        from xbt.data.distractors import load_gallery_extra, merge_extras
+
+        extra = merge_extras([load_gallery_extra(s) for s in cfg.gallery_extra])
+        rng = np.random.default_rng(EXTRAS_ORDER_SEED)
+        extra.images = [extra.images[i] for i in rng.permutation(len(extra.images))]
+        extra.texts = [extra.texts[i] for i in rng.permutation(len(extra.texts))]
+        _EXTRAS[key] = extra
+    return _EXTRAS[key]
+
+
+def extras_digest(extra: GalleryExtra | None) -> str:
+    """What the extras are (their image paths and texts, in order): part of a fold's key."""
+    if extra is None:
+        return ""
+    return hashlib.sha256(json.dumps([extra.images, extra.texts]).encode()).hexdigest()[:16]
+
+
+def extra_sizes(cfg: CrossValConfig, n_images: int, n_texts: int, extra: GalleryExtra) -> list[tuple[int, int]]:
+    """The numbers of extra (images, texts) at each gallery size searched: none (the fold's own galleries), each
+    of `cfg.gallery_sizes` (items per modality, the fold's included) that lies between, and every extra."""
+    sizes = [(0, 0)]
+    for total in sorted(int(n) for n in cfg.gallery_sizes):
+        a, b = total - n_images, total - n_texts
+        if 0 < a < len(extra.images) and 0 < b < len(extra.texts):
+            sizes.append((a, b))
+    sizes.append((len(extra.images), len(extra.texts)))
+    return list(dict.fromkeys(sizes))
 
 
 def fold_code_digest() -> str:
@@ -138,10 +199,11 @@ def train_fold_xbt(cfg: CrossValConfig, variant: str, fold: Fold, old, new, show
                      train_pairs=fold.train, text_corpus=fold.text_corpus)
 
 
-def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old) -> tuple[QueryVectors, dict[str, float]]:
+def _calibrated(model, queries: QueryVectors, fold: Fold, old, new, eval_old, extras=None) -> tuple[QueryVectors, dict[str, float]]:
     """The method's evaluation queries searched with NNN calibration; alpha chosen on the fold's val split
-    (the bank: the method's queries of the fold's training pairs)."""
-    calibrated, choice = calibrated_queries(model, queries, eval_old, old, new, fold.train, fold.val)
+    (the bank: the method's queries of the fold's training pairs). Gallery extras get their bias from the
+    same bank and alpha: nothing is chosen on them."""
+    calibrated, choice = calibrated_queries(model, queries, eval_old, old, new, fold.train, fold.val, extras=extras)
     return calibrated, choice.alpha  # per direction
 
 
@@ -167,6 +229,8 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
 
         for model in (old, new):
             prime_lit_cache(model, fit_images)
+    # Gallery extras: embedded in run_evaluation by the fold's heads over the towers' cached features (no tower runs again).
+    extra = load_extras(cfg)
     timings["models"] = time.perf_counter() - t
     methods: dict[str, Any] = {name: name for name in cfg.peers}
     for variant in cfg.xbt:
@@ -176,8 +240,9 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     t = time.perf_counter()
     run = run_evaluation(old, new, fold.eval, methods, fit_texts=fold.text_corpus, fit_pairs=fold.train,
                          support_pairs=fold.val, ks=cfg.ks, n_resamples=10, seed=fold.seed, cost_batch_sizes=(256,),
-                         skip_unfittable=True, show_progress=show_progress, fit_images=fit_images)
+                         skip_unfittable=True, show_progress=show_progress, fit_images=fit_images, gallery_extra=extra)
     timings["evaluate"] = time.perf_counter() - t
+    timings["evaluate:embed"] = run.timings_s.get("embed", 0.0)
     queries = dict(run.queries)
     choices: dict[str, Any] = {}
     for variant in cfg.old_query:
@@ -194,11 +259,25 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
         t = time.perf_counter()
         for name in list(queries):
             queries[name + CALIBRATED], alpha = _calibrated(
-                run.compatible[name], queries[name], fold, old, new, run.embeddings["old"])
+                run.compatible[name], queries[name], fold, old, new, run.embeddings["old"], run.extras.get("old"))
             choices.setdefault(name + CALIBRATED, {})["alpha"] = alpha
         timings["calibrate"] = time.perf_counter() - t
-    hits = system_hits(run.embeddings["old"], run.embeddings["new"], queries, cfg.ks)
+    t = time.perf_counter()
+    eval_old, eval_new = run.embeddings["old"], run.embeddings["new"]
+    sizes = extra_sizes(cfg, len(eval_old.images), len(eval_old.texts), extra) if extra is not None else [(0, 0)]
+    by_size = system_hits_at_sizes(eval_old, eval_new, queries, cfg.ks, run.extras.get("old"), run.extras.get("new"), sizes)
+    hits = by_size[-1]  # every extra: the fold's headline galleries
     flat = {f"{s}|{d}|{k}": v for s, table in hits.items() for d, row in table.items() for k, v in row.items()}
+    gallery = []
+    for i, ((a, b), table) in enumerate(zip(sizes, by_size)):
+        gallery.append({"label": size_label(i, len(sizes)), "extra_images": a, "extra_texts": b,
+                        "gallery_images": len(eval_old.images) + a, "gallery_texts": len(eval_old.texts) + b})
+        if i < len(sizes) - 1:
+            flat |= {f"{gallery[-1]['label']}#{s}|{d}|{k}": v for s, t2 in table.items() for d, row in t2.items()
+                     for k, v in row.items()}
+    if extra is not None:
+        timings["search_sizes"] = time.perf_counter() - t
+    near = near_duplicate_check(extra, run.extras["new"], eval_new, fold.eval) if extra is not None else None
     records = {name: record.to_dict() for name, record in run.methods.items()}
     for name in queries:
         if name not in records:  # derived systems: the record of what they derive from
@@ -215,6 +294,9 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
         "methods": records, "choices": choices, "warnings": run.warnings,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
+    if extra is not None:
+        meta["gallery_sizes"] = gallery
+        meta["near_duplicates"] = near
     if len(set(meta["query_ids"])) != len(fold.eval):
         raise InputError(f"fold {fold.name}: evaluation items are not one image per caption")
     out.mkdir(parents=True, exist_ok=True)
@@ -225,10 +307,38 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
     return meta | {"hits": flat}
 
 
+def size_label(i: int, n: int) -> str:
+    """The name of the i-th of n gallery sizes a fold was searched at: "fold" (no extras), "size1", ..., "full"."""
+    return "fold" if i == 0 else ("full" if i == n - 1 else f"size{i}")
+
+
+def near_duplicate_check(extra: GalleryExtra, extras_new, eval_new, eval_pairs: Sequence[Any],
+                         threshold: float = NEAR_DUPLICATE_COSINE) -> dict[str, Any]:
+    """The extras against the fold's evaluation items, embedded by the fold's new model: each extra image's
+    highest cosine to any evaluation image, each extra text's to any evaluation caption (flagged ones named)."""
+    out: dict[str, Any] = {"model": "the fold's new model"}
+    for side, rows, refs, names, ref_names in (
+            ("images", extras_new.images, eval_new.images, extra.images, [p.image for p in eval_pairs]),
+            ("texts", extras_new.texts, eval_new.texts, extra.texts, [p.caption for p in eval_pairs])):
+        check = near_duplicates(rows, refs, threshold)
+        for f in check["flagged"]:
+            f["item_name"], f["reference_name"] = names[f["item"]], ref_names[f["reference"]]
+        out[side] = check
+    return out
+
+
+def sized_hits(fold: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """A fold's record with its hits at the gallery size `label` in place of the headline ones."""
+    if label == "full":
+        return fold
+    prefix = label + "#"
+    return dict(fold) | {"hits": {n.removeprefix(prefix): v for n, v in fold["hits"].items() if n.startswith(prefix)}}
+
+
 # ----- pooling ----------------------------------------------------------------------------------------
 def pool_hits(folds: Sequence[Mapping[str, Any]], ks: Sequence[int]) -> tuple[list[str], dict[str, dict[str, dict[int, np.ndarray]]]]:
     """One seed's folds -> (query ids, sorted; system -> direction -> K -> hits in that order)."""
-    systems = [set(n.split("|")[0] for n in f["hits"]) for f in folds]
+    systems = [set(n.split("|")[0] for n in f["hits"] if "#" not in n) for f in folds]
     if any(s != systems[0] for s in systems):
         raise InputError("the folds of a seed evaluated different systems; rerun the missing ones")
     ids = [i for f in folds for i in f["query_ids"]]
@@ -286,30 +396,23 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
 
     out = Path(work_dir) if work_dir is not None else cache_dir("runs") / f"cv-{cfg.fold_key()}"
     started = time.perf_counter()
-    per_seed_hits, per_seed_matrix, fold_meta = [], [], []
-    ids0 = None
+    seed_folds: list[list[dict[str, Any]]] = []
+    fold_meta = []
     for seed in cfg.seeds:
         folds = []
         for fold in testbed_folds(cfg.k, seed):
             folds.append(run_fold(cfg, fold, out / f"seed{seed}" / f"fold{fold.index}", show_progress))
             if show_progress:
                 print(f"seed {seed} fold {fold.index}: done ({folds[-1]['timings_s']})", flush=True)
-        ids, pooled = pool_hits(folds, cfg.ks)
-        if ids0 is not None and ids != ids0:
-            raise InputError("seeds pooled different evaluation queries")
-        ids0 = ids
-        per_seed_hits.append(pooled)
-        per_seed_matrix.append(matrix_from_hits(pooled, cfg.ks, cfg.n_resamples, seed))
+        seed_folds.append(folds)
         fold_meta += [{k: v for k, v in f.items() if k != "hits"} for f in folds]
-    # Each query's hit averaged over the seeds, then one paired bootstrap over the pooled queries.
-    systems = per_seed_hits[0].keys()
-    mean_hits = {s: {d: {int(k): np.mean([h[s][d][int(k)] for h in per_seed_hits], axis=0) for k in cfg.ks}
-                     for d in DIRECTIONS} for s in systems}
-    matrix = matrix_from_hits(mean_hits, cfg.ks, cfg.n_resamples, 0)
+    ids0, per_seed_matrix, mean_hits, matrix = _pooled(cfg, seed_folds, "full")
     records = _pooled_records(fold_meta)
     matrix.method_info = records
     method, reason = recommend(matrix)
     n = len(ids0 or [])
+    extra = load_extras(cfg)
+    sizes_section = _gallery_sizes_section(cfg, seed_folds, fold_meta, compare, records) if extra is not None else None
     results = {
         "schema": RESULTS_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -327,6 +430,10 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
                            "n_images": int(np.mean([m["sizes"].get("fit_images", 0) for m in fold_meta]))},
             "support": {"source": "each fold's val split (every choice is made here)", "n_pairs": int(np.mean([m["sizes"]["val"] for m in fold_meta])),
                         "n_images": int(np.mean([m["sizes"]["val"] for m in fold_meta]))},
+            "gallery_extra": ({"source": extra.source, "n_images": len(extra.images), "n_texts": len(extra.texts),
+                               "role": "gallery items only, in every gallery of every fold (never queries, never fitted or"
+                                       " tuned on; NNN's bank and alpha come from each fold's training and val data)",
+                               "info": extra.info} if extra is not None else None),
         },
         "protocol": {
             "ks": [int(k) for k in cfg.ks], "n_resamples": cfg.n_resamples, "seed": 0, "confidence": 0.95, "search": "exact",
@@ -334,6 +441,9 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
             "criterion": "M(new->old) > M(old->old) per cell; confident when the interval of the difference is above 0",
             "gain": "(M(new->old) - M(old->old)) / (M(new->new) - M(old->old)), percent",
             "cost_batch_sizes": [256], "device": "cpu", "precision": "fp32",
+            # the galleries every system searched (per fold, the headline matrix's), as `xbt evaluate` records them
+            "gallery_images": int(min(_full(m)["gallery_images"] for m in fold_meta)),
+            "gallery_texts": int(min(_full(m)["gallery_texts"] for m in fold_meta)),
         },
         "methods": records,
         "matrix": matrix.to_dict(),
@@ -353,7 +463,74 @@ def run_crossval(cfg: CrossValConfig, work_dir: str | Path | None = None, show_p
             "differences": [differences_vs(mean_hits, a, b, cfg.ks, cfg.n_resamples) for a, b in compare],
         },
     }
+    if sizes_section is not None:
+        results["crossval"]["gallery_sizes"] = sizes_section
+        results["crossval"]["near_duplicates"] = _near_duplicate_summary(fold_meta)
+        results["crossval"]["timings_s"] = {key: round(float(np.sum([m["timings_s"].get(key, 0.0) for m in fold_meta])), 1)
+                                            for key in sorted({key for m in fold_meta for key in m["timings_s"]})}
     return json_safe(results)
+
+
+def _full(meta: Mapping[str, Any]) -> dict[str, int]:
+    """A fold's headline gallery sizes (with every extra; its own items when it has none)."""
+    if meta.get("gallery_sizes"):
+        return dict(meta["gallery_sizes"][-1])
+    return {"gallery_images": int(meta["sizes"]["eval"]), "gallery_texts": int(meta["sizes"]["eval"])}
+
+
+def _pooled(cfg: CrossValConfig, seed_folds: Sequence[Sequence[Mapping[str, Any]]], label: str):
+    """(query ids, each seed's matrix, the seed-averaged hits, their matrix) at the gallery size `label`."""
+    per_seed_hits, per_seed_matrix = [], []
+    ids0 = None
+    for seed, folds in zip(cfg.seeds, seed_folds):
+        ids, pooled = pool_hits([sized_hits(f, label) for f in folds], cfg.ks)
+        if ids0 is not None and ids != ids0:
+            raise InputError("seeds pooled different evaluation queries")
+        ids0 = ids
+        per_seed_hits.append(pooled)
+        per_seed_matrix.append(matrix_from_hits(pooled, cfg.ks, cfg.n_resamples, seed))
+    # Each query's hit averaged over the seeds, then one paired bootstrap over the pooled queries.
+    systems = per_seed_hits[0].keys()
+    mean_hits = {s: {d: {int(k): np.mean([h[s][d][int(k)] for h in per_seed_hits], axis=0) for k in cfg.ks}
+                     for d in DIRECTIONS} for s in systems}
+    return ids0, per_seed_matrix, mean_hits, matrix_from_hits(mean_hits, cfg.ks, cfg.n_resamples, 0)
+
+
+def _gallery_sizes_section(cfg: CrossValConfig, seed_folds, fold_meta, compare, records) -> list[dict[str, Any]]:
+    """Every gallery size the folds were searched at, smallest first: the sizes (per fold), the pooled matrix,
+    each method's mean update gain, the seed spread and the paired differences asked for."""
+    labels = [g["label"] for g in fold_meta[0]["gallery_sizes"]]
+    section = []
+    for label in labels:
+        per_fold = [next(g for g in m["gallery_sizes"] if g["label"] == label) for m in fold_meta]
+        _, per_seed_matrix, mean_hits, matrix = _pooled(cfg, seed_folds, label)
+        matrix.method_info = records
+        section.append({
+            "label": label,
+            "gallery_images": {"min": min(g["gallery_images"] for g in per_fold), "max": max(g["gallery_images"] for g in per_fold)},
+            "gallery_texts": {"min": min(g["gallery_texts"] for g in per_fold), "max": max(g["gallery_texts"] for g in per_fold)},
+            "extra_images": per_fold[0]["extra_images"], "extra_texts": per_fold[0]["extra_texts"],
+            "mean_gain": {name: matrix.mean_gain(name) for name in matrix.methods},
+            "matrix": {k: v for k, v in matrix.to_dict().items() if k != "method_info"},
+            "seed_spread": seed_spread(per_seed_matrix),
+            "differences": [differences_vs(mean_hits, a, b, cfg.ks, cfg.n_resamples) for a, b in compare],
+        })
+    return section
+
+
+def _near_duplicate_summary(fold_meta: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The folds' near-duplicate checks together: per modality, the largest cosine of any extra to any
+    evaluation item and the extras at or above the threshold, over every fold."""
+    out: dict[str, Any] = {"threshold": NEAR_DUPLICATE_COSINE, "model": "each fold's new model"}
+    for side in ("images", "texts"):
+        checks = [m["near_duplicates"][side] for m in fold_meta if m.get("near_duplicates")]
+        out[side] = {"max_cosine": max(c["max"] for c in checks if c["max"] is not None),
+                     "median_of_fold_medians": float(np.median([c["quantiles"]["0.5"] for c in checks])),
+                     "folds_with_any": sum(1 for c in checks if c["n_at_or_above"]),
+                     "at_or_above_per_fold": [c["n_at_or_above"] for c in checks],
+                     "examples": [dict(f, fold=m["fold"]) for m in fold_meta if m.get("near_duplicates")
+                                  for f in m["near_duplicates"][side]["flagged"][:3]][:10]}
+    return out
 
 
 def data_efficiency_rows(matrix: UpgradeMatrix, n_all: int) -> list[dict[str, Any]]:

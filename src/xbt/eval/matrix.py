@@ -9,14 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from xbt.embed import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors
+from xbt.embed import DIRECTIONS, ExtraEmbeddings, GalleryBias, PairEmbeddings, QueryVectors
+from xbt.errors import SpaceMismatchError
 from xbt.metrics import (
     DEFAULT_KS,
     Estimate,
     estimate,
     hits_at_k,
     resampled_means,
-    retrieval_ranks,
+    retrieval_ranks_with_extras,
     update_gain,
 )
 from xbt.ranking.nnn import with_bias
@@ -111,27 +112,74 @@ class UpgradeMatrix:
         )
 
 
+def check_extras(gallery: PairEmbeddings, extras: ExtraEmbeddings | None, which: str) -> None:
+    """Gallery extras must live in the gallery's own space (not just have its dimension)."""
+    if extras is None:
+        return
+    gallery.space.check(extras.space, f"the gallery extras ({extras.source or 'extra items'}) of the {which} gallery")
+    dim = gallery.images.shape[1]
+    for name, rows in (("images", extras.images), ("texts", extras.texts)):
+        if rows.ndim != 2 or (len(rows) and rows.shape[1] != dim):
+            raise SpaceMismatchError(f"the gallery extras' {name} have shape {rows.shape}; the {which} gallery's vectors"
+                                     f" have dimension {dim}")
+
+
 def system_hits(
     old: PairEmbeddings,
     new: PairEmbeddings,
     methods: Mapping[str, QueryVectors],
     ks: Sequence[int] = DEFAULT_KS,
+    old_extras: ExtraEmbeddings | None = None,
+    new_extras: ExtraEmbeddings | None = None,
 ) -> dict[str, dict[str, dict[int, np.ndarray]]]:
     """Per-query hits of every system on the old gallery: {"old", "new", "method:NAME"} -> direction -> K ->
-    (n_queries,) 0/1. Each method's queries are checked against the old gallery's space and shapes."""
+    (n_queries,) 0/1. Each method's queries are checked against the old gallery's space and shapes. With
+    extras, every gallery holds them all: old->old and every method search the old galleries plus
+    `old_extras`, the new->new ceiling the new galleries plus `new_extras` (the same items, embedded by the
+    new model)."""
+    if (old_extras is None) != (new_extras is None):
+        raise ValueError("gallery extras must be given for both the old and the new galleries (every system searches them)")
+    sizes = [(len(old_extras.images), len(old_extras.texts))] if old_extras is not None else [(0, 0)]
+    return system_hits_at_sizes(old, new, methods, ks, old_extras, new_extras, sizes)[0]
+
+
+def system_hits_at_sizes(
+    old: PairEmbeddings,
+    new: PairEmbeddings,
+    methods: Mapping[str, QueryVectors],
+    ks: Sequence[int],
+    old_extras: ExtraEmbeddings | None,
+    new_extras: ExtraEmbeddings | None,
+    sizes: Sequence[tuple[int, int]],
+) -> list[dict[str, dict[str, dict[int, np.ndarray]]]]:
+    """`system_hits` at several gallery sizes: for each (n_images, n_texts) in `sizes`, every system's
+    galleries hold the first n_images extra images and the first n_texts extra texts (the same items for
+    every system: old->old, the ceiling, every method). One pass over the extras serves every size."""
     index = old.caption_image_index
     if list(new.caption_image_index) != list(index):
         raise ValueError("old and new embeddings must come from the same pair set")
+    if (old_extras is None) != (new_extras is None):
+        raise ValueError("gallery extras must be given for both the old and the new galleries (every system searches them)")
+    check_extras(old, old_extras, "old")
+    check_extras(new, new_extras, "new")
+    if old_extras is not None and new_extras is not None and old_extras.sizes != new_extras.sizes:
+        raise ValueError(f"the old model embedded {old_extras.sizes} extras and the new model {new_extras.sizes}:"
+                         " every system must search the same gallery")
     ks = tuple(int(k) for k in ks)
+    sizes = [(int(a), int(b)) for a, b in sizes]
 
-    def hits(image_q, text_q, image_g, text_g, bias: GalleryBias | None = None) -> dict[str, dict[int, np.ndarray]]:
-        if bias is None:
-            ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
-        else:
+    def hits(image_q, text_q, image_g, text_g, extras: ExtraEmbeddings | None,
+             bias: GalleryBias | None = None) -> list[dict[str, dict[int, np.ndarray]]]:
+        d = image_g.shape[1]
+        extra_images = extras.images if extras is not None else np.zeros((0, d), np.float32)
+        extra_texts = extras.texts if extras is not None else np.zeros((0, d), np.float32)
+        if bias is not None:
             text_q, image_g = with_bias(text_q, image_g, bias.images)
             image_q, text_g = with_bias(image_q, text_g, bias.texts)
-            ranks = retrieval_ranks(image_q, text_q, image_g, text_g, index)
-        return {d: hits_at_k(ranks[d], ks) for d in DIRECTIONS}
+            extra_images = _extras_with_bias(extra_images, bias.extra_images, "images")
+            extra_texts = _extras_with_bias(extra_texts, bias.extra_texts, "texts")
+        ranks = retrieval_ranks_with_extras(image_q, text_q, image_g, text_g, index, extra_images, extra_texts, sizes)
+        return [{d: hits_at_k(r[d], ks) for d in DIRECTIONS} for r in ranks]
 
     for name, q in methods.items():
         old.space.check(q.space, f"the queries of method {name!r}")
@@ -140,13 +188,23 @@ def system_hits(
                 f"method {name!r} returned images {q.images.shape} and texts {q.texts.shape}; the old gallery"
                 f" has images {old.images.shape} and texts {old.texts.shape}"
             )
-    systems: dict[str, dict[str, dict[int, np.ndarray]]] = {
-        "old": hits(old.images, old.texts, old.images, old.texts),
-        "new": hits(new.images, new.texts, new.images, new.texts),
+    per_system = {
+        "old": hits(old.images, old.texts, old.images, old.texts, old_extras),
+        "new": hits(new.images, new.texts, new.images, new.texts, new_extras),
     }
     for name, q in methods.items():
-        systems["method:" + name] = hits(q.images, q.texts, old.images, old.texts, q.gallery_bias)
-    return systems
+        per_system["method:" + name] = hits(q.images, q.texts, old.images, old.texts, old_extras, q.gallery_bias)
+    return [{s: table[i] for s, table in per_system.items()} for i in range(len(sizes))]
+
+
+def _extras_with_bias(extras: np.ndarray, bias: np.ndarray | None, what: str) -> np.ndarray:
+    """Extra gallery rows with their calibration bias as the extra dimension ([g, b], as `with_bias`)."""
+    if len(extras) and bias is None:
+        raise ValueError(f"a calibrated method searches gallery extras without their bias ({what}): calibrate with the extras")
+    b = np.zeros(0, np.float32) if bias is None else np.asarray(bias, dtype=np.float32).reshape(-1)
+    if b.shape[0] != len(extras):
+        raise ValueError(f"a gallery bias of {b.shape[0]} values for {len(extras)} extra {what}")
+    return np.concatenate([np.asarray(extras, dtype=np.float32), b[:, None]], axis=1)
 
 
 def evaluate_upgrade(
@@ -156,9 +214,12 @@ def evaluate_upgrade(
     ks: Sequence[int] = DEFAULT_KS,
     n_resamples: int = 1000,
     seed: int = 0,
+    old_extras: ExtraEmbeddings | None = None,
+    new_extras: ExtraEmbeddings | None = None,
 ) -> UpgradeMatrix:
-    """Every method is compared with old->old on the same query resamples (paired bootstrap)."""
-    return matrix_from_hits(system_hits(old, new, methods, ks), ks, n_resamples, seed)
+    """Every method is compared with old->old on the same query resamples (paired bootstrap); with gallery
+    extras, every system's galleries hold them (`system_hits`)."""
+    return matrix_from_hits(system_hits(old, new, methods, ks, old_extras, new_extras), ks, n_resamples, seed)
 
 
 def matrix_from_hits(

@@ -284,6 +284,127 @@ def crossval_tables(results: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def gallery_size_tables(results: dict[str, Any], figure: str | None) -> list[Block]:
+    """With gallery extras: how the figures move with the gallery's size (each method's mean update gain,
+    with its interval and seed spread, at every size searched), the paired differences at each size, and
+    the near-duplicate check of the extras against the evaluation items."""
+    cv = results.get("crossval") or {}
+    sizes = cv.get("gallery_sizes")
+    if not sizes:
+        return []
+    import numpy as np
+
+    extra = (results.get("data") or {}).get("gallery_extra") or {}
+
+    def size_name(entry: dict[str, Any]) -> str:
+        gi, gt = entry["gallery_images"], entry["gallery_texts"]
+        images = f"{gi['min']:,}" if gi["min"] == gi["max"] else f"{gi['min']:,}-{gi['max']:,}"
+        texts = f"{gt['min']:,}" if gt["min"] == gt["max"] else f"{gt['min']:,}-{gt['max']:,}"
+        return f"{images} img / {texts} txt"
+
+    blocks = [
+        Block("heading", "Gallery size"),
+        Block("text", f"Every gallery of every fold also holds gallery extras (`{extra.get('source')}`: {extra.get('n_images', 0):,} images "
+                      f"and {extra.get('n_texts', 0):,} texts, never queries, never fitted or tuned on): old->old and every method "
+                      "search the old model's galleries plus the extras embedded by the old model, the new->new ceiling the new "
+                      "model's plus the extras embedded by the new model. Each fold is searched at its own size, at the sizes "
+                      "below (the first extras of one seeded order, the same for every fold) and with every extra; NNN's bank "
+                      "and alpha are those of the fold's training and val data at every size (each extra's bias comes from "
+                      "the same bank). The headline matrix above is the largest size."),
+    ]
+    matrices = [UpgradeMatrix.from_dict(entry["matrix"] | {"method_info": {}}) for entry in sizes]
+    header = ["system"] + [size_name(e) for e in sizes]
+    rows = [["old->old mean R@1/5/10 (T2I, I2T)"] + [
+        " / ".join(_num(np.mean([m.old_old[d][k].value for k in m.ks]), 1) for d in DIRECTIONS) for m in matrices]]
+    rows.append(["new->new mean R@1/5/10 (T2I, I2T)"] + [
+        " / ".join(_num(np.mean([m.new_new[d][k].value for k in m.ks]), 1) for d in DIRECTIONS) for m in matrices])
+    last = matrices[-1]
+    order = sorted(last.methods, key=lambda n: -last.mean_gain(n) if math.isfinite(last.mean_gain(n)) else math.inf)
+    for name in order:
+        cells = []
+        for entry, m in zip(sizes, matrices):
+            sd = entry["seed_spread"]["methods"].get(name, {}).get("mean_gain", {})
+            spread = f" (sd {_num(sd.get('sd'), 1)})" if len(sd.get("values", [])) > 1 else ""
+            t2i = _num(np.nanmean([m.methods[name]["t2i"][k].gain.value for k in m.ks]), 1)
+            i2t = _num(np.nanmean([m.methods[name]["i2t"][k].gain.value for k in m.ks]), 1)
+            cells.append(f"{_num(m.mean_gain(name), 1)}%{spread}; T2I {t2i} / I2T {i2t}")
+        rows.append([name] + cells)
+    blocks += [Block("heading", "Mean update gain by gallery size (seed spread; per direction)", 3), Block("table", (header, rows))]
+    if figure:
+        blocks.append(Block("figure", (figure, "Mean update gain against gallery size")))
+    # R@1 with intervals for every method at each size
+    for d in DIRECTIONS:
+        header = ["system"] + [size_name(e) for e in sizes]
+        rows = [["old->old"] + [_interval(m.old_old[d][1].to_dict()) for m in matrices],
+                ["new->new"] + [_interval(m.new_new[d][1].to_dict()) for m in matrices]]
+        rows += [[name] + [_interval(m.methods[name][d][1].recall.to_dict()) for m in matrices] for name in order]
+        blocks += [Block("heading", f"{DIRECTION_NAMES[d]} R@1 by gallery size (%, 95% interval)", 3), Block("table", (header, rows))]
+    if any(entry.get("differences") for entry in sizes):
+        header = ["a - b"] + [size_name(e) for e in sizes]
+        rows = []
+        for i, diff in enumerate(sizes[0]["differences"]):
+            rows.append([f"{diff['a']} - {diff['b']}"] + [
+                _interval(e["differences"][i]["mean_gain_difference"], signed=True) + (" *" if e["differences"][i]["above_zero"] else "")
+                for e in sizes])
+        blocks += [Block("heading", "Paired differences of mean update gain by gallery size (points, 95% interval; * above zero)", 3),
+                   Block("table", (header, rows))]
+    near = cv.get("near_duplicates")
+    if near:
+        items = []
+        for side in ("images", "texts"):
+            n = near[side]
+            items.append(f"{side}: highest cosine of any extra to any evaluation item {_num(n['max_cosine'], 3)} (median of the "
+                         f"folds' medians {_num(n['median_of_fold_medians'], 3)}); extras at or above {near['threshold']}: "
+                         f"{sum(n['at_or_above_per_fold'])} over {len(n['at_or_above_per_fold'])} folds"
+                         + ("; e.g. " + "; ".join(f"`{Path(str(x['item_name'])).name}` ~ `{Path(str(x['reference_name'])).name}`"
+                                                  f" ({_num(x['cosine'], 3)})" for x in n["examples"][:3]) if n["examples"] else ""))
+        info = extra.get("info") or {}
+        checks = [f"{src}: {json.dumps(v.get('removed'))}" for src, v in info.items() if isinstance(v, dict) and v.get("removed")]
+        blocks += [Block("heading", "Near-duplicates of evaluation items", 3),
+                   Block("text", "Exact checks when the set was built (no extra shares its bytes with a testbed item, no extra "
+                                 "text equals a testbed caption once normalised; removed: " + ("; ".join(checks) or "none") +
+                                 "), and per fold, cosine with the fold's new model against that fold's evaluation items:"),
+                   Block("list", items)]
+    timings = cv.get("timings_s")
+    if timings:
+        blocks += [Block("heading", "Time per step, summed over folds (s)", 3),
+                   Block("text", ", ".join(f"{k} {v:,.0f}" for k, v in timings.items()))]
+    return blocks
+
+
+def gallery_size_figure(results: dict[str, Any], path: Path) -> bool:
+    """Each method's mean update gain against the gallery's size (log scale; images per gallery), with its
+    95% interval as error bars where the matrix has it (the mean of the cells' intervals is not one, so
+    the bars are each size's seed range instead)."""
+    sizes = (results.get("crossval") or {}).get("gallery_sizes")
+    if not sizes:
+        return False
+    import numpy as np
+
+    fig = _figure(8.5, 5.2)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.array([(e["gallery_images"]["min"] + e["gallery_images"]["max"]) / 2 for e in sizes], dtype=float)
+    names = list(sizes[-1]["mean_gain"])
+    names.sort(key=lambda n: -(sizes[-1]["mean_gain"][n] if sizes[-1]["mean_gain"][n] is not None else -1e9))
+    for name in names:
+        y = np.array([e["mean_gain"].get(name) if e["mean_gain"].get(name) is not None else np.nan for e in sizes], dtype=float)
+        values = [e["seed_spread"]["methods"].get(name, {}).get("mean_gain", {}).get("values", []) for e in sizes]
+        low = np.array([min(v) if len(v) > 1 else np.nan for v in values], dtype=float)
+        high = np.array([max(v) if len(v) > 1 else np.nan for v in values], dtype=float)
+        style = "-" if name.endswith("+nnn") else "--"
+        line, = ax.plot(x, y, style, marker="o", markersize=3, linewidth=1.2, label=name)
+        if np.isfinite(low).all():
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.08, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("gallery size (images per fold's gallery; texts alike)")
+    ax.set_ylabel("mean update gain (%)")
+    ax.axhline(0, color="grey", linewidth=0.6)
+    ax.set_title("Mean update gain against gallery size (shaded: range over seeds)")
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    _save(fig, path)
+    return True
+
+
 # ----- figures ---------------------------------------------------------------------------------------------
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
@@ -422,6 +543,7 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
             f"training texts (fitting): {data.get('fit_texts', {}).get('n_texts', 0)}"
             + _from(data.get("fit_texts", {}).get("source")) + " (plus the training pairs' captions)",
             _data_line("support split (model selection: SLERP's weight, affine's ridge, adapter's epochs)", data.get("support", {})),
+            _gallery_line(data.get("gallery_extra"), protocol),
             f"protocol: exact search; Recall@{', '.join(map(str, protocol.get('ks', [])))}; a text query is correct if its"
             " image is in the top K, an image query if any of its captions is; ties count against the query; 95% "
             f"percentile bootstrap over queries ({protocol.get('n_resamples', '?')} resamples, paired across methods)",
@@ -434,6 +556,7 @@ def report_blocks(results: dict[str, Any], figures: dict[str, str], results_path
     blocks += [Block("heading", "Recommendation"),
                Block("text", (f"**{rec['method']}**. " if rec.get("method") else "**No method qualifies.** ") + str(rec.get("reason", "")))]
     blocks += crossval_tables(results)
+    blocks += gallery_size_tables(results, figures.get("gallery_size"))
     if results.get("migration_strategy"):
         blocks += strategy_blocks(results["migration_strategy"])
     blocks += [Block("heading", "Methods"), Block("table", methods_table(results)),
@@ -479,6 +602,15 @@ def strategy_blocks(strategy: dict[str, Any]) -> list[Block]:
             Block("table", (header, rows)), Block("list", list(strategy.get("reasons", [])))]
 
 
+def _gallery_line(extra: dict[str, Any] | None, protocol: dict[str, Any]) -> str:
+    sizes = (f"{protocol['gallery_images']:,} images, {protocol['gallery_texts']:,} texts"
+             if "gallery_images" in protocol else "the evaluation items")
+    if not extra:
+        return f"galleries searched: {sizes} (the evaluation items only)"
+    return (f"galleries searched: {sizes}, of which gallery extras {extra.get('n_images', 0):,} images and"
+            f" {extra.get('n_texts', 0):,} texts" + _from(extra.get("source")) + " (never queries; in every system's galleries)")
+
+
 def _from(source: Any) -> str:
     return f" from `{source}`" if source else ""
 
@@ -502,6 +634,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path, markdown_copy: st
     recall_figure(results, out / figures["recall"])
     if data_efficiency_figure(results, out / FIGURES / "data_efficiency.png"):
         figures["data_efficiency"] = f"{FIGURES}/data_efficiency.png"
+    if gallery_size_figure(results, out / FIGURES / "gallery_size.png"):
+        figures["gallery_size"] = f"{FIGURES}/gallery_size.png"
     blocks = report_blocks(results, figures)
     paths["markdown"].write_text(to_markdown(blocks))
     title = f"xbt upgrade report: {results.get('models', {}).get('new', {}).get('spec', 'new')}"

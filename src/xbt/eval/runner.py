@@ -37,10 +37,10 @@ from xbt.compat.registry import PEER_METHODS, build_method
 from xbt.data.pairs import Pair
 from xbt.data.texts import load_texts
 from xbt.errors import InputError
-from xbt.embed import PairEmbeddings, embed_pairs
-from xbt.embed import DIRECTIONS, QueryVectors
+from xbt.data.distractors import GalleryExtra
+from xbt.embed import DIRECTIONS, ExtraEmbeddings, PairEmbeddings, QueryVectors, embed_extras, embed_pairs
 from xbt.eval.matrix import UpgradeMatrix, evaluate_upgrade
-from xbt.metrics import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks
+from xbt.metrics import DEFAULT_KS, estimate, hits_at_k, resampled_means, retrieval_ranks, retrieval_ranks_with_extras
 from xbt.models.base import EmbeddingSpace, VLPModel
 from xbt.models.device import describe, model_device, synchronize
 from xbt.specs import load_model
@@ -94,6 +94,8 @@ class EvaluationRun:
     # of the evaluation pairs ("old", "new").
     queries: dict[str, QueryVectors] = field(default_factory=dict)
     embeddings: dict[str, PairEmbeddings] = field(default_factory=dict)
+    # The gallery extras embedded by each model ("old", "new"), when the galleries have extras.
+    extras: dict[str, ExtraEmbeddings] = field(default_factory=dict)
 
     def to_results(self) -> dict[str, Any]:
         """The results.json document (schema: docs/results-schema.md); strict JSON (NaN becomes null)."""
@@ -252,9 +254,13 @@ def run_evaluation(
     show_progress: bool = False,
     fit_cache: str | Path | None = None,
     fit_images: Sequence[Pair] = (),
+    gallery_extra: GalleryExtra | None = None,
 ) -> EvaluationRun:
     """Embed everything once, fit each method on the training data only, and build the matrix.
 
+    `gallery_extra`: unlabeled images and texts (xbt.data.distractors) added to every gallery that every
+    system searches: embedded by the old model for old->old and every method, by the new model for the
+    new->new ceiling; never queries, never fitted or tuned on.
     `fit_images`: unlabeled images (captions ignored) added to every image-side fit (procrustes-image and
     -both, the gallery-modality maps' text-query side, ...); they must not include evaluation items (a
     warning says so when they do).
@@ -280,6 +286,10 @@ def run_evaluation(
         support = (embed_pairs(new_model, support_pairs, show_progress), embed_pairs(old_model, support_pairs, show_progress))
     peers = {n: m for n, m in resolved.items() if isinstance(m, CompatMethod)}
     data = fit_data(old_model, new_model, fit_texts, fit_pairs, support, show_progress, fit_images) if peers else None
+    extras: dict[str, ExtraEmbeddings] = {}
+    if gallery_extra is not None:
+        extras = {"old": embed_extras(old_model, gallery_extra, show_progress),
+                  "new": embed_extras(new_model, gallery_extra, show_progress)}
     timings["embed"] = time.perf_counter() - t0
 
     queries: dict[str, QueryVectors] = {}
@@ -337,7 +347,7 @@ def run_evaluation(
         timings[f"method:{name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    matrix = evaluate_upgrade(old_eval, new_eval, queries, ks, n_resamples, seed)
+    matrix = evaluate_upgrade(old_eval, new_eval, queries, ks, n_resamples, seed, extras.get("old"), extras.get("new"))
     matrix.method_info = {name: record.to_dict() for name, record in records.items()}
     timings["evaluate"] = time.perf_counter() - t
 
@@ -346,7 +356,7 @@ def run_evaluation(
         t = time.perf_counter()
         curve = data_efficiency_curve(
             old_model, new_model, old_eval, new_eval, peers, fit_texts, fit_pairs, support, data_efficiency,
-            ks, n_resamples, seed, method_options or {},
+            ks, n_resamples, seed, method_options or {}, extras.get("old"),
         )
         timings["data_efficiency"] = time.perf_counter() - t
 
@@ -361,6 +371,7 @@ def run_evaluation(
             "fit_images": {"source": description.get("fit_images"),
                            "n_images": len(fit_image_items(fit_pairs, fit_images)) - len(fit_pairs)},
             "support": {"source": description.get("support"), **_sizes(support_pairs or [])},
+            "gallery_extra": gallery_extra_record(gallery_extra),
         },
         models={
             "old": {"spec": description.get("old", old_model.spec), "space": old_space.to_dict(), "space_id": old_space.id},
@@ -372,15 +383,48 @@ def run_evaluation(
             "criterion": "M(new->old) > M(old->old) per cell; confident when the interval of the difference is above 0",
             "gain": "(M(new->old) - M(old->old)) / (M(new->new) - M(old->old)), percent",
             "cost_batch_sizes": list(cost_batch_sizes),
+            **gallery_sizes(old_eval, extras.get("old")),
             **encoders_ran(old_model, new_model),
         },
-        warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or [], fit_images),
+        warnings=skipped + leakage_warnings(eval_pairs, fit_texts, fit_pairs, support_pairs or [], fit_images)
+        + extra_overlap_warnings(eval_pairs, gallery_extra),
         timings_s=timings,
         data_efficiency=curve,
         compatible=compatible,
         queries=queries,
         embeddings={"old": old_eval, "new": new_eval},
+        extras=extras,
     )
+
+
+def gallery_sizes(gallery: PairEmbeddings, extras: ExtraEmbeddings | None) -> dict[str, int]:
+    """The galleries every system searched: `gallery_images` (text-to-image) and `gallery_texts` (image-to-text)."""
+    n_images = len(gallery.images) + (len(extras.images) if extras is not None else 0)
+    n_texts = len(gallery.texts) + (len(extras.texts) if extras is not None else 0)
+    return {"gallery_images": int(n_images), "gallery_texts": int(n_texts)}
+
+
+def gallery_extra_record(extra: GalleryExtra | None) -> dict[str, Any] | None:
+    if extra is None:
+        return None
+    return {"source": extra.source, "n_images": len(extra.images), "n_texts": len(extra.texts),
+            "role": "gallery items only (never queries, never fitted or tuned on), in every system's galleries",
+            "info": extra.info}
+
+
+def extra_overlap_warnings(eval_pairs: Sequence[Pair], extra: GalleryExtra | None) -> list[str]:
+    """Gallery extras that are evaluation items themselves (the same image file or caption): they would be
+    counted as negatives although they are a query's own item."""
+    if extra is None:
+        return []
+    captions = {p.caption.strip().lower() for p in eval_pairs}
+    images = {str(Path(p.image).resolve()) for p in eval_pairs}
+    shared_texts = sum(1 for t in extra.texts if t.strip().lower() in captions)
+    shared_images = sum(1 for i in extra.images if str(Path(i).resolve()) in images)
+    if not (shared_texts or shared_images):
+        return []
+    return [f"{shared_images} gallery-extra images and {shared_texts} gallery-extra texts are evaluation items"
+            " themselves: they count as wrong answers, so every system's recall is understated"]
 
 
 def encoders_ran(old_model: VLPModel, new_model: VLPModel) -> dict[str, Any]:
@@ -435,6 +479,7 @@ def data_efficiency_curve(
     n_resamples: int = 1000,
     seed: int = 0,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    old_extras: ExtraEmbeddings | None = None,
 ) -> list[dict[str, Any]]:
     """Recall of each peer refitted on n training pairs (a seeded random subset; the text corpus is kept
     whole), for each n in `sizes` that the training set allows. Rows: {method, n_pairs, direction, k,
@@ -452,7 +497,12 @@ def data_efficiency_curve(
             if method is None:
                 continue
             q = map_queries(method.to_model(new_model, old_model), new_eval, old_eval)
-            ranks = retrieval_ranks(q.images, q.texts, old_eval.images, old_eval.texts, old_eval.caption_image_index)
+            if old_extras is None:
+                ranks = retrieval_ranks(q.images, q.texts, old_eval.images, old_eval.texts, old_eval.caption_image_index)
+            else:
+                ranks = retrieval_ranks_with_extras(q.images, q.texts, old_eval.images, old_eval.texts, old_eval.caption_image_index,
+                                                    old_extras.images, old_extras.texts,
+                                                    [(len(old_extras.images), len(old_extras.texts))])[0]
             for d in DIRECTIONS:
                 hits = hits_at_k(ranks[d], ks)
                 columns = np.stack([hits[k] for k in ks], axis=1)
@@ -505,11 +555,14 @@ def evaluate_from_specs(
     precision: str = "fp32",
     num_workers: int = 0,
     fit_images: Sequence[str] = (),
+    gallery_extra: Sequence[str] = (),
 ) -> EvaluationRun:
     """`run_evaluation` from model specs and dataset sources (what `xbt evaluate` takes); both models (and
     any compat: method) run on `device` at `precision`. `fit_images`: sources of unlabeled images for the
-    image-side fits (their captions, if any, are not used)."""
+    image-side fits (their captions, if any, are not used). `gallery_extra`: sources of gallery extras
+    (xbt.data.distractors.load_gallery_extra), added to every system's galleries."""
     from xbt.data.datasets import open_dataset, open_images
+    from xbt.data.distractors import load_gallery_extra, merge_extras
 
     eval_pairs = open_dataset(data, split, image_root)
     unlabeled = [p for source in fit_images for p in open_images(source, image_root)]
@@ -523,6 +576,7 @@ def evaluate_from_specs(
         eval_pairs, list(methods), texts, train_pairs, support_pairs,
         ks=ks, n_resamples=n_resamples, seed=seed, data_efficiency=data_efficiency,
         skip_unfittable=skip_unfittable, show_progress=show_progress, fit_images=unlabeled,
+        gallery_extra=merge_extras([load_gallery_extra(s) for s in gallery_extra]) if gallery_extra else None,
         describe={
             "old": old, "new": new, "eval": _source(data, split), "fit_texts": ", ".join(fit_text) or None,
             "fit_images": ", ".join(fit_images) or None,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xbt.embed import DIRECTIONS, GalleryBias, PairEmbeddings, QueryVectors
+from xbt.embed import DIRECTIONS, ExtraEmbeddings, GalleryBias, PairEmbeddings, QueryVectors
 from xbt.metrics import DEFAULT_KS, MAX_SCORE_ELEMENTS, best_positive_rank, hits_at_k
 
 #: The weights `choose_alpha` tries (0: no calibration, so val can always say "leave it off").
@@ -116,23 +116,34 @@ def _per_direction(alpha: Alpha) -> dict[str, float]:
     return {d: _check_alpha(alpha) for d in DIRECTIONS}
 
 
-def gallery_bias(gallery: PairEmbeddings, bank: QueryVectors, alpha: Alpha, k: int = DEFAULT_K) -> GalleryBias:
+def gallery_bias(gallery: PairEmbeddings, bank: QueryVectors, alpha: Alpha, k: int = DEFAULT_K,
+                 extras: ExtraEmbeddings | None = None) -> GalleryBias:
     """The bias of both old galleries: images from the bank's text queries (text-to-image), captions from
-    the bank's image queries (image-to-text). The bank must claim the gallery's space."""
+    the bank's image queries (image-to-text). The bank must claim the gallery's space. With gallery
+    `extras`, their items get their bias the same way (an item's bias depends on the bank alone)."""
     gallery.space.check(bank.space, "the bank of queries")
     a = _per_direction(alpha)
-    return GalleryBias(images=nnn_bias(gallery.images, bank.texts, a["t2i"], k),
+    bias = GalleryBias(images=nnn_bias(gallery.images, bank.texts, a["t2i"], k),
                        texts=nnn_bias(gallery.texts, bank.images, a["i2t"], k))
+    if extras is not None:
+        gallery.space.check(extras.space, "the gallery extras")
+        bias.extra_images = _bias_or_empty(extras.images, bank.texts, a["t2i"], k)
+        bias.extra_texts = _bias_or_empty(extras.texts, bank.images, a["i2t"], k)
+    return bias
+
+
+def _bias_or_empty(rows: np.ndarray, bank: np.ndarray, alpha: float, k: int) -> np.ndarray:
+    return nnn_bias(rows, bank, alpha, k) if len(rows) else np.zeros(0, np.float32)
 
 
 def calibrate_queries(queries: QueryVectors, gallery: PairEmbeddings, bank: QueryVectors, alpha: Alpha,
-                      k: int = DEFAULT_K) -> QueryVectors:
+                      k: int = DEFAULT_K, extras: ExtraEmbeddings | None = None) -> QueryVectors:
     """`queries` (a method's, in the old space) with `gallery_bias` set for the old `gallery`: what
     `xbt.eval.matrix.evaluate_upgrade` / `system_hits` then search with. `bank`: the same method's queries
     of training pairs (QueryVectors of the training split), never the evaluation queries. `alpha`: one
     weight or {"t2i": a, "i2t": a} (e.g. `choose_alpha(...).alpha`)."""
     queries.space.check(bank.space, "the bank of queries (made by another query model than the queries?)")
-    return replace(queries, gallery_bias=gallery_bias(gallery, bank, alpha, k))
+    return replace(queries, gallery_bias=gallery_bias(gallery, bank, alpha, k, extras))
 
 
 @dataclass
