@@ -1,4 +1,4 @@
-"""The upgrade report: results.json, report.md and a self-contained report.html, with matplotlib figures.
+"""The upgrade report: results.json, report.md and a self-contained report.html, with the figures of `xbt.eval.figures`.
 
 Everything is rendered from the results document alone (`write_report(results, out_dir)`), so a
 report can be regenerated from a results.json without recomputing anything. The Markdown and HTML
@@ -21,10 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from xbt.embed import DIRECTION_NAMES, DIRECTIONS
+from xbt.eval.figures import (
+    SHORT,
+    cell_label,
+    matrix_cells,
+    data_efficiency_figure,
+    gallery_size_figure,
+    heatmap_figure,
+    mark,
+    num,
+    recall_figure,
+)
 from xbt.eval.matrix import UpgradeMatrix
 
 FIGURES = "figures"
-SHORT = {"t2i": "T2I", "i2t": "I2T"}
 LEGEND = (
     "PASS = compatible with confidence (the 95% interval of new->old minus old->old lies above zero); "
     "pass = compatible on the point estimate only (the interval includes zero); fail = not compatible."
@@ -32,28 +42,10 @@ LEGEND = (
 
 
 # ----- small helpers ------------------------------------------------------------------------------
-def _num(value: Any, digits: int = 1, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
 def _interval(e: dict[str, Any], signed: bool = False) -> str:
     if e["value"] is None:
         return "n/a"
-    return f"{_num(e['value'], signed=signed)} [{_num(e['low'], signed=signed)}, {_num(e['high'], signed=signed)}]"
-
-
-def mark(cell: dict[str, Any]) -> str:
-    return "PASS" if cell["passes_confidently"] else ("pass" if cell["passes"] else "fail")
-
-
-def _cells(matrix: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(d, str(k)) for d in DIRECTIONS for k in matrix["ks"]]
-
-
-def _cell_label(d: str, k: str) -> str:
-    return f"{SHORT[d]} R@{k}"
+    return f"{num(e['value'], signed=signed)} [{num(e['low'], signed=signed)}, {num(e['high'], signed=signed)}]"
 
 
 def _cost(value: Any) -> str:
@@ -154,16 +146,16 @@ def _css(cell: str) -> str:
 def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Recall per cell for old->old, new->new and every method, with each method's difference and mark."""
     matrix = results["matrix"]
-    cells = _cells(matrix)
-    header = ["system"] + [_cell_label(d, k) for d, k in cells]
+    cells = matrix_cells(matrix)
+    header = ["system"] + [cell_label(d, k) for d, k in cells]
     rows = [
-        ["old->old (no upgrade)"] + [_num(matrix["old_old"][d][k]["value"]) for d, k in cells],
-        ["new->new (full backfill)"] + [_num(matrix["new_new"][d][k]["value"]) for d, k in cells],
+        ["old->old (no upgrade)"] + [num(matrix["old_old"][d][k]["value"]) for d, k in cells],
+        ["new->new (full backfill)"] + [num(matrix["new_new"][d][k]["value"]) for d, k in cells],
     ]
     for name, table in matrix["methods"].items():
         rows.append(
             [name]
-            + [f"{_num(table[d][k]['recall']['value'])} ({_num(table[d][k]['vs_old']['value'], signed=True)}) {mark(table[d][k])}"
+            + [f"{num(table[d][k]['recall']['value'])} ({num(table[d][k]['vs_old']['value'], signed=True)}) {mark(table[d][k])}"
                for d, k in cells]
         )
     return header, rows
@@ -216,7 +208,7 @@ def methods_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             name, "yes" if info.get("needs_old_model_at_query_time") else "no", str(info.get("fits_on", "?")),
             tower_maps_cell(info),
             f"{matrix.n_passing(name, confidently=True)} / {matrix.n_passing(name)} of {n_cells}",
-            f"{_num(matrix.mean_gain(name), 0)}%",
+            f"{num(matrix.mean_gain(name), 0)}%",
         ] + [_cost(cost.get(b)) for b in batch])
     return header, rows
 
@@ -224,8 +216,8 @@ def methods_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def difference_table(results: dict[str, Any], what: str) -> tuple[list[str], list[list[str]]]:
     """Per method and cell: the difference with old->old (`vs_old`, points) or the update gain (`gain`, %)."""
     matrix = results["matrix"]
-    cells = _cells(matrix)
-    header = ["method"] + [_cell_label(d, k) for d, k in cells]
+    cells = matrix_cells(matrix)
+    header = ["method"] + [cell_label(d, k) for d, k in cells]
     rows = [["new->new (ceiling)"] + [_interval(matrix["new_new_vs_old_old"][d][k], signed=True) for d, k in cells]] if what == "vs_old" else []
     for name, table in matrix["methods"].items():
         if what == "vs_old":
@@ -272,8 +264,8 @@ def crossval_tables(results: dict[str, Any]) -> list[Block]:
     for name in sorted(matrix.methods, key=lambda m: -gain[m] if math.isfinite(gain[m]) else math.inf):
         per_seed = spread.get(name, {}).get("mean_gain", {})
         one_seed = len(per_seed.get("values", [])) < 2  # a spread over one seed is not a figure: n/a, not 0.0
-        rows.append([name, f"{_num(matrix.mean_gain(name), 1)}%", "n/a" if one_seed else f"{_num(per_seed.get('sd'), 1)}",
-                     ", ".join(_num(v, 1) for v in per_seed.get("values", [])),
+        rows.append([name, f"{num(matrix.mean_gain(name), 1)}%", "n/a" if one_seed else f"{num(per_seed.get('sd'), 1)}",
+                     ", ".join(num(v, 1) for v in per_seed.get("values", [])),
                      f"{matrix.n_passing(name, confidently=True)} / {matrix.n_passing(name)} of {len(matrix.cells(name))}"])
     blocks.append(Block("table", (header, rows)))
     if cv.get("differences"):
@@ -315,19 +307,19 @@ def gallery_size_tables(results: dict[str, Any], figure: str | None) -> list[Blo
     matrices = [UpgradeMatrix.from_dict(entry["matrix"] | {"method_info": {}}) for entry in sizes]
     header = ["system"] + [size_name(e) for e in sizes]
     rows = [["old->old mean R@1/5/10 (T2I, I2T)"] + [
-        " / ".join(_num(np.mean([m.old_old[d][k].value for k in m.ks]), 1) for d in DIRECTIONS) for m in matrices]]
+        " / ".join(num(np.mean([m.old_old[d][k].value for k in m.ks]), 1) for d in DIRECTIONS) for m in matrices]]
     rows.append(["new->new mean R@1/5/10 (T2I, I2T)"] + [
-        " / ".join(_num(np.mean([m.new_new[d][k].value for k in m.ks]), 1) for d in DIRECTIONS) for m in matrices])
+        " / ".join(num(np.mean([m.new_new[d][k].value for k in m.ks]), 1) for d in DIRECTIONS) for m in matrices])
     last = matrices[-1]
     order = sorted(last.methods, key=lambda n: -last.mean_gain(n) if math.isfinite(last.mean_gain(n)) else math.inf)
     for name in order:
         cells = []
         for entry, m in zip(sizes, matrices):
             sd = entry["seed_spread"]["methods"].get(name, {}).get("mean_gain", {})
-            spread = f" (sd {_num(sd.get('sd'), 1)})" if len(sd.get("values", [])) > 1 else ""
-            t2i = _num(np.nanmean([m.methods[name]["t2i"][k].gain.value for k in m.ks]), 1)
-            i2t = _num(np.nanmean([m.methods[name]["i2t"][k].gain.value for k in m.ks]), 1)
-            cells.append(f"{_num(m.mean_gain(name), 1)}%{spread}; T2I {t2i} / I2T {i2t}")
+            spread = f" (sd {num(sd.get('sd'), 1)})" if len(sd.get("values", [])) > 1 else ""
+            t2i = num(np.nanmean([m.methods[name]["t2i"][k].gain.value for k in m.ks]), 1)
+            i2t = num(np.nanmean([m.methods[name]["i2t"][k].gain.value for k in m.ks]), 1)
+            cells.append(f"{num(m.mean_gain(name), 1)}%{spread}; T2I {t2i} / I2T {i2t}")
         rows.append([name] + cells)
     blocks += [Block("heading", "Mean update gain by gallery size (seed spread; per direction)", 3), Block("table", (header, rows))]
     if figure:
@@ -353,11 +345,11 @@ def gallery_size_tables(results: dict[str, Any], figure: str | None) -> list[Blo
         items = []
         for side in ("images", "texts"):
             n = near[side]
-            items.append(f"{side}: highest cosine of any extra to any evaluation item {_num(n['max_cosine'], 3)} (median of the "
-                         f"folds' medians {_num(n['median_of_fold_medians'], 3)}); extras at or above {near['threshold']}: "
+            items.append(f"{side}: highest cosine of any extra to any evaluation item {num(n['max_cosine'], 3)} (median of the "
+                         f"folds' medians {num(n['median_of_fold_medians'], 3)}); extras at or above {near['threshold']}: "
                          f"{sum(n['at_or_above_per_fold'])} over {len(n['at_or_above_per_fold'])} folds"
                          + ("; e.g. " + "; ".join(f"`{Path(str(x['item_name'])).name}` ~ `{Path(str(x['reference_name'])).name}`"
-                                                  f" ({_num(x['cosine'], 3)})" for x in n["examples"][:3]) if n["examples"] else ""))
+                                                  f" ({num(x['cosine'], 3)})" for x in n["examples"][:3]) if n["examples"] else ""))
         info = extra.get("info") or {}
         checks = [f"{src}: {json.dumps(v.get('removed'))}" for src, v in info.items() if isinstance(v, dict) and v.get("removed")]
         blocks += [Block("heading", "Near-duplicates of evaluation items", 3),
@@ -372,146 +364,6 @@ def gallery_size_tables(results: dict[str, Any], figure: str | None) -> list[Blo
     return blocks
 
 
-def gallery_size_figure(results: dict[str, Any], path: Path) -> bool:
-    """Each method's mean update gain against the gallery's size (log scale; images per gallery), with its
-    95% interval as error bars where the matrix has it (the mean of the cells' intervals is not one, so
-    the bars are each size's seed range instead)."""
-    sizes = (results.get("crossval") or {}).get("gallery_sizes")
-    if not sizes:
-        return False
-    import numpy as np
-
-    fig = _figure(8.5, 5.2)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.array([(e["gallery_images"]["min"] + e["gallery_images"]["max"]) / 2 for e in sizes], dtype=float)
-    names = list(sizes[-1]["mean_gain"])
-    names.sort(key=lambda n: -(sizes[-1]["mean_gain"][n] if sizes[-1]["mean_gain"][n] is not None else -1e9))
-    for name in names:
-        y = np.array([e["mean_gain"].get(name) if e["mean_gain"].get(name) is not None else np.nan for e in sizes], dtype=float)
-        values = [e["seed_spread"]["methods"].get(name, {}).get("mean_gain", {}).get("values", []) for e in sizes]
-        low = np.array([min(v) if len(v) > 1 else np.nan for v in values], dtype=float)
-        high = np.array([max(v) if len(v) > 1 else np.nan for v in values], dtype=float)
-        style = "-" if name.endswith("+nnn") else "--"
-        line, = ax.plot(x, y, style, marker="o", markersize=3, linewidth=1.2, label=name)
-        if np.isfinite(low).all():
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.08, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("gallery size (images per fold's gallery; texts alike)")
-    ax.set_ylabel("mean update gain (%)")
-    ax.axhline(0, color="grey", linewidth=0.6)
-    ax.set_title("Mean update gain against gallery size (shaded: range over seeds)")
-    ax.legend(fontsize=6, ncol=2, loc="best")
-    _save(fig, path)
-    return True
-
-
-# ----- figures ---------------------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, format="png", metadata={"Software": None})
-
-
-def heatmap_figure(results: dict[str, Any], path: Path) -> None:
-    """Methods x cells, colour = new->old minus old->old (points), with the pass mark in each cell."""
-    import numpy as np
-
-    matrix = results["matrix"]
-    methods, cells = list(matrix["methods"]), _cells(matrix)
-    values = np.array([[matrix["methods"][m][d][k]["vs_old"]["value"] for d, k in cells] for m in methods], dtype=float)
-    limit = max(1.0, float(np.nanmax(np.abs(values)))) if values.size else 1.0
-    fig = _figure(1.3 * len(cells) + 3, 0.5 * len(methods) + 1.8)
-    ax = fig.add_subplot()
-    image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_xticks(range(len(cells)), [_cell_label(d, k) for d, k in cells])
-    ax.set_yticks(range(len(methods)), methods)
-    for i, m in enumerate(methods):
-        for j, (d, k) in enumerate(cells):
-            cell = matrix["methods"][m][d][k]
-            strong = abs(values[i, j]) > 0.6 * limit
-            ax.text(j, i, f"{_num(values[i, j], signed=True)}\n{mark(cell)}", ha="center", va="center", fontsize=8,
-                    color="white" if strong else "black", fontweight="bold" if cell["passes_confidently"] else "normal")
-    fig.colorbar(image, ax=ax, label="new->old minus old->old (points)")
-    ax.set_title("Compatibility matrix (PASS: interval above 0; pass: point estimate only)", fontsize=10)
-    _save(fig, path)
-
-
-def recall_figure(results: dict[str, Any], path: Path) -> None:
-    """Recall@K bars per system and direction, with 95% bootstrap error bars."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    matrix = results["matrix"]
-    ks = [str(k) for k in matrix["ks"]]
-    systems = [("old->old", matrix["old_old"]), ("new->new", matrix["new_new"])]
-    systems += [(m, {d: {k: t[d][k]["recall"] for k in ks} for d in DIRECTIONS}) for m, t in matrix["methods"].items()]
-    fig = _figure(max(8.0, 1.6 * len(ks) * len(DIRECTIONS) + 0.25 * len(systems) * len(ks)), 4.2)
-    axes = fig.subplots(1, len(DIRECTIONS), sharey=True)
-    width = 0.8 / len(systems)
-    colours = colormaps["tab10"].colors
-    for ax, d in zip(np.atleast_1d(axes), DIRECTIONS):
-        for i, (name, table) in enumerate(systems):
-            values = [table[d][k]["value"] for k in ks]
-            low = [v - (table[d][k]["low"] if table[d][k]["low"] is not None else v) for v, k in zip(values, ks)]
-            high = [(table[d][k]["high"] if table[d][k]["high"] is not None else v) - v for v, k in zip(values, ks)]
-            x = np.arange(len(ks)) + (i - (len(systems) - 1) / 2) * width
-            ax.bar(x, values, width, yerr=[low, high], capsize=2, label=name, color=colours[i % len(colours)],
-                   hatch="//" if i < 2 else None, edgecolor="black" if i < 2 else None, linewidth=0.5)
-        ax.set_xticks(range(len(ks)), [f"R@{k}" for k in ks])
-        ax.set_title(DIRECTION_NAMES[d])
-        ax.set_ylabel("recall (%)")
-        ax.grid(axis="y", alpha=0.3)
-    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
-    _save(fig, path)
-
-
-def data_efficiency_figure(results: dict[str, Any], path: Path) -> bool:
-    """Recall at the smallest K against the number of training pairs, per direction; False if no curve."""
-    import numpy as np
-
-    rows = results.get("data_efficiency") or []
-    if not rows:
-        return False
-    matrix = results["matrix"]
-    k = min(int(r["k"]) for r in rows)
-    fig = _figure(10, 4)
-    axes = fig.subplots(1, len(DIRECTIONS), sharey=True)
-    for ax, d in zip(np.atleast_1d(axes), DIRECTIONS):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r for r in rows if r["method"] == method and r["direction"] == d and int(r["k"]) == k),
-                         key=lambda r: r["n_pairs"])
-            if not pts:
-                continue
-            n = [r["n_pairs"] for r in pts]
-            (line,) = ax.plot(n, [r["recall"] for r in pts], marker="o", label=method)
-            ax.fill_between(n, [r["low"] if r["low"] is not None else r["recall"] for r in pts],
-                            [r["high"] if r["high"] is not None else r["recall"] for r in pts],
-                            alpha=0.12, color=line.get_color())
-        for label, table, style in (("old->old", "old_old", "--"), ("new->new", "new_new", ":")):
-            value = matrix[table].get(d, {}).get(str(k), {}).get("value")
-            if value is not None:
-                ax.axhline(value, color="black", linestyle=style, linewidth=1, label=label)
-        sizes = sorted({r["n_pairs"] for r in rows})
-        if sizes[0] == 0:  # a point without pairs (text only): linear near zero, logarithmic beyond
-            ax.set_xscale("symlog", linthresh=max(1, min(n for n in sizes if n > 0) if len(sizes) > 1 else 1))
-        else:
-            ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("training image-text pairs")
-        ax.set_ylabel(f"R@{k} (%)")
-        ax.set_title(DIRECTION_NAMES[d])
-        ax.grid(alpha=0.3)
-    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
-    _save(fig, path)
-    return True
-
-
-# ----- the report ------------------------------------------------------------------------------------------
 def precision_line(protocol: dict[str, Any]) -> str:
     """Which device and precision the encoders ran at (results written before issue 16 do not say: fp32, CPU)."""
     if "precision" not in protocol:
@@ -591,7 +443,7 @@ def strategy_blocks(strategy: dict[str, Any]) -> list[Block]:
              "in-place": f"in place ({strategy['in_place_map']})"}
     for s in ("query-side", "in-place"):
         for d, row in strategy["directions"].items():
-            rows.append([names[s], SHORT[d], _num(row[s]["r1_at_0"]), _interval(row[s]["area_r1"]), _num(row[s]["r1_at_100"])])
+            rows.append([names[s], SHORT[d], num(row[s]["r1_at_0"]), _interval(row[s]["area_r1"]), num(row[s]["r1_at_100"])])
     diffs = "; ".join(f"{SHORT[d]} {_interval(row['area_r1_in_place_minus_query_side'], signed=True)}"
                       for d, row in strategy["directions"].items())
     queries = ", ".join(f"{row['queries']} {SHORT[d]}" for d, row in strategy["directions"].items())

@@ -178,7 +178,7 @@ def create_gallery(ref: str | Path, space: EmbeddingSpace, index: IndexConfig | 
         from xbt.gallery.milvus import MilvusGallery
 
         return MilvusGallery.create(str(ref), space, index, modality, extra)
-    return Gallery.create(ref, space, index, modality, extra)  # type: ignore[arg-type]
+    return Gallery.create(ref, space, index, modality, extra)  # type: ignore[arg-type]  # Gallery.create checks the modality
 
 
 def gallery_exists(ref: str | Path) -> bool:

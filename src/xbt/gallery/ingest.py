@@ -158,7 +158,10 @@ def embed_inputs(
     if modality == "image":
         vectors, failed = model.encode_image_items(list(inputs), batch_size=batch_size)
         return vectors.numpy(), failed
-    encode: Callable[[Sequence[Any]], Any] = lambda xs: model.encode_text(list(xs), batch_size=batch_size)  # noqa: E731
+
+    def encode(xs: Sequence[Any]) -> Any:
+        return model.encode_text(list(xs), batch_size=batch_size)
+
     try:
         return encode(inputs).numpy(), {}
     except InputError:

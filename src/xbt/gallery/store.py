@@ -180,7 +180,7 @@ class Gallery(GalleryBase):
                     self.save_index()
             finally:
                 self._conn.close()
-                self._conn = None  # type: ignore[assignment]
+                self._conn = None  # type: ignore[assignment]  # closed: every later use raises on None
 
     # ---- meta ------------------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:

@@ -1,0 +1,172 @@
+"""The report's figures (matplotlib, no pyplot: no global state, no display backend), drawn from a results
+document alone, and the small formatting helpers the figures and the report's tables share."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from xbt.embed import DIRECTION_NAMES, DIRECTIONS
+
+SHORT = {"t2i": "T2I", "i2t": "I2T"}
+
+
+def num(value: Any, digits: int = 1, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def mark(cell: dict[str, Any]) -> str:
+    return "PASS" if cell["passes_confidently"] else ("pass" if cell["passes"] else "fail")
+
+
+def matrix_cells(matrix: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(d, str(k)) for d in DIRECTIONS for k in matrix["ks"]]
+
+
+def cell_label(d: str, k: str) -> str:
+    return f"{SHORT[d]} R@{k}"
+
+
+def gallery_size_figure(results: dict[str, Any], path: Path) -> bool:
+    """Each method's mean update gain against the gallery's size (log scale; images per gallery), with its
+    95% interval as error bars where the matrix has it (the mean of the cells' intervals is not one, so
+    the bars are each size's seed range instead)."""
+    sizes = (results.get("crossval") or {}).get("gallery_sizes")
+    if not sizes:
+        return False
+    import numpy as np
+
+    fig = _figure(8.5, 5.2)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.array([(e["gallery_images"]["min"] + e["gallery_images"]["max"]) / 2 for e in sizes], dtype=float)
+    names = list(sizes[-1]["mean_gain"])
+    names.sort(key=lambda n: -(sizes[-1]["mean_gain"][n] if sizes[-1]["mean_gain"][n] is not None else -1e9))
+    for name in names:
+        y = np.array([e["mean_gain"].get(name) if e["mean_gain"].get(name) is not None else np.nan for e in sizes], dtype=float)
+        values = [e["seed_spread"]["methods"].get(name, {}).get("mean_gain", {}).get("values", []) for e in sizes]
+        low = np.array([min(v) if len(v) > 1 else np.nan for v in values], dtype=float)
+        high = np.array([max(v) if len(v) > 1 else np.nan for v in values], dtype=float)
+        style = "-" if name.endswith("+nnn") else "--"
+        line, = ax.plot(x, y, style, marker="o", markersize=3, linewidth=1.2, label=name)
+        if np.isfinite(low).all():
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.08, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("gallery size (images per fold's gallery; texts alike)")
+    ax.set_ylabel("mean update gain (%)")
+    ax.axhline(0, color="grey", linewidth=0.6)
+    ax.set_title("Mean update gain against gallery size (shaded: range over seeds)")
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    _save(fig, path)
+    return True
+
+
+# ----- figures ---------------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, format="png", metadata={"Software": None})
+
+
+def heatmap_figure(results: dict[str, Any], path: Path) -> None:
+    """Methods x cells, colour = new->old minus old->old (points), with the pass mark in each cell."""
+    import numpy as np
+
+    matrix = results["matrix"]
+    methods, cells = list(matrix["methods"]), matrix_cells(matrix)
+    values = np.array([[matrix["methods"][m][d][k]["vs_old"]["value"] for d, k in cells] for m in methods], dtype=float)
+    limit = max(1.0, float(np.nanmax(np.abs(values)))) if values.size else 1.0
+    fig = _figure(1.3 * len(cells) + 3, 0.5 * len(methods) + 1.8)
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(cells)), [cell_label(d, k) for d, k in cells])
+    ax.set_yticks(range(len(methods)), methods)
+    for i, m in enumerate(methods):
+        for j, (d, k) in enumerate(cells):
+            cell = matrix["methods"][m][d][k]
+            strong = abs(values[i, j]) > 0.6 * limit
+            ax.text(j, i, f"{num(values[i, j], signed=True)}\n{mark(cell)}", ha="center", va="center", fontsize=8,
+                    color="white" if strong else "black", fontweight="bold" if cell["passes_confidently"] else "normal")
+    fig.colorbar(image, ax=ax, label="new->old minus old->old (points)")
+    ax.set_title("Compatibility matrix (PASS: interval above 0; pass: point estimate only)", fontsize=10)
+    _save(fig, path)
+
+
+def recall_figure(results: dict[str, Any], path: Path) -> None:
+    """Recall@K bars per system and direction, with 95% bootstrap error bars."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    matrix = results["matrix"]
+    ks = [str(k) for k in matrix["ks"]]
+    systems = [("old->old", matrix["old_old"]), ("new->new", matrix["new_new"])]
+    systems += [(m, {d: {k: t[d][k]["recall"] for k in ks} for d in DIRECTIONS}) for m, t in matrix["methods"].items()]
+    fig = _figure(max(8.0, 1.6 * len(ks) * len(DIRECTIONS) + 0.25 * len(systems) * len(ks)), 4.2)
+    axes = fig.subplots(1, len(DIRECTIONS), sharey=True)
+    width = 0.8 / len(systems)
+    colours = colormaps["tab10"].colors
+    for ax, d in zip(np.atleast_1d(axes), DIRECTIONS):
+        for i, (name, table) in enumerate(systems):
+            values = [table[d][k]["value"] for k in ks]
+            low = [v - (table[d][k]["low"] if table[d][k]["low"] is not None else v) for v, k in zip(values, ks)]
+            high = [(table[d][k]["high"] if table[d][k]["high"] is not None else v) - v for v, k in zip(values, ks)]
+            x = np.arange(len(ks)) + (i - (len(systems) - 1) / 2) * width
+            ax.bar(x, values, width, yerr=[low, high], capsize=2, label=name, color=colours[i % len(colours)],
+                   hatch="//" if i < 2 else None, edgecolor="black" if i < 2 else None, linewidth=0.5)
+        ax.set_xticks(range(len(ks)), [f"R@{k}" for k in ks])
+        ax.set_title(DIRECTION_NAMES[d])
+        ax.set_ylabel("recall (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    _save(fig, path)
+
+
+def data_efficiency_figure(results: dict[str, Any], path: Path) -> bool:
+    """Recall at the smallest K against the number of training pairs, per direction; False if no curve."""
+    import numpy as np
+
+    rows = results.get("data_efficiency") or []
+    if not rows:
+        return False
+    matrix = results["matrix"]
+    k = min(int(r["k"]) for r in rows)
+    fig = _figure(10, 4)
+    axes = fig.subplots(1, len(DIRECTIONS), sharey=True)
+    for ax, d in zip(np.atleast_1d(axes), DIRECTIONS):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r for r in rows if r["method"] == method and r["direction"] == d and int(r["k"]) == k),
+                         key=lambda r: r["n_pairs"])
+            if not pts:
+                continue
+            n = [r["n_pairs"] for r in pts]
+            (line,) = ax.plot(n, [r["recall"] for r in pts], marker="o", label=method)
+            ax.fill_between(n, [r["low"] if r["low"] is not None else r["recall"] for r in pts],
+                            [r["high"] if r["high"] is not None else r["recall"] for r in pts],
+                            alpha=0.12, color=line.get_color())
+        for label, table, style in (("old->old", "old_old", "--"), ("new->new", "new_new", ":")):
+            value = matrix[table].get(d, {}).get(str(k), {}).get("value")
+            if value is not None:
+                ax.axhline(value, color="black", linestyle=style, linewidth=1, label=label)
+        sizes = sorted({r["n_pairs"] for r in rows})
+        if sizes[0] == 0:  # a point without pairs (text only): linear near zero, logarithmic beyond
+            ax.set_xscale("symlog", linthresh=max(1, min(n for n in sizes if n > 0) if len(sizes) > 1 else 1))
+        else:
+            ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("training image-text pairs")
+        ax.set_ylabel(f"R@{k} (%)")
+        ax.set_title(DIRECTION_NAMES[d])
+        ax.grid(alpha=0.3)
+    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    _save(fig, path)
+    return True
+
+
+# ----- the report ------------------------------------------------------------------------------------------
