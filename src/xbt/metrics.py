@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,17 @@ def positive_lists_to_csr(positives: Sequence[Sequence[int]], n_gallery: int) ->
     flat = np.fromiter((int(i) for p in positives for i in p), dtype=np.int64, count=int(sizes.sum()))
     owner = np.repeat(np.arange(len(positives)), sizes)
     return _csr(owner, flat, len(positives), n_gallery)
+
+
+def _positives_csr(positives: Any, n_queries: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positive lists (or an (offsets, indices) pair already in CSR form) as CSR, one list per query."""
+    if isinstance(positives, tuple) and len(positives) == 2 and isinstance(positives[0], np.ndarray):
+        offsets, indices = positives
+    else:
+        offsets, indices = positive_lists_to_csr(positives, n_gallery)
+    if len(offsets) != n_queries + 1:
+        raise ValueError(f"{len(offsets) - 1} positive lists for {n_queries} queries")
+    return offsets, indices
 
 
 def _csr(owner: np.ndarray, items: np.ndarray, n_queries: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,12 +77,7 @@ def best_positive_rank(
     g = torch.as_tensor(np.asarray(gallery, dtype=np.float32))
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"queries {tuple(q.shape)} and gallery {tuple(g.shape)} must be 2-D with equal dimension")
-    if isinstance(positives, tuple) and len(positives) == 2 and isinstance(positives[0], np.ndarray):
-        offsets, indices = positives
-    else:
-        offsets, indices = positive_lists_to_csr(positives, g.shape[0])
-    if len(offsets) != q.shape[0] + 1:
-        raise ValueError(f"{len(offsets) - 1} positive lists for {q.shape[0]} queries")
+    offsets, indices = _positives_csr(positives, q.shape[0], g.shape[0])
     return _ranks_and_best(q, g, offsets, indices, block, max_score_elements)[0]
 
 
@@ -123,12 +130,7 @@ def best_positive_rank_with_extras(
     wanted = sorted({int(n) for n in sizes})
     if wanted and (wanted[0] < 0 or wanted[-1] > e.shape[0]):
         raise ValueError(f"extra gallery sizes {wanted} must lie in [0, {e.shape[0]}] (the extras given)")
-    if isinstance(positives, tuple) and len(positives) == 2 and isinstance(positives[0], np.ndarray):
-        offsets, indices = positives
-    else:
-        offsets, indices = positive_lists_to_csr(positives, g.shape[0])
-    if len(offsets) != q.shape[0] + 1:
-        raise ValueError(f"{len(offsets) - 1} positive lists for {q.shape[0]} queries")
+    offsets, indices = _positives_csr(positives, q.shape[0], g.shape[0])
     ranks, best = _ranks_and_best(q, g, offsets, indices, block, max_score_elements)
     out: dict[int, np.ndarray] = {}
     above = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)

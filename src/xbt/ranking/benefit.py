@@ -292,7 +292,7 @@ class BenefitScorer:
                 "space_id": self.space_id, "fit_report": self.fit_report}
 
 
-def _restrict(positives: Sequence[Sequence[int]], rows: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+def restrict_positives(positives: Sequence[Sequence[int]], rows: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
     """The queries whose positives all lie in `rows`, with positives renumbered into `rows`."""
     where = {int(r): j for j, r in enumerate(rows)}
     keep, renumbered = [], []
@@ -342,8 +342,8 @@ def fit_benefit(
     used_parts = 0
     for part in range(n_parts):
         rows = np.flatnonzero(part_of == part)
-        queries, pos = _restrict(positives, rows)
-        bank_q, _ = _restrict(positives, np.flatnonzero(part_of != part))
+        queries, pos = restrict_positives(positives, rows)
+        bank_q, _ = restrict_positives(positives, np.flatnonzero(part_of != part))
         if len(queries) < 10:
             continue
         args = (old_gallery[rows], new_gallery[rows], compat_queries[queries], new_queries[queries], pos)

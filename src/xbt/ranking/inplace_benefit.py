@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from xbt.errors import InputError, SpaceMismatchError
-from xbt.ranking.benefit import density, gain_area, hubness
+from xbt.ranking.benefit import density, gain_area, hubness, restrict_positives
 from xbt.ranking.inplace_curve import RowCalibration, inplace_top1_curve
 
 Array = np.ndarray[Any, Any]
@@ -206,16 +206,6 @@ class InplaceBenefitScorer:
                    dict(config.get("fit_report", {})))
 
 
-def _restrict(positives: Sequence[Sequence[int]], rows: Array) -> tuple[Array, list[list[int]]]:
-    where = {int(r): j for j, r in enumerate(rows)}
-    keep, renumbered = [], []
-    for q, p in enumerate(positives):
-        if p and all(int(i) in where for i in p):
-            keep.append(q)
-            renumbered.append([where[int(i)] for i in p])
-    return np.asarray(keep, dtype=np.int64), renumbered
-
-
 def _query_pairs(transformed: Array, queries: Array, positives: Sequence[Sequence[int]], which: Array) -> tuple[Array, Array]:
     which = np.asarray([q for q in which if positives[int(q)]], dtype=np.int64)
     return transformed[[int(positives[int(q)][0]) for q in which]], queries[which]
@@ -257,8 +247,8 @@ def fit_inplace_benefit(
     random_areas: list[float] = []
     for part in range(n_parts):
         rows, other = np.flatnonzero(part_of == part), np.flatnonzero(part_of != part)
-        qs, pos = _restrict(positives, rows)
-        other_q, _ = _restrict(positives, other)
+        qs, pos = restrict_positives(positives, rows)
+        other_q, _ = restrict_positives(positives, other)
         if len(qs) < 10:
             continue
         args = (transformed[rows], native[rows], queries[qs], pos)
