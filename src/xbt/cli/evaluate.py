@@ -48,7 +48,6 @@ def evaluate(
     num_workers: Workers = 0,
 ) -> None:
     """Every method side by side: old->old, new->new and each method's new->old, with intervals and a report."""
-    from xbt.compat.registry import PEER_METHODS
     from xbt.eval.report import write_report
     from xbt.eval.runner import TESTBED_DEFAULTS, evaluate_from_specs
 
@@ -63,9 +62,7 @@ def evaluate(
     old, new, data = old or defaults.get("old"), new or defaults.get("new"), data or defaults.get("data")
     if not (old and new and data):
         raise InputError("give --old, --new and --data (or --testbed for the offline testbed)")
-    method_list = split_list(methods)
-    all_peers = "peers" in method_list  # then peers lacking their training data are skipped, not an error
-    method_list = list(dict.fromkeys(x for m in method_list for x in (PEER_METHODS if m == "peers" else [m])))
+    method_list, all_peers = _methods(methods)
     sizes = [int(x) for x in data_efficiency.split(",") if x.strip()] if data_efficiency else defaults.get("data_efficiency", [])
     run = evaluate_from_specs(
         old, new, data, split, image_root, sources(fit_texts, fit_text) or defaults.get("fit_text", []),
@@ -76,6 +73,14 @@ def evaluate(
     )
     results = run.to_results() | {"command": command}
     _print_results(results, write_report(results, out, markdown), warnings=True, recommendation=show_recommendation)
+
+
+def _methods(methods: str) -> tuple[list[str], bool]:
+    """--methods as names ('peers': every peer, and then a peer lacking its training data is skipped, not an error)."""
+    from xbt.compat.registry import PEER_METHODS
+
+    named = split_list(methods)
+    return list(dict.fromkeys(x for m in named for x in (PEER_METHODS if m == "peers" else [m]))), "peers" in named
 
 
 def _crossval(cv_config: str, folds: int, seeds: int, ks: list[int], resamples: int, command: str, out: Path,

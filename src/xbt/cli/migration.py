@@ -49,8 +49,7 @@ def gallery_backfill(
 ) -> None:
     """Re-embed the old gallery with the new model into a new-space gallery, resumably, in priority order
     (or, --in-place, replace a transformed gallery's rows by native ones)."""
-    from xbt.gallery.base import open_gallery
-    from xbt.gallery.migration import STATE_NAME, Migration, parse_order, start_migration
+    from xbt.gallery.migration import STATE_NAME, Migration
 
     if in_place:
         if gallery is None or state is not None or cut_over or engine != "local":
@@ -66,28 +65,41 @@ def gallery_backfill(
     runtime = Runtime(device, precision, num_workers)
     new_model = runtime.load(model)
     if not (state / STATE_NAME).exists():
-        if gallery is None:
-            raise InputError(f"{state} holds no migration yet; give --gallery (the old gallery) to start one")
-        priority = parse_order(order)
-        with open_gallery(gallery_ref(gallery)) as old:
-            start_migration(state, old, new_model, priority, load=runtime.load, compat=compat, old_model=old_model,
-                            fit_pairs=fit_pairs, calibrate_pairs=calibrate_pairs, log=console.print)
+        _start(state, gallery, new_model, order, runtime, compat, old_model, fit_pairs, calibrate_pairs)
     migration = Migration(state)
     if preload is not None:
         _preload(preload, migration.new_gallery_ref, "skip")
     if engine == "ray":
-        from xbt.scale.ray_embed import RayOptions, backfill
-
         if max_items is not None:
             raise InputError("--max-items spreads a local backfill over several runs; with --engine ray, omit it")
-        ray = RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
-        progress = backfill(migration, model, engine="ray", shard_size=shard_size, batch_size=batch_size, ray_options=ray,
-                            new_model=new_model, device=device, precision=precision, show_progress=True)
+        progress = _backfill_on_ray(migration, model, new_model, shard_size, batch_size, address, actors, gpus_per_actor,
+                                    device, precision)
     elif engine == "local":
         progress = migration.run(new_model, batch_size=batch_size, max_items=max_items, show_progress=True)
     else:
         raise InputError(f"--engine must be local or ray, not {engine!r}")
     print_json(migration.cut_over() if cut_over and progress["status"] == "complete" else progress)
+
+
+def _start(state: Path, gallery: Optional[str], new_model: Any, order: str, runtime: Runtime, compat: Optional[str],
+           old_model: Optional[str], fit_pairs: Optional[str], calibrate_pairs: Optional[str]) -> None:
+    from xbt.gallery.base import open_gallery
+    from xbt.gallery.migration import parse_order, start_migration
+
+    if gallery is None:
+        raise InputError(f"{state} holds no migration yet; give --gallery (the old gallery) to start one")
+    with open_gallery(gallery_ref(gallery)) as old:
+        start_migration(state, old, new_model, parse_order(order), load=runtime.load, compat=compat, old_model=old_model,
+                        fit_pairs=fit_pairs, calibrate_pairs=calibrate_pairs, log=console.print)
+
+
+def _backfill_on_ray(migration: Any, model: str, new_model: Any, shard_size: int, batch_size: int, address: Optional[str],
+                     actors: Optional[int], gpus_per_actor: float, device: str, precision: str) -> dict[str, Any]:
+    from xbt.scale.ray_embed import RayOptions, backfill
+
+    ray = RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor)
+    return backfill(migration, model, engine="ray", shard_size=shard_size, batch_size=batch_size, ray_options=ray,
+                    new_model=new_model, device=device, precision=precision, show_progress=True)
 
 
 def _preload(folder: Path, gallery: str, on_conflict: OnConflict) -> None:
