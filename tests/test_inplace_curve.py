@@ -260,6 +260,20 @@ def test_compare_on_run_measures_both_strategies_on_the_run_and_picks(tmp_path):
     for d, row in out["directions"].items():
         assert row["in-place"]["r1_at_0"] == row["query-side"]["r1_at_0"], d  # <q, R^T g> ranks as <q R, g>
         assert row["in-place"]["r1_at_100"] == row["query-side"]["r1_at_100"], d  # both: new->new
+        assert row["r1_at_0_in_place_minus_query_side"]["value"] == 0.0
     assert out["costs"]["in-place"]["seconds_before_serving"] == n / 1000.0
     assert all(0 <= row[s]["r1_at_0"] <= 100 for row in out["directions"].values() for s in ("in-place", "query-side"))
     assert compare_on_run(run, "procrustes-gallery", "adapter-gallery") is None
+
+
+def test_the_strategy_pick_weighs_area_then_the_start_then_simplicity():
+    from xbt.eval.migration_strategy import migration_costs, recommend_strategy
+
+    costs, r1 = migration_costs(100, None, None), {"in-place": {"t2i": 10.0}, "query-side": {"t2i": 15.0}}
+    tie, lower, higher = ({"t2i": {"value": v, "low": lo, "high": hi}} for v, lo, hi in
+                          ((0.1, -1.0, 1.2), (-4.0, -6.0, -2.0), (3.0, 1.0, 5.0)))
+    assert recommend_strategy(tie, r1, costs)["pick"] == "in-place"  # alike: the simpler operation
+    assert recommend_strategy(tie, r1, costs, lower)["pick"] == "query-side"  # in place starts lower
+    assert recommend_strategy(lower, r1, costs, higher)["pick"] == "query-side"  # the area decides first
+    assert recommend_strategy(higher, r1, costs, lower)["pick"] == "in-place"
+    assert "h here" not in " ".join(recommend_strategy(tie, r1, costs)["reasons"])  # no rate: no seconds

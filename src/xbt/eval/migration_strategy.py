@@ -66,11 +66,16 @@ def _excludes_zero(e: Mapping[str, float] | None) -> int:
 
 
 def recommend_strategy(area_in_place_minus_query_side: Mapping[str, Mapping[str, float]],
-                       r1_at_0: Mapping[str, Mapping[str, float]], costs: Mapping[str, StrategyCost]) -> dict[str, Any]:
+                       r1_at_0: Mapping[str, Mapping[str, float]], costs: Mapping[str, StrategyCost],
+                       start_in_place_minus_query_side: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """The pick and its reasons. `area_in_place_minus_query_side[direction]`: the paired difference of area R@1 (points,
     with low / high) of the two strategies' chosen orders; `r1_at_0[strategy][direction]`: R@1 at 0% backfilled;
-    `costs`: `migration_costs`."""
+    `costs`: `migration_costs`; `start_in_place_minus_query_side[direction]`: the paired difference of R@1 at 0%, when
+    the two start from different maps. Area decides where its interval excludes zero; else a start that differs
+    measurably (what users get at once, and for as long as the backfill has not reached them); else the simpler
+    operation, in place."""
     signs = {d: _excludes_zero(e) for d, e in area_in_place_minus_query_side.items()}
+    starts = {d: _excludes_zero(e) for d, e in (start_in_place_minus_query_side or {}).items()}
     reasons = [f"area R@1 in place - query-side, {d}: {e.get('value', float('nan')):+.1f}"
                f" [{e.get('low', float('nan')):+.1f}, {e.get('high', float('nan')):+.1f}]"
                for d, e in area_in_place_minus_query_side.items()]
@@ -87,6 +92,11 @@ def recommend_strategy(area_in_place_minus_query_side: Mapping[str, Mapping[str,
         pick, why = "query-side", "it serves measurably more R@1 over the migration"
     elif any(s > 0 for s in signs.values()) and not any(s < 0 for s in signs.values()):
         pick, why = "in-place", "it serves measurably more R@1 over the migration, in one space"
+    elif any(s < 0 for s in starts.values()) and not any(s > 0 for s in starts.values()):
+        pick, why = "query-side", ("over the migration the two serve alike, but it starts measurably higher (R@1 at 0%"
+                                   " backfilled), which users get at once and keep wherever the backfill has not reached")
+    elif any(s > 0 for s in starts.values()) and not any(s < 0 for s in starts.values()):
+        pick, why = "in-place", "over the migration the two serve alike, and it starts measurably higher, in one space"
     else:
         pick, why = "in-place", ("the quality difference is inside its interval (or mixed across directions), and in"
                                  " place is the simpler operation: one space, no merge rule, no cut-over, no chain at"
@@ -109,7 +119,7 @@ def compare_on_run(run: Any, query_side: str, transform_from: str = "procrustes-
     from xbt.errors import XbtError
     from xbt.eval.backfill_curve import area_difference, backfill_hits, curve_from_hits
     from xbt.gallery.transform import transposed_query_map
-    from xbt.metrics import image_to_text_positives, text_to_image_positives
+    from xbt.metrics import bootstrap_indices, difference_estimate, image_to_text_positives, text_to_image_positives
     from xbt.ranking.inplace_curve import inplace_hits
     from xbt.ranking.nnn import with_bias
 
@@ -133,6 +143,7 @@ def compare_on_run(run: Any, query_side: str, transform_from: str = "procrustes-
     out: dict[str, Any] = {"query_side": query_side, "in_place_map": f"transpose of {transform_from}'s maps",
                            "orders": f"{n_orders} random", "directions": {}}
     areas: dict[str, Any] = {}
+    starts: dict[str, Any] = {}
     start: dict[str, dict[str, float]] = {"query-side": {}, "in-place": {}}
     for d, (old_g, compat_q, b, new_g, new_q, tower, positives) in sides.items():
         orders = [rng.permutation(len(new_g)) for _ in range(n_orders)]
@@ -142,14 +153,17 @@ def compare_on_run(run: Any, query_side: str, transform_from: str = "procrustes-
                                          positives, order=orders, ks=(1,))}
         curves = {s: curve_from_hits(h, d, "random", seed, n_resamples) for s, h in hits.items()}
         diff = area_difference(hits["in-place"], hits["query-side"], 1, seed, n_resamples)
-        areas[d] = {"value": diff.value, "low": diff.low, "high": diff.high}
+        areas[d] = diff.to_dict()
+        first = difference_estimate(hits["in-place"][0.0][1], hits["query-side"][0.0][1],
+                                    bootstrap_indices(len(new_q), n_resamples, seed))
+        starts[d] = first.to_dict()  # points, as the areas
         for s, c in curves.items():
             start[s][d] = c.recall[1][0].value
         out["directions"][d] = {
             "queries": len(new_q), "gallery": len(new_g),
             **{s: {"r1_at_0": round(c.recall[1][0].value, 1), "r1_at_100": round(c.recall[1][-1].value, 1),
                    "area_r1": c.area[1].to_dict()} for s, c in curves.items()},
-            "area_r1_in_place_minus_query_side": diff.to_dict()}
-    out.update(recommend_strategy(areas, start, migration_costs(len(old.images), transform_per_s, encode_per_s)))
+            "area_r1_in_place_minus_query_side": diff.to_dict(), "r1_at_0_in_place_minus_query_side": starts[d]}
+    out.update(recommend_strategy(areas, start, migration_costs(len(old.images), transform_per_s, encode_per_s), starts))
     out["rates"] = {"transform_per_s": transform_per_s, "encode_per_s": encode_per_s}
     return out

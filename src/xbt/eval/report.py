@@ -446,11 +446,14 @@ def strategy_blocks(strategy: dict[str, Any]) -> list[Block]:
             rows.append([names[s], SHORT[d], num(row[s]["r1_at_0"]), _interval(row[s]["area_r1"]), num(row[s]["r1_at_100"])])
     diffs = "; ".join(f"{SHORT[d]} {_interval(row['area_r1_in_place_minus_query_side'], signed=True)}"
                       for d, row in strategy["directions"].items())
+    starts = "; ".join(f"{SHORT[d]} {_interval(row['r1_at_0_in_place_minus_query_side'], signed=True)}"
+                       for d, row in strategy["directions"].items() if "r1_at_0_in_place_minus_query_side" in row)
     queries = ", ".join(f"{row['queries']} {SHORT[d]}" for d, row in strategy["directions"].items())
     return [Block("heading", "Migration strategy"),
             Block("text", f"**{strategy['pick']}**: {strategy['why']}. Both strategies under the same {strategy['orders']}"
-                          f" backfill orders ({queries} queries); area R@1 in place minus query-side: {diffs} (points,"
-                          " 95% paired interval)."),
+                          f" backfill orders ({queries} queries); area R@1 in place minus query-side: {diffs}"
+                          + (f"; R@1 at 0% backfilled, in place minus query-side: {starts}" if starts else "")
+                          + " (points, 95% paired intervals)."),
             Block("table", (header, rows)), Block("list", list(strategy.get("reasons", [])))]
 
 
