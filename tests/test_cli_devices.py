@@ -1,4 +1,4 @@
-"""Every command that runs a model takes --device and --precision (one shared definition in cli.py),
+"""Every command that runs a model takes --device and --precision (one shared definition in cli/common.py),
 checks them before doing any work, and a gallery built at bf16 on the CPU keeps the model's space."""
 
 from __future__ import annotations
