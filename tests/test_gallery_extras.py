@@ -235,6 +235,7 @@ def test_the_cross_validation_pools_every_gallery_size_and_reports_it(tmp_path, 
                         hits[key] = (rng.random(n) < p * (1 + k / 10) / (1 + j)).astype(float)
         flagged = {"threshold": 0.95, "n_items": 40, "n_references": n, "n_at_or_above": 0, "max": 0.5,
                    "quantiles": {"0.5": 0.2}, "flagged": []}
+        flagged = flagged | {"indices": []}
         return {"query_ids": ids, "hits": hits, "seed": 0, "fold": f"f{fold.index}", "code": "c",
                 "sizes": {"eval": n, "val": 5, "train": 50, "text_corpus": 60, "fit_images": 0},
                 "methods": {m: {"query_cost_us": {"256": 1.0}, "fits_on": "x", "needs_old_model_at_query_time": False}
@@ -242,7 +243,7 @@ def test_the_cross_validation_pools_every_gallery_size_and_reports_it(tmp_path, 
                 "timings_s": {"evaluate": 1.0, "search_sizes": 0.5}, "warnings": [],
                 "gallery_sizes": [{"label": lab, "extra_images": a, "extra_texts": a, "gallery_images": n + a, "gallery_texts": n + a}
                                   for lab, a in zip(labels, (0, 10, 40))],
-                "near_duplicates": {"model": "m", "images": flagged, "texts": flagged}}
+                "near_duplicates": {"model": "m", "images": flagged, "texts": flagged, "dropped": {"images": 0, "texts": 0}}}
 
     monkeypatch.setattr(crossval, "run_fold", fake_fold)
     cfg = crossval.CrossValConfig(k=2, seeds=(0, 1), ks=ks, n_resamples=50, peers=("a", "b"), xbt={}, old_query=(),
@@ -261,3 +262,17 @@ def test_the_cross_validation_pools_every_gallery_size_and_reports_it(tmp_path, 
     text = paths["markdown"].read_text()
     assert "## Gallery size" in text and "70 img / 70 txt" in text and "Near-duplicates of evaluation items" in text
     assert (tmp_path / "report" / "figures" / "gallery_size.png").stat().st_size > 1000
+
+
+def test_extras_that_duplicate_an_evaluation_item_leave_the_folds_galleries(extras_world):
+    """An extra that is (nearly) a query's own item would count as a wrong answer: the cross-validation drops
+    the extras at or above the cosine threshold (the fold's new model) to any of the fold's evaluation items."""
+    from xbt.eval.crossval import drop_near_duplicates
+
+    old, new, eval_pairs, train, support, latents, extra = extras_world
+    copied = GalleryExtra(extra.images + [eval_pairs[3].image], extra.texts + [eval_pairs[5].caption], "toy extras")
+    kept, check = drop_near_duplicates(copied, new, eval_pairs, threshold=0.999)
+    assert check["dropped"] == {"images": 1, "texts": 1}
+    assert eval_pairs[3].image not in kept.images and eval_pairs[5].caption not in kept.texts
+    assert len(kept.images) == len(extra.images) and len(kept.texts) == len(extra.texts)
+    assert check["images"]["flagged"][0]["reference_name"] == eval_pairs[3].image

@@ -277,7 +277,8 @@ def near_duplicates(items: np.ndarray | torch.Tensor, references: np.ndarray | t
                     max_score_elements: int = MAX_SCORE_ELEMENTS) -> dict[str, object]:
     """Each item's highest cosine similarity to any reference (unit vectors, e.g. gallery extras against the
     evaluation items, embedded by one model), in blocks: the items at or above `threshold` (indices, with
-    their nearest reference and cosine) and the distribution of the maxima."""
+    their nearest reference and cosine: all in `indices`, the first 50 in `flagged`) and the distribution of
+    the maxima."""
     a = torch.as_tensor(np.asarray(items, dtype=np.float32))
     b = torch.as_tensor(np.asarray(references, dtype=np.float32))
     if a.ndim != 2 or b.ndim != 2 or (len(a) and len(b) and a.shape[1] != b.shape[1]):
@@ -296,6 +297,7 @@ def near_duplicates(items: np.ndarray | torch.Tensor, references: np.ndarray | t
     return {"threshold": float(threshold), "n_items": int(len(a)), "n_references": int(len(b)),
             "n_at_or_above": int(flagged.size), "max": float(finite.max()) if finite.size else None,
             "quantiles": {str(q): v for q, v in quantiles.items()},
+            "indices": [int(i) for i in flagged],
             "flagged": [{"item": int(i), "reference": int(nearest[i]), "cosine": float(best[i])} for i in flagged[:50]]}
 
 

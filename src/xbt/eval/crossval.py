@@ -231,6 +231,11 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
             prime_lit_cache(model, fit_images)
     # Gallery extras: embedded in run_evaluation by the fold's heads over the towers' cached features (no tower runs again).
     extra = load_extras(cfg)
+    near = None
+    if extra is not None:  # extras that are near-duplicates of this fold's evaluation items leave its galleries
+        t_near = time.perf_counter()
+        extra, near = drop_near_duplicates(extra, new, fold.eval)
+        timings["near_duplicates"] = time.perf_counter() - t_near
     timings["models"] = time.perf_counter() - t
     methods: dict[str, Any] = {name: name for name in cfg.peers}
     for variant in cfg.xbt:
@@ -277,7 +282,6 @@ def run_fold(cfg: CrossValConfig, fold: Fold, out: Path, show_progress: bool = F
                      for k, v in row.items()}
     if extra is not None:
         timings["search_sizes"] = time.perf_counter() - t
-    near = near_duplicate_check(extra, run.extras["new"], eval_new, fold.eval) if extra is not None else None
     records = {name: record.to_dict() for name, record in run.methods.items()}
     for name in queries:
         if name not in records:  # derived systems: the record of what they derive from
@@ -316,15 +320,33 @@ def near_duplicate_check(extra: GalleryExtra, extras_new, eval_new, eval_pairs: 
                          threshold: float = NEAR_DUPLICATE_COSINE) -> dict[str, Any]:
     """The extras against the fold's evaluation items, embedded by the fold's new model: each extra image's
     highest cosine to any evaluation image, each extra text's to any evaluation caption (flagged ones named)."""
+    from xbt.data.pairs import unique_images
+
     out: dict[str, Any] = {"model": "the fold's new model"}
     for side, rows, refs, names, ref_names in (
-            ("images", extras_new.images, eval_new.images, extra.images, [p.image for p in eval_pairs]),
+            ("images", extras_new.images, eval_new.images, extra.images, [p.image for p in unique_images(eval_pairs)]),
             ("texts", extras_new.texts, eval_new.texts, extra.texts, [p.caption for p in eval_pairs])):
         check = near_duplicates(rows, refs, threshold)
         for f in check["flagged"]:
             f["item_name"], f["reference_name"] = names[f["item"]], ref_names[f["reference"]]
         out[side] = check
     return out
+
+
+def drop_near_duplicates(extra: GalleryExtra, new, eval_pairs: Sequence[Any],
+                         threshold: float = NEAR_DUPLICATE_COSINE) -> tuple[GalleryExtra, dict[str, Any]]:
+    """The extras without those at or above `threshold` (cosine, the fold's new model) to any of the fold's
+    evaluation items (the same picture or caption as a query's own item would count as a wrong answer for
+    every system alike), and the check (`near_duplicate_check`, with what was dropped). Every system's
+    galleries hold the same remaining extras."""
+    from xbt.eval.embed import embed_extras, embed_pairs
+
+    check = near_duplicate_check(extra, embed_extras(new, extra), embed_pairs(new, eval_pairs), eval_pairs, threshold)
+    drop_images, drop_texts = set(check["images"]["indices"]), set(check["texts"]["indices"])
+    kept = GalleryExtra([p for i, p in enumerate(extra.images) if i not in drop_images],
+                        [t for i, t in enumerate(extra.texts) if i not in drop_texts], extra.source, extra.info)
+    check["dropped"] = {"images": len(drop_images), "texts": len(drop_texts)}
+    return kept, check
 
 
 def sized_hits(fold: Mapping[str, Any], label: str) -> dict[str, Any]:
@@ -521,13 +543,17 @@ def _gallery_sizes_section(cfg: CrossValConfig, seed_folds, fold_meta, compare, 
 def _near_duplicate_summary(fold_meta: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The folds' near-duplicate checks together: per modality, the largest cosine of any extra to any
     evaluation item and the extras at or above the threshold, over every fold."""
-    out: dict[str, Any] = {"threshold": NEAR_DUPLICATE_COSINE, "model": "each fold's new model"}
+    out: dict[str, Any] = {"threshold": NEAR_DUPLICATE_COSINE, "model": "each fold's new model",
+                           "action": "extras at or above the threshold to any of a fold's evaluation items are left out of"
+                                     " that fold's galleries (every system's alike)"}
     for side in ("images", "texts"):
         checks = [m["near_duplicates"][side] for m in fold_meta if m.get("near_duplicates")]
         out[side] = {"max_cosine": max(c["max"] for c in checks if c["max"] is not None),
                      "median_of_fold_medians": float(np.median([c["quantiles"]["0.5"] for c in checks])),
                      "folds_with_any": sum(1 for c in checks if c["n_at_or_above"]),
                      "at_or_above_per_fold": [c["n_at_or_above"] for c in checks],
+                     "dropped_per_fold": [m["near_duplicates"].get("dropped", {}).get(side, 0) for m in fold_meta
+                                          if m.get("near_duplicates")],
                      "examples": [dict(f, fold=m["fold"]) for m in fold_meta if m.get("near_duplicates")
                                   for f in m["near_duplicates"][side]["flagged"][:3]][:10]}
     return out

@@ -348,6 +348,7 @@ def gallery_size_tables(results: dict[str, Any], figure: str | None) -> list[Blo
             items.append(f"{side}: highest cosine of any extra to any evaluation item {num(n['max_cosine'], 3)} (median of the "
                          f"folds' medians {num(n['median_of_fold_medians'], 3)}); extras at or above {near['threshold']}: "
                          f"{sum(n['at_or_above_per_fold'])} over {len(n['at_or_above_per_fold'])} folds"
+                         + (f", left out of those folds' galleries ({sum(n['dropped_per_fold'])})" if n.get("dropped_per_fold") else "")
                          + ("; e.g. " + "; ".join(f"`{Path(str(x['item_name'])).name}` ~ `{Path(str(x['reference_name'])).name}`"
                                                   f" ({num(x['cosine'], 3)})" for x in n["examples"][:3]) if n["examples"] else ""))
         info = extra.get("info") or {}
