@@ -339,7 +339,7 @@ def drop_near_duplicates(extra: GalleryExtra, new, eval_pairs: Sequence[Any],
     evaluation items (the same picture or caption as a query's own item would count as a wrong answer for
     every system alike), and the check (`near_duplicate_check`, with what was dropped). Every system's
     galleries hold the same remaining extras."""
-    from xbt.eval.embed import embed_extras, embed_pairs
+    from xbt.embed import embed_extras, embed_pairs
 
     check = near_duplicate_check(extra, embed_extras(new, extra), embed_pairs(new, eval_pairs), eval_pairs, threshold)
     drop_images, drop_texts = set(check["images"]["indices"]), set(check["texts"]["indices"])
