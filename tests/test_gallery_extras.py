@@ -276,3 +276,33 @@ def test_extras_that_duplicate_an_evaluation_item_leave_the_folds_galleries(extr
     assert eval_pairs[3].image not in kept.images and eval_pairs[5].caption not in kept.texts
     assert len(kept.images) == len(extra.images) and len(kept.texts) == len(extra.texts)
     assert check["images"]["flagged"][0]["reference_name"] == eval_pairs[3].image
+
+
+def test_the_committed_large_gallery_page_meets_the_protocol():
+    """docs/results/testbed-cv-large: >= 10,000 gallery images and texts per fold, >= 700 queries per direction,
+    every method with and without NNN at every size, paired intervals and a seed spread."""
+    from pathlib import Path
+
+    from xbt.eval.report import report_blocks, to_markdown
+
+    page = Path(__file__).resolve().parents[1] / "docs/results/testbed-cv-large"
+    results = json.loads((page / "results.json").read_text())
+    assert results["schema"] == "xbt.results/1"
+    assert results["protocol"]["gallery_images"] >= 10_000 and results["protocol"]["gallery_texts"] >= 10_000
+    assert min(results["matrix"]["n_queries"].values()) >= 700
+    cv = results["crossval"]
+    assert cv["seeds"] == [0, 1, 2] and "--gallery-extra testbed:distractors" in results["command"]
+    sizes = cv["gallery_sizes"]
+    assert [s["gallery_images"]["min"] for s in sizes][:2] == [141, 1000] and sizes[-1]["gallery_images"]["min"] >= 10_000
+    assert sizes[-1]["gallery_texts"]["min"] >= 10_000
+    methods = set(results["matrix"]["methods"])
+    plain = {m for m in methods if not m.endswith("+nnn")}
+    assert plain and {m + "+nnn" for m in plain} == methods - plain
+    for size in sizes:
+        assert set(size["matrix"]["methods"]) == methods
+        assert all(len(size["seed_spread"]["methods"][m]["mean_gain"]["values"]) == 3 for m in methods)
+        assert size["differences"] and all("low" in d["mean_gain_difference"] for d in size["differences"])
+    assert sum(cv["near_duplicates"]["images"]["dropped_per_fold"]) == sum(cv["near_duplicates"]["images"]["at_or_above_per_fold"])
+    assert (page / "figures" / "gallery_size.png").stat().st_size > 10_000
+    text = to_markdown(report_blocks(results, {"heatmap": "h.png", "recall": "r.png", "gallery_size": "g.png"}))
+    assert "## Gallery size" in text and "Near-duplicates of evaluation items" in text

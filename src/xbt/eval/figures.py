@@ -31,36 +31,53 @@ def cell_label(d: str, k: str) -> str:
 
 
 def gallery_size_figure(results: dict[str, Any], path: Path) -> bool:
-    """Each method's mean update gain against the gallery's size (log scale; images per gallery), with its
-    95% interval as error bars where the matrix has it (the mean of the cells' intervals is not one, so
-    the bars are each size's seed range instead)."""
+    """Each method's mean update gain against the gallery's size (log scale; items per gallery), in two
+    panels: the methods as they are, and with NNN calibration (one colour per method in both); shaded: the
+    range over seeds. Methods whose gain is negative at every size (no adaptation) are left out, named in
+    the title."""
     sizes = (results.get("crossval") or {}).get("gallery_sizes")
     if not sizes:
         return False
     import numpy as np
 
-    fig = _figure(8.5, 5.2)
-    ax = fig.add_subplot(1, 1, 1)
     x = np.array([(e["gallery_images"]["min"] + e["gallery_images"]["max"]) / 2 for e in sizes], dtype=float)
+
+    def gains(name: str) -> np.ndarray:
+        return np.array([e["mean_gain"].get(name) if e["mean_gain"].get(name) is not None else np.nan for e in sizes], dtype=float)
+
     names = list(sizes[-1]["mean_gain"])
-    names.sort(key=lambda n: -(sizes[-1]["mean_gain"][n] if sizes[-1]["mean_gain"][n] is not None else -1e9))
-    for name in names:
-        y = np.array([e["mean_gain"].get(name) if e["mean_gain"].get(name) is not None else np.nan for e in sizes], dtype=float)
-        values = [e["seed_spread"]["methods"].get(name, {}).get("mean_gain", {}).get("values", []) for e in sizes]
-        low = np.array([min(v) if len(v) > 1 else np.nan for v in values], dtype=float)
-        high = np.array([max(v) if len(v) > 1 else np.nan for v in values], dtype=float)
-        style = "-" if name.endswith("+nnn") else "--"
-        line, = ax.plot(x, y, style, marker="o", markersize=3, linewidth=1.2, label=name)
-        if np.isfinite(low).all():
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.08, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("gallery size (images per fold's gallery; texts alike)")
-    ax.set_ylabel("mean update gain (%)")
-    ax.axhline(0, color="grey", linewidth=0.6)
-    ax.set_title("Mean update gain against gallery size (shaded: range over seeds)")
-    ax.legend(fontsize=6, ncol=2, loc="best")
+    left_out = sorted({n.removesuffix("+nnn") for n in names if not (gains(n) > 0).any()})
+    names = [n for n in names if n.removesuffix("+nnn") not in left_out]
+    bases = sorted({n.removesuffix("+nnn") for n in names}, key=lambda b: -np.nan_to_num(gains(b)[-1], nan=-1e9))
+    colours = {b: _PALETTE[i % len(_PALETTE)] for i, b in enumerate(bases)}
+    fig = _figure(11.5, 5.0)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, calibrated in zip(axes, (False, True)):
+        for base in bases:
+            name = base + "+nnn" if calibrated else base
+            if name not in names:
+                continue
+            y = gains(name)
+            values = [e["seed_spread"]["methods"].get(name, {}).get("mean_gain", {}).get("values", []) for e in sizes]
+            ax.plot(x, y, "-", marker="o", markersize=3, linewidth=1.4, color=colours[base], label=base)
+            if all(len(v) > 1 for v in values):
+                ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=colours[base], alpha=0.1, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("gallery size (items per fold's image gallery; text gallery alike)")
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_title("with NNN calibration (+nnn)" if calibrated else "as fitted (no calibration)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].set_ylabel("mean update gain (%), pooled over folds and seeds")
+    axes[1].legend(fontsize=7, loc="upper right", ncol=2)
+    fig.suptitle("Mean update gain against gallery size (shaded: range over seeds)"
+                 + (f"; not drawn (negative at every size): {', '.join(left_out)}" if left_out else ""), fontsize=10)
     _save(fig, path)
     return True
+
+
+#: Distinct colours for up to 20 methods (matplotlib's tab20, dark shades first).
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+            "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"]
 
 
 # ----- figures ---------------------------------------------------------------------------------------------
@@ -167,6 +184,3 @@ def data_efficiency_figure(results: dict[str, Any], path: Path) -> bool:
     fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     _save(fig, path)
     return True
-
-
-# ----- the report ------------------------------------------------------------------------------------------
