@@ -132,3 +132,25 @@ def photo_gallery(root: Path, n: int = 4, extra_images=None):
     gallery = Gallery.create(root / "gallery", model.space, modality="image")
     ingest(gallery, model, items_from_folder(photos))
     return spec, model, photos, gallery
+
+
+def transposable_gallery(root: Path, n: int = 20) -> tuple[str, str, Path, list[Path]]:
+    """Two tiny open_clip models (old, new), a compatible model whose orthogonal query map can be transposed
+    (saved at root/compat) and an old-model image gallery of `n` items at root/g. Returns (old spec, new spec,
+    gallery folder, its images)."""
+    from xbt.compat.maps import LinearMap
+    from xbt.compat.model import CompatibleModel
+    from xbt.compat.procrustes import orthogonal_procrustes
+    from xbt.gallery.store import Gallery
+    from xbt.specs import load_model
+
+    old_spec, new_spec = save_tiny_openclip(root / "old", seed=0), save_tiny_openclip(root / "new", seed=1)
+    old, new = load_model(old_spec), load_model(new_spec)
+    rotation = orthogonal_procrustes(unit_rows(64, 32, 1), unit_rows(64, 32, 2))
+    CompatibleModel(new, LinearMap.from_arrays(rotation), old.space).save_pretrained(root / "compat")
+    images = make_images(root / "images", n, seed=3)
+    with Gallery.create(root / "g", old.space, modality="image") as g:
+        g.add(old.encode_image(images).numpy(), [f"item{i:04d}" for i in range(n)],
+              [{"image": str(p), "caption": f"c{i}"} for i, p in enumerate(images)], space=old.space)
+    return old_spec, new_spec, root / "g", images
+

@@ -152,3 +152,10 @@ def test_evaluate_folds_reads_its_config_through_the_library(tmp_path):
                                "--out", str(tmp_path / "o")])
     assert typo.exit_code == 1 and "unknown field(s) peerz" in " ".join(typo.output.split())
     assert not (tmp_path / "o").exists()
+
+
+def test_a_benefit_scorer_without_in_place_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["gallery", "backfill", "--state", str(tmp_path / "m"), "--model", "testbed:new",
+                                      "--benefit-scorer", str(tmp_path / "scorer")])
+    assert result.exit_code == 1 and "add --in-place" in " ".join(result.output.split())
+    assert not (tmp_path / "m").exists()

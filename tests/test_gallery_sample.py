@@ -71,3 +71,10 @@ def test_fit_from_gallery_then_a_backfill_preloads_the_kept_vectors(setup, tmp_p
     wrong = runner.invoke(app, ["fit", "procrustes-image", "--old", setup["new"], "--new", setup["old"], "--out",
                                 str(tmp_path / "m2"), "--from-gallery", str(setup["gallery"])])
     assert wrong.exit_code == 1 and "give --old the model that built it" in " ".join(wrong.output.split())
+
+
+def test_keep_without_a_gallery_sample_is_refused(setup, tmp_path, xbt_home):
+    result = CliRunner().invoke(app, ["fit", "procrustes-image", "--old", setup["old"], "--new", setup["new"], "--out",
+                                      str(tmp_path / "m"), "--keep", str(tmp_path / "kept")])
+    assert result.exit_code == 1 and "give --from-gallery" in " ".join(result.output.split())
+    assert not (tmp_path / "m").exists()

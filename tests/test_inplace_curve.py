@@ -174,23 +174,14 @@ def test_the_scorer_must_come_through_the_map_that_made_the_gallery(tmp_path):
 
 
 def test_the_command_backfills_in_place_by_benefit_and_keeps_its_scorer(tmp_path):
-    from gallery_support import make_images, save_tiny_openclip
-    from test_gallery_transform import unit_rows
+    from gallery_support import make_images, transposable_gallery
     from typer.testing import CliRunner
 
     from xbt.cli import app
-    from xbt.compat.maps import LinearMap
-    from xbt.compat.model import CompatibleModel
     from xbt.specs import load_model
 
-    old_spec, new_spec = save_tiny_openclip(tmp_path / "old", seed=0), save_tiny_openclip(tmp_path / "new", seed=1)
-    old, new = load_model(old_spec), load_model(new_spec)
-    rotation = orthogonal_procrustes(unit_rows(64, 32, 1), unit_rows(64, 32, 2))
-    CompatibleModel(new, LinearMap.from_arrays(rotation), old.space).save_pretrained(tmp_path / "compat")
-    images = make_images(tmp_path / "images", 20, seed=3)
-    with Gallery.create(tmp_path / "g", old.space, modality="image") as g:
-        g.add(old.encode_image(images).numpy(), [f"item{i:04d}" for i in range(20)],
-              [{"image": str(p), "caption": f"c{i}"} for i, p in enumerate(images)], space=old.space)
+    old_spec, new_spec, _gallery, images = transposable_gallery(tmp_path)
+    new = load_model(new_spec)
     train = make_images(tmp_path / "train", 48, seed=7)  # training pairs: never the gallery's items
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"image": str(p), "caption": f"a drawing of thing {i}"}) + "\n"
                                                   for i, p in enumerate(train)))

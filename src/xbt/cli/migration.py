@@ -62,6 +62,9 @@ def gallery_backfill(
         return
     if state is None:
         raise InputError("give --state DIR (the migration folder), or --in-place for a transformed gallery")
+    if benefit_scorer is not None:
+        raise InputError("--benefit-scorer is the in-place benefit order's: add --in-place (a migration into a second"
+                         " gallery fits its benefit order from --compat, --old-model and --fit-pairs)")
     runtime = Runtime(device, precision, num_workers)
     new_model = runtime.load(model)
     if not (state / STATE_NAME).exists():

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from xbt.errors import InputError
 from xbt.cli.common import App, Device, FitImages, FitTexts, FitTextsOld, Precision, Runtime, Workers, console, sources, split_list
 
 testbed_app = App(help="The offline testbed: data splits and the old/new lit models.", no_args_is_help=True)
@@ -173,6 +174,8 @@ def fit(
     texts = [t for source in sources(fit_texts, fit_text) for t in load_texts(source)]
     pairs = [p for source in fit_pairs or [] for p in open_dataset(source)]
     images = [p for source in fit_images or [] for p in open_images(source)]
+    if keep is not None and not from_gallery:
+        raise InputError("--keep keeps the new vectors of a --from-gallery sample: give --from-gallery GALLERY too")
     runtime = Runtime(device, precision, num_workers)
     old_model, new_model = runtime.load(old), runtime.load(new)
     extra = _gallery_sample(from_gallery, old_model, new_model, sample, sample_seed, keep) if from_gallery else None
